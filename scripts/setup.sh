@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up everything tapio and its tests need on a Debian 12 machine, idempotently:
+# apt packages, a virtualenv in .venv built on Debian's python3, and tapio installed
+# in it (editable). A second run with nothing changed takes well under a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+    python3-venv        # the venv is built on Debian's python3 (faster; bcc is packaged for it)
+    prometheus          # promtool checks tapio's /metrics; Prometheus scrapes the exporter in tests
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing apt packages: ${missing[*]}" >&2
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # apt may start daemons on some machines; tests start their own servers.
+    $SUDO systemctl stop prometheus >/dev/null 2>&1 || true
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv" >&2
+    /usr/bin/python3 -m venv .venv
+fi
+
+stamp=.venv/.tapio-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "setup: installing Python dependencies" >&2
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e '.[test]'
+    echo "$want" > "$stamp"
+fi

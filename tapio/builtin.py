@@ -1,0 +1,7 @@
+"""The component factories that ship with tapio (one import per component module)."""
+
+from __future__ import annotations
+
+from tapio.component import Factory
+
+FACTORIES: list[Factory] = []

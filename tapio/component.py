@@ -1,0 +1,203 @@
+"""Component ids, factories, the registry, and what a running component is handed.
+
+Invariants:
+- A component type is registered once, by its type name, with a `Factory`;
+  registering a second factory under the same kind and name raises.
+- A component never looks up its neighbours: `Factory.create` receives its
+  `Settings`, its validated config, and its `Ports` (input channel and/or
+  output consumer). The runtime owns the channels; a component never closes
+  the channels it is handed — its ``run`` returning is its end of stream.
+- A running component is one coroutine, ``run(*, task_status)``. Code before
+  ``task_status.started()`` is startup (bind, attach, open); after it is the
+  steady state; cancellation is shutdown. Processors and exporters end on
+  their own when their input channel is closed and drained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+import trio
+
+from tapio.pdata import Batch, Signal
+from tapio.telemetry import ComponentTelemetry
+
+
+class Kind(enum.Enum):
+    RECEIVER = "receiver"
+    PROCESSOR = "processor"
+    EXPORTER = "exporter"
+    EXTENSION = "extension"
+
+    @property
+    def plural(self) -> str:
+        return self.value + "s"
+
+
+_TYPE_RE = re.compile(r"^[a-z][a-z0-9_\-]*$")
+_NAME_RE = re.compile(r"^[^\s/]+$")
+
+
+@dataclass(frozen=True, order=True)
+class ComponentID:
+    """``type[/name]``, as in the OpenTelemetry Collector: ``otlp``, ``otlp/tempo``."""
+
+    type: str
+    name: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "ComponentID":
+        if not isinstance(text, str):
+            raise ValueError(f"a component id must be a string like 'otlp' or 'otlp/tempo', got {text!r}")
+        type_, sep, name = text.strip().partition("/")
+        if not _TYPE_RE.match(type_):
+            raise ValueError(f"invalid component type {type_!r} in {text!r}: use lowercase letters, digits, '_' or '-'")
+        if sep and not _NAME_RE.match(name):
+            raise ValueError(f"invalid component name {name!r} in {text!r}: must be non-empty without spaces or '/'")
+        return cls(type_, name)
+
+    def __str__(self) -> str:
+        return f"{self.type}/{self.name}" if self.name else self.type
+
+
+@dataclass(frozen=True, order=True)
+class PipelineID:
+    """``signal[/name]``: ``logs``, ``metrics/kernel``."""
+
+    signal: Signal
+    name: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "PipelineID":
+        if not isinstance(text, str):
+            raise ValueError(f"a pipeline id must be a string like 'logs' or 'traces/jaeger', got {text!r}")
+        sig, sep, name = text.strip().partition("/")
+        try:
+            signal = Signal(sig)
+        except ValueError:
+            raise ValueError(
+                f"invalid pipeline id {text!r}: it must start with a signal type (logs, metrics, traces), e.g. 'logs/kernel'"
+            ) from None
+        if sep and not _NAME_RE.match(name):
+            raise ValueError(f"invalid pipeline name {name!r} in {text!r}")
+        return cls(signal, name)
+
+    def __str__(self) -> str:
+        return f"{self.signal.value}/{self.name}" if self.name else self.signal.value
+
+
+def setting(default: Any = dataclasses.MISSING, *, doc: str, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config dataclass field with its user documentation (shown in docs/components/)."""
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+class Consumer(Protocol):
+    """The entry to the next stage: where a receiver or processor hands its batches."""
+
+    #: the signals something downstream is wired for
+    signals: frozenset[Signal]
+
+    async def send(self, batch: Batch) -> None:
+        """Hand a batch on, waiting while the next stage is full (backpressure)."""
+
+    def send_nowait(self, batch: Batch) -> None:
+        """Hand a batch on or raise `trio.WouldBlock` (for sources that cannot wait, which count the refusal)."""
+
+
+@dataclass(kw_only=True)
+class Ports:
+    """A component's connections, owned by the runtime."""
+
+    #: batches coming in (processors and exporters); end of stream when closed
+    input: trio.MemoryReceiveChannel[Batch] | None = None
+    #: where batches go (receivers and processors)
+    output: Consumer | None = None
+
+
+@dataclass(kw_only=True)
+class Settings:
+    """What the runtime hands every component besides its config."""
+
+    id: ComponentID
+    kind: Kind
+    telemetry: ComponentTelemetry
+    logger: logging.Logger
+    #: for processors: the pipeline this instance belongs to
+    pipeline: PipelineID | None = None
+    #: opens the shared SQLite storage (see tapio.storage); None when no storage is configured
+    storage: Callable[[], Any] | None = None
+    #: how long a component may take to flush on shutdown
+    shutdown_grace: float = 5.0
+
+
+class Component(Protocol):
+    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class Factory:
+    """How to make a component of one type."""
+
+    type: str
+    kind: Kind
+    #: a frozen, keyword-only dataclass; every field has a default; ``validate()`` returns a list of problems
+    config_class: type
+    signals: frozenset[Signal]
+    create: Callable[[Settings, Any, Ports], Component]
+    description: str
+    #: True if the component changes records in place (fan-out then hands it a copy)
+    mutates_data: bool = False
+    #: a short summary of a running instance's config for `tapio run`'s start banner
+    summary: Callable[[Any], str] | None = None
+
+    def __post_init__(self) -> None:
+        if not _TYPE_RE.match(self.type):
+            raise ValueError(f"invalid component type name {self.type!r}")
+
+
+class Registry:
+    """Factories by kind and type name."""
+
+    def __init__(self, factories: Iterable[Factory] = ()) -> None:
+        self._factories: dict[tuple[Kind, str], Factory] = {}
+        for f in factories:
+            self.register(f)
+
+    def register(self, factory: Factory) -> None:
+        key = (factory.kind, factory.type)
+        if key in self._factories:
+            raise ValueError(f"{factory.kind.value} type {factory.type!r} is already registered")
+        self._factories[key] = factory
+
+    def get(self, kind: Kind, type_: str) -> Factory | None:
+        return self._factories.get((kind, type_))
+
+    def types(self, kind: Kind) -> list[str]:
+        return sorted(t for k, t in self._factories if k is kind)
+
+    def all(self) -> list[Factory]:
+        return sorted(self._factories.values(), key=lambda f: (list(Kind).index(f.kind), f.type))
+
+
+def default_registry() -> Registry:
+    """Every component type that ships with tapio."""
+    from tapio import builtin
+
+    return Registry(builtin.FACTORIES)
+
+
+def config_problems(config: Any) -> list[str]:
+    """Run a config's ``validate()`` if it has one."""
+    validate = getattr(config, "validate", None)
+    return list(validate()) if validate is not None else []
+
+
+def describe_signals(signals: Iterable[Signal]) -> str:
+    return ", ".join(s.value for s in sorted(signals, key=lambda s: list(Signal).index(s)))

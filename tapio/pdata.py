@@ -1,0 +1,150 @@
+"""The records that flow through a pipeline: batches of OTLP export requests.
+
+Invariants:
+- A `Batch` holds records of exactly one signal, as a list of OTLP
+  ``Export*ServiceRequest`` protobuf messages, and ``count`` is the number of
+  items in them (log records, spans, or metric data points), counted once
+  when the batch is made.
+- OTLP that arrives as OTLP is never rebuilt: a receiver parses the request
+  once and hands the message on. Merging batches only concatenates the
+  request lists; serializing concatenates each request's bytes, which is a
+  valid request because every top-level field of an export request is a
+  repeated field (protobuf merges repeated fields by appending).
+
+Why this form (measured with protobuf 7 / upb, 500 log records with 10
+attributes each): building a record field by field costs ~11 µs, parsing a
+whole request ~1 µs per record, serializing ~0.6 µs per record, and
+``MergeFrom`` ~1.7 µs per record, so batches keep request objects side by side
+instead of merging them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+
+class Signal(enum.Enum):
+    """An OpenTelemetry signal; a pipeline carries exactly one."""
+
+    LOGS = "logs"
+    METRICS = "metrics"
+    TRACES = "traces"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def request_class(self) -> type:
+        return _REQUEST_CLASS[self]
+
+    @property
+    def item_name(self) -> str:
+        """What one item of this signal is called in metric names (as the OTel Collector)."""
+        return _ITEM_NAME[self]
+
+
+_REQUEST_CLASS = {
+    Signal.LOGS: ExportLogsServiceRequest,
+    Signal.METRICS: ExportMetricsServiceRequest,
+    Signal.TRACES: ExportTraceServiceRequest,
+}
+_ITEM_NAME = {
+    Signal.LOGS: "log_records",
+    Signal.METRICS: "metric_points",
+    Signal.TRACES: "spans",
+}
+
+Request = ExportLogsServiceRequest | ExportMetricsServiceRequest | ExportTraceServiceRequest
+
+
+def count_items(signal: Signal, request: Request) -> int:
+    """Number of log records, spans or metric data points in one export request."""
+    if signal is Signal.LOGS:
+        return sum(len(sl.log_records) for rl in request.resource_logs for sl in rl.scope_logs)
+    if signal is Signal.TRACES:
+        return sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+    return sum(
+        _metric_points(m) for rm in request.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+    )
+
+
+def _metric_points(metric) -> int:
+    kind = metric.WhichOneof("data")
+    if kind is None:
+        return 0
+    return len(getattr(metric, kind).data_points)
+
+
+@dataclass(slots=True, eq=False)
+class Batch:
+    """Records of one signal on their way through a pipeline.
+
+    ``on_done`` callbacks are for sources that want to know when their records
+    have left the pipeline (delivered, durably queued, or dropped and counted);
+    whoever ends a batch's journey calls `Batch.done`.
+    """
+
+    signal: Signal
+    requests: list[Request]
+    count: int
+    on_done: list[Callable[[bool], None]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, signal: Signal, *requests: Request) -> "Batch":
+        reqs = list(requests)
+        return cls(signal, reqs, sum(count_items(signal, r) for r in reqs))
+
+    @classmethod
+    def from_bytes(cls, signal: Signal, data: bytes) -> "Batch":
+        """Parse a serialized export request (raises google.protobuf.message.DecodeError)."""
+        request = signal.request_class.FromString(data)
+        return cls(signal, [request], count_items(signal, request))
+
+    @classmethod
+    def concat(cls, batches: Iterable["Batch"]) -> "Batch":
+        batches = list(batches)
+        if not batches:
+            raise ValueError("concat needs at least one batch")
+        signal = batches[0].signal
+        out = cls(signal, [], 0)
+        for b in batches:
+            if b.signal is not signal:
+                raise ValueError(f"cannot concatenate {b.signal} onto {signal}")
+            out.requests.extend(b.requests)
+            out.count += b.count
+            out.on_done.extend(b.on_done)
+        return out
+
+    def to_bytes(self) -> bytes:
+        """One serialized export request holding every record of the batch."""
+        if len(self.requests) == 1:
+            return self.requests[0].SerializeToString()
+        return b"".join(r.SerializeToString() for r in self.requests)
+
+    def merged(self) -> Request:
+        """One export request message holding every record (a new message when there are several)."""
+        if len(self.requests) == 1:
+            return self.requests[0]
+        return self.signal.request_class.FromString(self.to_bytes())
+
+    def copy(self) -> "Batch":
+        """A deep copy, for fan-out to a consumer that mutates records."""
+        return Batch(
+            self.signal,
+            [self.signal.request_class.FromString(r.SerializeToString()) for r in self.requests],
+            self.count,
+        )
+
+    def done(self, delivered: bool) -> None:
+        """Tell the batch's sources it left the pipeline; call exactly once per batch."""
+        callbacks, self.on_done = self.on_done, []
+        for cb in callbacks:
+            cb(delivered)

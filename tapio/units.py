@@ -1,0 +1,120 @@
+"""Value types for config fields that users write as text: durations and byte sizes.
+
+A config dataclass field annotated `Duration` or `ByteSize` accepts a number
+(seconds, bytes) or a string (``"200ms"``, ``"1m30s"``, ``"64MiB"``); the
+config decoder calls `parse` and reports the `ValueError` message with the
+file, line and key. Both are plain float/int subclasses, so code using them
+does arithmetic without unwrapping.
+"""
+
+from __future__ import annotations
+
+import re
+
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+
+
+class Duration(float):
+    """A duration in seconds; written like Go's time.ParseDuration ("5s", "200ms", "1h30m")."""
+
+    @classmethod
+    def parse(cls, value: object) -> "Duration":
+        if isinstance(value, bool):
+            raise ValueError(f"expected a duration like '5s' or '200ms', got {value!r}")
+        if isinstance(value, (int, float)):
+            seconds = float(value)
+        elif isinstance(value, str):
+            text = value.strip()
+            if text in ("0", "0s"):
+                return cls(0.0)
+            pos, seconds = 0, 0.0
+            sign = 1.0
+            if text[:1] in "+-":
+                sign = -1.0 if text[0] == "-" else 1.0
+                pos = 1
+            if pos >= len(text):
+                raise ValueError(f"invalid duration {value!r}: expected a number with a unit (ns, us, ms, s, m, h), e.g. '5s' or '200ms'")
+            while pos < len(text):
+                m = _DURATION_PART.match(text, pos)
+                if m is None:
+                    raise ValueError(f"invalid duration {value!r}: expected a number with a unit (ns, us, ms, s, m, h), e.g. '5s' or '200ms'")
+                seconds += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+                pos = m.end()
+            seconds *= sign
+        else:
+            raise ValueError(f"expected a duration like '5s' or '200ms', got {type(value).__name__}")
+        if seconds < 0:
+            raise ValueError(f"duration {value!r} is negative")
+        return cls(seconds)
+
+    def __str__(self) -> str:
+        s = float(self)
+        if s == 0:
+            return "0s"
+        if s < 1e-3:
+            return f"{s * 1e6:g}us"
+        if s < 1:
+            return f"{s * 1e3:g}ms"
+        if s < 60 or s % 60:
+            return f"{s:g}s"
+        if s % 3600:
+            return f"{s / 60:g}m"
+        return f"{s / 3600:g}h"
+
+    def __repr__(self) -> str:
+        return f"Duration({str(self)!r})"
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "ki": 1024,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mi": 1024**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gi": 1024**3,
+    "gib": 1024**3,
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*")
+
+
+class ByteSize(int):
+    """A size in bytes; written as a number or with a unit ("512KiB", "64MiB", "1GB")."""
+
+    @classmethod
+    def parse(cls, value: object) -> "ByteSize":
+        if isinstance(value, bool):
+            raise ValueError(f"expected a size like '64MiB', got {value!r}")
+        if isinstance(value, int):
+            n = value
+        elif isinstance(value, float) and value.is_integer():
+            n = int(value)
+        elif isinstance(value, str):
+            m = _SIZE.fullmatch(value)
+            unit = m.group(2).lower() if m else None
+            if m is None or unit not in _SIZE_UNITS:
+                raise ValueError(f"invalid size {value!r}: expected a number of bytes or a unit (KiB, MiB, GiB, KB, MB, GB), e.g. '64MiB'")
+            n = int(float(m.group(1)) * _SIZE_UNITS[unit])
+        else:
+            raise ValueError(f"expected a size like '64MiB', got {type(value).__name__}")
+        if n < 0:
+            raise ValueError(f"size {value!r} is negative")
+        return cls(n)
+
+    def __repr__(self) -> str:
+        return f"ByteSize({int(self)})"
