@@ -1,0 +1,301 @@
+"""The ``tapio`` command line: run | validate | components | graph.
+
+Exit status: 0 success; 1 a component failed (start or run); 2 a usage or
+configuration error. Only this module unpacks exception groups: each leaf is
+reported as one line naming its component, with what to do next; no
+traceback unless ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import signal
+import sys
+import textwrap
+from typing import Any, Sequence
+
+import trio
+
+from tapio import __version__
+from tapio.component import Kind, Registry, default_registry, describe_signals
+
+EXAMPLES = """\
+examples:
+  tapio run                                   run ./pipelines.yaml
+  tapio run -c pipelines.yaml -c local.yaml   merge two files (later wins)
+  tapio validate -c pipelines.yaml            check a config without starting anything
+  tapio components                            list component types and their signals
+  tapio graph | tee graph.mmd                 the pipeline graph as Mermaid
+  tapio graph --format dot | dot -Tsvg > graph.svg
+"""
+
+log = logging.getLogger("tapio.cmd")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tapio",
+        description="Kubernetes node agent for observability: kernel, network and cluster events, exported over OpenTelemetry.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"tapio {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "-c", "--config", action="append", metavar="FILE",
+            help="pipelines file (repeat to merge several, later files win; default: ./pipelines.yaml)",
+        )
+
+    run = sub.add_parser("run", help="run the pipelines", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    with_config(run)
+    run.add_argument("--debug", action="store_true", help="show tracebacks of failures")
+    val = sub.add_parser("validate", help="check the config and exit (no side effects)")
+    with_config(val)
+    sub.add_parser("components", help="list the component types tapio knows")
+    graph = sub.add_parser("graph", help="print the pipeline graph (Mermaid, or Graphviz DOT)")
+    with_config(graph)
+    graph.add_argument("--format", choices=("mermaid", "dot"), default="mermaid")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    registry = default_registry()
+    handler = {"run": cmd_run, "validate": cmd_validate, "components": cmd_components, "graph": cmd_graph}[args.command]
+    try:
+        return handler(args, registry)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _config_paths(args: argparse.Namespace) -> list[str]:
+    return args.config or ["pipelines.yaml"]
+
+
+def _load(args: argparse.Namespace, registry: Registry):
+    """Load and validate; print problems and return None on error."""
+    from tapio.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(_config_paths(args), registry)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"tapio: {problem}", file=sys.stderr)
+        n = sum(1 for p in e.problems if getattr(p, "severity", "error") == "error")
+        print(f"tapio: the configuration has {n} error{'s' if n != 1 else ''}; fix {'them' if n != 1 else 'it'} and run `tapio validate` again", file=sys.stderr)
+        return None
+    for w in cfg.warnings:
+        print(f"tapio: {w}", file=sys.stderr)
+    return cfg
+
+
+def cmd_validate(args: argparse.Namespace, registry: Registry) -> int:
+    cfg = _load(args, registry)
+    if cfg is None:
+        return 2
+    n = len(cfg.service.pipelines)
+    print(f"{', '.join(cfg.files)}: valid ({n} pipeline{'s' if n != 1 else ''}: {', '.join(str(p) for p in cfg.service.pipelines)})")
+    return 0
+
+
+def cmd_components(args: argparse.Namespace, registry: Registry) -> int:
+    rows = [(f.kind.value, f.type, describe_signals(f.signals) or "-", f.description) for f in registry.all()]
+    widths = [max(len(r[i]) for r in rows + [("KIND", "TYPE", "SIGNALS", "")]) for i in range(3)]
+    print(f"{'KIND':{widths[0]}}  {'TYPE':{widths[1]}}  {'SIGNALS':{widths[2]}}  DESCRIPTION")
+    for r in rows:
+        print(f"{r[0]:{widths[0]}}  {r[1]:{widths[1]}}  {r[2]:{widths[2]}}  {r[3]}")
+    return 0
+
+
+def cmd_graph(args: argparse.Namespace, registry: Registry) -> int:
+    from tapio.graph import build_graph, to_dot, to_mermaid
+
+    cfg = _load(args, registry)
+    if cfg is None:
+        return 2
+    g = build_graph(cfg.service.pipelines)
+    sys.stdout.write(to_dot(g) if args.format == "dot" else to_mermaid(g))
+    return 0
+
+
+# ------------------------------------------------------------------ run
+
+
+def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
+    from tapio.logs import setup_logging
+
+    cfg = _load(args, registry)
+    if cfg is None:
+        return 2
+    tel = cfg.service.telemetry
+    setup_logging(tel.logs.level, tel.logs.encoding)
+    try:
+        return trio.run(_run, cfg, registry, args.debug)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _split_hostport(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def banner_lines(cfg: Any, registry: Registry, metrics_port: int | None) -> list[str]:
+    """The start summary: what runs where."""
+    lines = [f"tapio {__version__} starting with {', '.join(cfg.files)} (pid {os.getpid()})"]
+    kinds = ((Kind.RECEIVER, cfg.receivers), (Kind.PROCESSOR, cfg.processors), (Kind.EXPORTER, cfg.exporters), (Kind.EXTENSION, cfg.extensions))
+    used: set[tuple[Kind, Any]] = set()
+    for p in cfg.service.pipelines.values():
+        used.update((Kind.RECEIVER, r) for r in p.receivers)
+        used.update((Kind.PROCESSOR, r) for r in p.processors)
+        used.update((Kind.EXPORTER, r) for r in p.exporters)
+    used.update((Kind.EXTENSION, e) for e in cfg.service.extensions)
+    for kind, comps in kinds:
+        for cid, ccfg in comps.items():
+            if (kind, cid) not in used:
+                continue
+            f = registry.get(kind, cid.type)
+            detail = f.summary(ccfg) if f is not None and f.summary is not None else ""
+            lines.append(f"  {kind.value:9} {str(cid):24} {detail}".rstrip())
+    for pid, p in cfg.service.pipelines.items():
+        chain = " → ".join(
+            part for part in (
+                ", ".join(map(str, p.receivers)),
+                " → ".join(map(str, p.processors)),
+                ", ".join(map(str, p.exporters)),
+            ) if part
+        )
+        lines.append(f"  pipeline  {str(pid):24} {chain}")
+    if metrics_port is not None:
+        host, _ = _split_hostport(cfg.service.telemetry.metrics.address)
+        lines.append(f"  self-telemetry http://{host}:{metrics_port}/metrics  /healthz  /readyz")
+    else:
+        lines.append("  self-telemetry off (service.telemetry.metrics.address is empty)")
+    return lines
+
+
+async def _run(cfg: Any, registry: Registry, debug: bool) -> int:
+    from tapio import selftelemetry
+    from tapio.service import RuntimeOptions, Service
+    from tapio.telemetry import Telemetry
+
+    telemetry = Telemetry()
+    svc_cfg = cfg.service
+    options = RuntimeOptions(
+        shutdown_timeout=float(svc_cfg.shutdown_timeout),
+        on_component_failure=svc_cfg.on_component_failure,
+        restart_initial=float(svc_cfg.restart_backoff.initial),
+        restart_max=float(svc_cfg.restart_backoff.max),
+    )
+    status = 0
+    try:
+        async with trio.open_nursery() as nursery:
+            extensions = {}
+            for eid in svc_cfg.extensions:
+                factory = registry.get(Kind.EXTENSION, eid.type)
+                ext = _create_extension(factory, eid, cfg.extensions[eid], telemetry)
+                extensions[eid] = await nursery.start(ext.run)
+            storage_obj = next((v for k, v in extensions.items() if k.type == "storage"), None)
+            service = Service(
+                pipelines=svc_cfg.pipelines,
+                components={Kind.RECEIVER: cfg.receivers, Kind.PROCESSOR: cfg.processors, Kind.EXPORTER: cfg.exporters},
+                registry=registry,
+                telemetry=telemetry,
+                options=options,
+                storage=(lambda: storage_obj) if storage_obj is not None else None,
+            )
+            metrics_port = None
+            if svc_cfg.telemetry.metrics.address:
+                host, port = _split_hostport(svc_cfg.telemetry.metrics.address)
+                health = selftelemetry.Health(lambda: service.ready, service.failing)
+                try:
+                    metrics_port = await nursery.start(selftelemetry.serve, telemetry, health, host, port)
+                except OSError as e:
+                    raise _StartupError(f"self-telemetry cannot listen on {host}:{port}: {e.strerror or e}") from e
+            for line in banner_lines(cfg, registry, metrics_port):
+                print(line, file=sys.stderr, flush=True)
+            nursery.start_soon(_watch_signals, service, nursery.cancel_scope)
+            await service.run()
+            log.info("stopped")
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        status = _report_failures(group, debug)
+    except (Exception,) as exc:  # a single leaf (non-strict paths)
+        status = _report_failures(BaseExceptionGroup("", [exc]), debug)
+    return status
+
+
+class _StartupError(Exception):
+    pass
+
+
+def _create_extension(factory, eid, config, telemetry):
+    from tapio.component import Ports, Settings
+
+    settings = Settings(
+        id=eid,
+        kind=Kind.EXTENSION,
+        telemetry=telemetry.for_component("extension", str(eid)),
+        logger=logging.getLogger(f"tapio.extension.{eid}"),
+    )
+    return factory.create(settings, config, Ports())
+
+
+async def _watch_signals(service: Any, cancel_scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        count = 0
+        async for signum in signals:
+            count += 1
+            if count == 1:
+                log.info("received %s: shutting down (send it again to stop at once)", signal.Signals(signum).name)
+                service.shutdown()
+            else:
+                log.warning("received %s again: stopping at once", signal.Signals(signum).name)
+                cancel_scope.cancel()
+                return
+
+
+def _leaves(exc: BaseException):
+    if isinstance(exc, BaseExceptionGroup):
+        for e in exc.exceptions:
+            yield from _leaves(e)
+    else:
+        yield exc
+
+
+def _hint(exc: BaseException) -> str:
+    cause = exc
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE or "address already in use" in str(exc).lower():
+        return "another process listens on that address: stop it, or change the endpoint in the config"
+    if isinstance(cause, PermissionError) or "permission denied" in str(exc).lower():
+        return "check the file permissions, or run tapio as a user allowed to do this"
+    return "see the message above; run `tapio validate` to check the config, or `tapio run --debug` for a traceback"
+
+
+def _report_failures(group: BaseExceptionGroup, debug: bool) -> int:
+    status = 0
+    for leaf in _leaves(group):
+        if isinstance(leaf, (KeyboardInterrupt, trio.Cancelled)):
+            continue
+        status = 1
+        print(f"tapio: {leaf}", file=sys.stderr)
+        print(textwrap.indent(f"what to do: {_hint(leaf)}", "  "), file=sys.stderr)
+        if debug:
+            import traceback
+
+            traceback.print_exception(leaf, file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

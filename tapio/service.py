@@ -1,0 +1,508 @@
+"""The runtime: wire the pipeline graph with bounded channels and run it under trio.
+
+Invariants:
+- Batches, never single records, cross channels, and every channel is
+  bounded (`CHANNEL_CAPACITY` batches): a slow stage pushes back on the
+  stages before it, up to the receivers.
+- Start order is exporters → processors → receivers, each through
+  ``nursery.start``; a component failing before ``started()`` stops the
+  service with `ComponentStartError` naming it.
+- Shutdown (`Service.shutdown`) cancels only the receivers. The runtime then
+  closes the pipelines' entry channels; end of stream flows downstream:
+  each processor drains its input, flushes and returns, after which its
+  output is closed; exporters drain and return. Everything left running
+  when ``service.shutdown_timeout`` expires is cancelled (components flush
+  under their own shielded grace).
+- The runtime owns every channel. A component that fails while running is
+  re-created on the same channels after a backoff (or stops the service,
+  by config); its failures and restarts are counted per component id.
+- Counting: a receiver's accepted/refused items are counted where it hands
+  batches on; a processor's incoming items where they enter its channel and
+  its outgoing items where they leave it; exporters count what they sent.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import trio
+
+from tapio.component import ComponentID, Factory, Kind, PipelineID, Ports, Registry, Settings
+from tapio.graph import Graph, Node, build_graph
+from tapio.pdata import Batch, Signal
+from tapio.telemetry import Telemetry
+
+log = logging.getLogger("tapio.service")
+
+#: Capacity of every inter-stage channel, in batches. Small, because batches
+#: are large (a batch processor's output is ~8k items): a deeper queue only
+#: adds memory and latency before backpressure reaches the receivers.
+CHANNEL_CAPACITY = 16
+
+
+class ComponentStartError(Exception):
+    """A component failed during startup; names it."""
+
+    def __init__(self, node: Node, cause: BaseException) -> None:
+        self.node = node
+        self.cause = cause
+        super().__init__(f"{node.kind.value} {node.id}{_in_pipeline(node)} failed to start: {_describe(cause)}")
+
+
+class ComponentFailedError(Exception):
+    """A component failed while running and the failure policy is ``stop``."""
+
+    def __init__(self, node: Node, cause: BaseException) -> None:
+        self.node = node
+        self.cause = cause
+        super().__init__(f"{node.kind.value} {node.id}{_in_pipeline(node)} failed: {_describe(cause)}")
+
+
+def _in_pipeline(node: Node) -> str:
+    return f" in pipeline {node.pipeline}" if node.pipeline is not None else ""
+
+
+def _describe(exc: BaseException) -> str:
+    """The leaf messages of an exception (groups flattened)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    text = str(exc)
+    return text if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------- consumers
+
+
+class ChannelConsumer:
+    """The entry to one channel; ``on_enter`` is called with every batch that entered."""
+
+    def __init__(self, send: trio.MemorySendChannel[Batch], signals: frozenset[Signal], on_enter: Callable[[Batch], None] | None = None) -> None:
+        self._send = send
+        self.signals = signals
+        self._on_enter = on_enter
+
+    def has_room(self) -> bool:
+        st = self._send.statistics()
+        return st.current_buffer_used < st.max_buffer_size or st.tasks_waiting_receive > 0
+
+    async def send(self, batch: Batch) -> None:
+        await self._send.send(batch)
+        if self._on_enter is not None:
+            self._on_enter(batch)
+
+    def send_nowait(self, batch: Batch) -> None:
+        self._send.send_nowait(batch)
+        if self._on_enter is not None:
+            self._on_enter(batch)
+
+    async def aclose(self) -> None:
+        await self._send.aclose()
+
+
+class FanoutConsumer:
+    """Hands each batch to several consumers in turn.
+
+    When ``copy_for`` marks a consumer that changes records in place, every
+    consumer but the last such one gets a deep copy. ``on_done`` callbacks
+    run once, after every consumer finished with its share.
+    """
+
+    def __init__(self, consumers: list[Any], signals: frozenset[Signal], mutating: list[bool] | None = None, on_enter: Callable[[Batch], None] | None = None) -> None:
+        self._consumers = consumers
+        self.signals = signals
+        self._mutating = mutating or [False] * len(consumers)
+        self._on_enter = on_enter
+
+    def _shares(self, batch: Batch) -> list[Batch]:
+        n = len(self._consumers)
+        if n == 1:
+            return [batch]
+        # The last mutating consumer may keep the original; other mutators get copies.
+        last_mut = max((i for i, m in enumerate(self._mutating) if m), default=-1)
+        shares = []
+        for i in range(n):
+            if self._mutating[i] and i != last_mut:
+                shares.append(batch.copy())
+            else:
+                shares.append(Batch(batch.signal, batch.requests, batch.count))
+        if batch.on_done:
+            join = _DoneJoin(batch.on_done, n)
+            batch.on_done = []
+            for s in shares:
+                s.on_done.append(join.part_done)
+        return shares
+
+    async def send(self, batch: Batch) -> None:
+        for consumer, share in zip(self._consumers, self._shares(batch)):
+            await consumer.send(share)
+        if self._on_enter is not None:
+            self._on_enter(batch)
+
+    def has_room(self) -> bool:
+        return all(c.has_room() for c in self._consumers)
+
+    def send_nowait(self, batch: Batch) -> None:
+        # Check every consumer first so a refusal never leaves a partial fan-out.
+        if not self.has_room():
+            raise trio.WouldBlock
+        for consumer, share in zip(self._consumers, self._shares(batch)):
+            consumer.send_nowait(share)
+        if self._on_enter is not None:
+            self._on_enter(batch)
+
+    async def aclose(self) -> None:
+        for c in self._consumers:
+            await c.aclose()
+
+
+class _DoneJoin:
+    """Calls the original on_done callbacks once all ``parts`` reported; delivered only if all were."""
+
+    __slots__ = ("_callbacks", "_left", "_ok")
+
+    def __init__(self, callbacks: list[Callable[[bool], None]], parts: int) -> None:
+        self._callbacks = callbacks
+        self._left = parts
+        self._ok = True
+
+    def part_done(self, delivered: bool) -> None:
+        self._ok = self._ok and delivered
+        self._left -= 1
+        if self._left == 0:
+            for cb in self._callbacks:
+                cb(self._ok)
+
+
+class ReceiverConsumer:
+    """A receiver's output: routes batches by signal to its pipelines; counts accepted and refused items."""
+
+    def __init__(self, routes: dict[Signal, Any], telemetry) -> None:
+        self._routes = routes
+        self.signals = frozenset(routes)
+        self._tel = telemetry
+
+    def _route(self, batch: Batch):
+        route = self._routes.get(batch.signal)
+        if route is None:
+            self._tel.signal_add("receiver_refused", batch.signal, batch.count)
+            raise ValueError(f"no pipeline takes {batch.signal} from this receiver (wired: {', '.join(sorted(s.value for s in self.signals)) or 'none'})")
+        return route
+
+    async def send(self, batch: Batch) -> None:
+        route = self._route(batch)
+        try:
+            await route.send(batch)
+        except BaseException:
+            self._tel.signal_add("receiver_refused", batch.signal, batch.count)
+            raise
+        self._tel.signal_add("receiver_accepted", batch.signal, batch.count)
+
+    def send_nowait(self, batch: Batch) -> None:
+        route = self._route(batch)
+        try:
+            route.send_nowait(batch)
+        except trio.WouldBlock:
+            self._tel.signal_add("receiver_refused", batch.signal, batch.count)
+            raise
+        self._tel.signal_add("receiver_accepted", batch.signal, batch.count)
+
+
+# ---------------------------------------------------------------- the service
+
+
+@dataclass
+class _Instance:
+    """One running component as the supervisor sees it."""
+
+    node: Node
+    factory: Factory
+    config: Any
+    ports: Ports
+    status: str = "created"  # created | starting | running | restarting | failed | stopped
+    last_error: str = ""
+    restarts: int = 0
+    #: closed by the supervisor after the component's run returned normally
+    close_after: list[Any] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    shutdown_timeout: float = 10.0
+    on_component_failure: str = "restart"  # restart | stop
+    restart_initial: float = 1.0
+    restart_max: float = 30.0
+    #: grace each component gets to flush when cancelled
+    component_grace: float = 5.0
+
+
+class Service:
+    """Runs one pipeline graph until `shutdown` is called; then drains it.
+
+    Args:
+        pipelines: ``service.pipelines`` (PipelineID → object with receivers/processors/exporters lists)
+        components: the validated config of every component by kind and id
+        registry: the factories
+        telemetry: where counters go (and the health state is read from)
+        storage: opens the shared storage, handed to components as ``Settings.storage``
+    """
+
+    def __init__(
+        self,
+        *,
+        pipelines: dict[PipelineID, Any],
+        components: dict[Kind, dict[ComponentID, Any]],
+        registry: Registry,
+        telemetry: Telemetry,
+        options: RuntimeOptions = RuntimeOptions(),
+        storage: Callable[[], Any] | None = None,
+        logger: logging.Logger = log,
+    ) -> None:
+        self.graph: Graph = build_graph(pipelines)
+        self._components = components
+        self._registry = registry
+        self.telemetry = telemetry
+        self.options = options
+        self._storage = storage
+        self._log = logger
+        self.instances: dict[str, _Instance] = {}
+        self._shutdown = trio.Event()
+        self._ready = False
+        self._stopping = False
+        self.started_components = trio.Event()
+        self._pipeline_entries: list[Any] = []
+
+    # -- health, for /healthz and /readyz
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self._stopping
+
+    def failing(self) -> list[str]:
+        """Ids of components that are failing (restarting or failed), as ``kind/id`` strings."""
+        return [
+            f"{i.node.kind.value}:{i.node.id}{'@' + str(i.node.pipeline) if i.node.pipeline else ''}"
+            for i in self.instances.values()
+            if i.status in ("restarting", "failed")
+        ]
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown: stop receivers, drain the rest."""
+        self._shutdown.set()
+
+    # -- wiring
+
+    def _factory(self, node: Node) -> tuple[Factory, Any]:
+        factory = self._registry.get(node.kind, node.id.type)
+        if factory is None:
+            raise LookupError(f"no {node.kind.value} factory for type {node.id.type!r}")
+        return factory, self._components[node.kind][node.id]
+
+    def _wire(self) -> tuple[list[_Instance], list[_Instance], list[_Instance]]:
+        exporters: list[_Instance] = []
+        exporter_sends: dict[ComponentID, trio.MemorySendChannel[Batch]] = {}
+        for eid, node in sorted(self.graph.exporters.items()):
+            factory, cfg = self._factory(node)
+            send, recv = trio.open_memory_channel[Batch](CHANNEL_CAPACITY)
+            exporter_sends[eid] = send
+            inst = _Instance(node, factory, cfg, Ports(input=recv))
+            tel = self.telemetry.for_component("exporter", str(eid))
+            tel.gauge("tapio_exporter_queue_size", lambda r=recv: r.statistics().current_buffer_used)
+            tel.gauge("tapio_exporter_queue_capacity", lambda r=recv: r.statistics().max_buffer_size)
+            exporters.append(inst)
+
+        processors: list[_Instance] = []
+        entries: dict[PipelineID, Any] = {}
+        mutating: dict[PipelineID, bool] = {}
+        for pid, p in sorted(self.graph.pipelines.items()):
+            sig = frozenset({p.signal})
+            # The tail: fan in to each exporter through a clone of its channel.
+            tail_parts = [ChannelConsumer(exporter_sends[e.id].clone(), sig) for e in p.exporters]
+            downstream: Any = tail_parts[0] if len(tail_parts) == 1 else FanoutConsumer(tail_parts, sig)
+            pipeline_mutates = False
+            for node in reversed(p.processors):
+                factory, cfg = self._factory(node)
+                pipeline_mutates = pipeline_mutates or factory.mutates_data
+                send, recv = trio.open_memory_channel[Batch](CHANNEL_CAPACITY)
+                ptel = self.telemetry.for_component("processor", str(node.id), pipeline=str(pid), otel_signal=p.signal.value)
+                output = _CountingConsumer(downstream, lambda b, t=ptel: t.add("tapio_processor_outgoing_items_total", b.count))
+                inst = _Instance(node, factory, cfg, Ports(input=recv, output=output), close_after=[output])
+                processors.append(inst)
+                downstream = ChannelConsumer(send, sig, lambda b, t=ptel: t.add("tapio_processor_incoming_items_total", b.count))
+            entries[pid] = downstream
+            mutating[pid] = pipeline_mutates
+        for send in exporter_sends.values():
+            send.close()  # only the pipelines' clones keep exporter channels open
+        processors.reverse()
+
+        receivers: list[_Instance] = []
+        for rid, node in sorted(self.graph.receivers.items()):
+            factory, cfg = self._factory(node)
+            routes: dict[Signal, Any] = {}
+            by_signal: dict[Signal, list[PipelineID]] = {}
+            for pid, p in sorted(self.graph.pipelines.items()):
+                if any(r.id == rid for r in p.receivers):
+                    by_signal.setdefault(p.signal, []).append(pid)
+            for sig, pids in by_signal.items():
+                targets = [_Shared(entries[pid]) for pid in pids]
+                routes[sig] = targets[0] if len(targets) == 1 else FanoutConsumer(targets, frozenset({sig}), [mutating[pid] for pid in pids])
+            tel = self.telemetry.for_component("receiver", str(rid))
+            receivers.append(_Instance(node, factory, cfg, Ports(output=ReceiverConsumer(routes, tel))))
+        self._pipeline_entries = list(entries.values())
+        return exporters, processors, receivers
+
+    # -- running
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start everything, report started, run until `shutdown`, then drain and return.
+
+        Raises `ComponentStartError` if a component fails to start (everything
+        already started is stopped first), `ComponentFailedError` if one fails
+        while running under the ``stop`` policy.
+        """
+        exporters, processors, receivers = self._wire()
+        for inst in (*exporters, *processors, *receivers):
+            self.instances[inst.node.key] = inst
+        async with trio.open_nursery() as outer:
+            # Everything after startup runs under one deadline once shutdown begins.
+            drain_scope = trio.CancelScope()
+            with drain_scope:
+                async with trio.open_nursery() as exporter_nursery:
+                    for inst in exporters:
+                        await self._start(exporter_nursery, inst)
+                    async with trio.open_nursery() as processor_nursery:
+                        for inst in processors:
+                            await self._start(processor_nursery, inst)
+                        try:
+                            async with trio.open_nursery() as receiver_nursery:
+                                for inst in receivers:
+                                    await self._start(receiver_nursery, inst)
+                                self._ready = True
+                                task_status.started()
+                                self.started_components.set()
+                                await self._shutdown.wait()
+                                self._stopping = True
+                                self._log.info("shutting down: stopping receivers, draining pipelines", extra={"kv": {"deadline_s": self.options.shutdown_timeout}})
+                                drain_scope.deadline = trio.current_time() + self.options.shutdown_timeout
+                                receiver_nursery.cancel_scope.cancel()
+                        finally:
+                            self._stopping = True
+                            # End of stream for every pipeline: processors drain, flush and close their outputs.
+                            with trio.CancelScope(shield=True):
+                                for entry in self._pipeline_entries:
+                                    await entry.aclose()
+            if drain_scope.cancelled_caught:
+                self._log.warning("shutdown deadline of %gs expired; in-flight data may be lost", self.options.shutdown_timeout)
+            outer.cancel_scope.cancel()
+
+    async def _start(self, nursery: trio.Nursery, inst: _Instance) -> None:
+        await nursery.start(self._supervise, inst)
+
+    def _settings(self, inst: _Instance) -> Settings:
+        node = inst.node
+        labels: dict[str, str] = {}
+        if node.pipeline is not None:
+            labels = {"pipeline": str(node.pipeline), "otel_signal": node.pipeline.signal.value}
+        tel = self.telemetry.for_component(node.kind.value, str(node.id), **labels)
+        logger = logging.getLogger(f"tapio.{node.kind.value}.{node.id}")
+        return Settings(
+            id=node.id,
+            kind=node.kind,
+            telemetry=tel,
+            logger=logger,
+            pipeline=node.pipeline,
+            storage=self._storage,
+            shutdown_grace=self.options.component_grace,
+        )
+
+    async def _supervise(self, inst: _Instance, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        node = inst.node
+        labels = {node.kind.value: str(node.id)}
+        if node.pipeline is not None:
+            labels["pipeline"] = str(node.pipeline)
+        backoff = self.options.restart_initial
+        first = True
+        while True:
+            inst.status = "starting"
+            started_at = trio.current_time()
+            try:
+                component = inst.factory.create(self._settings(inst), inst.config, inst.ports)
+                async with trio.open_nursery() as n:
+                    await n.start(component.run)
+                    inst.status = "running"
+                    if first:
+                        first = False
+                        task_status.started()
+                    started_at = trio.current_time()
+            except Exception as exc:
+                if first:
+                    inst.status = "failed"
+                    raise ComponentStartError(node, exc) from exc
+                inst.status = "restarting" if self.options.on_component_failure == "restart" else "failed"
+                inst.last_error = _describe(exc)
+                self.telemetry.add("tapio_component_failures_total", 1, labels)
+                self._log.error(
+                    "%s %s failed while running: %s", node.kind.value, node.id, inst.last_error,
+                    extra={"kv": {"component": str(node.id), "kind": node.kind.value}},
+                )
+                if self.options.on_component_failure == "stop":
+                    raise ComponentFailedError(node, exc) from exc
+                # Reset the backoff after a long healthy run.
+                if trio.current_time() - started_at > self.options.restart_max:
+                    backoff = self.options.restart_initial
+                self._log.info("restarting %s %s in %gs", node.kind.value, node.id, backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, self.options.restart_max)
+                inst.restarts += 1
+                self.telemetry.add("tapio_component_restarts_total", 1, labels)
+                continue
+            # run returned: end of stream (processors, exporters) or a receiver that finished.
+            inst.status = "stopped"
+            with trio.CancelScope(shield=True):
+                for c in inst.close_after:
+                    await c.aclose()
+            return
+
+
+class _Shared:
+    """A pipeline entry shared by several receivers: never closed by them (the service closes entries)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.signals = inner.signals
+
+    def has_room(self) -> bool:
+        return self._inner.has_room()
+
+    async def send(self, batch: Batch) -> None:
+        await self._inner.send(batch)
+
+    def send_nowait(self, batch: Batch) -> None:
+        self._inner.send_nowait(batch)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class _CountingConsumer:
+    """Wraps a consumer, calling ``count`` for every batch that went through."""
+
+    def __init__(self, inner: Any, count: Callable[[Batch], None]) -> None:
+        self._inner = inner
+        self._count = count
+        self.signals = inner.signals
+
+    def has_room(self) -> bool:
+        return self._inner.has_room()
+
+    async def send(self, batch: Batch) -> None:
+        await self._inner.send(batch)
+        self._count(batch)
+
+    def send_nowait(self, batch: Batch) -> None:
+        self._inner.send_nowait(batch)
+        self._count(batch)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
