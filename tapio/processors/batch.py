@@ -162,7 +162,7 @@ def split_request(signal: Signal, request: Request, sizes: Sequence[int]) -> lis
     part gets its own copy of the resource and scope (for metrics also the
     metric's name, description, unit, metadata, and its type with temporality
     and monotonicity) around the items it holds. ``request`` is not changed.
-    One pass; the items are copied once.
+    One pass; every item is copied once.
     """
     if any(s <= 0 for s in sizes):
         raise ValueError(f"part sizes must be positive, got {list(sizes)}")
@@ -170,67 +170,76 @@ def split_request(signal: Signal, request: Request, sizes: Sequence[int]) -> lis
     if sum(sizes) != total:
         raise ValueError(f"part sizes add up to {sum(sizes)} but the request holds {total} items")
     layout = _LAYOUTS[signal]
-    depth = len(layout.levels)
     parts: list[Request] = []
-    want_iter = iter(sizes)
+    sizes_left = iter(sizes)
     want = 0
-    # The envelope copies made in the current part, innermost last; entry i
-    # is (index path of its source, copy), so a source met again reuses it.
+    # The envelope copies made in the current part: made[i] is the copy at
+    # level i, with the index path of its source, so that the items of one
+    # scope (or metric) that land in the same part share one envelope.
     made: list[tuple[tuple[int, ...], Any]] = []
-
-    def walk(msg: Any, level: int, path: tuple[int, ...]) -> None:
-        nonlocal want
-        if level < depth:
-            for i, child in enumerate(getattr(msg, layout.levels[level])):
-                walk(child, level + 1, path + (i,))
-            return
-        holder = _item_holder(signal, msg)
-        if holder is None:
-            return
-        items = getattr(holder, layout.items)
-        n, start = len(items), 0
+    for path, chain in _item_holders(request, layout.levels):
+        src_holder = _item_holder(signal, chain[-1])
+        if src_holder is None:
+            continue
+        items = getattr(src_holder, layout.items)
+        start, n = 0, len(items)
         while start < n:
             if want == 0:
-                want = next(want_iter)
+                want = next(sizes_left)
                 parts.append(signal.request_class())
                 made.clear()
             take = min(want, n - start)
-            dst = _envelope(path)
-            getattr(_item_holder_for_copy(msg, dst), layout.items).extend(items[start : start + take])
+            dst = _envelope_in(parts[-1], made, path, chain, layout.levels, signal)
+            getattr(_dst_item_holder(signal, chain[-1], dst), layout.items).extend(items[start : start + take])
             start += take
             want -= take
-
-    def _envelope(path: tuple[int, ...]) -> Any:
-        # Reuse the copies already made for this path's prefix in the current part.
-        keep = 0
-        while keep < len(made) and keep < len(path) and made[keep][0] == path[: keep + 1]:
-            keep += 1
-        del made[keep:]
-        parent = made[-1][1] if made else parts[-1]
-        src: Any = request
-        for level in range(depth):
-            src = getattr(src, layout.levels[level])[path[level]]
-            if level < keep:
-                continue
-            dst = getattr(parent, layout.levels[level]).add()
-            inner = layout.levels[level + 1] if level + 1 < depth else ("data" if signal is Signal.METRICS else layout.items)
-            _copy_envelope(src, dst, inner)
-            made.append((path[: level + 1], dst))
-            parent = dst
-        return parent
-
-    def _item_holder_for_copy(src_msg: Any, dst: Any) -> Any:
-        if signal is not Signal.METRICS:
-            return dst
-        kind = src_msg.WhichOneof("data")
-        holder = getattr(dst, kind)
-        if not holder.ListFields():
-            _copy_envelope(getattr(src_msg, kind), holder, layout.items)
-            holder.SetInParent()
-        return holder
-
-    walk(request, 0, ())
     return parts
+
+
+def _item_holders(request: Request, levels: tuple[str, ...]) -> list[tuple[tuple[int, ...], tuple[Any, ...]]]:
+    """(index path, chain of messages from the resource level down) for each innermost message, in order."""
+    out: list[tuple[tuple[int, ...], tuple[Any, ...]]] = []
+
+    def walk(msg: Any, level: int, path: tuple[int, ...], chain: tuple[Any, ...]) -> None:
+        if level == len(levels):
+            out.append((path, chain))
+            return
+        for i, child in enumerate(getattr(msg, levels[level])):
+            walk(child, level + 1, path + (i,), chain + (child,))
+
+    walk(request, 0, (), ())
+    return out
+
+
+def _envelope_in(part: Request, made: list, path: tuple[int, ...], chain: tuple[Any, ...], levels: tuple[str, ...], signal: Signal) -> Any:
+    """The innermost envelope copy for ``path`` in ``part``, making the missing levels."""
+    keep = 0
+    while keep < len(made) and made[keep][0] == path[: keep + 1]:
+        keep += 1
+    del made[keep:]
+    parent = made[-1][1] if made else part
+    for level in range(keep, len(levels)):
+        dst = getattr(parent, levels[level]).add()
+        if level + 1 < len(levels):
+            inner = levels[level + 1]
+        else:
+            inner = "data" if signal is Signal.METRICS else _LAYOUTS[signal].items
+        _copy_envelope(chain[level], dst, inner)
+        made.append((path[: level + 1], dst))
+        parent = dst
+    return parent
+
+
+def _dst_item_holder(signal: Signal, src: Any, dst: Any) -> Any:
+    """Where items go in the envelope copy ``dst`` of ``src``: for a metric, its data of the same type."""
+    if signal is not Signal.METRICS:
+        return dst
+    kind = src.WhichOneof("data")
+    holder = getattr(dst, kind)
+    if dst.WhichOneof("data") is None:
+        _copy_envelope(getattr(src, kind), holder, "data_points")
+        holder.SetInParent()
+    return holder
 
 
 def split_batch(batch: Batch, sizes: Sequence[int]) -> list[Batch]:
