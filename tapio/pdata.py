@@ -41,6 +41,11 @@ class Signal(enum.Enum):
     def __str__(self) -> str:
         return self.value
 
+    def __lt__(self, other: "Signal") -> bool:
+        # Ordered as declared (logs, metrics, traces), so ids sort predictably.
+        order = list(Signal)
+        return order.index(self) < order.index(other)
+
     @property
     def request_class(self) -> type:
         return _REQUEST_CLASS[self]

@@ -104,8 +104,8 @@ class ChannelConsumer:
 class FanoutConsumer:
     """Hands each batch to several consumers in turn.
 
-    When ``copy_for`` marks a consumer that changes records in place, every
-    consumer but the last such one gets a deep copy. ``on_done`` callbacks
+    Consumers marked in ``mutating`` change records in place: each gets a
+    deep copy, except that when all of them mutate the last keeps the original. ``on_done`` callbacks
     run once, after every consumer finished with its share.
     """
 
@@ -119,11 +119,12 @@ class FanoutConsumer:
         n = len(self._consumers)
         if n == 1:
             return [batch]
-        # The last mutating consumer may keep the original; other mutators get copies.
-        last_mut = max((i for i, m in enumerate(self._mutating) if m), default=-1)
+        # Read-only consumers share the original; then every mutator needs its own
+        # copy. With no read-only consumer, the last mutator may keep the original.
+        keeps_original = -1 if not all(self._mutating) else n - 1
         shares = []
         for i in range(n):
-            if self._mutating[i] and i != last_mut:
+            if self._mutating[i] and i != keeps_original:
                 shares.append(batch.copy())
             else:
                 shares.append(Batch(batch.signal, batch.requests, batch.count))

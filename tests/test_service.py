@@ -1,0 +1,321 @@
+"""The runtime wires the graph, counts, supervises and drains — with real channels and tasks.
+
+The components here are tiny test components written for these tests (a
+source that emits what the test pushes, a pass-through or hoarding
+processor, a recording exporter); everything else is the real runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import trio
+import trio.testing
+
+from opentelemetry.proto.logs.v1.logs_pb2 import ResourceLogs
+from tapio.component import ComponentID, Factory, Kind, PipelineID, Registry
+from tapio.pdata import Batch, Signal
+from tapio.service import ComponentFailedError, ComponentStartError, RuntimeOptions, Service
+from tapio.telemetry import Telemetry
+
+ALL = frozenset(Signal)
+
+
+def log_batch(n: int, tag: str = "x") -> Batch:
+    req = Signal.LOGS.request_class()
+    sl = req.resource_logs.add().scope_logs.add()
+    for i in range(n):
+        sl.log_records.add().body.string_value = f"{tag}{i}"
+    return Batch.of(Signal.LOGS, req)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Empty:
+    def validate(self) -> list[str]:
+        return []
+
+
+class World:
+    """Shared state between a test and its components."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, trio.MemorySendChannel] = {}
+        self.exported: dict[str, list[Batch]] = {}
+        self.exporter_gate = trio.Event()
+        self.exporter_gate.set()
+        self.fail_start: set[str] = set()
+        self.fail_after: dict[str, int] = {}
+        self.runs: dict[str, int] = {}
+        self.flushed: list[str] = []
+        self.changed = trio.Event()
+
+    def poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def wait_until(self, predicate, timeout: float = 10) -> None:
+        with trio.fail_after(timeout):
+            while not predicate():
+                await self.changed.wait()
+
+
+def make_registry(world: World) -> Registry:
+    class Source:
+        def __init__(self, settings, config, ports):
+            self.id, self.ports = str(settings.id), ports
+
+        async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+            world.runs[self.id] = world.runs.get(self.id, 0) + 1
+            world.poke()
+            if self.id in world.fail_start:
+                raise OSError(f"cannot open {self.id}'s source")
+            send, recv = trio.open_memory_channel(100)
+            world.sources[self.id] = send
+            task_status.started()
+            async for item in recv:
+                if item == "boom":
+                    raise RuntimeError("source exploded")
+                if isinstance(item, tuple) and item[0] == "nowait":
+                    try:
+                        self.ports.output.send_nowait(item[1])
+                    except trio.WouldBlock:
+                        world.flushed.append("refused")
+                        world.poke()
+                    continue
+                await self.ports.output.send(item)
+                world.poke()
+
+    class Hoard:
+        """Keeps everything until end of stream or cancellation, then flushes (like a batch processor)."""
+
+        def __init__(self, settings, config, ports):
+            self.ports, self.grace = ports, settings.shutdown_grace
+
+        async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+            task_status.started()
+            held: list[Batch] = []
+            try:
+                async for b in self.ports.input:
+                    held.append(b)
+                    world.poke()
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(self.grace):
+                    if held:
+                        await self.ports.output.send(Batch.concat(held))
+                    world.flushed.append("hoard")
+
+    class Pass:
+        def __init__(self, settings, config, ports):
+            self.ports, self.id = ports, str(settings.id)
+
+        async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+            world.runs[self.id] = world.runs.get(self.id, 0) + 1
+            world.poke()
+            task_status.started()
+            n = 0
+            async for b in self.ports.input:
+                n += 1
+                if world.fail_after.get(self.id) == n:
+                    world.fail_after.pop(self.id)
+                    raise RuntimeError("processor exploded")
+                await self.ports.output.send(b)
+
+    class Mutate(Pass):
+        async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+            task_status.started()
+            async for b in self.ports.input:
+                for r in b.requests:
+                    for rl in r.resource_logs:
+                        rl.resource.attributes.add(key="mutated").value.bool_value = True
+                await self.ports.output.send(b)
+
+    class Record:
+        def __init__(self, settings, config, ports):
+            self.ports, self.id, self.tel = ports, str(settings.id), settings.telemetry
+
+        async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+            if self.id in world.fail_start:
+                raise OSError(f"cannot connect {self.id}")
+            task_status.started()
+            async for b in self.ports.input:
+                await world.exporter_gate.wait()
+                world.exported.setdefault(self.id, []).append(b)
+                self.tel.signal_add("exporter_sent", b.signal, b.count)
+                b.done(True)
+                world.poke()
+
+    def f(kind, type_, cls, mutates=False):
+        return Factory(type=type_, kind=kind, config_class=Empty, signals=ALL, create=cls, description=type_, mutates_data=mutates)
+
+    return Registry([
+        f(Kind.RECEIVER, "src", Source),
+        f(Kind.PROCESSOR, "hoard", Hoard),
+        f(Kind.PROCESSOR, "pass", Pass),
+        f(Kind.PROCESSOR, "mutate", Mutate, mutates=True),
+        f(Kind.EXPORTER, "rec", Record),
+    ])
+
+
+@dataclass
+class P:
+    receivers: list
+    processors: list
+    exporters: list
+
+
+def cid(s: str) -> ComponentID:
+    return ComponentID.parse(s)
+
+
+def make_service(world: World, pipelines: dict[str, tuple[list[str], list[str], list[str]]], **opts) -> Service:
+    pl = {PipelineID.parse(k): P([cid(x) for x in r], [cid(x) for x in p], [cid(x) for x in e]) for k, (r, p, e) in pipelines.items()}
+    comps: dict[Kind, dict] = {Kind.RECEIVER: {}, Kind.PROCESSOR: {}, Kind.EXPORTER: {}}
+    for p in pl.values():
+        for kind, ids in ((Kind.RECEIVER, p.receivers), (Kind.PROCESSOR, p.processors), (Kind.EXPORTER, p.exporters)):
+            for i in ids:
+                comps[kind][i] = Empty()
+    return Service(pipelines=pl, components=comps, registry=make_registry(world), telemetry=Telemetry(), options=RuntimeOptions(**opts))
+
+
+async def test_fan_out_fan_in_and_counters(nursery):
+    world = World()
+    svc = make_service(world, {
+        "logs": (["src"], ["pass"], ["rec"]),
+        "logs/copy": (["src", "src/2"], [], ["rec", "rec/2"]),
+    })
+    await nursery.start(svc.run)
+    for i in range(5):
+        await world.sources["src"].send(log_batch(10, f"a{i}"))
+    await world.sources["src/2"].send(log_batch(3))
+    # src feeds 2 pipelines -> rec gets 5 twice; src/2 feeds logs/copy only -> rec and rec/2 get it.
+    await world.wait_until(lambda: sum(b.count for b in world.exported.get("rec", [])) == 103
+                           and sum(b.count for b in world.exported.get("rec/2", [])) == 53)
+    tel = svc.telemetry
+    assert tel.value("tapio_receiver_accepted_log_records_total", receiver="src") == 50
+    assert tel.value("tapio_receiver_accepted_log_records_total", receiver="src/2") == 3
+    assert tel.value("tapio_processor_incoming_items_total", processor="pass", pipeline="logs") == 50
+    assert tel.value("tapio_processor_outgoing_items_total", processor="pass", pipeline="logs") == 50
+    assert tel.value("tapio_exporter_sent_log_records_total", exporter="rec") == 103
+    svc.shutdown()
+
+
+async def test_shutdown_drains_buffered_batches_in_order():
+    world = World()
+    svc = make_service(world, {"logs": (["src"], ["hoard", "pass"], ["rec"])})
+    async with trio.open_nursery() as n:
+        await n.start(svc.run)
+        for i in range(20):
+            await world.sources["src"].send(log_batch(1, f"r{i}"))
+        await world.wait_until(lambda: svc.telemetry.value("tapio_processor_incoming_items_total", processor="hoard") == 20)
+        assert "rec" not in world.exported  # still hoarded
+        svc.shutdown()
+    # run returned: everything hoarded reached the exporter, in order
+    bodies = [lr.body.string_value for b in world.exported["rec"] for r in b.requests
+              for rl in r.resource_logs for sl in rl.scope_logs for lr in sl.log_records]
+    assert bodies == [f"r{i}0" for i in range(20)]
+    assert world.flushed == ["hoard"]
+
+
+async def test_component_failing_at_start_is_named_and_stops_service():
+    world = World()
+    world.fail_start.add("src/bad")
+    svc = make_service(world, {"logs": (["src", "src/bad"], ["pass"], ["rec"])})
+    with pytest.RaisesGroup(pytest.RaisesExc(ComponentStartError, match=r"receiver src/bad failed to start: cannot open src/bad's source"), flatten_subgroups=True):
+        async with trio.open_nursery() as n:
+            await n.start(svc.run)
+
+
+async def test_failing_exporter_at_start_names_exporter():
+    world = World()
+    world.fail_start.add("rec/down")
+    svc = make_service(world, {"logs": (["src"], [], ["rec/down"])})
+    with pytest.RaisesGroup(pytest.RaisesExc(ComponentStartError, match=r"exporter rec/down failed to start"), flatten_subgroups=True):
+        await svc.run()
+    assert "src" not in world.runs  # receivers never started
+
+
+async def test_component_failing_while_running_is_restarted(nursery, autojump_clock):
+    world = World()
+    svc = make_service(world, {"logs": (["src"], ["pass"], ["rec"])}, restart_initial=1.0)
+    await nursery.start(svc.run)
+    world.fail_after["pass"] = 2
+    for i in range(4):
+        await world.sources["src"].send(log_batch(1))
+    await world.wait_until(lambda: world.runs.get("pass") == 2 and len(world.exported.get("rec", [])) >= 3, timeout=30)
+    assert svc.telemetry.value("tapio_component_restarts_total", processor="pass") == 1
+    assert svc.failing() == []
+    # a receiver that fails while running is restarted too and reports failing meanwhile
+    await world.sources["src"].send("boom")
+    await world.wait_until(lambda: world.runs.get("src") == 2, timeout=30)
+    assert svc.telemetry.value("tapio_component_failures_total", receiver="src") == 1
+    svc.shutdown()
+
+
+async def test_failure_policy_stop():
+    world = World()
+    svc = make_service(world, {"logs": (["src"], ["pass"], ["rec"])}, on_component_failure="stop")
+    with pytest.RaisesGroup(pytest.RaisesExc(ComponentFailedError, match="processor pass in pipeline logs failed: processor exploded"), flatten_subgroups=True):
+        async with trio.open_nursery() as n:
+            await n.start(svc.run)
+            world.fail_after["pass"] = 1
+            await world.sources["src"].send(log_batch(1))
+
+
+async def test_backpressure_and_refusal_are_counted(nursery):
+    world = World()
+    world.exporter_gate = trio.Event()  # exporter stuck
+    svc = make_service(world, {"logs": (["src"], [], ["rec"])})
+    await nursery.start(svc.run)
+    for _ in range(40):
+        await world.sources["src"].send(("nowait", log_batch(2)))
+    await world.wait_until(lambda: world.flushed.count("refused") > 0)
+    await trio.testing.wait_all_tasks_blocked()
+    accepted = svc.telemetry.value("tapio_receiver_accepted_log_records_total", receiver="src")
+    refused = svc.telemetry.value("tapio_receiver_refused_log_records_total", receiver="src")
+    assert accepted + refused == 80
+    assert 0 < accepted < 80
+    assert svc.telemetry.value("tapio_exporter_queue_size", exporter="rec") >= 1
+    world.exporter_gate.set()
+    await world.wait_until(lambda: sum(b.count for b in world.exported.get("rec", [])) == accepted)
+    svc.shutdown()
+
+
+async def test_mutating_pipeline_gets_a_copy(nursery):
+    world = World()
+    svc = make_service(world, {
+        "logs/a": (["src"], ["mutate"], ["rec"]),
+        "logs/b": (["src"], ["pass"], ["rec/2"]),
+        "logs/c": (["src"], ["mutate"], ["rec/3"]),
+    })
+    await nursery.start(svc.run)
+    done: list[bool] = []
+    b = log_batch(1)
+    b.on_done.append(done.append)
+    await world.sources["src"].send(b)
+    await world.wait_until(lambda: all(world.exported.get(e) for e in ("rec", "rec/2", "rec/3")))
+
+    def mutated(e):
+        return [kv.key for r in world.exported[e][0].requests for rl in r.resource_logs for kv in rl.resource.attributes]
+
+    assert mutated("rec") == ["mutated"]
+    assert mutated("rec/3") == ["mutated"]
+    assert mutated("rec/2") == []  # the pass-through pipeline never sees another pipeline's changes
+    assert done == [True]  # once, after all three exporters were done
+    svc.shutdown()
+
+
+def test_graph_renders(tmp_path):
+    from tapio.graph import build_graph, to_dot, to_mermaid
+
+    pl = {PipelineID.parse("logs"): P([cid("otlp")], [cid("batch")], [cid("file"), cid("debug")]),
+          PipelineID.parse("traces"): P([cid("otlp")], [], [cid("file")])}
+    g = build_graph(pl)
+    assert len(g.receivers) == 1 and len(g.exporters) == 2
+    m = to_mermaid(g)
+    assert m.startswith("flowchart LR")
+    assert "receiver_otlp -->|logs| processor_logs_batch" in m
+    assert "receiver_otlp -->|traces| exporter_file" in m
+    d = to_dot(g)
+    assert '"receiver:otlp" -> "processor:logs/batch" [label="logs"];' in d
+    assert d.count("->") == 4
