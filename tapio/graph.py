@@ -57,26 +57,20 @@ class Graph:
     def exporter_signals(self, eid: ComponentID) -> frozenset[Signal]:
         return frozenset(p.signal for p in self.pipelines.values() if any(n.id == eid for n in p.exporters))
 
-    def edges(self) -> list[tuple[Node, Node]]:
-        out: list[tuple[Node, Node]] = []
-        seen: set[tuple[str, str]] = set()
+    def edges(self) -> list[tuple[Node, Node, str]]:
+        """Every connection once, labelled with the signals of the pipelines that use it."""
+        labels: dict[tuple[str, str], tuple[Node, Node, set[Signal]]] = {}
+
+        def add(a: Node, b: Node, sig: Signal) -> None:
+            labels.setdefault((a.key, b.key), (a, b, set()))[2].add(sig)
+
         for p in self.pipelines.values():
-            chain_heads = p.processors[:1] or p.exporters
-            for r in p.receivers:
-                for h in chain_heads:
-                    _add_edge(out, seen, r, h)
-            for a, b in zip(p.processors, p.processors[1:]):
-                _add_edge(out, seen, a, b)
-            if p.processors:
-                for e in p.exporters:
-                    _add_edge(out, seen, p.processors[-1], e)
-        return out
-
-
-def _add_edge(out: list, seen: set, a: Node, b: Node) -> None:
-    if (a.key, b.key) not in seen:
-        seen.add((a.key, b.key))
-        out.append((a, b))
+            stages = [p.receivers, *([n] for n in p.processors), p.exporters]
+            for srcs, dsts in zip(stages, stages[1:]):
+                for a in srcs:
+                    for b in dsts:
+                        add(a, b, p.signal)
+        return [(a, b, ",".join(s.value for s in sorted(sigs))) for a, b, sigs in labels.values()]
 
 
 def build_graph(pipelines: dict[PipelineID, object]) -> Graph:
@@ -107,8 +101,7 @@ def to_mermaid(g: Graph) -> str:
             lines.append("  end")
     for eid, node in sorted(g.exporters.items()):
         lines.append(f'  {_mermaid_id(node)}[/"exporter {eid}"/]')
-    for a, b in g.edges():
-        label = _edge_label(g, a, b)
+    for a, b, label in g.edges():
         lines.append(f"  {_mermaid_id(a)} -->|{label}| {_mermaid_id(b)}")
     return "\n".join(lines) + "\n"
 
@@ -128,16 +121,7 @@ def to_dot(g: Graph) -> str:
             lines.append("  }")
     for eid, node in sorted(g.exporters.items()):
         lines.append(f'  "{node.key}" [label="exporter\\n{eid}", shape=box];')
-    for a, b in g.edges():
-        lines.append(f'  "{a.key}" -> "{b.key}" [label="{_edge_label(g, a, b)}"];')
+    for a, b, label in g.edges():
+        lines.append(f'  "{a.key}" -> "{b.key}" [label="{label}"];')
     lines.append("}")
     return "\n".join(lines) + "\n"
-
-
-def _edge_label(g: Graph, a: Node, b: Node) -> str:
-    if b.pipeline is not None:
-        return b.pipeline.signal.value
-    if a.pipeline is not None:
-        return a.pipeline.signal.value
-    sigs = g.receiver_signals(a.id) & g.exporter_signals(b.id)
-    return ",".join(s.value for s in sorted(sigs, key=lambda s: list(Signal).index(s)))
