@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -82,6 +83,25 @@ Handler = Callable[[Request], Awaitable[Response]]
 BadRequestCallback = Callable[[str], None]
 
 
+async def open_http_listeners(host: str | None, port: int) -> list[trio.SocketListener]:
+    """Bind ``host:port`` for `serve_http_listeners` (``None`` or ``""``: every interface; port 0: a free one).
+
+    Raises:
+        OSError: with the address and the reason, e.g.
+            ``cannot listen on 127.0.0.1:4318: address already in use``.
+    """
+    try:
+        return await trio.open_tcp_listeners(port, host=host or None)
+    except OSError as exc:
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise OSError(exc.errno, f"cannot listen on {_peer((host or '*', port))}: {reason}") from exc
+
+
+def bound_port(listeners: list[trio.SocketListener]) -> int:
+    """The TCP port the listeners are bound to (the first one's, when port 0 gave several)."""
+    return int(listeners[0].socket.getsockname()[1])
+
+
 async def serve_http(
     handler: Handler,
     host: str | None,
@@ -114,18 +134,47 @@ async def serve_http(
         name: used in log messages.
 
     Raises:
-        OSError: the address cannot be bound (before ``task_status.started``).
+        OSError: the address cannot be bound (before ``task_status.started``),
+            as from `open_http_listeners`.
+    """
+    listeners = await open_http_listeners(host, port)
+    await serve_http_listeners(
+        handler,
+        listeners,
+        max_body_bytes=max_body_bytes,
+        task_status=task_status,
+        logger=logger,
+        idle_timeout=idle_timeout,
+        max_connections=max_connections,
+        on_bad_request=on_bad_request,
+        name=name,
+    )
+
+
+async def serve_http_listeners(
+    handler: Handler,
+    listeners: list[trio.SocketListener],
+    *,
+    max_body_bytes: int,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    logger: logging.Logger | None = None,
+    idle_timeout: float = 60.0,
+    max_connections: int = 256,
+    on_bad_request: BadRequestCallback | None = None,
+    name: str = "http",
+) -> None:
+    """`serve_http` on listeners bound beforehand (by `open_http_listeners`), which it owns and closes.
+
+    Binding first lets a caller report a bind error plainly, outside any nursery.
     """
     log = logger or logging.getLogger(__name__)
-    listeners = await trio.open_tcp_listeners(port, host=host or None)
-    bound_port = listeners[0].socket.getsockname()[1]
     slots = trio.Semaphore(max_connections)
     server = _Server(handler, max_body_bytes, idle_timeout, log, on_bad_request or (lambda reason: None), name)
     try:
         async with trio.open_nursery() as nursery:
             for listener in listeners:
                 nursery.start_soon(server.accept_loop, listener, slots, nursery)
-            task_status.started(bound_port)
+            task_status.started(bound_port(listeners))
     finally:
         with trio.CancelScope(shield=True):
             for listener in listeners:

@@ -307,3 +307,11 @@ async def test_fuzz_random_bytes_never_break_the_server(payload):
             r = await client.post(f"http://127.0.0.1:{port}/after", content=b"still here")
         assert (r.status_code, r.content) == (200, b"still here")
         nursery.cancel_scope.cancel()
+
+
+async def test_bind_error_names_the_address(nursery):
+    from tapio.httpserver import open_http_listeners
+
+    port, _ = await start(nursery)
+    with pytest.raises(OSError, match=rf"cannot listen on 127\.0\.0\.1:{port}: address already in use"):
+        await open_http_listeners("127.0.0.1", port)
