@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -212,6 +215,13 @@ def test_factory_record():
     assert factory.signals == frozenset(Signal)
     assert factory.mutates_data is False
     assert factory.summary(BatchConfig()) == "size 8192, max unlimited, timeout 200ms"
+
+
+def test_doc_page_lists_exactly_the_config_fields_with_their_defaults():
+    page = Path(__file__).parent.parent / "docs" / "components" / "batch.md"
+    rows = re.findall(r"^\| `([a-z_.]+)` \| `([^`]*)` \|", page.read_text(), flags=re.M)
+    defaults = BatchConfig()
+    assert {key: default for key, default in rows} == {f.name: str(getattr(defaults, f.name)) for f in fields(BatchConfig)}
 
 
 # ---------------------------------------------------------------- triggers
@@ -595,3 +605,81 @@ def test_output_keeps_every_item_in_order_and_within_max(sizes, send_batch_size,
         if max_size:
             assert b.count <= max_size
     assert reports == [[True]] * len(sizes)
+
+
+# ---------------------------------------------------------------- in the real runtime
+
+
+async def test_in_a_running_service_batches_counts_and_drains_on_shutdown(autojump_clock):
+    """A test source → the real batch processor → a test exporter, wired and run by tapio.service."""
+    from tapio.component import Factory, PipelineID, Registry
+    from tapio.service import RuntimeOptions, Service
+
+    @dataclass(frozen=True, kw_only=True)
+    class NoConfig:
+        def validate(self) -> list[str]:
+            return []
+
+    feed_send, feed_receive = trio.open_memory_channel[Batch](0)
+    exported = RecordingConsumer(ack=True)
+
+    class Source:
+        def __init__(self, settings, config, ports):
+            self.output = ports.output
+
+        async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+            task_status.started()
+            async for b in feed_receive:
+                await self.output.send(b)
+
+    class Exporter:
+        def __init__(self, settings, config, ports):
+            self.input, self.tel = ports.input, settings.telemetry
+
+        async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+            task_status.started()
+            async for b in self.input:
+                self.tel.signal_add("exporter_sent", b.signal, b.count)
+                await exported.send(b)
+
+    def test_factory(kind, type_, create):
+        return Factory(type=type_, kind=kind, config_class=NoConfig, signals=frozenset(Signal), create=create, description=type_)
+
+    @dataclass
+    class Pipeline:
+        receivers: list
+        processors: list
+        exporters: list
+
+    registry = Registry([test_factory(Kind.RECEIVER, "feed", Source), factory, test_factory(Kind.EXPORTER, "record", Exporter)])
+    pipelines = {PipelineID.parse("logs"): Pipeline([ComponentID("feed")], [ComponentID("batch")], [ComponentID("record")])}
+    components = {
+        Kind.RECEIVER: {ComponentID("feed"): NoConfig()},
+        Kind.PROCESSOR: {ComponentID("batch"): config(send_batch_size=10, send_batch_max_size=10, timeout=0.2)},
+        Kind.EXPORTER: {ComponentID("record"): NoConfig()},
+    }
+    telemetry = Telemetry()
+    service = Service(pipelines=pipelines, components=components, registry=registry, telemetry=telemetry, options=RuntimeOptions())
+    items = Items()
+    reports: list[list[bool]] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        start = trio.current_time()
+        for _ in range(5):
+            b = make_batch(Signal.LOGS, items, 3)
+            reports.append([])
+            b.on_done.append(reports[-1].append)
+            await feed_send.send(b)
+        with trio.fail_after(10):
+            await exported.wait_for_count(10)
+        assert exported.received_at == [start]
+        # 5 items left buffered (timeout 0.2 s); shutdown drains them through.
+        service.shutdown()
+    assert [b.count for b in exported.batches] == [10, 5]
+    assert trio.current_time() - start < 0.2  # the drain did not wait for the timeout
+    assert item_ids(Signal.LOGS, exported.requests()) == list(range(15))
+    assert reports == [[True]] * 5
+    assert telemetry.value("tapio_processor_incoming_items_total", processor="batch") == 15
+    assert telemetry.value("tapio_processor_outgoing_items_total", processor="batch") == 15
+    assert telemetry.value(SIZE_TRIGGER_METRIC, processor="batch") == 1
+    assert telemetry.value(TIMEOUT_TRIGGER_METRIC, processor="batch") == 1
