@@ -1,0 +1,240 @@
+"""End to end: the official OpenTelemetry SDK exporters → a real ``tapio run`` → the file exporter.
+
+Everything here is real: the tapio process, its sockets, the SDK's gRPC and
+HTTP exporters, the file on disk and /metrics over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tapio import otlpjson
+from tapio.pdata import Signal
+from tapio.testing.process import ROOT, TapioProcess, free_port, metric_sum, tapio_command
+
+SIGNAL_KEYS = {"resourceLogs": Signal.LOGS, "resourceSpans": Signal.TRACES, "resourceMetrics": Signal.METRICS}
+
+
+def write_config(tmp_path: Path, *, grpc: int, http: int, metrics: int, batch: str = "{timeout: 50ms}") -> Path:
+    cfg = tmp_path / "pipelines.yaml"
+    cfg.write_text(f"""
+receivers:
+  otlp:
+    protocols:
+      grpc: {{endpoint: "127.0.0.1:{grpc}"}}
+      http: {{endpoint: "127.0.0.1:{http}"}}
+processors:
+  batch: {batch}
+exporters:
+  file: {{path: "{tmp_path}/out.jsonl"}}
+service:
+  pipelines:
+    logs: {{receivers: [otlp], processors: [batch], exporters: [file]}}
+    traces: {{receivers: [otlp], processors: [batch], exporters: [file]}}
+    metrics: {{receivers: [otlp], processors: [batch], exporters: [file]}}
+  telemetry:
+    metrics: {{address: "127.0.0.1:{metrics}"}}
+""")
+    return cfg
+
+
+def read_output(path: Path) -> dict[Signal, list]:
+    out: dict[Signal, list] = {s: [] for s in Signal}
+    for line in path.read_text().splitlines():
+        key = next(iter(json.loads(line)))
+        sig = SIGNAL_KEYS[key]
+        out[sig].append(otlpjson.decode(sig, line.encode()))
+    return out
+
+
+def log_bodies(requests) -> list[str]:
+    return [lr.body.string_value for r in requests for rl in r.resource_logs for sl in rl.scope_logs for lr in sl.log_records]
+
+
+@pytest.fixture
+def tapio(tmp_path):
+    ports = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
+    cfg = write_config(tmp_path, **ports)
+    with TapioProcess([cfg], metrics_port=ports["metrics"]) as t:
+        t.ports = ports
+        t.out = tmp_path / "out.jsonl"
+        t.wait_ready()
+        yield t
+
+
+def sdk_send_all(grpc_port: int, http_port: int, n_logs: int) -> None:
+    """Send logs, spans and metrics with the official SDK over both gRPC and HTTP."""
+    from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter as GrpcLogs
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcMetrics
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpans
+    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as HttpLogs
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpMetrics
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpans
+    from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
+    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    grpc_ep, http_ep = f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
+    for transport, logs_exp, span_exp, metric_exp in (
+        ("grpc", GrpcLogs(endpoint=grpc_ep, insecure=True), GrpcSpans(endpoint=grpc_ep, insecure=True), GrpcMetrics(endpoint=grpc_ep, insecure=True)),
+        ("http", HttpLogs(endpoint=http_ep + "/v1/logs"), HttpSpans(endpoint=http_ep + "/v1/traces"), HttpMetrics(endpoint=http_ep + "/v1/metrics")),
+    ):
+        resource = Resource.create({"service.name": f"e2e-{transport}"})
+        lp = LoggerProvider(resource=resource)
+        lp.add_log_record_processor(BatchLogRecordProcessor(logs_exp))
+        pylog = logging.getLogger(f"e2e.{transport}")
+        pylog.propagate = False
+        pylog.setLevel(logging.INFO)
+        handler = LoggingHandler(logger_provider=lp)
+        pylog.addHandler(handler)
+        for i in range(n_logs):
+            pylog.warning("hello %s %d", transport, i, extra={"attempt": i})
+        assert lp.force_flush(10_000)
+        pylog.removeHandler(handler)
+        lp.shutdown()
+
+        tp = TracerProvider(resource=resource)
+        tp.add_span_processor(BatchSpanProcessor(span_exp))
+        tracer = tp.get_tracer("e2e")
+        with tracer.start_as_current_span(f"parent-{transport}") as parent:
+            parent.set_attribute("k8s.pod.name", "web-1")
+            with tracer.start_as_current_span(f"child-{transport}"):
+                pass
+        assert tp.force_flush(10_000)
+        tp.shutdown()
+
+        reader = PeriodicExportingMetricReader(metric_exp, export_interval_millis=3_600_000)
+        mp = MeterProvider(resource=resource, metric_readers=[reader])
+        counter = mp.get_meter("e2e").create_counter(f"requests.{transport}")
+        counter.add(7, {"route": "/a"})
+        counter.add(5, {"route": "/b"})
+        assert mp.force_flush(10_000)
+        mp.shutdown()
+
+
+def test_sdk_exporters_to_file(tapio):
+    sdk_send_all(tapio.ports["grpc"], tapio.ports["http"], n_logs=25)
+
+    def all_exported() -> bool:
+        m = tapio.metrics()
+        return (metric_sum(m, "tapio_exporter_sent_log_records_total") == 50
+                and metric_sum(m, "tapio_exporter_sent_spans_total") == 4
+                and metric_sum(m, "tapio_exporter_sent_metric_points_total") == 4)
+
+    tapio.wait_for(all_exported, 30, "the file exporter to count everything sent")
+    m = tapio.metrics()
+    assert metric_sum(m, "tapio_receiver_accepted_log_records_total", receiver="otlp") == 50
+    tapio.signal(signal.SIGTERM)
+    assert tapio.wait_exit() == 0, tapio.stderr
+
+    out = read_output(tapio.out)
+    bodies = log_bodies(out[Signal.LOGS])
+    assert sorted(bodies) == sorted([f"hello grpc {i}" for i in range(25)] + [f"hello http {i}" for i in range(25)])
+    attempts = sorted(
+        kv.value.int_value for r in out[Signal.LOGS] for rl in r.resource_logs for sl in rl.scope_logs
+        for lr in sl.log_records for kv in lr.attributes if kv.key == "attempt"
+    )
+    assert attempts == sorted(list(range(25)) * 2)
+    spans = {s.name: s for r in out[Signal.TRACES] for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans}
+    assert set(spans) == {"parent-grpc", "child-grpc", "parent-http", "child-http"}
+    for t in ("grpc", "http"):
+        assert spans[f"child-{t}"].parent_span_id == spans[f"parent-{t}"].span_id
+        assert spans[f"child-{t}"].trace_id == spans[f"parent-{t}"].trace_id
+        assert {kv.key: kv.value.string_value for kv in spans[f"parent-{t}"].attributes} == {"k8s.pod.name": "web-1"}
+    points = {
+        (m.name, next(kv.value.string_value for kv in dp.attributes if kv.key == "route")): dp.as_int
+        for r in out[Signal.METRICS] for rm in r.resource_metrics for sm in rm.scope_metrics for m in sm.metrics for dp in m.sum.data_points
+    }
+    assert points == {("requests.grpc", "/a"): 7, ("requests.grpc", "/b"): 5, ("requests.http", "/a"): 7, ("requests.http", "/b"): 5}
+    services = {kv.value.string_value for r in out[Signal.LOGS] for rl in r.resource_logs for kv in rl.resource.attributes if kv.key == "service.name"}
+    assert services == {"e2e-grpc", "e2e-http"}
+
+
+def test_sigterm_during_steady_send_loses_nothing_acknowledged(tmp_path):
+    ports = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
+    # a long batch timeout keeps records inside the batch processor when SIGTERM arrives
+    cfg = write_config(tmp_path, **ports, batch="{timeout: 10s, send_batch_size: 100000}")
+    acked: list[int] = []
+    stop = threading.Event()
+
+    def sender() -> None:
+        url = f"http://127.0.0.1:{ports['http']}/v1/logs"
+        with httpx.Client(timeout=5) as client:
+            i = 0
+            while not stop.is_set():
+                req = Signal.LOGS.request_class()
+                sl = req.resource_logs.add().scope_logs.add()
+                for j in range(10):
+                    sl.log_records.add().body.string_value = f"r{i}-{j}"
+                try:
+                    r = client.post(url, content=req.SerializeToString(), headers={"content-type": "application/x-protobuf"})
+                except httpx.TransportError:
+                    return  # tapio closed the listener: nothing more is acknowledged
+                if r.status_code == 200:
+                    acked.append(i)
+                i += 1
+
+    with TapioProcess([cfg], metrics_port=ports["metrics"]) as t:
+        t.wait_ready()
+        th = threading.Thread(target=sender)
+        th.start()
+        try:
+            t.wait_for(lambda: len(acked) >= 200, 30, "200 acknowledged requests")
+            t.signal(signal.SIGTERM)
+            assert t.wait_exit() == 0, t.stderr
+        finally:
+            stop.set()
+            th.join(10)
+    got = set(log_bodies(read_output(tmp_path / "out.jsonl")[Signal.LOGS]))
+    missing = [i for i in acked if any(f"r{i}-{j}" not in got for j in range(10))]
+    assert not missing, f"{len(missing)} acknowledged requests missing from the file, e.g. {missing[:5]}"
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*tapio_command(), *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def test_port_in_use_fails_at_start_naming_the_component(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = write_config(tmp_path, grpc=free_port(), http=port, metrics=free_port())
+        res = run_cli("run", "-c", str(cfg))
+    assert res.returncode == 1, res.stderr
+    assert "receiver otlp failed to start" in res.stderr
+    assert f"127.0.0.1:{port}" in res.stderr
+    assert "what to do:" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_default_pipelines_yaml_validates_and_graphs():
+    res = run_cli("validate")
+    assert res.returncode == 0, res.stderr
+    assert "valid (3 pipelines" in res.stdout
+    res = run_cli("graph")
+    assert res.returncode == 0 and res.stdout.startswith("flowchart LR"), res.stderr
+    res = run_cli("graph", "--format", "dot")
+    assert res.returncode == 0 and res.stdout.startswith("digraph tapio"), res.stderr
+    res = run_cli("components")
+    assert res.returncode == 0
+    for t in ("otlp", "batch", "debug", "file"):
+        assert f" {t} " in res.stdout
+    res = run_cli("--help")
+    assert "examples:" in res.stdout
+    res = run_cli("--version")
+    assert res.stdout.startswith("tapio ")
