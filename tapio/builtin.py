@@ -3,5 +3,8 @@
 from __future__ import annotations
 
 from tapio.component import Factory
+from tapio.processors.batch import factory as batch
 
-FACTORIES: list[Factory] = []
+FACTORIES: list[Factory] = [
+    batch,
+]
