@@ -330,6 +330,20 @@ class Storage:
         states = list(self._queues.values())
         return sum(s.items for s in states), sum(s.bytes for s in states)
 
+    def queue_sizes(self) -> dict[str, tuple[int, int]]:
+        """(items, payload bytes) of every non-empty queue in the file, by name.
+
+        Reads the whole queue table: for startup and operators, not the hot path.
+        """
+
+        def read(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+            rows = conn.execute(
+                "SELECT queue, count(*), sum(length(data)) FROM queue_items GROUP BY queue ORDER BY queue"
+            ).fetchall()
+            return {name: (n, size) for name, n, size in rows}
+
+        return self._read(read)
+
     def integrity_check(self) -> list[str]:
         """SQLite's ``PRAGMA integrity_check``: the problems found, [] when the file is sound.
 
@@ -386,7 +400,9 @@ class Storage:
         conn = self._connection()
         free = conn.execute("PRAGMA freelist_count").fetchone()[0]
         if free >= FREE_PAGES_BEFORE_VACUUM:
-            conn.execute("PRAGMA incremental_vacuum")
+            # the pragma frees one page per step, and execute() steps a statement
+            # without result columns only once; executescript() steps it to the end
+            conn.executescript("PRAGMA incremental_vacuum")
 
 
 def _take_lock(path: Path, lock_fd: int) -> None:
