@@ -31,7 +31,7 @@ import trio
 
 from tapio.component import ComponentID, Factory, Kind, PipelineID, Ports, Registry, Settings
 from tapio.graph import Graph, Node, build_graph
-from tapio.pdata import Batch, Signal
+from tapio.pdata import Batch, DoneCountdown, Signal
 from tapio.telemetry import Telemetry
 
 log = logging.getLogger("tapio.service")
@@ -129,7 +129,7 @@ class FanoutConsumer:
             else:
                 shares.append(Batch(batch.signal, batch.requests, batch.count))
         if batch.on_done:
-            join = _DoneJoin(batch.on_done, n)
+            join = DoneCountdown(batch.on_done, n)
             batch.on_done = []
             for s in shares:
                 s.on_done.append(join.part_done)
@@ -156,24 +156,6 @@ class FanoutConsumer:
     async def aclose(self) -> None:
         for c in self._consumers:
             await c.aclose()
-
-
-class _DoneJoin:
-    """Calls the original on_done callbacks once all ``parts`` reported; delivered only if all were."""
-
-    __slots__ = ("_callbacks", "_left", "_ok")
-
-    def __init__(self, callbacks: list[Callable[[bool], None]], parts: int) -> None:
-        self._callbacks = callbacks
-        self._left = parts
-        self._ok = True
-
-    def part_done(self, delivered: bool) -> None:
-        self._ok = self._ok and delivered
-        self._left -= 1
-        if self._left == 0:
-            for cb in self._callbacks:
-                cb(self._ok)
 
 
 class ReceiverConsumer:

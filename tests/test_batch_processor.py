@@ -19,12 +19,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 
 from tapio.component import ComponentID, Kind, Ports, Settings, config_problems
-from tapio.pdata import Batch, Signal, count_items
+from tapio.pdata import Batch, DoneCountdown, Signal, count_items
 from tapio.processors.batch import (
     SIZE_TRIGGER_METRIC,
     TIMEOUT_TRIGGER_METRIC,
     BatchConfig,
-    DoneCountdown,
     factory,
     split_batch,
     split_request,

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import trio
 
 from tapio.component import Factory, Kind, Ports, Settings, setting
-from tapio.pdata import Batch, Request, Signal, count_items
+from tapio.pdata import Batch, DoneCountdown, Request, Signal, count_items
 from tapio.telemetry import COUNTER
 from tapio.units import Duration
 
@@ -78,40 +78,6 @@ class BatchConfig:
 
 
 # ---------------------------------------------------------------- on_done accounting
-
-
-class DoneCountdown:
-    """Joins the done-reports of the parts a batch was split into.
-
-    ``part_done`` is given to each of ``parts`` parts as its ``on_done``
-    callback; when the last part reports, the original ``callbacks`` are
-    called once, with ``delivered`` true only if every part was delivered.
-    A report beyond ``parts`` is a bug in whoever reported and raises
-    RuntimeError instead of calling the callbacks twice.
-    """
-
-    __slots__ = ("_callbacks", "_left", "_delivered")
-
-    def __init__(self, callbacks: Sequence[Callable[[bool], None]], parts: int) -> None:
-        if parts < 1:
-            raise ValueError(f"a countdown needs at least one part, got {parts}")
-        self._callbacks = list(callbacks)
-        self._left = parts
-        self._delivered = True
-
-    @property
-    def remaining(self) -> int:
-        return self._left
-
-    def part_done(self, delivered: bool) -> None:
-        if self._left <= 0:
-            raise RuntimeError("a split batch reported done more often than it had parts")
-        self._delivered = self._delivered and delivered
-        self._left -= 1
-        if self._left == 0:
-            callbacks, self._callbacks = self._callbacks, []
-            for cb in callbacks:
-                cb(self._delivered)
 
 
 # ---------------------------------------------------------------- splitting
