@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
     python3-venv        # the venv is built on Debian's python3 (faster; bcc is packaged for it)
     prometheus          # promtool checks tapio's /metrics; Prometheus scrapes the exporter in tests
+    bpfcc-tools python3-bpfcc linux-headers-amd64 bpftool   # the ebpf receiver (bcc compiles at start)
+    iproute2            # network namespaces and veth pairs in tests
 )
 
 missing=()
@@ -26,6 +28,27 @@ fi
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv" >&2
     /usr/bin/python3 -m venv .venv
+fi
+
+# bcc compiles against kernel headers found under /lib/modules/$(uname -r). Debian ships
+# headers for its own kernel series; link them when the running kernel has none.
+# Programs use only tracepoint fields and helpers, so a header version mismatch is harmless.
+kdir="/lib/modules/$(uname -r)"
+if [ ! -e "$kdir/build/include" ]; then
+    hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1 || true)
+    common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1 || true)
+    if [ -n "$hdr" ]; then
+        mkdir -p "$kdir"
+        ln -sfn "$hdr" "$kdir/build"
+        [ -n "$common" ] && ln -sfn "$common" "$kdir/source"
+    fi
+fi
+
+# bcc's Python package comes from Debian (never `pip install bcc`: an unrelated package);
+# link only it into the venv, not all of Debian's dist-packages.
+purelib=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e "$purelib/bcc" ]; then
+    ln -sfn /usr/lib/python3/dist-packages/bcc "$purelib/bcc"
 fi
 
 stamp=.venv/.tapio-installed
