@@ -94,7 +94,9 @@ async def open_http_listeners(host: str | None, port: int) -> list[trio.SocketLi
         return await trio.open_tcp_listeners(port, host=host or None)
     except OSError as exc:
         reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-        raise OSError(exc.errno, f"cannot listen on {_peer((host or '*', port))}: {reason}") from exc
+        error = OSError(f"cannot listen on {_peer((host or '*', port))}: {reason}")
+        error.errno = exc.errno  # kept for callers; the message stays free of "[Errno n]"
+        raise error from exc
 
 
 def bound_port(listeners: list[trio.SocketListener]) -> int:

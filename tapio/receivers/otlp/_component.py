@@ -1,0 +1,104 @@
+"""The running otlp receiver: its gRPC and HTTP servers under one coroutine.
+
+Invariants:
+- Both servers are bound before ``task_status.started()``; a bind failure is
+  raised plainly (not in an exception group) and leaves nothing running.
+- Shutdown (cancellation) first refuses new deliveries and releases gRPC
+  calls waiting on a full pipeline (UNAVAILABLE; HTTP requests get 503), so
+  nothing is acknowledged that is not in the pipeline; then the gRPC server
+  stops within the shutdown grace.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import trio
+
+from tapio.component import Ports, Settings
+from tapio.httpserver import bound_port, open_http_listeners, serve_http_listeners
+from tapio.pdata import Signal
+
+from ._config import Config, parse_endpoint
+from ._grpc import Delivery, start_grpc_server, stop_grpc_server
+from ._http import OtlpHttpHandler
+
+
+def _decode_json(signal: Signal, data: bytes) -> Any:
+    from tapio import otlpjson  # imported on first JSON request
+
+    return otlpjson.decode(signal.request_class, data)
+
+
+class OtlpReceiver:
+    def __init__(self, settings: Settings, config: Config, ports: Ports) -> None:
+        if ports.output is None:
+            raise ValueError("the otlp receiver needs an output")
+        self._settings = settings
+        self._config = config
+        self._output = ports.output
+        #: the bound ports, known once started (useful with port 0)
+        self.grpc_port: int | None = None
+        self.http_port: int | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        settings, protocols = self._settings, self._config.protocols
+        component_id = str(settings.id)
+        delivery = Delivery(self._output)
+        grpc_server = None
+        try:
+            if protocols.grpc is not None:
+                grpc_server, executor, self.grpc_port = start_grpc_server(
+                    protocols.grpc,
+                    delivery=delivery,
+                    wired=self._output.signals,
+                    telemetry=settings.telemetry,
+                    logger=settings.logger,
+                    component_id=component_id,
+                )
+                settings.logger.info("%s: OTLP/gRPC on %s", component_id, _shown(protocols.grpc.endpoint, self.grpc_port))
+            listeners = None
+            if protocols.http is not None:
+                host, port = parse_endpoint(protocols.http.endpoint)
+                try:
+                    listeners = await open_http_listeners(host, port)
+                except OSError as exc:
+                    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+                    error = OSError(f"{component_id}: cannot listen on {protocols.http.endpoint} for HTTP: {reason}")
+                    error.errno = exc.errno
+                    raise error from None
+                self.http_port = bound_port(listeners)
+                settings.logger.info("%s: OTLP/HTTP on %s", component_id, _shown(protocols.http.endpoint, self.http_port))
+            async with trio.open_nursery() as nursery:
+                if listeners is not None:
+                    http = protocols.http
+                    handler = OtlpHttpHandler(http, self._output, settings.telemetry, settings.logger, _decode_json)
+                    await nursery.start(
+                        lambda task_status: serve_http_listeners(
+                            handler,
+                            listeners,
+                            max_body_bytes=int(http.max_request_body_size),
+                            idle_timeout=float(http.idle_timeout),
+                            max_connections=http.max_connections,
+                            on_bad_request=handler.on_bad_http,
+                            logger=settings.logger,
+                            name=f"{component_id} HTTP",
+                            task_status=task_status,
+                        )
+                    )
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            delivery.close()
+            if grpc_server is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(settings.shutdown_grace):
+                    await trio.to_thread.run_sync(
+                        stop_grpc_server, grpc_server, executor, settings.shutdown_grace, abandon_on_cancel=True
+                    )
+
+
+def _shown(endpoint: str, port: int | None) -> str:
+    host, _ = parse_endpoint(endpoint)
+    host = host or "*"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,160 @@
+"""The otlp receiver's configuration, shaped like the OpenTelemetry Collector's otlpreceiver.
+
+Invariants:
+- A protocol is enabled exactly when its group is not None. The default
+  config enables both, on 127.0.0.1; a config that names only ``grpc`` (or
+  only ``http``) under ``protocols`` enables only that one, because the
+  groups' own defaults are None.
+- `validate` reports every problem, each prefixed with its dotted key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tapio.component import setting
+from tapio.units import ByteSize, Duration
+
+DEFAULT_GRPC_ENDPOINT = "127.0.0.1:4317"
+DEFAULT_HTTP_ENDPOINT = "127.0.0.1:4318"
+#: the OTel Collector's default for an HTTP server's max_request_body_size
+DEFAULT_MAX_REQUEST_BODY = ByteSize(20 * 1024 * 1024)
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6addr]:port`` for IPv6; empty host = every interface).
+
+    Raises ValueError with a message fit to follow the key name.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("must be host:port, e.g. 127.0.0.1:4317")
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"{text!r} must be [address]:port for IPv6")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{text!r} has no port: write host:port, e.g. 127.0.0.1:4317")
+        if ":" in host:
+            raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:4317")
+    if not port_text.isascii() or not port_text.isdigit():
+        raise ValueError(f"port {port_text!r} is not a number")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port {port} is out of range (1-65535)")
+    if any(c.isspace() for c in host):
+        raise ValueError(f"host {host!r} contains spaces")
+    return host, port
+
+
+def _endpoint_problems(key: str, endpoint: str) -> list[str]:
+    try:
+        parse_endpoint(endpoint)
+    except ValueError as exc:
+        return [f"{key}: {exc}"]
+    return []
+
+
+@dataclass(frozen=True, kw_only=True)
+class GrpcConfig:
+    endpoint: str = setting(
+        DEFAULT_GRPC_ENDPOINT,
+        doc="host:port to listen on for OTLP/gRPC ([addr]:port for IPv6; an empty host listens on every interface; port 0 picks a free port).",
+    )
+    max_recv_msg_size_mib: int = setting(4, doc="Largest request message accepted, in MiB; larger ones fail with RESOURCE_EXHAUSTED.")
+    max_concurrent_streams: int = setting(0, doc="Concurrent calls per HTTP/2 connection; 0 leaves grpcio's default (no limit).")
+    workers: int = setting(
+        4,
+        doc="Threads that run gRPC calls; each waits while the pipeline is full, so this bounds the requests in flight.",
+    )
+
+    def validate(self, prefix: str = "protocols.grpc") -> list[str]:
+        problems = _endpoint_problems(f"{prefix}.endpoint", self.endpoint)
+        if self.max_recv_msg_size_mib < 1:
+            problems.append(f"{prefix}.max_recv_msg_size_mib: must be at least 1 (got {self.max_recv_msg_size_mib})")
+        if self.max_concurrent_streams < 0:
+            problems.append(f"{prefix}.max_concurrent_streams: must be 0 (no limit) or more (got {self.max_concurrent_streams})")
+        if self.workers < 1:
+            problems.append(f"{prefix}.workers: must be at least 1 (got {self.workers})")
+        return problems
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpConfig:
+    endpoint: str = setting(
+        DEFAULT_HTTP_ENDPOINT,
+        doc="host:port to listen on for OTLP/HTTP ([addr]:port for IPv6; an empty host listens on every interface; port 0 picks a free port).",
+    )
+    traces_url_path: str = setting("/v1/traces", doc="Path that accepts traces.")
+    metrics_url_path: str = setting("/v1/metrics", doc="Path that accepts metrics.")
+    logs_url_path: str = setting("/v1/logs", doc="Path that accepts logs.")
+    max_request_body_size: ByteSize = setting(
+        DEFAULT_MAX_REQUEST_BODY,
+        doc="Largest request body accepted, both as sent and after decompression; larger ones get 413.",
+    )
+    idle_timeout: Duration = setting(
+        Duration(60.0),
+        doc="How long a connection may sit between requests, and how long each read or write of a request may take.",
+    )
+    max_connections: int = setting(256, doc="Client connections served at once; further clients wait to be accepted.")
+
+    def validate(self, prefix: str = "protocols.http") -> list[str]:
+        problems = _endpoint_problems(f"{prefix}.endpoint", self.endpoint)
+        paths = {
+            "traces_url_path": self.traces_url_path,
+            "metrics_url_path": self.metrics_url_path,
+            "logs_url_path": self.logs_url_path,
+        }
+        for key, path in paths.items():
+            if not path.startswith("/"):
+                problems.append(f"{prefix}.{key}: must start with '/' (got {path!r})")
+        seen: dict[str, str] = {}
+        for key, path in paths.items():
+            if path in seen:
+                problems.append(f"{prefix}.{key}: {path!r} is already used by {seen[path]}")
+            seen.setdefault(path, key)
+        if self.max_request_body_size < 1:
+            problems.append(f"{prefix}.max_request_body_size: must be at least 1 byte")
+        if self.idle_timeout <= 0:
+            problems.append(f"{prefix}.idle_timeout: must be more than 0")
+        if self.max_connections < 1:
+            problems.append(f"{prefix}.max_connections: must be at least 1 (got {self.max_connections})")
+        return problems
+
+
+@dataclass(frozen=True, kw_only=True)
+class Protocols:
+    grpc: GrpcConfig | None = setting(None, doc="OTLP/gRPC server; enabled when the key is present (an empty `grpc:` takes the defaults).")
+    http: HttpConfig | None = setting(None, doc="OTLP/HTTP server (protobuf and JSON); enabled when the key is present (an empty `http:` takes the defaults).")
+
+
+def _both_protocols() -> Protocols:
+    return Protocols(grpc=GrpcConfig(), http=HttpConfig())
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    protocols: Protocols = setting(
+        default_factory=_both_protocols,
+        doc="Which servers to run. Without a `protocols` key both run with their defaults.",
+    )
+
+    def validate(self) -> list[str]:
+        problems: list[str] = []
+        grpc, http = self.protocols.grpc, self.protocols.http
+        if grpc is None and http is None:
+            problems.append("protocols: must enable at least one of grpc, http")
+        if grpc is not None:
+            problems += grpc.validate()
+        if http is not None:
+            problems += http.validate()
+        if grpc is not None and http is not None:
+            try:
+                if parse_endpoint(grpc.endpoint) == parse_endpoint(http.endpoint) and parse_endpoint(grpc.endpoint)[1] != 0:
+                    problems.append(f"protocols.http.endpoint: {http.endpoint} is also the grpc endpoint")
+            except ValueError:
+                pass  # reported above
+        return problems

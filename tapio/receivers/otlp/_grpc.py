@@ -1,0 +1,190 @@
+"""OTLP/gRPC: a grpcio server whose handlers hand each request into trio.
+
+Invariants:
+- A call is answered OK only after ``output.send`` returned for its batch,
+  i.e. once the batch is in the pipeline; every other outcome is an error
+  status the client can act on: INVALID_ARGUMENT (undecodable, not retried),
+  UNAVAILABLE (pipeline closed or shutting down, retried), UNIMPLEMENTED (no
+  pipeline for the signal), DEADLINE_EXCEEDED (the client's deadline passed
+  while the pipeline was full).
+- Handlers run in grpcio's worker threads and only ever touch trio through
+  `Delivery`; once `Delivery.close` ran, no batch enters the pipeline and no
+  handler stays blocked.
+- Requests are parsed once, from the raw bytes grpcio hands over (the
+  method handlers have no deserializer), so no message is decoded twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import grpc
+import trio
+from google.protobuf.message import DecodeError
+
+from tapio.component import Consumer
+from tapio.pdata import Batch, Signal
+from tapio.telemetry import ComponentTelemetry
+
+from ._config import GrpcConfig, parse_endpoint
+
+#: fully qualified gRPC service names of the OTLP collector services
+SERVICES = {
+    Signal.TRACES: "opentelemetry.proto.collector.trace.v1.TraceService",
+    Signal.METRICS: "opentelemetry.proto.collector.metrics.v1.MetricsService",
+    Signal.LOGS: "opentelemetry.proto.collector.logs.v1.LogsService",
+}
+#: an empty Export*ServiceResponse serializes to no bytes (all three alike)
+_EMPTY_RESPONSE = b""
+
+
+class Delivery:
+    """Hands batches from foreign threads to a consumer in trio, cancellably.
+
+    Create it in trio; call `deliver_from_thread` from any other thread and
+    `close` from trio at shutdown.
+    """
+
+    def __init__(self, output: Consumer) -> None:
+        self._output = output
+        self._token = trio.lowlevel.current_trio_token()
+        self._scopes: set[trio.CancelScope] = set()
+        self._closing = False
+
+    def deliver_from_thread(self, batch: Batch, timeout: float | None) -> str | None:
+        """Send ``batch`` (waiting while the pipeline is full, up to ``timeout`` seconds).
+
+        Returns None once the batch is in the pipeline, else why not:
+        ``"closed"`` (shutting down or pipeline closed) or ``"timeout"``.
+        """
+        try:
+            return trio.from_thread.run(self._deliver, batch, timeout, trio_token=self._token)
+        except (trio.RunFinishedError, trio.Cancelled):
+            return "closed"
+
+    async def _deliver(self, batch: Batch, timeout: float | None) -> str | None:
+        if self._closing:
+            return "closed"
+        with trio.CancelScope() as scope:
+            if timeout is not None:
+                scope.deadline = trio.current_time() + timeout
+            self._scopes.add(scope)
+            try:
+                await self._output.send(batch)
+                return None
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return "closed"
+            finally:
+                self._scopes.discard(scope)
+        return "closed" if self._closing else "timeout"
+
+    def close(self) -> None:
+        """Refuse new deliveries and cancel those waiting on a full pipeline."""
+        self._closing = True
+        for scope in list(self._scopes):
+            scope.cancel()
+
+
+def start_grpc_server(
+    config: GrpcConfig,
+    *,
+    delivery: Delivery,
+    wired: frozenset[Signal],
+    telemetry: ComponentTelemetry,
+    logger: logging.Logger,
+    component_id: str,
+) -> tuple[grpc.Server, ThreadPoolExecutor, int]:
+    """Bind and start the OTLP/gRPC server; returns it, its executor and the bound port.
+
+    Raises:
+        OSError: the endpoint cannot be bound, saying which and why.
+    """
+    host, port = parse_endpoint(config.endpoint)
+    options = [
+        ("grpc.max_receive_message_length", config.max_recv_msg_size_mib * 1024 * 1024),
+        # without this a second process could bind the same port and share its traffic
+        ("grpc.so_reuseport", 0),
+    ]
+    if config.max_concurrent_streams:
+        options.append(("grpc.max_concurrent_streams", config.max_concurrent_streams))
+    executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix=f"{component_id}-grpc")
+    server = grpc.server(executor, options=options)
+    for signal, service in SERVICES.items():
+        export = _make_export(signal, signal in wired, delivery, telemetry, logger)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, {"Export": grpc.unary_unary_rpc_method_handler(export)}),)
+        )
+    address = _grpc_address(host, port)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        server.stop(None)
+        executor.shutdown(wait=False)
+        reason = _why_bind_fails(host, port)
+        raise OSError(f"{component_id}: cannot listen on {config.endpoint} for gRPC: {reason}")
+    server.start()
+    return server, executor, bound
+
+
+def stop_grpc_server(server: grpc.Server, executor: ThreadPoolExecutor, grace: float) -> None:
+    """Blocking: stop accepting calls, give running ones ``grace`` seconds, free the threads."""
+    server.stop(grace).wait()
+    executor.shutdown(wait=True)
+
+
+def _make_export(
+    signal: Signal,
+    wired: bool,
+    delivery: Delivery,
+    telemetry: ComponentTelemetry,
+    logger: logging.Logger,
+) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+    request_class = signal.request_class
+
+    def export(raw: bytes, context: grpc.ServicerContext) -> bytes:
+        if not wired:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, f"no pipeline takes {signal} from this receiver")
+        try:
+            batch = Batch.from_bytes(signal, raw)
+        except DecodeError as exc:
+            telemetry.bad_input("grpc_undecodable")
+            logger.debug("gRPC %s export from %s is not a valid %s: %s", signal, context.peer(), request_class.__name__, exc)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot decode {request_class.__name__}: {exc}")
+        if batch.count == 0:
+            return _EMPTY_RESPONSE  # nothing to deliver
+        refused = delivery.deliver_from_thread(batch, context.time_remaining())
+        if refused == "timeout":
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the pipeline stayed full until the call's deadline")
+        if refused is not None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the receiver is shutting down; retry later")
+        return _EMPTY_RESPONSE
+
+    return export
+
+
+def _grpc_address(host: str, port: int) -> str:
+    if not host:
+        return f"[::]:{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _why_bind_fails(host: str, port: int) -> str:
+    """grpcio does not say why a bind failed; find out with a plain socket."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot resolve {host!r}: {exc.strerror}"
+    for family, type_, proto, _, addr in infos:
+        with socket.socket(family, type_, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(addr)
+            except OSError as exc:
+                return os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    return "grpcio could not bind it"
