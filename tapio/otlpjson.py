@@ -33,13 +33,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import json.encoder as _json_encoder
 import math
 import re
 from typing import Any, Callable
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-__all__ = ["OtlpJsonError", "encode", "encode_obj", "decode", "decode_obj"]
+__all__ = ["OtlpJsonError", "encode", "decode"]
 
 #: bytes fields written as hex, with the byte length a non-empty value must have
 _HEX_IDS = {"trace_id": 16, "span_id": 8, "parent_span_id": 8, "profile_id": 16}
@@ -73,86 +74,127 @@ class OtlpJsonError(ValueError):
 
 def encode(message: Any) -> bytes:
     """One compact OTLP/JSON document (UTF-8) for an OTLP message, usually an Export*ServiceRequest."""
-    return _dumps(encode_obj(message)).encode("utf-8")
+    out: list[str] = []
+    _write_message(message, out)
+    return "".join(out).encode("utf-8")
 
 
-def encode_obj(message: Any) -> dict:
-    """The OTLP/JSON form of a message as plain dicts and lists, ready for `json.dumps`."""
-    return _encode_message(message)
+# The encoder writes JSON text directly into one list of pieces, joined once:
+# measured, building a tree of dicts for the C JSON encoder costs twice as
+# much, and joining per nesting level copies the whole document once per
+# level. Strings go through the json module's C string escaper.
+_quote: Callable[[str], str] = _json_encoder.c_encode_basestring or _json_encoder.py_encode_basestring  # type: ignore[attr-defined]
+
+#: FieldDescriptor -> (text before the value: '"jsonName":', converter, whether the converter writes into the piece list)
+#: A writer is called as ``conv(value, out)``; any other converter returns the value's JSON text.
+_ENC: dict[FieldDescriptor, tuple[str, Callable[..., Any], bool]] = {}
 
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False, allow_nan=False).encode
-
-#: FieldDescriptor -> (json key, converter or None for values JSON takes as they are)
-_ENC: dict[FieldDescriptor, tuple[str, Callable[[Any], Any] | None]] = {}
-
-
-def _encode_message(msg: Any) -> dict:
-    out = {}
+def _write_message(msg: Any, out: list[str]) -> None:
     enc = _ENC
+    append = out.append
+    sep = "{"
     try:
-        for fd, value in msg.ListFields():
-            key, conv = enc[fd]
-            out[key] = value if conv is None else conv(value)
+        fields = [(enc[fd], value) for fd, value in msg.ListFields()]
     except KeyError:
         _plan_encoder(msg.DESCRIPTOR)
-        return _encode_message(msg)
-    return out
+        fields = [(enc[fd], value) for fd, value in msg.ListFields()]
+    for (prefix, conv, writes), value in fields:
+        if writes:
+            append(sep + prefix)
+            conv(value, out)
+        else:
+            append(sep + prefix + conv(value))
+        sep = ","
+    append("}" if fields else "{}")
 
 
-def _encode_any_value(v: Any) -> dict:
+def _write_messages(msgs: Any, out: list[str]) -> None:
+    sep = "["
+    for m in msgs:
+        out.append(sep)
+        _write_message(m, out)
+        sep = ","
+    out.append("]" if sep == "," else "[]")
+
+
+def _encode_message(msg: Any) -> str:
+    out: list[str] = []
+    _write_message(msg, out)
+    return "".join(out)
+
+
+def _encode_any_value(v: Any) -> str:
     # AnyValue is most of the volume (every attribute value): a direct path
-    # instead of the generic walk; same output.
+    # for the common kinds; same output as the generic walk.
     kind = v.WhichOneof("value")
     if kind == "string_value":
-        return {"stringValue": v.string_value}
+        return '{"stringValue":' + _quote(v.string_value) + "}"
     if kind == "int_value":
-        return {"intValue": str(v.int_value)}
+        return '{"intValue":"%d"}' % v.int_value
     if kind == "bool_value":
-        return {"boolValue": v.bool_value}
-    if kind == "double_value":
-        return {"doubleValue": _encode_double(v.double_value)}
-    if kind is None:
-        return {}
+        return '{"boolValue":true}' if v.bool_value else '{"boolValue":false}'
     return _encode_message(v)
 
 
-def _encode_key_values(kvs: Any) -> list:
-    out = []
-    append = out.append
+def _encode_key_values(kvs: Any) -> str:
+    # Attributes: the AnyValue kinds inlined, one formatting step per pair.
+    parts = []
+    append = parts.append
+    quote = _quote
     for kv in kvs:
-        if kv.HasField("value"):
-            append({"key": kv.key, "value": _encode_any_value(kv.value)} if kv.key else {"value": _encode_any_value(kv.value)})
+        v = kv.value
+        kind = v.WhichOneof("value")
+        if kind == "string_value":
+            append(f'{{"key":{quote(kv.key)},"value":{{"stringValue":{quote(v.string_value)}}}}}')
+        elif kind == "int_value":
+            append(f'{{"key":{quote(kv.key)},"value":{{"intValue":"{v.int_value}"}}}}')
+        elif kind == "bool_value":
+            append(f'{{"key":{quote(kv.key)},"value":{{"boolValue":{"true" if v.bool_value else "false"}}}}}')
+        elif kind is None and not kv.HasField("value"):
+            append('{"key":%s}' % quote(kv.key))
         else:
-            append({"key": kv.key} if kv.key else {})
-    return out
+            append('{"key":%s,"value":%s}' % (quote(kv.key), _encode_any_value(v)))
+    return "[" + ",".join(parts) + "]"
 
 
-def _encode_double(v: float) -> float | str:
+_float_repr = float.__repr__
+
+
+def _encode_double(v: float) -> str:
     if v - v == 0.0:  # finite (inf - inf and nan - nan are nan)
-        return v
+        return _float_repr(v)
     if v != v:
-        return "NaN"
-    return "Infinity" if v > 0 else "-Infinity"
+        return '"NaN"'
+    return '"Infinity"' if v > 0 else '"-Infinity"'
 
 
 def _encode_base64(v: bytes) -> str:
-    return base64.b64encode(v).decode("ascii")
+    return '"' + base64.b64encode(v).decode("ascii") + '"'
 
 
 def _encode_hex(v: bytes) -> str:
-    return v.hex()
+    return '"' + v.hex() + '"'
 
 
-def _scalar_encoder(fd: FieldDescriptor) -> Callable[[Any], Any] | None:
+_encode_int64 = '"%d"'.__mod__
+_encode_bool = {True: "true", False: "false"}.__getitem__
+_encode_int = int.__repr__  # 32-bit ints and enums (OTLP wants enum numbers)
+
+
+def _scalar_encoder(fd: FieldDescriptor) -> Callable[[Any], str]:
     t = fd.type
     if t in _INT64_TYPES or t in _UINT64_TYPES:
-        return str
+        return _encode_int64
     if t in (_F.TYPE_DOUBLE, _F.TYPE_FLOAT):
         return _encode_double
     if t == _F.TYPE_BYTES:
         return _encode_hex if fd.name in _HEX_IDS else _encode_base64
-    return None  # bool, string, 32-bit ints, enums (as integers)
+    if t == _F.TYPE_STRING:
+        return _quote
+    if t == _F.TYPE_BOOL:
+        return _encode_bool
+    return _encode_int
 
 
 def _plan_encoder(desc: Descriptor) -> None:
@@ -161,26 +203,366 @@ def _plan_encoder(desc: Descriptor) -> None:
             continue
         if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
             raise TypeError(f"{desc.full_name}.{fd.name}: map fields are not supported (OTLP has none)")
+        writes = False
         if fd.message_type is not None:
             full = fd.message_type.full_name
-            if fd.is_repeated:
-                if full == _KEY_VALUE:
-                    conv = _encode_key_values
-                else:
-                    conv = _repeated(_encode_any_value if full == _ANY_VALUE else _encode_message)
+            if full == _KEY_VALUE and fd.is_repeated:
+                conv = _encode_key_values
+            elif full == _ANY_VALUE:
+                conv = _repeated(_encode_any_value) if fd.is_repeated else _encode_any_value
             else:
-                conv = _encode_any_value if full == _ANY_VALUE else _encode_message
+                conv, writes = (_write_messages if fd.is_repeated else _write_message), True
         else:
             scalar = _scalar_encoder(fd)
-            if fd.is_repeated:
-                conv = list if scalar is None else _repeated(scalar)
-            else:
-                conv = scalar
-        _ENC[fd] = (fd.json_name, conv)
+            conv = _repeated(scalar) if fd.is_repeated else scalar
+        _ENC[fd] = (_quote(fd.json_name) + ":", conv, writes)
 
 
-def _repeated(conv: Callable[[Any], Any]) -> Callable[[Any], list]:
-    def encode_repeated(values: Any) -> list:
-        return [conv(v) for v in values]
+def _repeated(conv: Callable[[Any], str]) -> Callable[[Any], str]:
+    def encode_repeated(values: Any) -> str:
+        return "[" + ",".join([conv(v) for v in values]) + "]"
 
     return encode_repeated
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def decode(signal_or_class: Any, data: bytes | bytearray | memoryview | str) -> Any:
+    """Parse one OTLP/JSON document into a message.
+
+    ``signal_or_class`` is a `tapio.pdata.Signal` (its export request class is
+    used) or any OTLP message class. ``data`` is the JSON text, as UTF-8
+    bytes or as a str.
+
+    Unknown keys are ignored (the OTLP specification requires it); ``null``
+    means "not set". Raises `OtlpJsonError` for anything else that is not
+    OTLP/JSON: bad JSON, a value of the wrong type, an id of the wrong
+    length, a number out of range, two members of one oneof, nesting deeper
+    than `MAX_DEPTH`.
+    """
+    cls = getattr(signal_or_class, "request_class", signal_or_class)
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    elif not isinstance(data, (bytes, str)):
+        raise TypeError(f"decode() wants bytes or str, not {type(data).__name__}")
+    try:
+        obj = json.loads(data, parse_constant=_refuse_constant)
+    except _Bad as e:
+        raise OtlpJsonError(e.reason) from None
+    except json.JSONDecodeError as e:
+        raise OtlpJsonError(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise OtlpJsonError("invalid JSON: nested too deeply") from None
+    except ValueError as e:  # undecodable bytes, integers with too many digits
+        raise OtlpJsonError(f"invalid JSON: {e}") from None
+    try:
+        kwargs = _decode_message(_plan_decoder(cls.DESCRIPTOR), obj, 1)
+    except _Bad as e:
+        raise OtlpJsonError(e.reason, _format_path(e.path)) from None
+    except RecursionError:
+        raise OtlpJsonError("nested too deeply") from None
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError, OverflowError) as e:  # every value was checked above; kept as a guarantee
+        raise OtlpJsonError(f"not a valid {cls.DESCRIPTOR.name}: {e}") from None
+
+
+class _Bad(Exception):
+    """A decoding problem on its way up; each level adds its key to ``path`` (innermost first)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        self.path: list[str | int] = []
+
+
+def _format_path(path: list[str | int]) -> str:
+    out = []
+    for part in reversed(path):
+        if isinstance(part, int):
+            out.append(f"[{part}]")
+        else:
+            out.append(("." if out else "") + part)
+    return "".join(out)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _Bad(f"invalid JSON: {name} is not a JSON value (write \"{name}\" as a string for a double)")
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}" + ("…" if len(value) > 40 else "")
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"[:60]
+    return "an object" if isinstance(value, dict) else "an array"
+
+
+class _Plan:
+    """How to decode one message type: JSON key -> (field name, value decoder, oneof name or None)."""
+
+    __slots__ = ("name", "fields")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.fields: dict[str, tuple[str, Callable[[Any, int], Any], str | None]] = {}
+
+
+_PLANS: dict[str, _Plan] = {}
+
+
+def _plan_decoder(desc: Descriptor) -> _Plan:
+    plan = _PLANS.get(desc.full_name)
+    if plan is not None:
+        return plan
+    plan = _PLANS[desc.full_name] = _Plan(desc.name)
+    for fd in desc.fields:
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            raise TypeError(f"{desc.full_name}.{fd.name}: map fields are not supported (OTLP has none)")
+        if fd.message_type is not None:
+            dec = _message_decoder(fd.message_type)
+        else:
+            dec = _scalar_decoder(fd)
+        if fd.is_repeated:
+            dec = _repeated_decoder(dec)
+            if fd.message_type is not None and fd.message_type.full_name == _KEY_VALUE:
+                dec = _key_values_decoder(dec)
+        oneof = fd.containing_oneof
+        plan.fields[fd.json_name] = (fd.name, dec, oneof.name if oneof is not None else None)
+    return plan
+
+
+def _decode_message(plan: _Plan, obj: Any, depth: int) -> dict:
+    if type(obj) is not dict:
+        raise _Bad(f"expected an object ({plan.name}), got {_describe(obj)}")
+    if depth > MAX_DEPTH:
+        raise _Bad(f"messages nested more than {MAX_DEPTH} deep")
+    kwargs = {}
+    oneofs: dict[str, str] | None = None
+    fields = plan.fields
+    for key, value in obj.items():
+        field = fields.get(key)
+        if field is None or value is None:
+            continue  # unknown keys are ignored, null is "not set"
+        name, dec, oneof = field
+        if oneof is not None:
+            if oneofs is None:
+                oneofs = {}
+            other = oneofs.setdefault(oneof, key)
+            if other != key:
+                e = _Bad(f"{other!r} and {key!r} are both set but only one of them may be")
+                raise e
+        try:
+            kwargs[name] = dec(value, depth)
+        except _Bad as e:
+            e.path.append(key)
+            raise
+    return kwargs
+
+
+def _message_decoder(desc: Descriptor) -> Callable[[Any, int], dict]:
+    plan: _Plan | None = None
+
+    def decode_message(value: Any, depth: int) -> dict:
+        nonlocal plan
+        if plan is None:
+            plan = _plan_decoder(desc)
+        return _decode_message(plan, value, depth + 1)
+
+    return decode_message
+
+
+def _repeated_decoder(dec: Callable[[Any, int], Any]) -> Callable[[Any, int], list]:
+    def decode_repeated(value: Any, depth: int) -> list:
+        if type(value) is not list:
+            raise _Bad(f"expected an array, got {_describe(value)}")
+        out = []
+        i = 0
+        try:
+            for i, item in enumerate(value):
+                if item is None:
+                    raise _Bad("null is not allowed in an array")
+                out.append(dec(item, depth))
+        except _Bad as e:
+            e.path.append(i)
+            raise
+        return out
+
+    return decode_repeated
+
+
+_INT_TEXT = re.compile(r"-?[0-9]{1,30}")
+_NUMBER_TEXT = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+def _int_decoder(lo: int, hi: int, what: str) -> Callable[[Any, int], int]:
+    def decode_int(value: Any, depth: int) -> int:
+        t = type(value)
+        if t is int:
+            n = value
+        elif t is str:
+            if _INT_TEXT.fullmatch(value):
+                n = int(value)
+            elif len(value) < 40 and _NUMBER_TEXT.fullmatch(value) and float(value).is_integer():
+                n = int(float(value))
+            else:
+                raise _Bad(f"expected {what}, got {_describe(value)}")
+        elif t is float and value.is_integer():
+            n = int(value)
+        else:
+            raise _Bad(f"expected {what}, got {_describe(value)}")
+        if not lo <= n <= hi:
+            raise _Bad(f"{n} is out of range for {what}")
+        return n
+
+    return decode_int
+
+
+def _double_decoder(limit: float, what: str) -> Callable[[Any, int], float]:
+    def decode_double(value: Any, depth: int) -> float:
+        t = type(value)
+        if t is float or t is int:
+            try:
+                f = float(value)
+            except OverflowError:
+                raise _Bad(f"{_describe(value)} is out of range for {what}") from None
+        elif t is str:
+            special = _FLOAT_WORDS.get(value)
+            if special is not None:
+                return special
+            if len(value) > 400 or not _NUMBER_TEXT.fullmatch(value):
+                raise _Bad(f"expected {what}, got {_describe(value)}")
+            f = float(value)
+        else:
+            raise _Bad(f"expected {what}, got {_describe(value)}")
+        if not -limit <= f <= limit:
+            raise _Bad(f"{_describe(value)} is out of range for {what}")
+        return f
+
+    return decode_double
+
+
+_FLOAT_WORDS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_FLOAT64_MAX = 1.7976931348623157e308
+
+
+def _decode_bool(value: Any, depth: int) -> bool:
+    if type(value) is not bool:
+        raise _Bad(f"expected true or false, got {_describe(value)}")
+    return value
+
+
+def _decode_string(value: Any, depth: int) -> str:
+    if type(value) is not str:
+        raise _Bad(f"expected a string, got {_describe(value)}")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Bad("the string is not valid Unicode (it has a lone surrogate)") from None
+    return value
+
+
+_URLSAFE = str.maketrans("-_", "+/")
+
+
+def _decode_base64(value: Any, depth: int) -> bytes:
+    if type(value) is not str:
+        raise _Bad(f"expected base64 bytes in a string, got {_describe(value)}")
+    text = value.translate(_URLSAFE)
+    text += "=" * (-len(text) % 4)
+    try:
+        return binascii.a2b_base64(text, strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise _Bad(f"expected base64 bytes, got {_describe(value)}") from None
+
+
+_HEX_TEXT = re.compile(r"[0-9a-fA-F]*")
+
+
+def _hex_decoder(size: int, field_json_name: str) -> Callable[[Any, int], bytes]:
+    def decode_hex(value: Any, depth: int) -> bytes:
+        if type(value) is not str:
+            raise _Bad(f"expected {size * 2} hex digits in a string, got {_describe(value)}")
+        if value and (len(value) != size * 2 or not _HEX_TEXT.fullmatch(value)):
+            raise _Bad(f"expected {size * 2} hex digits ({size} bytes) or an empty string, got {_describe(value)}")
+        return bytes.fromhex(value)
+
+    return decode_hex
+
+
+def _enum_decoder(fd: FieldDescriptor) -> Callable[[Any, int], int]:
+    by_name = {v.name: v.number for v in fd.enum_type.values}
+    what = f"an enum {fd.enum_type.name} number"
+    as_int = _int_decoder(-(2**31), 2**31 - 1, what)
+
+    def decode_enum(value: Any, depth: int) -> int:
+        if type(value) is str:
+            number = by_name.get(value)
+            if number is None:
+                raise _Bad(f"expected {what} (or name), got {_describe(value)}")
+            return number
+        return as_int(value, depth)
+
+    return decode_enum
+
+
+def _scalar_decoder(fd: FieldDescriptor) -> Callable[[Any, int], Any]:
+    t = fd.type
+    if t in _INT64_TYPES:
+        return _int_decoder(-(2**63), 2**63 - 1, "a 64-bit integer")
+    if t in _UINT64_TYPES:
+        return _int_decoder(0, 2**64 - 1, "an unsigned 64-bit integer")
+    if t in _INT32_TYPES:
+        return _int_decoder(-(2**31), 2**31 - 1, "a 32-bit integer")
+    if t in _UINT32_TYPES:
+        return _int_decoder(0, 2**32 - 1, "an unsigned 32-bit integer")
+    if t == _F.TYPE_DOUBLE:
+        return _double_decoder(_FLOAT64_MAX, "a double")
+    if t == _F.TYPE_FLOAT:
+        return _double_decoder(_FLOAT32_MAX, "a float")
+    if t == _F.TYPE_BOOL:
+        return _decode_bool
+    if t == _F.TYPE_STRING:
+        return _decode_string
+    if t == _F.TYPE_BYTES:
+        size = _HEX_IDS.get(fd.name)
+        return _hex_decoder(size, fd.json_name) if size is not None else _decode_base64
+    if t == _F.TYPE_ENUM:
+        return _enum_decoder(fd)
+    raise TypeError(f"{fd.full_name}: field type {t} is not supported")
+
+
+def _key_values_decoder(generic: Callable[[Any, int], list]) -> Callable[[Any, int], list]:
+    """Attributes: a direct path for the common pairs, the generic decoder (and its errors) for the rest."""
+
+    def decode_key_values(value: Any, depth: int) -> list:
+        if type(value) is list:
+            out = []
+            append = out.append
+            for item in value:
+                # {"key": "<ascii>", "value": {"stringValue": "<ascii>" | "intValue": "<digits>" | "boolValue": bool}}
+                if type(item) is not dict or len(item) != 2:
+                    break
+                key = item.get("key")
+                any_value = item.get("value")
+                if type(key) is not str or not key.isascii() or type(any_value) is not dict or len(any_value) != 1:
+                    break
+                ((kind, v),) = any_value.items()
+                if kind == "stringValue" and type(v) is str and v.isascii():
+                    append({"key": key, "value": {"string_value": v}})
+                elif kind == "intValue" and type(v) is str and _INT_TEXT.fullmatch(v) and -(2**63) <= (n := int(v)) < 2**63:
+                    append({"key": key, "value": {"int_value": n}})
+                elif kind == "boolValue" and type(v) is bool:
+                    append({"key": key, "value": {"bool_value": v}})
+                else:
+                    break
+            else:
+                return out
+        return generic(value, depth)
+
+    return decode_key_values
