@@ -98,6 +98,15 @@ def setting(default: Any = dataclasses.MISSING, *, doc: str, default_factory: An
     return field(default=default, metadata={"doc": doc})
 
 
+class Refused(Exception):
+    """The pipeline cannot take this batch now (e.g. memory limit); nothing of it was kept.
+
+    Raised from ``Consumer.send``/``send_nowait``. Receivers that can ask their
+    client to retry do so (OTLP: HTTP 503 / gRPC UNAVAILABLE); others count
+    the refusal. The batch's ``on_done`` callbacks were called with False.
+    """
+
+
 class Consumer(Protocol):
     """The entry to the next stage: where a receiver or processor hands its batches."""
 
