@@ -52,7 +52,7 @@ if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e "$purelib/bcc" ]; then
 fi
 
 stamp=.venv/.tapio-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want="v2-$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "setup: installing Python dependencies" >&2
     .venv/bin/python -m pip install -q --upgrade pip
