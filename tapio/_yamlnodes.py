@@ -215,8 +215,9 @@ def parse_yaml(text: str, file: str, env: MappingType[str, str], report: Report)
     Returns None for an empty document or when the text is not valid YAML
     (then the syntax error has been reported with its line and column).
     """
-    loader = _Loader(text)
+    loader: _Loader | None = None
     try:
+        loader = _Loader(text)  # checks every character first (ReaderError)
         root = loader.get_single_node()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -224,8 +225,8 @@ def parse_yaml(text: str, file: str, env: MappingType[str, str], report: Report)
         report(loc, "", _yaml_error_message(e))
         return None
     except yaml.reader.ReaderError as e:
-        report(_loc_of(file, text, e.position), "", f"invalid YAML: unacceptable character #x{ord(e.character):04x}: {e.reason}"
-               if isinstance(e.character, str) else f"invalid YAML: {e.reason}")
+        char = ord(e.character) if isinstance(e.character, str) else e.character
+        report(_loc_of(file, text, e.position), "", f"invalid YAML: unacceptable character #x{char:04x}: {e.reason}")
         return None
     except yaml.YAMLError as e:
         report(Loc(file), "", f"invalid YAML: {e}")
@@ -234,8 +235,9 @@ def parse_yaml(text: str, file: str, env: MappingType[str, str], report: Report)
         report(Loc(file), "", f"invalid YAML: nested too deeply (a config needs at most {MAX_DEPTH} levels)")
         return None
     finally:
-        loader.dispose()
-    if root is None:
+        if loader is not None:
+            loader.dispose()
+    if root is None or loader is None:
         return None
     return _Converter(loader, file, env, report).convert(root, "", 0)
 

@@ -263,8 +263,8 @@ def _decode(tp: Any, node: Node, path: str, report: _Problems) -> Any:
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         rest = [a for a in args if a is not _NONE_TYPE]
-        if is_null(node) and len(rest) < len(args):
-            return None
+        if is_null(node) and len(rest) < len(args) and not (len(rest) == 1 and dataclasses.is_dataclass(rest[0])):
+            return None  # a `Group | None` field written empty (`grpc:`) is the group with its defaults, as in OTel
         if len(rest) != 1:
             raise TypeError(f"config field {path}: unsupported type {tp!r} (only `X | None` unions are supported)")
         return _decode(rest[0], node, path, report)
@@ -401,13 +401,15 @@ def _decode_fields(cls: type, node: Node, path: str, report: _Problems) -> tuple
     return kwargs, bad
 
 
-def _locate(cls: type, node: Node, key: str) -> Loc | None:
-    """Where the value at dotted ``key`` (a validate() message's prefix) is written, if ``key`` names a field."""
+def _locate(cls: type, node: Node, key: str, loc: Loc) -> Loc | None:
+    """Where the value at dotted ``key`` (a validate() message's prefix) is written, if ``key`` names a field.
+
+    The deepest part of ``key`` that is written wins; ``loc`` (the component's) if none is.
+    """
     parts = key.split(".")
     head = parts[0].partition("[")[0]
     if not dataclasses.is_dataclass(cls) or head not in _init_fields(cls):
         return None
-    loc = node.loc
     cur: Node = node
     for part in parts:
         name, _, index = part.partition("[")
@@ -437,20 +439,16 @@ def _decode_validated(cls: type, node: Node, path: str, report: _Problems, loc: 
     if config is _INVALID:
         if not dataclasses.is_dataclass(cls):
             return _INVALID
-        partial = _decode_fields(cls, node, path, _Problems())
+        partial = _decode_partial(cls, node, "")
         if partial is None:
             return _INVALID
-        kwargs, bad = partial
-        try:
-            candidate = cls(**kwargs)
-        except (TypeError, ValueError):
-            return _INVALID
-        problems = [m for m in config_problems(candidate) if _key_head(str(m)) not in bad]
+        candidate, bad = partial
+        problems = [m for m in config_problems(candidate) if not _about(str(m), bad)]
     else:
         problems = config_problems(config)
     for message in problems:
         key, sep, rest = str(message).partition(": ")
-        where = _locate(cls, node, key) if sep and " " not in key else None
+        where = _locate(cls, node, key, loc) if sep and " " not in key else None
         if where is None:
             report(loc, path, str(message))
         else:
@@ -458,9 +456,35 @@ def _decode_validated(cls: type, node: Node, path: str, report: _Problems, loc: 
     return _INVALID if problems or config is _INVALID else config
 
 
-def _key_head(message: str) -> str:
-    """The top-level field a ``"key.sub: message"`` problem is about."""
-    return message.partition(": ")[0].partition(".")[0].partition("[")[0]
+def _decode_partial(cls: type, node: Node, prefix: str) -> tuple[Any, set[str]] | None:
+    """``cls`` made of the fields of ``node`` that decode (others at their defaults), and the dotted keys that did not."""
+    fields = _decode_fields(cls, node, "", _Problems())
+    if fields is None:
+        return None
+    kwargs, bad = fields
+    entries = node.entries if isinstance(node, Mapping) else {}
+    hints = _hints(cls)
+    bad_keys: set[str] = set()
+    for key in bad:
+        group = _group_type(hints[key]) if key in hints else None
+        entry = entries.get(key)
+        if group is not None and entry is not None:
+            inner = _decode_partial(group, entry.node, f"{prefix}{key}.")
+            if inner is not None:
+                kwargs[key], inner_bad = inner
+                bad_keys |= inner_bad
+                continue
+        bad_keys.add(prefix + key)
+    try:
+        return cls(**kwargs), bad_keys
+    except (TypeError, ValueError):
+        return None
+
+
+def _about(message: str, keys: set[str]) -> bool:
+    """Whether a ``"key.sub: message"`` problem is about one of ``keys`` (or something inside one)."""
+    key = message.partition(": ")[0]
+    return any(key == k or key.startswith((k + ".", k + "[")) for k in keys)
 
 
 def decode_dataclass(cls: type[T], value: Any, *, path: str = "", validate: bool = True) -> T:
@@ -471,7 +495,10 @@ def decode_dataclass(cls: type[T], value: Any, *, path: str = "", validate: bool
     booleans as written), `Duration` and `ByteSize` (a number or text like
     "5s", "64MiB"), ``Literal[...]``, ``list[X]``, ``dict[str, X]``, nested
     dataclasses (null means all defaults), ``X | None`` and ``Any``. A null
-    value for a field that does not accept None keeps the field's default.
+    value for a field that does not accept None keeps the field's default; a
+    null ``Group | None`` (nested dataclass) field is the group with its
+    defaults, so ``grpc:`` alone enables an optional group; leave the key out
+    to keep it None.
     With ``validate``, the result's ``validate()`` runs too.
 
     ``path`` prefixes every problem's key path. Raises `ConfigError` listing
@@ -584,10 +611,10 @@ def load_config(
     for section, kind in _SECTIONS.items():
         defined[kind] = _decode_section(kind, merged.entries.get(section), registry, report)
 
-    service = _decode_service(merged, defined, report)
-
-    if service is not None:
-        _warn_unused(service, defined, report)
+    used: dict[Kind, set[ComponentID]] = {kind: set() for kind in _SECTIONS.values()}
+    service = _decode_service(merged, defined, used, report)
+    if service is not None or any(used.values()):
+        _warn_unused(defined, used, report)  # not when there is no service section to speak of
     if report.has_errors or service is None:
         raise ConfigError(report.sorted(files))
     return Config(
@@ -653,7 +680,9 @@ def _decode_section(kind: Kind, entry: Entry | None, registry: Registry, report:
     return out
 
 
-def _decode_service(root: Mapping, defined: dict[Kind, dict[ComponentID, _Defined]], report: _Problems) -> ServiceConfig | None:
+def _decode_service(
+    root: Mapping, defined: dict[Kind, dict[ComponentID, _Defined]], used: dict[Kind, set[ComponentID]], report: _Problems
+) -> ServiceConfig | None:
     entry = root.entries.get("service")
     if entry is None:
         report(root.loc, "service", "missing: a config needs a service section with at least one pipeline (service.pipelines)")
@@ -688,16 +717,20 @@ def _decode_service(root: Mapping, defined: dict[Kind, dict[ComponentID, _Define
                 kwargs[key] = value
 
     extensions = _decode_id_list(
-        node.entries.get("extensions"), "service.extensions", Kind.EXTENSION, None, defined, report
+        node.entries.get("extensions"), "service.extensions", Kind.EXTENSION, None, defined, used, report
     )
-    pipelines = _decode_pipelines(node, entry.key_loc, defined, report)
+    pipelines = _decode_pipelines(node, entry.key_loc, defined, used, report)
     if not ok or extensions is None or pipelines is None:
         return None
     return ServiceConfig(pipelines=pipelines, extensions=extensions, **kwargs)
 
 
 def _decode_pipelines(
-    service: Mapping, service_loc: Loc, defined: dict[Kind, dict[ComponentID, _Defined]], report: _Problems
+    service: Mapping,
+    service_loc: Loc,
+    defined: dict[Kind, dict[ComponentID, _Defined]],
+    used: dict[Kind, set[ComponentID]],
+    report: _Problems,
 ) -> dict[PipelineID, PipelineConfig] | None:
     entry = service.entries.get("pipelines")
     example = "e.g. pipelines: {logs: {receivers: [otlp], exporters: [debug]}}"
@@ -740,7 +773,7 @@ def _decode_pipelines(
         lists: dict[str, list[ComponentID]] = {}
         for role, kind in _PIPELINE_ROLES:
             role_entry = body.entries.get(role)
-            ids = _decode_id_list(role_entry, f"{path}.{role}", kind, pid, defined, report)
+            ids = _decode_id_list(role_entry, f"{path}.{role}", kind, pid, defined, used, report)
             if ids is None:
                 ok = False
                 continue
@@ -762,6 +795,7 @@ def _decode_id_list(
     kind: Kind,
     pipeline: PipelineID | None,
     defined: dict[Kind, dict[ComponentID, _Defined]],
+    used: dict[Kind, set[ComponentID]],
     report: _Problems,
 ) -> list[ComponentID] | None:
     """Component ids listed under ``path``, each checked to be defined (and to support the pipeline's signal)."""
@@ -792,6 +826,7 @@ def _decode_id_list(
             ok = False
             continue
         first[cid] = i
+        used[kind].add(cid)
         d = defined[kind].get(cid)
         if d is None:
             names = [str(c) for c in defined[kind]]
@@ -806,13 +841,7 @@ def _decode_id_list(
     return out if ok else None
 
 
-def _warn_unused(service: ServiceConfig, defined: dict[Kind, dict[ComponentID, _Defined]], report: _Problems) -> None:
-    used: dict[Kind, set[ComponentID]] = {k: set() for k in defined}
-    for p in service.pipelines.values():
-        used[Kind.RECEIVER].update(p.receivers)
-        used[Kind.PROCESSOR].update(p.processors)
-        used[Kind.EXPORTER].update(p.exporters)
-    used[Kind.EXTENSION].update(service.extensions)
+def _warn_unused(defined: dict[Kind, dict[ComponentID, _Defined]], used: dict[Kind, set[ComponentID]], report: _Problems) -> None:
     for kind, comps in defined.items():
         for cid, d in comps.items():
             if cid in used[kind] or d.factory is None:
