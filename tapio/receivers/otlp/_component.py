@@ -12,7 +12,6 @@ Invariants:
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import trio
 
@@ -23,12 +22,6 @@ from tapio.pdata import Signal
 from ._config import Config, parse_endpoint
 from ._grpc import Delivery, start_grpc_server, stop_grpc_server
 from ._http import OtlpHttpHandler
-
-
-def _decode_json(signal: Signal, data: bytes) -> Any:
-    from tapio import otlpjson  # imported on first JSON request
-
-    return otlpjson.decode(signal.request_class, data)
 
 
 class OtlpReceiver:
@@ -73,7 +66,7 @@ class OtlpReceiver:
             async with trio.open_nursery() as nursery:
                 if listeners is not None:
                     http = protocols.http
-                    handler = OtlpHttpHandler(http, self._output, settings.telemetry, settings.logger, _decode_json)
+                    handler = OtlpHttpHandler(http, self._output, settings.telemetry, settings.logger)
                     await nursery.start(
                         lambda task_status: serve_http_listeners(
                             handler,

@@ -17,11 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from typing import Callable
-
 import trio
 from google.protobuf.message import DecodeError
 
+from tapio import otlpjson
 from tapio.component import Consumer
 from tapio.httpserver import Request, Response
 from tapio.pdata import Batch, Signal
@@ -133,7 +132,6 @@ class OtlpHttpHandler:
         output: Consumer,
         telemetry: ComponentTelemetry,
         logger: logging.Logger,
-        decode_json: Callable[[Signal, bytes], object],
     ) -> None:
         self._paths = {
             config.traces_url_path: Signal.TRACES,
@@ -144,7 +142,6 @@ class OtlpHttpHandler:
         self._output = output
         self._telemetry = telemetry
         self._log = logger
-        self._decode_json = decode_json
 
     async def __call__(self, request: Request) -> Response:
         signal = self._paths.get(request.path)
@@ -173,7 +170,7 @@ class OtlpHttpHandler:
 
         try:
             if as_json:
-                message = self._decode_json(signal, body)
+                message = otlpjson.decode(signal, body)
                 batch = Batch.of(signal, message)
             else:
                 batch = Batch.from_bytes(signal, body)
