@@ -554,3 +554,426 @@ def test_unsupported_tags_are_errors(tmp_path):
     assert problems_of([path]) == [
         f"{path}:1:29: receivers.nop.endpoint: cannot read 'abc' with YAML tag '!secret': could not determine a constructor for the tag '!secret'"
     ]
+
+
+# --- environment expansion --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, env, expected, unset",
+    [
+        ("${env:A}", {"A": "1"}, "1", ()),
+        ("${A}", {"A": "1"}, "1", ()),
+        ("x-${env:A}-${B}-y", {"A": "1", "B": "2"}, "x-1-2-y", ()),
+        ("${env:A:-dflt}", {}, "dflt", ()),
+        ("${A:-dflt}", {}, "dflt", ()),
+        ("${env:A:-}", {}, "", ()),
+        ("${env:A:-d}", {"A": ""}, "", ()),  # set to empty: the default is not used (as the OTel Collector)
+        ("${env:A:-a:b-c}", {}, "a:b-c", ()),
+        ("${env:A}", {}, "", ("A",)),
+        ("$${env:A}", {"A": "1"}, "${env:A}", ()),
+        ("a$$b", {}, "a$b", ()),
+        ("$$$${A}", {"A": "1"}, "$${A}", ()),
+        ("$$${A}", {"A": "1"}, "$1", ()),
+        ("cost: $5", {}, "cost: $5", ()),
+        ("$", {}, "$", ()),
+        ("${env:A}${env:A}", {"A": "ab"}, "abab", ()),
+    ],
+)
+def test_expand_env(text, env, expected, unset):
+    result = expand_env(text, env)
+    assert (result.text, result.unset, result.errors) == (expected, unset, ())
+
+
+def test_expand_env_whole_reference_only():
+    assert expand_env("${env:A}", {"A": "1"}).whole
+    assert not expand_env(" ${env:A}", {"A": "1"}).whole
+    assert not expand_env("${env:A}${env:A}", {"A": "1"}).whole
+    assert not expand_env("$${env:A}", {"A": "1"}).whole
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ("${file:/etc/passwd}", "unsupported reference '${file:/etc/passwd}': only ${env:NAME} and ${env:NAME:-default} are supported"),
+        ("${env:1A}", "invalid environment variable name in '${env:1A}': use letters, digits and '_', not starting with a digit"),
+        ("${}", "invalid reference '${}': expected ${env:NAME} or ${env:NAME:-default} (write '$$' for a literal '$')"),
+        ("${A B}", "invalid reference '${A B}': expected ${env:NAME} or ${env:NAME:-default} (write '$$' for a literal '$')"),
+        ("x${env:A", "unterminated reference '${env:A': close it with '}', or write '$$' for a literal '$'"),
+    ],
+)
+def test_expand_env_errors_keep_the_text(text, error):
+    result = expand_env(text, {"A": "1"})
+    assert result.errors == (error,)
+    assert result.text == text
+
+
+@given(st.text())
+def test_expand_env_escaping_round_trips(text):
+    assert expand_env(text.replace("$", "$$"), {}).text == text
+
+
+def test_env_values_are_retyped_when_they_are_the_whole_value(tmp_path):
+    path = write(
+        tmp_path,
+        """\
+        receivers:
+          nop:
+            count: ${env:COUNT}
+            ratio: "${RATIO}"
+            enabled: ${env:ENABLED}
+            endpoint: ${env:HOSTPORT}
+            tags: ["${env:COUNT}", "n${env:COUNT}", !!str "${env:COUNT}"]
+            delay: ${env:DELAY}
+            mode: ${env:MODE:-safe}
+        exporters: {nop: }
+        service:
+          pipelines:
+            logs: {receivers: [nop], exporters: [nop]}
+        """,
+    )
+    env = {"COUNT": "12", "RATIO": "0.5", "ENABLED": "false", "HOSTPORT": "1:30", "DELAY": "90"}
+    cfg = load([path], env=env)
+    nop = cfg.receivers[ComponentID("nop")]
+    assert (nop.count, nop.ratio, nop.enabled, nop.delay, nop.mode) == (12, 0.5, False, Duration(90.0), "safe")
+    # "1:30" is a YAML 1.1 base-60 int, but a string field keeps the text as written
+    assert nop.endpoint == "1:30"
+    assert nop.tags == ["12", "n12", "12"]
+
+
+def test_env_value_of_the_wrong_type_is_reported_where_it_is_used(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("{nop: }", "{nop: {count: '${env:COUNT}'}}", 1))
+    assert problems_of([path], env={"COUNT": "many"}) == [f"{path}:1:26: receivers.nop.count: expected an integer, got 'many'"]
+
+
+def test_unset_env_variable_is_a_warning_and_empty(tmp_path):
+    path = write(
+        tmp_path,
+        """\
+        receivers:
+          nop:
+            count: ${env:UNSET_COUNT}
+            endpoint: "${env:UNSET_HOST}:4317"
+        exporters: {nop: }
+        service:
+          pipelines:
+            logs: {receivers: [nop], exporters: [nop]}
+        """,
+    )
+    cfg = load([path])
+    nop = cfg.receivers[ComponentID("nop")]
+    assert nop.count == 0  # the whole value expanded to "", which is null: the default
+    assert nop.endpoint == ":4317"
+    assert [str(w) for w in cfg.warnings] == [
+        f"{path}:3:12: warning: receivers.nop.count: environment variable 'UNSET_COUNT' is not set; it expands to an empty value",
+        f"{path}:4:15: warning: receivers.nop.endpoint: environment variable 'UNSET_HOST' is not set; it expands to an empty value",
+    ]
+
+
+def test_bad_env_references_are_errors(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("{nop: }", "{nop: {endpoint: '${file:x}', tags: ['${env:A']}}", 1))
+    assert problems_of([path]) == [
+        f"{path}:1:29: receivers.nop.endpoint: unsupported reference '${{file:x}}': only ${{env:NAME}} and ${{env:NAME:-default}} are supported",
+        f"{path}:1:49: receivers.nop.tags[0]: unterminated reference '${{env:A': close it with '}}', or write '$$' for a literal '$'",
+    ]
+
+
+def test_keys_and_non_strings_are_not_expanded(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("{nop: }", "{nop: {labels: {'${env:K}': v}}}", 1))
+    cfg = load([path], env={"K": "expanded"})
+    assert cfg.receivers[ComponentID("nop")].labels == {"${env:K}": "v"}
+
+
+def test_env_defaults_to_the_process_environment(tmp_path):
+    name = "TAPIO_TEST_CONFIG_COUNT"
+    if name in os.environ:
+        pytest.skip(f"{name} is already set in this environment")
+    os.environ[name] = "41"
+    try:
+        path = write(tmp_path, MINIMAL.replace("{nop: }", "{nop: {count: '${env:%s}'}}" % name, 1))
+        assert load_config([path], REGISTRY).receivers[ComponentID("nop")].count == 41
+    finally:
+        del os.environ[name]
+
+
+# --- merging several files -----------------------------------------------------------
+
+
+def test_files_merge_in_order():
+    good, overlay = str(CONFIGS / "good.yaml"), str(CONFIGS / "overlay.yaml")
+    cfg = load([good, overlay], env={"NOP_COUNT": "2"})
+    assert cfg.files == [good, overlay]
+    nop = cfg.receivers[ComponentID("nop")]
+    assert nop.tags == ["only"]  # lists are replaced
+    assert nop.limits == NopLimits(max_items=5, window=Duration(0.5))  # mappings merge key by key
+    assert nop.count == 2 and nop.mode == "safe"  # untouched keys stay
+    assert cfg.processors[ComponentID("batch")] == BatchConfig(send_batch_size=1024, timeout=Duration(1.0))
+    logs = cfg.service.pipelines[PipelineID(Signal.LOGS)]
+    assert logs.receivers == [ComponentID("otlp"), ComponentID("nop")]
+    assert logs.exporters == [ComponentID("nop")]
+    assert PipelineID(Signal.METRICS) in cfg.service.pipelines
+    assert PipelineID(Signal.TRACES, "jaeger") in cfg.service.pipelines
+    # `file` is no longer in any pipeline after the overlay
+    assert [str(w) for w in cfg.warnings] == [
+        f"{good}:27:3: warning: exporters.file: exporter 'file' is defined but not used in any pipeline"
+    ]
+
+
+def test_problems_point_to_the_file_the_value_came_from(tmp_path):
+    base = write(
+        tmp_path,
+        """\
+        receivers:
+          nop:
+            count: 1
+            ratio: 7
+        exporters: {nop: }
+        service:
+          pipelines:
+            logs: {receivers: [nop], exporters: [nop]}
+        """,
+        "base.yaml",
+    )
+    over = write(
+        tmp_path,
+        """\
+        receivers:
+          nop:
+            count: lots
+        service:
+          pipelines:
+            logs: {exporters: [nopp]}
+        """,
+        "over.yaml",
+    )
+    assert problems_of([base, over]) == [
+        f"{base}:4:12: receivers.nop.ratio: must be between 0 and 1, got 7",
+        f"{base}:5:13: warning: exporters.nop: exporter 'nop' is defined but not used in any pipeline",
+        f"{over}:3:12: receivers.nop.count: expected an integer, got 'lots'",
+        f"{over}:6:24: service.pipelines.logs.exporters[0]: exporter 'nopp' is not defined in exporters; did you mean 'nop'?",
+    ]
+
+
+def test_later_scalar_or_null_replaces_a_mapping(tmp_path):
+    base = write(tmp_path, MINIMAL.replace("{nop: }", "{nop: {count: 3}}", 1), "base.yaml")
+    reset = write(tmp_path, "receivers:\n  nop:\n", "reset.yaml")
+    assert load([base, reset]).receivers[ComponentID("nop")] == NopConfig()
+    assert load([reset, base]).receivers[ComponentID("nop")] == NopConfig(count=3)
+
+
+# --- the decoder ---------------------------------------------------------------------
+
+
+def test_decode_dataclass_from_plain_data():
+    cfg = decode_dataclass(NopConfig, {"count": 2, "ratio": 1, "delay": "2s", "limits": {"max_items": 0}, "endpoint": None})
+    assert cfg == NopConfig(count=2, ratio=1.0, delay=Duration(2.0), limits=NopLimits(max_items=0))
+    assert decode_dataclass(NopConfig, None) == NopConfig()
+    assert decode_dataclass(NopConfig, yaml.safe_load("tags: [a, 1]\nlabels: {x: 2.50}")) == NopConfig(tags=["a", "1"], labels={"x": "2.5"})
+
+
+def test_decode_dataclass_reports_every_problem_without_a_file():
+    with pytest.raises(ConfigError) as info:
+        decode_dataclass(NopConfig, {"count": "x", "ratio": 3, "limits": {"max_itemz": 1}}, path="receivers.nop")
+    assert str(info.value).splitlines() == [
+        "receivers.nop.count: expected an integer, got 'x'",
+        "receivers.nop.limits.max_itemz: unknown key 'max_itemz'; did you mean 'max_items'?",
+        "receivers.nop.ratio: must be between 0 and 1, got 3",  # validate() runs on the fields that did decode
+    ]
+    assert {(p.file, p.line, p.column) for p in info.value.problems} == {(None, None, None)}
+
+
+def test_decode_dataclass_validate_flag():
+    assert decode_dataclass(NopConfig, {"count": -1}, validate=False).count == -1
+    with pytest.raises(ConfigError, match=r"^count: must be 0 or more, got -1$"):
+        decode_dataclass(NopConfig, {"count": -1})
+    with pytest.raises(ConfigError, match=r"^expected a mapping of settings, got 'abc'$"):
+        decode_dataclass(NopConfig, "abc")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Required:
+    name: str
+    extra: Any = None
+    choice: Literal[1, 2, "on"] = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Unsupported:
+    when: set[str] = setting(default_factory=set, doc="not a decodable type")
+
+
+def test_decoder_edge_types():
+    with pytest.raises(ConfigError, match=r"^name: missing \(this setting has no default\)$"):
+        decode_dataclass(_Required, {})
+    assert decode_dataclass(_Required, {"name": "n", "extra": {"a": [1, None]}, "choice": 2}) == _Required(name="n", extra={"a": [1, None]}, choice=2)
+    assert decode_dataclass(_Required, {"name": "n", "choice": "on"}).choice == "on"
+    with pytest.raises(ConfigError, match=r"^choice: expected one of 1, 2, 'on', got true$"):
+        decode_dataclass(_Required, {"name": "n", "choice": True})
+    with pytest.raises(TypeError, match="unsupported type"):
+        decode_dataclass(_Unsupported, {"when": ["x"]})
+
+
+def test_config_fields_flattens_groups():
+    fields = {key: (tp, default, doc) for key, tp, default, doc in config_fields(NopConfig)}
+    assert list(fields) == [
+        "count", "ratio", "delay", "max_size", "mode", "enabled", "tags", "labels", "endpoint",
+        "limits.max_items", "limits.window",
+    ]
+    assert fields["limits.max_items"] == (int, 1000, "Largest number of items in one batch; 0 means no limit.")
+    assert fields["delay"][:2] == (Duration, Duration(0.0))
+    assert fields["tags"][1] == [] and fields["endpoint"][1] is None
+    assert fields["mode"][0] == Literal["fast", "safe"]
+    assert all(doc for _, _, doc in fields.values())
+    # defaults of a group come from the parent's default instance
+    otlp = {key: default for key, _, default, _ in config_fields(OtlpConfig)}
+    assert otlp == {"protocols.grpc.endpoint": "127.0.0.1:4317"}
+
+
+def test_problem_rendering():
+    assert str(Problem("p.yaml", 3, 7, "a.b", "bad")) == "p.yaml:3:7: a.b: bad"
+    assert str(Problem("p.yaml", 3, 7, "a.b", "unused", "warning")) == "p.yaml:3:7: warning: a.b: unused"
+    assert str(Problem("p.yaml", None, None, "", "cannot read")) == "p.yaml: cannot read"
+    assert str(Problem(None, None, None, "count", "bad")) == "count: bad"
+    err = ConfigError([Problem("a", 1, 1, "x", "one"), Problem("a", 2, 1, "y", "two", "warning")])
+    assert str(err) == "a:1:1: x: one\na:2:1: warning: y: two"
+    assert [p.message for p in err.errors] == ["one"]
+
+
+# --- fuzzing ------------------------------------------------------------------------------
+
+_TOKENS = [
+    "receivers", "processors", "exporters", "extensions", "service", "pipelines", "logs", "traces/x", "metrics",
+    "nop", "otlp", "batch", "file", "storage", "count", "limits", "max_items", "delay", "5s", "64MiB", "tags",
+    "${env:A}", "${env:B:-1}", "$$", "${", "}", "{", "[", "]", ",", ":", ": ", "- ", "\n", "\n  ", "\n    ", " ",
+    "'", '"', "#", "&a", "*a", "<<", "!!str", "!x", "|", ">", "---", "~", "null", "true", "-1", "1e9", "0x1f",
+    "\t", "%", "@", "`", "?", "\\", "é", "\x00", "\ufeff",
+]
+
+
+def _load_text(directory: str, text: str) -> None:
+    path = os.path.join(directory, "fuzz.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    try:
+        cfg = load_config([path], REGISTRY, env={"A": "1"})
+    except ConfigError as e:
+        assert e.problems
+        assert all(isinstance(p, Problem) and str(p) for p in e.problems)
+    else:
+        assert isinstance(cfg, Config)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(_TOKENS), max_size=60).map("".join))
+def test_fuzz_token_soup_gives_config_or_config_error(tmp_path, text):
+    _load_text(str(tmp_path), text)
+
+
+_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=10),
+    st.sampled_from(["nop", "otlp", "5s", "-1s", "64MiB", "${env:A}", "fast", "logs"]),
+)
+_KEYS = st.one_of(st.sampled_from(_TOKENS[:22] + ["nop/2", "logs/x", "protocols", "grpc", "endpoint", "mode"]), st.text(max_size=5))
+_TREES = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_KEYS, inner, max_size=5), max_leaves=30)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(["receivers", "processors", "exporters", "extensions", "service", "x"]), _TREES, max_size=5))
+def test_fuzz_structured_configs_give_config_or_config_error(tmp_path, tree):
+    _load_text(str(tmp_path), yaml.safe_dump(tree, allow_unicode=True))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_fuzz_mutated_good_config_gives_config_or_config_error(tmp_path, data):
+    text = (CONFIGS / "good.yaml").read_text()
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(text)))
+        j = data.draw(st.integers(i, min(len(text), i + 20)))
+        text = text[:i] + data.draw(st.sampled_from(_TOKENS + [""])) + text[j:]
+    _load_text(str(tmp_path), text)
+
+
+@given(_TREES)
+def test_fuzz_decode_dataclass_gives_config_or_config_error(tree):
+    try:
+        cfg = decode_dataclass(NopConfig, tree)
+    except ConfigError as e:
+        assert e.problems
+    else:
+        assert isinstance(cfg, NopConfig)
+
+
+# --- the nop components ---------------------------------------------------------------
+
+
+def _settings(kind: Kind, telemetry: Telemetry) -> Settings:
+    import logging
+
+    return Settings(
+        id=ComponentID("nop"),
+        kind=kind,
+        telemetry=telemetry.for_component(kind.value, "nop"),
+        logger=logging.getLogger("tapio.test"),
+    )
+
+
+def _one_log_batch() -> Batch:
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+
+    request = ExportLogsServiceRequest()
+    scope = request.resource_logs.add().scope_logs.add()
+    scope.log_records.add().body.string_value = "hello"
+    scope.log_records.add().body.string_value = "world"
+    return Batch.of(Signal.LOGS, request)
+
+
+async def test_nop_receiver_runs_until_cancelled():
+    receiver = nop_receiver_factory.create(_settings(Kind.RECEIVER, Telemetry()), NopConfig(), Ports())
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(receiver.run)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(nursery.child_tasks) == 1  # still running: it returns only when cancelled
+            nursery.cancel_scope.cancel()
+
+
+async def test_nop_processor_passes_batches_through():
+    from tapio.testing.sink import RecordingConsumer
+
+    telemetry = Telemetry()
+    send, receive = trio.open_memory_channel[Batch](4)
+    sink = RecordingConsumer()
+    processor = nop_processor_factory.create(_settings(Kind.PROCESSOR, telemetry), NopConfig(), Ports(input=receive, output=sink))
+    batches = [_one_log_batch(), _one_log_batch()]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(processor.run)
+            for b in batches:
+                await send.send(b)
+            await send.aclose()  # end of stream: run returns on its own
+    assert sink.batches == batches
+    assert telemetry.value("tapio_processor_incoming_items_total", processor="nop") == 4
+    assert telemetry.value("tapio_processor_outgoing_items_total", processor="nop") == 4
+
+
+async def test_nop_exporter_counts_batches_as_sent():
+    telemetry = Telemetry()
+    send, receive = trio.open_memory_channel[Batch](4)
+    exporter = nop_exporter_factory.create(_settings(Kind.EXPORTER, telemetry), NopConfig(), Ports(input=receive))
+    batch = _one_log_batch()
+    delivered: list[bool] = []
+    batch.on_done.append(delivered.append)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(exporter.run)
+            await send.send(batch)
+            await send.aclose()
+    assert delivered == [True]
+    assert telemetry.value("tapio_exporter_sent_log_records_total", exporter="nop") == 2
+
+
+def test_nop_factories_support_every_signal_and_default_config_validates():
+    for factory in (nop_receiver_factory, nop_processor_factory, nop_exporter_factory):
+        assert factory.type == "nop" and factory.signals == frozenset(Signal)
+        assert decode_dataclass(factory.config_class, {}) == NopConfig()
