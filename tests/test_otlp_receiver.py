@@ -95,10 +95,14 @@ class GatedConsumer(RecordingConsumer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.entered = trio.Event()
+        self.left = trio.Event()
 
     async def send(self, batch: Batch) -> None:
         self.entered.set()
-        await super().send(batch)
+        try:
+            await super().send(batch)
+        finally:
+            self.left.set()
 
 
 class ClosedConsumer(RecordingConsumer):
@@ -524,6 +528,8 @@ async def test_grpc_deadline_passing_on_a_full_pipeline(nursery):
     receiver = await start(nursery, consumer)
     result = await trio.to_thread.run_sync(lambda: raw_grpc_call(receiver.grpc, Signal.LOGS, log_request().SerializeToString(), timeout=0.3))
     assert result.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    with trio.fail_after(10):
+        await consumer.left.wait()  # the receiver gave up waiting too
     consumer.resume()
     await trio.testing.wait_all_tasks_blocked()
     assert consumer.batches == []  # the abandoned call never entered the pipeline
