@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from tapio.component import ComponentID, Kind, Ports, Settings, config_problems
+from tapio.component import ComponentID, Kind, Ports, Refused, Settings, config_problems
 from tapio.pdata import Batch, Signal
 from tapio.receivers.otlp import factory
 from tapio.receivers.otlp._config import Config, GrpcConfig, HttpConfig, Protocols, parse_endpoint
@@ -110,6 +110,13 @@ class ClosedConsumer(RecordingConsumer):
 
     async def send(self, batch: Batch) -> None:
         raise trio.ClosedResourceError("pipeline closed")
+
+
+class RefusingConsumer(RecordingConsumer):
+    """A pipeline over its memory limit."""
+
+    async def send(self, batch: Batch) -> None:
+        raise Refused("memory limit")
 
 
 def attrs(kvs) -> dict:
@@ -421,6 +428,17 @@ async def test_http_refused_by_closed_pipeline_gets_503(nursery):
     assert r.status_code == 503
     assert r.headers["retry-after"] == "1"
     assert status_pb2.Status.FromString(r.content).code == 14
+
+
+async def test_refused_by_memory_limit_asks_the_client_to_retry(nursery):
+    receiver = await start(nursery, RefusingConsumer())
+    async with httpx.AsyncClient() as client:
+        r = await client.post(receiver.http + "/v1/logs", content=log_request().SerializeToString(), headers={"content-type": "application/x-protobuf"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "memory limit" in status_pb2.Status.FromString(r.content).message
+    result = await trio.to_thread.run_sync(raw_grpc_call, receiver.grpc, Signal.LOGS, log_request().SerializeToString())
+    assert result.code() == grpc.StatusCode.UNAVAILABLE
+    assert "refused" in result.details()
 
 
 async def test_http_request_in_flight_at_shutdown_gets_503():

@@ -26,7 +26,7 @@ import grpc
 import trio
 from google.protobuf.message import DecodeError
 
-from tapio.component import Consumer
+from tapio.component import Consumer, Refused
 from tapio.pdata import Batch, Signal
 from tapio.telemetry import ComponentTelemetry
 
@@ -59,7 +59,8 @@ class Delivery:
         """Send ``batch`` (waiting while the pipeline is full, up to ``timeout`` seconds).
 
         Returns None once the batch is in the pipeline, else why not:
-        ``"closed"`` (shutting down or pipeline closed) or ``"timeout"``.
+        ``"closed"`` (shutting down or pipeline closed), ``"refused"`` (a stage
+        raised `Refused`) or ``"timeout"``.
         """
         try:
             return trio.from_thread.run(self._deliver, batch, timeout, trio_token=self._token)
@@ -78,6 +79,8 @@ class Delivery:
                 return None
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return "closed"
+            except Refused:
+                return "refused"
             finally:
                 self._scopes.discard(scope)
         return "closed" if self._closing else "timeout"
@@ -161,6 +164,8 @@ def _make_export(
         refused = delivery.deliver_from_thread(batch, context.time_remaining())
         if refused == "timeout":
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the pipeline stayed full until the call's deadline")
+        if refused == "refused":
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the pipeline refused the data (over its memory limit); retry later")
         if refused is not None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the receiver is shutting down; retry later")
         return _EMPTY_RESPONSE

@@ -21,7 +21,7 @@ import trio
 from google.protobuf.message import DecodeError
 
 from tapio import otlpjson
-from tapio.component import Consumer
+from tapio.component import Consumer, Refused
 from tapio.httpserver import Request, Response
 from tapio.pdata import Batch, Signal
 from tapio.telemetry import ComponentTelemetry
@@ -182,6 +182,10 @@ class OtlpHttpHandler:
         if batch.count:
             try:
                 await self._output.send(batch)
+            except Refused as exc:
+                response = _status(503, _UNAVAILABLE, f"the pipeline refused the data ({exc}); retry later", as_json)
+                response.headers.append(("retry-after", str(RETRY_AFTER_SECONDS)))
+                return response
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 response = _status(503, _UNAVAILABLE, "the pipeline is shutting down; retry later", as_json)
                 response.headers.append(("retry-after", str(RETRY_AFTER_SECONDS)))
