@@ -327,6 +327,8 @@ class Storage:
 
     def queued(self) -> tuple[int, int]:
         """(items, payload bytes) in all queues opened through this storage; never blocks."""
+        # copying a dict's values runs no Python code, so under the GIL it cannot
+        # see a half-done insert by the worker thread
         states = list(self._queues.values())
         return sum(s.items for s in states), sum(s.bytes for s in states)
 
