@@ -55,9 +55,12 @@ class World:
         self.changed = trio.Event()
 
     async def wait_until(self, predicate, timeout: float = 10) -> None:
+        # Woken by the test components; also re-checks every 10 ms for state
+        # the runtime changes on its own (component status during a restart).
         with trio.fail_after(timeout):
             while not predicate():
-                await self.changed.wait()
+                with trio.move_on_after(0.01):
+                    await self.changed.wait()
 
 
 def make_registry(world: World) -> Registry:
@@ -319,3 +322,29 @@ def test_graph_renders(tmp_path):
     d = to_dot(g)
     assert '"receiver:otlp" -> "processor:logs/batch" [label="logs"];' in d
     assert d.count("->") == 4
+
+
+async def test_restart_is_visible_in_metrics_and_healthz(nursery):
+    """A component failing while running shows in /healthz and, once restarted, in /metrics."""
+    import httpx
+
+    from tapio import selftelemetry
+    from tapio.testing.process import metric_sum, parse_metrics
+
+    world = World()
+    svc = make_service(world, {"logs": (["src"], ["pass"], ["rec"])}, restart_initial=0.5)
+    health = selftelemetry.Health(lambda: svc.ready, svc.failing)
+    port = await nursery.start(selftelemetry.serve, svc.telemetry, health, "127.0.0.1", 0)
+    await nursery.start(svc.run)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        assert (await client.get("/readyz")).status_code == 200
+        await world.sources["src"].send("boom")
+        await world.wait_until(lambda: svc.failing() == ["receiver:src"])
+        r = await client.get("/healthz")
+        assert r.status_code == 503 and r.json()["failing"] == ["receiver:src"]
+        await world.wait_until(lambda: world.runs.get("src") == 2 and svc.failing() == [])
+        metrics = parse_metrics((await client.get("/metrics")).text)
+        assert metric_sum(metrics, "tapio_component_restarts_total", receiver="src") == 1
+        assert metric_sum(metrics, "tapio_component_failures_total", receiver="src") == 1
+        assert (await client.get("/healthz")).status_code == 200
+    svc.shutdown()
