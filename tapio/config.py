@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping as MappingType, Sequence as SequenceType, TypeVar, Union
 
 from tapio._yamlnodes import (
-    NOWHERE,
     Entry,
     Loc,
     Mapping,
@@ -252,7 +251,22 @@ def _accepts_none(tp: Any) -> bool:
     return tp is Any or (typing.get_origin(tp) in (Union, types.UnionType) and _NONE_TYPE in typing.get_args(tp))
 
 
+def _is_group(tp: Any) -> bool:
+    """A nested group of settings: a dataclass not written as one scalar (those have ``parse``, like `ComponentID`)."""
+    return dataclasses.is_dataclass(tp) and isinstance(tp, type) and not callable(getattr(tp, "parse", None))
+
+
 _KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _what(tp: type) -> str:
+    if issubclass(tp, Duration):
+        return "a duration"
+    if issubclass(tp, ByteSize):
+        return "a size"
+    if tp is ComponentID:
+        return "a component id"
+    return _KIND_WORDS.get(tp, tp.__name__)
 
 
 def _decode(tp: Any, node: Node, path: str, report: _Problems) -> Any:
@@ -263,12 +277,12 @@ def _decode(tp: Any, node: Node, path: str, report: _Problems) -> Any:
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         rest = [a for a in args if a is not _NONE_TYPE]
-        if is_null(node) and len(rest) < len(args) and not (len(rest) == 1 and dataclasses.is_dataclass(rest[0])):
+        if is_null(node) and len(rest) < len(args) and not (len(rest) == 1 and _is_group(rest[0])):
             return None  # a `Group | None` field written empty (`grpc:`) is the group with its defaults, as in OTel
         if len(rest) != 1:
             raise TypeError(f"config field {path}: unsupported type {tp!r} (only `X | None` unions are supported)")
         return _decode(rest[0], node, path, report)
-    if dataclasses.is_dataclass(tp):
+    if _is_group(tp):
         return _decode_dataclass(tp, node, path, report)
     if tp is list or origin is list:
         (item_tp,) = typing.get_args(tp) or (Any,)
@@ -291,13 +305,12 @@ def _decode(tp: Any, node: Node, path: str, report: _Problems) -> Any:
     if not isinstance(tp, type):
         raise TypeError(f"config field {path}: unsupported type {tp!r}")
     if not isinstance(node, Scalar):
-        what = "a duration" if issubclass(tp, Duration) else "a size" if issubclass(tp, ByteSize) else _KIND_WORDS.get(tp, tp.__name__)
-        report(node.loc, path, f"expected {what}, got {describe(node)}")
+        report(node.loc, path, f"expected {_what(tp)}, got {describe(node)}")
         return _INVALID
     value = node.value
-    if issubclass(tp, (Duration, ByteSize)):
+    if callable(getattr(tp, "parse", None)):  # Duration, ByteSize, ComponentID: parse() raises ValueError
         if value is None:
-            report(node.loc, path, f"expected {'a duration' if issubclass(tp, Duration) else 'a size'}, got null")
+            report(node.loc, path, f"expected {_what(tp)}, got null")
             return _INVALID
         try:
             parsed = tp.parse(value)
@@ -323,7 +336,7 @@ def _decode(tp: Any, node: Node, path: str, report: _Problems) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, (int, float)):  # bool too: `name: 1.10`, `mode: on` keep their text
+        if value is not None:  # numbers, booleans, dates: `version: 1.10` is "1.10", as written
             return node.text
     else:
         raise TypeError(f"config field {path}: unsupported type {tp!r}")
@@ -493,7 +506,8 @@ def decode_dataclass(cls: type[T], value: Any, *, path: str = "", validate: bool
     What each field accepts follows its annotation: ``bool`` (true/false
     only), ``int`` (not bool), ``float`` (int too), ``str`` (numbers and
     booleans as written), `Duration` and `ByteSize` (a number or text like
-    "5s", "64MiB"), ``Literal[...]``, ``list[X]``, ``dict[str, X]``, nested
+    "5s", "64MiB"), any class with a ``parse`` classmethod that raises
+    ValueError (`ComponentID`: "storage/x"), ``Literal[...]``, ``list[X]``, ``dict[str, X]``, nested
     dataclasses (null means all defaults), ``X | None`` and ``Any``. A null
     value for a field that does not accept None keeps the field's default; a
     null ``Group | None`` (nested dataclass) field is the group with its
@@ -548,11 +562,11 @@ def _collect_fields(cls: type, prefix: str, instance: Any, out: list[tuple[str, 
 
 
 def _group_type(tp: Any) -> type | None:
-    if dataclasses.is_dataclass(tp):
+    if _is_group(tp):
         return tp
     if typing.get_origin(tp) in (Union, types.UnionType):
         rest = [a for a in typing.get_args(tp) if a is not _NONE_TYPE]
-        if len(rest) == 1 and dataclasses.is_dataclass(rest[0]):
+        if len(rest) == 1 and _is_group(rest[0]):
             return rest[0]
     return None
 

@@ -161,7 +161,7 @@ def test_good_config_decodes_every_value():
         max_size=ByteSize(64 * 1024 * 1024),
         mode="safe",
         enabled=False,
-        tags=["a", "b", "3"],
+        tags=["a", "b", "3", "2024-01-31", "on"],
         labels={"app.kubernetes.io/name": "tapio", "version": "1.10"},  # numbers keep their text in str fields
         endpoint="[::1]:9000",
         limits=NopLimits(max_items=1000, window=Duration(0.5)),
@@ -795,6 +795,20 @@ class _Required:
     name: str
     extra: Any = None
     choice: Literal[1, 2, "on"] = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class _WithId:
+    storage: ComponentID | None = setting(None, doc="a storage extension")
+
+
+def test_decoder_parses_component_ids():
+    assert decode_dataclass(_WithId, {"storage": "storage/x"}).storage == ComponentID("storage", "x")
+    assert decode_dataclass(_WithId, {"storage": None}).storage is None
+    with pytest.raises(ConfigError, match=r"^storage: invalid component type 'Bad' in 'Bad': "):
+        decode_dataclass(_WithId, {"storage": "Bad"})
+    with pytest.raises(ConfigError, match=r"^storage: expected a component id, got a list$"):
+        decode_dataclass(_WithId, {"storage": ["x"]})
 
 
 @dataclass(frozen=True, kw_only=True)
