@@ -1,0 +1,449 @@
+"""The running ebpf receiver: drain the ring buffer under trio, hand OTLP batches on.
+
+Invariants:
+- No threads but the one compile at start: the steady state waits on the
+  ring buffer's fd with `trio.lowlevel.wait_readable` and consumes without
+  blocking; the ring-buffer callback only copies bytes.
+- One drain → at most one batch per wired signal (a logs batch with one
+  record per event, a traces batch with the spans that ended). The kernel
+  cannot wait, so batches go with ``send_nowait``; a refused batch is counted
+  by its items in ``tapio_ebpf_events_dropped_total{reason}``, never retried.
+- Kernel loss and rate-limit counters are read once a second and added to
+  self-telemetry as deltas, so the tapio_* counters equal the kernel's.
+- Time: events carry CLOCK_BOOTTIME ns; `Program.boot_to_unix_ns`, measured
+  once at start, turns them into unix ns (wall-clock steps after start are
+  not followed).
+- Pending span state (exec info by pid) is bounded by
+  ``traces.max_pending``; evictions are counted.
+- On shutdown the ring buffer is drained a last time (shielded, without
+  waiting) and every probe is detached.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import signal as signal_module
+import socket
+import time
+from collections import OrderedDict
+from typing import Any
+
+import trio
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from tapio.component import Ports, Refused, Settings
+from tapio.pdata import Batch, Signal
+from tapio.telemetry import COUNTER
+
+from . import _decode as d
+from ._config import Config
+from ._containers import REASONS, ContainerResolver
+from ._loader import Program, cgroup2_root, open_program
+
+SCOPE_NAME = "tapio.ebpf"
+SCOPE_VERSION = "0.1.0"
+#: how often the kernel's loss counters are read
+COUNTER_POLL_SECONDS = 1.0
+SEV_INFO, SEV_WARN = 9, 13
+
+EVENT_KINDS = ("exec", "exit", "open", "tcp", "oom", "signal")
+
+_ERRNO_NAMES = {n: name for name, n in vars(__import__("errno")).items() if name.startswith("E") and isinstance(n, int)}
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return signal_module.Signals(sig).name
+    except ValueError:
+        return f"SIG{sig}"
+
+
+def _put(attrs: Any, key: str, value: Any) -> None:
+    kv = attrs.add(key=key)
+    if isinstance(value, bool):
+        kv.value.bool_value = value
+    elif isinstance(value, int):
+        kv.value.int_value = value
+    elif isinstance(value, str):
+        kv.value.string_value = value
+    else:
+        kv.value.array_value.values.extend(_string_values(value))
+
+
+def _string_values(values: list[str]) -> list[Any]:
+    return [AnyValue(string_value=v) for v in values]
+
+
+class EbpfReceiver:
+    def __init__(self, settings: Settings, config: Config, ports: Ports) -> None:
+        if ports.output is None:
+            raise ValueError("the ebpf receiver needs an output")
+        self._settings = settings
+        self._config = config
+        self._output = ports.output
+        self._telemetry = settings.telemetry
+        #: the compiled program while running (tests read its counters and maps)
+        self.program: Program | None = None
+        self._raw: list[bytes] = []
+        self._resolver: ContainerResolver | None = None
+        self._pending_exec: OrderedDict[int, tuple[str, int]] = OrderedDict()
+        self._kernel_counters = [0] * 16
+        self._events = {k: 0 for k in EVENT_KINDS}
+        self._unresolved = {r: 0 for r in REASONS}
+        self._dropped: dict[str, int] = {}
+        self._start_unix_ns = time.time_ns()
+        self._resource_attrs = [("host.name", socket.gethostname()), ("os.type", "linux"), ("service.name", "tapio")]
+        self._callback = None
+
+    # -- lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        settings, config = self._settings, self._config
+        self._declare_metrics()
+        program = await open_program(config)
+        self.program = program
+        try:
+            for kind, why in program.disabled.items():
+                settings.logger.warning("%s: %s events disabled: %s", settings.id, kind, why)
+            root = cgroup2_root()
+            self._resolver = ContainerResolver(
+                max_entries=config.container_cache_size,
+                root_cgroup_id=os.stat(root).st_ino if root else 1,
+            )
+            ring = program.bpf["events"]
+            ring.open_ring_buffer(self._on_raw)
+            fd = ring.map_fd
+            self._start_unix_ns = time.time_ns()
+            settings.logger.info("%s: tracing %s", settings.id, ", ".join(program.enabled))
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._counter_loop)
+                while True:
+                    await trio.lowlevel.wait_readable(fd)
+                    if config.flush_interval > 0:
+                        await trio.sleep(config.flush_interval)
+                    self.drain()
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    if self._resolver is not None:
+                        self.drain()
+                        self._poll_counters()
+                finally:
+                    program.close()
+                    self.program = None
+
+    def _on_raw(self, ctx: Any, data: Any, size: int) -> int:
+        self._raw.append(ctypes.string_at(data, size))
+        return 0
+
+    def drain(self) -> int:
+        """Consume everything in the ring buffer now and hand it on; returns the events read."""
+        assert self.program is not None
+        self.program.bpf.ring_buffer_consume()
+        raws, self._raw = self._raw, []
+        if raws:
+            self._handle(raws)
+        return len(raws)
+
+    # -- telemetry
+
+    def _declare_metrics(self) -> None:
+        t = self._telemetry
+        t.declare("tapio_ebpf_events_total", COUNTER, "Kernel events read from the ring buffer, by kind.")
+        t.declare("tapio_ebpf_events_lost_total", COUNTER, "Kernel events lost because the ring buffer was full, by kind.")
+        t.declare("tapio_ebpf_events_rate_limited_total", COUNTER, "Kernel events dropped in the kernel by the per-cgroup rate limit, by kind.")
+        t.declare("tapio_ebpf_events_dropped_total", COUNTER, "Records (log records, spans) dropped because the pipeline could not take them, by signal and reason.")
+        t.declare("tapio_ebpf_container_unresolved_total", COUNTER, "Events whose container id could not be found, by reason.")
+        t.declare("tapio_ebpf_spans_evicted_total", COUNTER, "Processes forgotten between exec and exit because traces.max_pending was reached.")
+
+    async def _counter_loop(self) -> None:
+        interval = float(self._config.metrics_interval)
+        next_emit = trio.current_time() + interval if interval > 0 else None
+        while True:
+            await trio.sleep(min(COUNTER_POLL_SECONDS, interval) if interval > 0 else COUNTER_POLL_SECONDS)
+            self._poll_counters()
+            if next_emit is not None and trio.current_time() >= next_emit:
+                next_emit = trio.current_time() + interval
+                if Signal.METRICS in self._output.signals:
+                    self._send(Batch.of(Signal.METRICS, self.metrics_request()))
+
+    def _poll_counters(self) -> None:
+        if self.program is None:
+            return
+        now = self.program.counters()
+        for slot, value in enumerate(now):
+            delta = value - self._kernel_counters[slot]
+            if delta <= 0:
+                continue
+            if slot < 8:
+                self._telemetry.add("tapio_ebpf_events_lost_total", delta, kind=d.KIND_NAMES.get(slot, "other"))
+            else:
+                self._telemetry.add("tapio_ebpf_events_rate_limited_total", delta, kind=d.KIND_NAMES.get(slot - 8, "other"))
+        self._kernel_counters = now
+
+    def kernel_counters(self) -> dict[str, dict[str, int]]:
+        """The kernel's cumulative ``lost`` and ``rate_limited`` counts by kind, as last read."""
+        c = self._kernel_counters
+        return {
+            "lost": {name: c[num] for num, name in d.KIND_NAMES.items()},
+            "rate_limited": {name: c[8 + num] for num, name in d.KIND_NAMES.items()},
+        }
+
+    def metrics_request(self) -> ExportMetricsServiceRequest:
+        """Cumulative sums since start: events by kind, lost and rate-limited events, drops, unresolved containers."""
+        now = time.time_ns()
+        req = ExportMetricsServiceRequest()
+        rm = req.resource_metrics.add()
+        for k, v in self._resource_attrs:
+            _put(rm.resource.attributes, k, v)
+        sm = rm.scope_metrics.add()
+        sm.scope.name, sm.scope.version = SCOPE_NAME, SCOPE_VERSION
+        counters = self.kernel_counters()
+        series = [
+            ("tapio.ebpf.events", "Kernel events read, by kind.", "kind", self._events),
+            ("tapio.ebpf.events.lost", "Kernel events lost to a full ring buffer, by kind.", "kind", counters["lost"]),
+            ("tapio.ebpf.events.rate_limited", "Kernel events dropped by the per-cgroup rate limit, by kind.", "kind", counters["rate_limited"]),
+            ("tapio.ebpf.records.dropped", "Records the pipeline could not take, by reason.", "reason", self._dropped),
+            ("tapio.ebpf.container.unresolved", "Events without a container id, by reason.", "reason", self._unresolved),
+        ]
+        for name, description, label, values in series:
+            m = sm.metrics.add(name=name, description=description, unit="{event}")
+            m.sum.aggregation_temporality = 2  # cumulative
+            m.sum.is_monotonic = True
+            for key, value in sorted(values.items()):
+                p = m.sum.data_points.add(start_time_unix_nano=self._start_unix_ns, time_unix_nano=now, as_int=value)
+                _put(p.attributes, label, key)
+        return req
+
+    # -- events to OTLP
+
+    def _send(self, batch: Batch) -> None:
+        try:
+            self._output.send_nowait(batch)
+        except (trio.WouldBlock, Refused) as exc:
+            reason = "pipeline_full" if isinstance(exc, trio.WouldBlock) else "refused"
+            self._dropped[reason] = self._dropped.get(reason, 0) + batch.count
+            self._telemetry.add("tapio_ebpf_events_dropped_total", batch.count, reason=reason, signal=batch.signal.value)
+
+    def _handle(self, raws: list[bytes]) -> None:
+        wired = self._output.signals
+        want_logs, want_traces = Signal.LOGS in wired, Signal.TRACES in wired
+        logs = ExportLogsServiceRequest()
+        rl = logs.resource_logs.add()
+        for k, v in self._resource_attrs:
+            _put(rl.resource.attributes, k, v)
+        sl = rl.scope_logs.add()
+        sl.scope.name, sl.scope.version = SCOPE_NAME, SCOPE_VERSION
+        traces = ExportTraceServiceRequest()
+        rs = traces.resource_spans.add()
+        for k, v in self._resource_attrs:
+            _put(rs.resource.attributes, k, v)
+        ss = rs.scope_spans.add()
+        ss.scope.name, ss.scope.version = SCOPE_NAME, SCOPE_VERSION
+        offset = self.program.boot_to_unix_ns if self.program else 0
+        observed = time.time_ns()
+        kinds = {k: 0 for k in EVENT_KINDS}
+        for raw in raws:
+            try:
+                ev = d.parse_event(raw)
+            except d.DecodeError as exc:
+                self._telemetry.bad_input(str(exc).split(" of ")[0][:40])
+                continue
+            kinds[d.KIND_NAMES[ev.h.kind]] += 1
+            self._event(ev, offset, observed, sl.log_records if want_logs else None, ss.spans if want_traces else None)
+        for k, n in kinds.items():
+            if n:
+                self._events[k] += n
+                self._telemetry.add("tapio_ebpf_events_total", n, kind=k)
+        if want_logs and sl.log_records:
+            self._send(Batch(Signal.LOGS, [logs], len(sl.log_records)))
+        if want_traces and ss.spans:
+            self._send(Batch(Signal.TRACES, [traces], len(ss.spans)))
+
+    def _event(self, ev: d.Event, offset: int, observed: int, records: Any, spans: Any) -> None:
+        h = ev.h
+        assert self._resolver is not None
+        container, reason = self._resolver.resolve(h.pid, h.cgroup_id)
+        if container is None:
+            self._unresolved[reason] += 1
+            self._telemetry.add("tapio_ebpf_container_unresolved_total", 1, reason=reason)
+        kind = d.KIND_NAMES[h.kind]
+        ts = h.ts + offset
+        rec = records.add() if records is not None else None
+        span = None
+        severity, body = SEV_INFO, kind
+        extra: list[tuple[str, Any]] = []
+
+        if isinstance(ev, d.OpenEvent):
+            extra = [("file.path", ev.path), ("tapio.ebpf.open.flags", ev.flags), ("tapio.ebpf.open.flags_text", d.open_flags_text(ev.flags))]
+            if ev.ret >= 0:
+                extra.append(("tapio.ebpf.open.fd", ev.ret))
+                body = f"open {ev.path}"
+            else:
+                err = _ERRNO_NAMES.get(-ev.ret, str(-ev.ret))
+                extra += [("error.type", err), ("tapio.ebpf.open.errno", -ev.ret)]
+                body = f"open {ev.path}: {err}"
+            if ev.flags & 0o100:
+                extra.append(("tapio.ebpf.open.mode", ev.mode))
+        elif isinstance(ev, d.ExecEvent):
+            extra = [
+                ("process.parent_pid", ev.ppid or _ppid_from_proc(h.pid)),
+                ("process.executable.path", ev.filename),
+                ("process.executable.name", ev.filename.rsplit("/", 1)[-1]),
+                ("process.command_args", ev.argv),
+            ]
+            if ev.args_truncated:
+                extra.append(("tapio.ebpf.exec.args_truncated", True))
+            if ev.old_pid != h.pid:
+                extra.append(("tapio.ebpf.exec.old_pid", ev.old_pid))
+            body = f"exec {ev.filename}"
+            self._remember_exec(h.pid, ev.filename, ts)
+        elif isinstance(ev, d.ExitEvent):
+            if ev.ppid:
+                extra.append(("process.parent_pid", ev.ppid))
+            if ev.exit_signal:
+                extra.append(("tapio.ebpf.exit.signal", _signal_name(ev.exit_signal)))
+                body = f"exit {h.comm}: killed by {_signal_name(ev.exit_signal)}"
+            elif ev.exit_code >= 0:
+                extra.append(("process.exit.code", ev.exit_code))
+                body = f"exit {h.comm}: code {ev.exit_code}"
+            else:
+                body = f"exit {h.comm}"
+            exe, exec_ts = self._pending_exec.pop(h.pid, ("", 0))
+            if exe:
+                extra.append(("process.executable.path", exe))
+            start = ev.start_ts + offset if ev.start_ts else exec_ts
+            if start:
+                extra.append(("tapio.ebpf.exit.lifetime_ns", max(0, ts - start)))
+                if spans is not None:
+                    name = "process " + (exe.rsplit("/", 1)[-1] if exe else h.comm)
+                    failed = bool(ev.exit_signal) or ev.exit_code > 0
+                    span = _span(spans, name, Span.SPAN_KIND_INTERNAL, start, ts, failed, body if failed else "")
+            self._resolver.forget_pid(h.pid, h.cgroup_id)
+        elif isinstance(ev, d.TcpEvent):
+            event = d.TCP_EVENT_NAMES[ev.event]
+            extra = [
+                ("network.transport", "tcp"),
+                ("network.type", "ipv4" if ev.family == d.AF_INET else "ipv6"),
+                ("network.local.address", ev.saddr),
+                ("network.local.port", ev.sport),
+                ("network.peer.address", ev.daddr),
+                ("network.peer.port", ev.dport),
+                ("tapio.ebpf.tcp.event", event),
+                ("tapio.ebpf.tcp.old_state", d.TCP_STATES.get(ev.oldstate, str(ev.oldstate))),
+                ("tapio.ebpf.tcp.new_state", d.TCP_STATES.get(ev.newstate, str(ev.newstate))),
+                ("tapio.ebpf.tcp.states", d.states_list(ev.states_seen)),
+                ("tapio.ebpf.tcp.duration_ns", max(0, h.ts - ev.start_ts)),
+                ("tapio.ebpf.tcp.socket", f"{ev.sock:x}"),
+            ]
+            if ev.fd >= 0:
+                extra.append(("tapio.ebpf.tcp.fd", ev.fd))
+            failed = ev.event == d.TCP_CONNECT and ev.newstate == 7
+            peer = f"[{ev.daddr}]:{ev.dport}" if ev.family == d.AF_INET6 else f"{ev.daddr}:{ev.dport}"
+            body = f"tcp {event} {peer}" + (" failed" if failed else "")
+            if spans is not None and (ev.event == d.TCP_CLOSE or failed):
+                outbound = ev.states_seen & (1 << 2)  # went through SYN_SENT: we connected
+                span = _span(
+                    spans,
+                    f"tcp {'connect' if outbound else 'accept'} {peer}",
+                    Span.SPAN_KIND_CLIENT if outbound else Span.SPAN_KIND_SERVER,
+                    ev.start_ts + offset,
+                    ts,
+                    failed,
+                    "connection failed" if failed else "",
+                )
+        elif isinstance(ev, d.OomEvent):
+            severity = SEV_WARN
+            extra = [
+                ("tapio.ebpf.oom.total_vm_kb", ev.total_vm_kb),
+                ("tapio.ebpf.oom.anon_rss_kb", ev.anon_rss_kb),
+                ("tapio.ebpf.oom.file_rss_kb", ev.file_rss_kb),
+                ("tapio.ebpf.oom.shmem_rss_kb", ev.shmem_rss_kb),
+                ("tapio.ebpf.oom.pgtables_kb", ev.pgtables_kb),
+                ("tapio.ebpf.oom.score_adj", ev.oom_score_adj),
+                ("tapio.ebpf.oom.victim_uid", ev.victim_uid),
+                ("tapio.ebpf.oom.marked_time_unix_nano", ev.mark_ts + offset),
+            ]
+            body = f"OOM kill of {h.comm} (pid {h.pid}), anon rss {ev.anon_rss_kb} kB"
+        elif isinstance(ev, d.SignalEvent):
+            extra = [
+                ("tapio.ebpf.signal.number", ev.sig),
+                ("tapio.ebpf.signal.name", _signal_name(ev.sig)),
+                ("tapio.ebpf.signal.target_pid", ev.target_pid),
+                ("tapio.ebpf.signal.target_comm", ev.target_comm),
+                ("tapio.ebpf.signal.code", ev.code),
+                ("tapio.ebpf.signal.result", ev.result),
+            ]
+            body = f"signal {_signal_name(ev.sig)} from {h.pid} to {ev.target_pid}"
+
+        targets = [t for t in (rec, span) if t is not None]
+        for target in targets:
+            attrs = target.attributes
+            _put(attrs, "tapio.ebpf.event", kind)
+            _put(attrs, "process.pid", h.pid)
+            _put(attrs, "thread.id", h.tid)
+            _put(attrs, "process.user.id", h.uid)
+            _put(attrs, "tapio.ebpf.comm", h.comm)
+            _put(attrs, "tapio.ebpf.cgroup_id", h.cgroup_id)
+            if container is not None:
+                _put(attrs, "container.id", container.id)
+                if container.runtime:
+                    _put(attrs, "container.runtime.name", container.runtime)
+                if container.pod_uid:
+                    _put(attrs, "k8s.pod.uid", container.pod_uid)
+            for key, value in extra:
+                _put(attrs, key, value)
+        if rec is not None:
+            rec.time_unix_nano = ts
+            rec.observed_time_unix_nano = observed
+            rec.severity_number = severity
+            rec.severity_text = "WARN" if severity == SEV_WARN else "INFO"
+            rec.event_name = f"tapio.ebpf.{kind}"
+            rec.body.string_value = body
+            if span is not None:
+                rec.trace_id, rec.span_id = span.trace_id, span.span_id
+
+    def _remember_exec(self, pid: int, filename: str, ts: int) -> None:
+        limit = self._config.traces.max_pending
+        if limit <= 0:
+            return
+        self._pending_exec[pid] = (filename, ts)
+        self._pending_exec.move_to_end(pid)
+        while len(self._pending_exec) > limit:
+            self._pending_exec.popitem(last=False)
+            self._telemetry.add("tapio_ebpf_spans_evicted_total", 1)
+
+
+def _span(spans: Any, name: str, kind: int, start: int, end: int, failed: bool, message: str) -> Span:
+    span = spans.add(
+        trace_id=random.randbytes(16),
+        span_id=random.randbytes(8),
+        name=name,
+        kind=kind,
+        start_time_unix_nano=start,
+        end_time_unix_nano=max(start, end),
+    )
+    if failed:
+        span.status.code = Status.STATUS_CODE_ERROR
+        span.status.message = message
+    return span
+
+
+def _ppid_from_proc(pid: int) -> int:
+    """The parent pid from /proc when the kernel side did not see the fork (0 if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0
+    try:
+        return int(stat.rsplit(b")", 1)[1].split()[1])
+    except (IndexError, ValueError):
+        return 0
