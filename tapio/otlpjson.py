@@ -36,11 +36,11 @@ import json
 import json.encoder as _json_encoder
 import math
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-__all__ = ["OtlpJsonError", "encode", "decode"]
+__all__ = ["OtlpJsonError", "encode", "encode_many", "decode"]
 
 #: bytes fields written as hex, with the byte length a non-empty value must have
 _HEX_IDS = {"trace_id": 16, "span_id": 8, "parent_span_id": 8, "profile_id": 16}
@@ -76,6 +76,42 @@ def encode(message: Any) -> bytes:
     """One compact OTLP/JSON document (UTF-8) for an OTLP message, usually an Export*ServiceRequest."""
     out: list[str] = []
     _write_message(message, out)
+    return "".join(out).encode("utf-8")
+
+
+def encode_many(messages: Sequence[Any]) -> bytes:
+    """One OTLP/JSON document for several messages of one type, as if merged.
+
+    The result equals ``encode`` of the protobuf merge of ``messages`` (repeated
+    fields concatenated in order), without building the merged message when
+    every field set is repeated, as in every Export*ServiceRequest.
+    """
+    if len(messages) == 1:
+        return encode(messages[0])
+    merged: dict[FieldDescriptor, list] = {}
+    for message in messages:
+        for fd, value in message.ListFields():
+            if not fd.is_repeated:
+                whole = type(messages[0])()
+                for m in messages:
+                    whole.MergeFrom(m)
+                return encode(whole)
+            merged.setdefault(fd, []).extend(value)
+    if not merged:
+        return b"{}"
+    out: list[str] = []
+    sep = "{"
+    for fd in sorted(merged, key=lambda f: f.number):
+        if fd not in _ENC:
+            _plan_encoder(fd.containing_type)
+        prefix, conv, writes = _ENC[fd]
+        if writes:
+            out.append(sep + prefix)
+            conv(merged[fd], out)
+        else:
+            out.append(sep + prefix + conv(merged[fd]))
+        sep = ","
+    out.append("}")
     return "".join(out).encode("utf-8")
 
 

@@ -625,7 +625,17 @@ def test_encode_speed():
 
 
 def test_module_exports():
-    assert otlpjson.__all__ == ["OtlpJsonError", "encode", "decode"]
+    assert otlpjson.__all__ == ["OtlpJsonError", "encode", "encode_many", "decode"]
     assert issubclass(OtlpJsonError, ValueError)
     error = OtlpJsonError("expected a string", "a[0].b")
     assert (error.path, error.reason, str(error)) == ("a[0].b", "expected a string", "a[0].b: expected a string")
+
+
+@given(st.lists(logs_requests, min_size=1, max_size=4))
+@settings(max_examples=100, deadline=None)
+def test_encode_many_is_the_merged_request(reqs):
+    merged = ExportLogsServiceRequest()
+    for r in reqs:
+        merged.MergeFrom(r)
+    assert otlpjson.encode_many(reqs) == encode(merged)
+    assert decode(Signal.LOGS, otlpjson.encode_many(reqs)) == merged
