@@ -27,7 +27,12 @@ Invariants:
   time is the end time of what was accumulated, otherwise (a gap) the
   series restarts from it, which Prometheus sees as a counter reset.
 - Every data point handed to `ingest` is either taken or counted in the
-  returned `IngestResult` under one reason.
+  returned `IngestResult` under one reason. Points no Prometheus format can
+  carry (a negative or NaN counter, a NaN histogram sum, bounds not
+  increasing) are refused as ``malformed``.
+- No two families use the same name in either format (a counter ``x_total``
+  is family ``x`` in OpenMetrics, a histogram ``h`` uses ``h_count`` …):
+  the later one is refused (``type_conflict``).
 """
 
 from __future__ import annotations
@@ -361,6 +366,8 @@ class MetricsState:
         self.series_count = 0
         self._label_names: dict[str, str] = {}
         self._metric_names: dict[tuple[str, str, str], str] = {}
+        #: every name a family's samples or its OpenMetrics family name use → that family
+        self._claimed: dict[str, str] = {"target": "", "target_info": ""}  # target_info is ours
 
     # -- names, cached: the same few keys come again and again
 
@@ -467,6 +474,12 @@ class MetricsState:
         name = self._family_name(metric.name, metric.unit, kind)
         family = self.families.get(name)
         if family is None:
+            claims = _claims(name, kind)
+            if any(c in self._claimed for c in claims):
+                result.refuse(TYPE_CONFLICT, n)
+                return None
+            for c in claims:
+                self._claimed[c] = name
             family = self.families[name] = Family(name, kind, metric.description)
         elif family.kind != kind:
             result.refuse(TYPE_CONFLICT, n)
@@ -504,6 +517,9 @@ class MetricsState:
                 result.accepted += 1
                 continue
             value = p.as_int if p.WhichOneof("value") == "as_int" else p.as_double
+            if exemplars_wanted and not value >= 0:  # a counter is never negative or NaN (OpenMetrics refuses both)
+                result.refuse(MALFORMED)
+                continue
             t = p.time_unix_nano
             s = series.get(key)
             if s is None:
@@ -544,7 +560,7 @@ class MetricsState:
                 continue
             bounds = tuple(p.explicit_bounds)
             buckets = list(p.bucket_counts)
-            if (buckets and len(buckets) != len(bounds) + 1) or any(b >= c for b, c in zip(bounds, bounds[1:])) or any(
+            if (p.HasField("sum") and math.isnan(p.sum)) or (buckets and len(buckets) != len(bounds) + 1) or any(b >= c for b, c in zip(bounds, bounds[1:])) or any(
                 math.isnan(b) for b in bounds
             ):
                 result.refuse(MALFORMED)
@@ -619,10 +635,24 @@ class MetricsState:
             removed += len(stale)
             if not family.series:
                 del self.families[name]
+                for c in _claims(name, family.kind):
+                    self._claimed.pop(c, None)
         self.series_count -= removed
         for k in [k for k, t in self.targets.items() if t.seen < before]:
             del self.targets[k]
         return removed
+
+
+def _claims(name: str, kind: str) -> tuple[str, ...]:
+    """The names a family uses, in either format: no two families may share one."""
+    if kind == COUNTER:
+        base = name[:-6] if name.endswith("_total") else name
+        return (base, base + "_total", base + "_created")
+    if kind == HISTOGRAM:
+        return (name, name + "_bucket", name + "_sum", name + "_count", name + "_created")
+    if kind == SUMMARY:
+        return (name, name + "_sum", name + "_count", name + "_created")
+    return (name,)
 
 
 _SERVICE_KEYS = frozenset({"service.name", "service.namespace", "service.instance.id"})
