@@ -27,6 +27,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import AsyncIterator, Callable
 
 import grpc
@@ -276,11 +277,8 @@ def _grpc_server(sink: OtlpSink, host: str, port: int, tls: SinkTLS | None) -> t
     if tls is None:
         bound = server.add_insecure_port(address)
     else:
-        with open(tls.key_file, "rb") as f:
-            key = f.read()
-        with open(tls.cert_file, "rb") as f:
-            cert = f.read()
-        client_ca = open(tls.client_ca_file, "rb").read() if tls.client_ca_file else None
+        key, cert = Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes()
+        client_ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
         creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None)
         bound = server.add_secure_port(address, creds)
     if not bound:

@@ -127,7 +127,9 @@ class HttpSender:
         response = None
         with trio.move_on_after(float(self._config.timeout)):
             try:
-                response = await self._client.post(self._urls[signal], content=body)
+                request = self._client.build_request("POST", self._urls[signal], content=body)
+                request.stream = _Body(body)
+                response = await self._client.send(request)
             except httpx.TimeoutException:
                 pass
             except httpx.TransportError as exc:
@@ -151,6 +153,34 @@ class HttpSender:
         except (DecodeError, ValueError):
             return Outcome(Verdict.SENT, message="the server's response could not be decoded")
         return partial_success(signal.value, parsed)
+
+
+class _Body(httpx.AsyncByteStream):
+    """A request body that is not an async generator.
+
+    httpx's own byte stream is one; when a send fails mid-body (a TLS peer
+    hanging up) it is left unfinished and trio warns when it is collected.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def __aiter__(self) -> "_Once":
+        return _Once(self._data)
+
+
+class _Once:
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    def __aiter__(self) -> "_Once":
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._data is None:
+            raise StopAsyncIteration
+        data, self._data = self._data, None
+        return data
 
 
 def _error_text(response: httpx.Response) -> str:
