@@ -215,6 +215,16 @@ BPF_TABLE("lru_hash", u64, struct rate_state, rates, MAX_TRACKED);
 BPF_HASH(cgroup_filter, u64, u8, 4096);
 BPF_HASH(comm_filter, struct comm_key, u8, 256);
 
+BPF_TABLE("lru_hash", u32, int, fatal_sent, MAX_TRACKED);
+
+// Signals whose default action ends the process (all but SIGCHLD, SIGCONT,
+// SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU, SIGURG, SIGWINCH; no real-time ones).
+static __always_inline int is_fatal_by_default(int sig) {
+    if (sig <= 0 || sig >= 32)
+        return 0;
+    return !(sig == 17 || sig == 18 || sig == 19 || sig == 20 || sig == 21 || sig == 22 || sig == 23 || sig == 28);
+}
+
 static __always_inline void count(u32 slot) {
     u64 *c = counters.lookup(&slot);
     if (c)
@@ -401,11 +411,16 @@ TRACEPOINT_PROBE(syscalls, sys_enter_exit_group) {
 TRACEPOINT_PROBE(signal, signal_deliver) {
     // a signal whose default action ends the process, delivered with no handler
     int sig = args->sig;
-    if (args->sa_handler != 0 || sig <= 0 || sig >= 32)
+    if (args->sa_handler != 0 || !is_fatal_by_default(sig))
         return 0;
-    if (sig == 17 || sig == 18 || sig == 19 || sig == 20 || sig == 21 || sig == 22 || sig == 23 || sig == 28)
-        return 0;  // SIGCHLD, SIGCONT, SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU, SIGURG, SIGWINCH
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (sig == 9) {
+        // a group exit shows as SIGKILL here; the signal sent says why
+        int *sent = fatal_sent.lookup(&tgid);
+        if (sent)
+            sig = *sent;
+    }
+    fatal_sent.delete(&tgid);
     struct exit_info fresh = {.code = -1, .sig = sig};
     exits.update(&tgid, &fresh);
     return 0;
@@ -504,8 +519,18 @@ TRACEPOINT_PROBE(oom, mark_victim) {
 
 // ---------------------------------------------------------------- signal
 
-#ifdef KIND_SIGNAL
+#if defined(HAVE_SIGNAL_GENERATE) && (defined(KIND_SIGNAL) || defined(KIND_EXIT))
 TRACEPOINT_PROBE(signal, signal_generate) {
+#ifdef KIND_EXIT
+    // a fatal signal sent to a task without a handler reaches it as SIGKILL
+    // (complete_signal), so remember the signal that was sent
+    int fsig = args->sig;
+    if (args->result == 0 && is_fatal_by_default(fsig)) {
+        u32 target = args->pid;
+        fatal_sent.update(&target, &fsig);
+    }
+#endif
+#ifdef KIND_SIGNAL
     u64 now = bpf_ktime_get_boot_ns();
     u64 cgid = bpf_get_current_cgroup_id();
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -523,6 +548,7 @@ TRACEPOINT_PROBE(signal, signal_generate) {
     e->target_pid = args->pid;
     bpf_probe_read_kernel(e->target_comm, sizeof(e->target_comm), args->comm);
     emit(e, sizeof(*e), EV_SIGNAL);
+#endif
     return 0;
 }
 #endif

@@ -99,7 +99,7 @@ class EbpfReceiver:
         self._dropped: dict[str, int] = {}
         self._start_unix_ns = time.time_ns()
         self._resource_attrs = [("host.name", socket.gethostname()), ("os.type", "linux"), ("service.name", "tapio")]
-        self._callback = None
+        self._ring_open = False
 
     # -- lifecycle
 
@@ -115,9 +115,11 @@ class EbpfReceiver:
             self._resolver = ContainerResolver(
                 max_entries=config.container_cache_size,
                 root_cgroup_id=os.stat(root).st_ino if root else 1,
+                cgroup2_root=root,
             )
-            ring = program.bpf["events"]
+            ring = program.bpf[b"events"]
             ring.open_ring_buffer(self._on_raw)
+            self._ring_open = True
             fd = ring.map_fd
             self._start_unix_ns = time.time_ns()
             settings.logger.info("%s: tracing %s", settings.id, ", ".join(program.enabled))
@@ -132,10 +134,11 @@ class EbpfReceiver:
         finally:
             with trio.CancelScope(shield=True):
                 try:
-                    if self._resolver is not None:
+                    if self._ring_open:
                         self.drain()
                         self._poll_counters()
                 finally:
+                    self._ring_open = False
                     program.close()
                     self.program = None
 

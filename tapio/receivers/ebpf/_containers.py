@@ -10,11 +10,16 @@ Invariants:
   events of a process whose /proc entry is gone still resolve. The root
   cgroup's id (shared by every task not placed in a cgroup2 cgroup) is never
   used as a key on its own.
+- When a process is gone before its first event is handled, its cgroup id
+  is looked up by walking the cgroup2 tree, at most once per cgroup id (a
+  miss is remembered), so a storm of short-lived processes in one cgroup
+  costs one walk.
 - Every lookup that finds no container says why, as one of `REASONS`.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -99,8 +104,20 @@ class ContainerResolver:
     a disk, done once per new process.
     """
 
-    def __init__(self, *, proc_root: str = "/proc", max_entries: int = 16384, root_cgroup_id: int = 1) -> None:
+    def __init__(
+        self,
+        *,
+        proc_root: str = "/proc",
+        max_entries: int = 16384,
+        root_cgroup_id: int = 1,
+        cgroup2_root: str | None = None,
+    ) -> None:
         self._proc = proc_root.rstrip("/")
+        self._cgroup2 = cgroup2_root
+        #: cgroup ids a tree walk did not find (not containers, or already gone)
+        self._scan_missed: OrderedDict[int, None] = OrderedDict()
+        #: tree walks done, for tests and benchmarks
+        self.scans = 0
         self._max = max_entries
         self._root = root_cgroup_id
         self._by_pid: OrderedDict[tuple[int, int], Container | None] = OrderedDict()
@@ -118,24 +135,56 @@ class ContainerResolver:
             if known is not None:
                 self._by_cgroup.move_to_end(cgroup_id)
                 return known, ""
+        found, reason = self._from_proc(pid)
+        if found is None and reason != "host" and cgroup_id and cgroup_id != self._root:
+            # the process is gone (or never had an entry): look the cgroup up in the tree
+            known = self._scan_for(cgroup_id)
+            if known is not None:
+                return known, ""
+        if found is not None or reason == "host":
+            self._remember(key, found)
+        return found, reason
+
+    def _from_proc(self, pid: int) -> tuple[Container | None, str]:
         if pid <= 0:
             return None, "no_pid"
         try:
             with open(f"{self._proc}/{pid}/cgroup", "rb") as f:
                 text = f.read(65536).decode("utf-8", "replace")
-        except FileNotFoundError:
-            return None, "process_gone"
-        except ProcessLookupError:
+        except (FileNotFoundError, ProcessLookupError):
             return None, "process_gone"
         except OSError:
             return None, "unreadable"
         if not text:
             return None, "process_gone"  # a reaped zombie reads empty
         found = parse_cgroup(text)
-        self._remember(key, found)
+        return found, "" if found is not None else "host"
+
+    def _scan_for(self, cgroup_id: int) -> Container | None:
+        """Walk the cgroup2 tree for container cgroups (once per cgroup id it does not find)."""
+        if self._cgroup2 is None or cgroup_id in self._scan_missed:
+            return None
+        self.scans += 1
+        root = self._cgroup2.rstrip("/")
+        for dirpath, dirnames, _ in os.walk(root):
+            for name in dirnames:
+                path = f"{dirpath}/{name}"
+                found = parse_cgroup_path(path[len(root):] + "/")
+                if found is None:
+                    continue
+                try:
+                    inode = os.stat(path).st_ino
+                except OSError:
+                    continue
+                self._by_cgroup[inode] = found
+                if len(self._by_cgroup) > self._max:
+                    self._by_cgroup.popitem(last=False)
+        found = self._by_cgroup.get(cgroup_id)
         if found is None:
-            return None, "host"
-        return found, ""
+            self._scan_missed[cgroup_id] = None
+            if len(self._scan_missed) > self._max:
+                self._scan_missed.popitem(last=False)
+        return found
 
     def forget_pid(self, pid: int, cgroup_id: int) -> None:
         """Drop a process that exited (its pid may be reused); its cgroup stays known."""

@@ -61,7 +61,7 @@ class Program:
 
     def counters(self) -> list[int]:
         """The kernel's counter slots summed over CPUs (see CNT_* in the C source)."""
-        table = self.bpf["counters"]
+        table = self.bpf[b"counters"]
         return [sum(v) for v in (table.getvalue(table.Key(i)) for i in range(16))]
 
     def close(self) -> None:
@@ -234,6 +234,8 @@ def plan(config: Config, tracefs: str) -> tuple[list[str], dict[str, str], list[
                 cflags.append(flag)
     if "signal" in enabled:
         cflags.append("-DKIND_SIGNAL")
+    if tp("signal/signal_generate") is not None:
+        cflags.append("-DHAVE_SIGNAL_GENERATE")
     return enabled, disabled, cflags
 
 
@@ -284,11 +286,11 @@ def _build(config: Config, self_pid: int) -> Program:
     program = Program(bpf=bpf, enabled=enabled, disabled=disabled, boot_to_unix_ns=_boot_to_unix_ns())
     try:
         if cgroup_ids:
-            table = bpf["cgroup_filter"]
+            table = bpf[b"cgroup_filter"]
             for cid in cgroup_ids:
                 table[table.Key(cid)] = table.Leaf(1)
         if f.comms:
-            table = bpf["comm_filter"]
+            table = bpf[b"comm_filter"]
             for comm in f.comms:
                 key = table.Key()
                 key.comm = comm.encode()

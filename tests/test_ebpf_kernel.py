@@ -1,0 +1,477 @@
+"""The ebpf receiver against the real kernel: each event kind, container ids, loss, filters, restart.
+
+Needs root, bcc, kernel headers and tracefs. With CI=true a missing
+prerequisite fails; elsewhere the tests skip and say why.
+
+Compiling costs over a second, so one receiver with the default config is
+started once for this module (`live`) in a thread of its own with its own
+trio loop; tests wait on its recorded batches with a deadline. The storm,
+filter and restart tests need their own configs and start their own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import uuid
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import trio
+
+from tapio.component import ComponentID, Kind, Ports, Settings
+from tapio.pdata import Batch, Signal
+from tapio.telemetry import Telemetry
+from tapio.testing.sink import RecordingConsumer
+
+CGROUP2 = Path("/sys/fs/cgroup/unified")
+MEMCG = Path("/sys/fs/cgroup/memory")
+
+
+def _missing() -> str | None:
+    if os.geteuid() != 0:
+        return "not root"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "bcc is not importable (run scripts/setup.sh)"
+    build = Path(f"/lib/modules/{os.uname().release}/build/include")
+    if not build.is_dir():
+        return f"kernel headers missing at {build}"
+    return None
+
+
+def require(what: str | None) -> None:
+    if what is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"ebpf kernel test prerequisite missing in CI: {what}")
+    pytest.skip(f"ebpf kernel test needs {what}")
+
+
+def attrs(item: Any) -> dict[str, Any]:
+    out = {}
+    for kv in item.attributes:
+        kind = kv.value.WhichOneof("value")
+        if kind == "array_value":
+            out[kv.key] = [v.string_value for v in kv.value.array_value.values]
+        else:
+            out[kv.key] = getattr(kv.value, kind)
+    return out
+
+
+def log_records(batches: list[Batch]) -> list[tuple[dict[str, Any], Any]]:
+    out = []
+    for b in batches:
+        if b.signal is Signal.LOGS:
+            for req in b.requests:
+                for rl in req.resource_logs:
+                    for sl in rl.scope_logs:
+                        out.extend((attrs(r), r) for r in sl.log_records)
+    return out
+
+
+def spans(batches: list[Batch]) -> list[tuple[dict[str, Any], Any]]:
+    out = []
+    for b in batches:
+        if b.signal is Signal.TRACES:
+            for req in b.requests:
+                for rs in req.resource_spans:
+                    for ss in rs.scope_spans:
+                        out.extend((attrs(s), s) for s in ss.spans)
+    return out
+
+
+def make_settings(telemetry: Telemetry, name: str = "") -> Settings:
+    return Settings(
+        id=ComponentID("ebpf", name),
+        kind=Kind.RECEIVER,
+        telemetry=telemetry.for_component("receiver", str(ComponentID("ebpf", name))),
+        logger=logging.getLogger("test.ebpf"),
+    )
+
+
+class ThreadSink:
+    """A Consumer whose batches can be awaited from another trio loop (the tests')."""
+
+    signals = frozenset(Signal)
+
+    def __init__(self) -> None:
+        self.batches: list[Batch] = []
+        self._cond = threading.Condition()
+
+    async def send(self, batch: Batch) -> None:
+        self.send_nowait(batch)
+
+    def send_nowait(self, batch: Batch) -> None:
+        with self._cond:
+            self.batches.append(batch)
+            self._cond.notify_all()
+
+    def wait(self, pick: Callable[[list[Batch]], Any], timeout: float) -> Any:
+        with self._cond:
+            found = None
+
+            def ready() -> bool:
+                nonlocal found
+                found = pick(list(self.batches))
+                return bool(found)
+
+            self._cond.wait_for(ready, timeout)
+            return found
+
+
+class LiveReceiver:
+    """The default-config receiver running in its own thread and trio loop."""
+
+    def __init__(self) -> None:
+        from tapio.receivers.ebpf import factory
+        from tapio.receivers.ebpf._config import Config
+
+        self.sink = ThreadSink()
+        self.telemetry = Telemetry()
+        self.receiver = factory.create(make_settings(self.telemetry, "live"), Config(flush_interval=0.01, metrics_interval=1.0), Ports(output=self.sink))
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._token: Any = None
+        self._cancel: trio.CancelScope | None = None
+        self._thread = threading.Thread(target=self._main, name="ebpf-live", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._started.wait(60)
+        if self._error is not None:
+            raise self._error
+
+    def _main(self) -> None:
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.receiver.run)
+                self._token = trio.lowlevel.current_trio_token()
+                self._cancel = nursery.cancel_scope
+                self._started.set()
+
+        try:
+            trio.run(main)
+        except BaseException as exc:
+            self._error = exc
+            self._started.set()
+
+    def stop(self) -> None:
+        if self._token is not None and self._cancel is not None:
+            trio.from_thread.run_sync(self._cancel.cancel, trio_token=self._token)
+        self._thread.join(30)
+
+    async def wait_record(self, match: Callable[[dict[str, Any]], bool], timeout: float = 10) -> tuple[dict[str, Any], Any]:
+        def pick(batches: list[Batch]) -> Any:
+            return next(((a, r) for a, r in log_records(batches) if match(a)), None)
+
+        found = await trio.to_thread.run_sync(self.sink.wait, pick, timeout)
+        assert found, "no matching log record within the deadline"
+        return found
+
+    async def wait_span(self, match: Callable[[dict[str, Any], Any], bool], timeout: float = 10) -> tuple[dict[str, Any], Any]:
+        def pick(batches: list[Batch]) -> Any:
+            return next(((a, s) for a, s in spans(batches) if match(a, s)), None)
+
+        found = await trio.to_thread.run_sync(self.sink.wait, pick, timeout)
+        assert found, "no matching span within the deadline"
+        return found
+
+
+@pytest.fixture(scope="module")
+def live():
+    require(_missing())
+    receiver = LiveReceiver()
+    receiver.start()
+    yield receiver
+    receiver.stop()
+
+
+async def test_exec_and_exit_name_the_child(live):
+    proc = await trio.run_process(["/bin/sh", "-c", "exit 3"], check=False)
+    assert proc.returncode == 3
+    # run_process does not tell the pid; find the exec by its argv and check the pid in the exit
+    exec_attrs, exec_rec = await live.wait_record(
+        lambda a: a.get("tapio.ebpf.event") == "exec" and a.get("process.command_args") == ["/bin/sh", "-c", "exit 3"]
+    )
+    assert exec_attrs["process.executable.path"] == "/bin/sh"
+    assert exec_attrs["process.parent_pid"] == os.getpid()
+    pid = exec_attrs["process.pid"]
+    assert exec_rec.time_unix_nano > 0 and exec_rec.event_name == "tapio.ebpf.exec"
+    exit_attrs, _ = await live.wait_record(lambda a: a.get("tapio.ebpf.event") == "exit" and a["process.pid"] == pid)
+    assert exit_attrs["process.exit.code"] == 3
+    assert exit_attrs["tapio.ebpf.exit.lifetime_ns"] > 0
+    span_attrs, span = await live.wait_span(lambda a, s: a.get("process.pid") == pid)
+    assert span.name == "process sh" and span.end_time_unix_nano > span.start_time_unix_nano
+
+
+async def test_exec_pid_matches_a_started_child(live):
+    async with trio.open_nursery() as nursery:
+        proc = await nursery.start(trio.run_process, ["/bin/sleep", "0.2"])
+        pid = proc.pid
+    a, _ = await live.wait_record(lambda a: a.get("tapio.ebpf.event") == "exec" and a["process.pid"] == pid)
+    assert a["process.executable.path"] == "/bin/sleep"
+    assert a["process.command_args"] == ["/bin/sleep", "0.2"]
+    b, _ = await live.wait_record(lambda a: a.get("tapio.ebpf.event") == "exit" and a["process.pid"] == pid)
+    assert b["process.exit.code"] == 0
+
+
+async def test_open_reports_path_flags_fd_and_errno(live, tmp_path):
+    target = tmp_path / f"opened-{uuid.uuid4().hex}"
+    missing = tmp_path / f"missing-{uuid.uuid4().hex}"
+    code = f"open({str(target)!r}, 'w').close()\ntry:\n    open({str(missing)!r})\nexcept OSError:\n    pass\n"
+    await trio.run_process([sys.executable, "-c", code])
+    a, _ = await live.wait_record(lambda a: a.get("file.path") == str(target))
+    assert {"O_WRONLY", "O_CREAT", "O_TRUNC"} <= set(a["tapio.ebpf.open.flags_text"].split("|"))
+    assert a["tapio.ebpf.open.fd"] >= 0
+    assert a["tapio.ebpf.comm"].startswith("python")
+    b, _ = await live.wait_record(lambda a: a.get("file.path") == str(missing))
+    assert b["error.type"] == "ENOENT" and "tapio.ebpf.open.fd" not in b
+
+
+TCP_CHILD = textwrap.dedent(
+    """
+    import json, socket, sys, time
+    family = socket.AF_INET6 if sys.argv[1] == "6" else socket.AF_INET
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    srv = socket.socket(family, socket.SOCK_STREAM)
+    srv.bind((host, 0)); srv.listen()
+    cli = socket.create_connection((host, srv.getsockname()[1]))
+    conn, peer = srv.accept()
+    time.sleep(0.05)
+    cli.sendall(b"x"); conn.recv(1)
+    print(json.dumps({"server_port": srv.getsockname()[1], "client_port": cli.getsockname()[1]}))
+    cli.close(); conn.close(); srv.close()
+    """
+)
+
+
+@pytest.mark.parametrize("version", ["4", "6"])
+async def test_tcp_connect_accept_close_on_loopback(live, version):
+    proc = await trio.run_process([sys.executable, "-c", TCP_CHILD, version], capture_stdout=True)
+    ports = json.loads(proc.stdout)
+    server, client = ports["server_port"], ports["client_port"]
+    loopback = "::1" if version == "6" else "127.0.0.1"
+    net = f"ipv{version}"
+
+    def tcp(event: str, local: int, peer: int) -> Callable[[dict[str, Any]], bool]:
+        return lambda a: (
+            a.get("tapio.ebpf.tcp.event") == event
+            and a["network.local.port"] == local
+            and a["network.peer.port"] == peer
+            and a["network.type"] == net
+        )
+
+    conn, _ = await live.wait_record(tcp("connect", client, server))
+    assert conn["network.peer.address"] == loopback and conn["network.transport"] == "tcp"
+    assert conn["tapio.ebpf.tcp.old_state"] == "SYN_SENT" and conn["tapio.ebpf.tcp.new_state"] == "ESTABLISHED"
+    pid = conn["process.pid"]
+    assert conn["tapio.ebpf.comm"].startswith("python")
+    acc, _ = await live.wait_record(tcp("accept", server, client))
+    assert acc["process.pid"] == pid, "accept is attributed to the accepting process"
+    assert acc["network.local.address"] == loopback and acc["tapio.ebpf.tcp.fd"] >= 0
+    for local, peer in ((client, server), (server, client)):
+        close, _ = await live.wait_record(tcp("close", local, peer))
+        assert close["process.pid"] == pid
+        assert close["tapio.ebpf.tcp.new_state"] == "CLOSE"
+        assert close["tapio.ebpf.tcp.duration_ns"] >= 50_000_000  # the child held the connection 50 ms
+        assert "ESTABLISHED" in close["tapio.ebpf.tcp.states"]
+    span_attrs, span = await live.wait_span(lambda a, s: a.get("network.local.port") == client and a.get("tapio.ebpf.tcp.event") == "close")
+    assert span.name == f"tcp connect {'[::1]' if version == '6' else loopback}:{server}"
+    assert span.end_time_unix_nano - span.start_time_unix_nano >= 50_000_000
+
+
+async def test_signal_names_sender_target_and_number(live):
+    async with trio.open_nursery() as nursery:
+        target = await nursery.start(partial(trio.run_process, ["/bin/sleep", "30"], check=False))
+        kill = await trio.run_process(["/bin/kill", "-USR1", str(target.pid)], check=False)
+        assert kill.returncode == 0
+    a, _ = await live.wait_record(lambda a: a.get("tapio.ebpf.event") == "signal" and a["tapio.ebpf.signal.target_pid"] == target.pid and a["tapio.ebpf.signal.number"] == signal.SIGUSR1)
+    assert a["tapio.ebpf.signal.name"] == "SIGUSR1"
+    assert a["tapio.ebpf.comm"] == "kill"
+    assert a["tapio.ebpf.signal.target_comm"] == "sleep"
+    b, _ = await live.wait_record(lambda a: a.get("tapio.ebpf.event") == "exit" and a["process.pid"] == target.pid)
+    assert b["tapio.ebpf.exit.signal"] == "SIGUSR1"
+
+
+async def test_oom_kill_names_the_victim(live):
+    if not (MEMCG / "cgroup.procs").exists():
+        require("the cgroup v1 memory controller at /sys/fs/cgroup/memory")
+    group = MEMCG / f"tapio-oom-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(32 << 20))
+        script = f'echo $$ > {group}/cgroup.procs; exec {sys.executable} -c "a=[b\\"x\\"*(1<<20) for _ in range(200)]"'
+        async with trio.open_nursery() as nursery:
+            proc = await nursery.start(partial(trio.run_process, ["/bin/sh", "-c", script], check=False))
+            proc_pid = proc.pid
+        # the victim is the exec'ed python, which kept the shell's pid
+        a, rec = await live.wait_record(lambda a: a.get("tapio.ebpf.event") == "oom" and a["process.pid"] == proc_pid)
+        assert a["tapio.ebpf.comm"].startswith("python")
+        assert a["tapio.ebpf.oom.anon_rss_kb"] > 20 * 1024
+        assert rec.severity_text == "WARN"
+        b, _ = await live.wait_record(lambda a: a.get("tapio.ebpf.event") == "exit" and a["process.pid"] == proc_pid)
+        assert b["tapio.ebpf.exit.signal"] == "SIGKILL"
+    finally:
+        with trio.fail_after(10):
+            while True:
+                try:
+                    group.rmdir()
+                    break
+                except OSError:
+                    await trio.sleep(0.05)
+
+
+KUBELET_LAYOUTS = [
+    (
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice/cri-containerd-{cid}.scope",
+        "containerd",
+    ),
+    ("kubepods/burstable/pod{uid}/{cid}", ""),
+    ("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid_}.slice/crio-{cid}.scope", "cri-o"),
+]
+
+
+@pytest.mark.parametrize("layout,runtime", KUBELET_LAYOUTS)
+async def test_container_id_from_kubelet_cgroup_layouts(live, tmp_path, layout, runtime):
+    if not (CGROUP2 / "cgroup.procs").exists():
+        require("cgroup2 mounted at /sys/fs/cgroup/unified")
+    cid = uuid.uuid4().hex + uuid.uuid4().hex
+    pod = str(uuid.uuid4())
+    top = f"tapio-test-{uuid.uuid4().hex[:8]}"
+    leaf = CGROUP2 / top / layout.format(uid=pod, uid_=pod.replace("-", "_"), cid=cid)
+    leaf.mkdir(parents=True)
+    try:
+        marker = tmp_path / "in-container"
+        script = f"echo $$ > {leaf}/cgroup.procs; exec /bin/cat {marker}"
+        marker.write_text("x")
+        await trio.run_process(["/bin/sh", "-c", script], capture_stdout=True)
+        a, _ = await live.wait_record(lambda a: a.get("tapio.ebpf.event") == "exec" and a.get("process.command_args") == ["/bin/cat", str(marker)])
+        assert a["tapio.ebpf.cgroup_id"] == leaf.stat().st_ino
+        assert a["container.id"] == cid
+        assert a["k8s.pod.uid"] == pod
+        if runtime:
+            assert a["container.runtime.name"] == runtime
+        # the exit arrives after the process is gone; its container is still known
+        b, _ = await live.wait_record(lambda b: b.get("tapio.ebpf.event") == "exit" and b["process.pid"] == a["process.pid"])
+        assert b["container.id"] == cid
+    finally:
+        for d in sorted((p for p in (CGROUP2 / top).rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            d.rmdir()
+        (CGROUP2 / top).rmdir()
+
+
+async def test_live_receiver_reports_metrics_and_counts(live):
+    def pick(batches: list[Batch]) -> Any:
+        return next((b for b in batches if b.signal is Signal.METRICS), None)
+
+    batch = await trio.to_thread.run_sync(live.sink.wait, pick, 10)
+    assert batch is not None
+    names = {m.name for m in batch.requests[0].resource_metrics[0].scope_metrics[0].metrics}
+    assert {"tapio.ebpf.events", "tapio.ebpf.events.lost", "tapio.ebpf.container.unresolved"} <= names
+    assert live.telemetry.value("tapio_ebpf_events_total", kind="exec") > 0
+
+
+# -- receivers of their own
+
+
+async def _run_receiver(config: Any, sink: RecordingConsumer, telemetry: Telemetry, nursery: trio.Nursery) -> Any:
+    from tapio.receivers.ebpf import factory
+
+    receiver = factory.create(make_settings(telemetry), config, Ports(output=sink))
+    await nursery.start(receiver.run)
+    return receiver
+
+
+async def test_storm_against_a_tiny_ring_buffer_counts_losses_and_keeps_running(tmp_path):
+    require(_missing())
+    from tapio.receivers.ebpf._config import Config, EventsConfig, FiltersConfig
+
+    prefix = str(tmp_path) + "/"
+    config = Config(
+        events=EventsConfig(process=False, network=False, oom=False, signal=False),
+        filters=FiltersConfig(path_prefixes=[prefix]),
+        ring_buffer_size=4096,
+        flush_interval=0.5,
+    )
+    sink, telemetry = RecordingConsumer(), Telemetry()
+    async with trio.open_nursery() as nursery:
+        receiver = await _run_receiver(config, sink, telemetry, nursery)
+        storm = f"import os\nfor i in range(3000):\n    os.close(os.open({prefix!r} + 'storm', os.O_RDONLY | os.O_CREAT))\n"
+        await trio.run_process([sys.executable, "-c", storm])
+        with trio.fail_after(10):
+            while receiver.kernel_counters()["lost"]["open"] == 0:
+                await trio.sleep(0.1)
+        assert telemetry.value("tapio_ebpf_events_lost_total", kind="open") > 0
+        # still running: a later open arrives
+        after = tmp_path / "after-storm"
+        await trio.run_process([sys.executable, "-c", f"open({str(after)!r}, 'w')"])
+        with trio.fail_after(10):
+            await sink.wait_until(lambda: any(a.get("file.path") == str(after) for a, _ in log_records(sink.batches)))
+        nursery.cancel_scope.cancel()
+
+
+async def test_filters_keep_the_prefix_and_comm_and_drop_the_rest(tmp_path):
+    require(_missing())
+    from tapio.receivers.ebpf._config import Config, EventsConfig, FiltersConfig
+
+    keep, drop = tmp_path / "keep", tmp_path / "drop"
+    keep.mkdir(), drop.mkdir()
+    comm = "tapio-filt"  # argv[0]-independent: set with prctl below
+    config = Config(
+        events=EventsConfig(process=False, network=False, oom=False, signal=False),
+        filters=FiltersConfig(path_prefixes=[str(tmp_path) + "/"], exclude_path_prefixes=[str(drop) + "/"], comms=[comm]),
+        flush_interval=0.01,
+    )
+    child = textwrap.dedent(
+        f"""
+        import ctypes, sys
+        open({str(keep / 'a')!r}, 'w')            # wrong comm yet: dropped
+        ctypes.CDLL(None).prctl(15, {comm.encode()!r}, 0, 0, 0)   # PR_SET_NAME
+        open({str(drop / 'b')!r}, 'w')            # excluded prefix: dropped
+        open('/etc/hostname')                     # outside the prefixes: dropped
+        open({str(keep / 'c')!r}, 'w')            # kept
+        """
+    )
+    sink, telemetry = RecordingConsumer(), Telemetry()
+    async with trio.open_nursery() as nursery:
+        await _run_receiver(config, sink, telemetry, nursery)
+        await trio.run_process([sys.executable, "-c", child])
+        with trio.fail_after(10):
+            await sink.wait_until(lambda: any(a.get("file.path") == str(keep / "c") for a, _ in log_records(sink.batches)))
+        nursery.cancel_scope.cancel()
+    seen = [a for a, _ in log_records(sink.batches)]
+    assert all(a["tapio.ebpf.comm"] == comm for a in seen)
+    assert [a["file.path"] for a in seen] == [str(keep / "c")]
+
+
+def _tapio_prog_ids() -> set[int]:
+    out = subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True, check=True).stdout
+    return {p["id"] for p in json.loads(out) if p.get("type") == "tracepoint"}
+
+
+async def test_restart_leaves_no_programs_behind():
+    require(_missing())
+    if shutil.which("bpftool") is None:
+        require("bpftool")
+    from tapio.receivers.ebpf._config import Config
+
+    before = _tapio_prog_ids()
+    for _ in range(2):
+        sink, telemetry = RecordingConsumer(), Telemetry()
+        async with trio.open_nursery() as nursery:
+            await _run_receiver(Config(), sink, telemetry, nursery)
+            ours = _tapio_prog_ids() - before
+            assert len(ours) >= 10, "every event kind's programs are loaded"
+            nursery.cancel_scope.cancel()
+        assert not (_tapio_prog_ids() & ours), "programs still loaded after the receiver stopped"
