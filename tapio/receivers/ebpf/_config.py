@@ -109,7 +109,7 @@ class Config:
     )
     metrics_interval: Duration = setting(
         Duration(10.0),
-        doc="How often cumulative counters are emitted on the metrics signal (and kernel loss counters read). 0 emits no metrics.",
+        doc="How often cumulative counters are emitted on the metrics signal. 0 emits none (the kernel's loss counters are still read every second for tapio's own metrics).",
     )
     traces: TracesConfig = setting(default_factory=TracesConfig, doc="Spans for process exec→exit and TCP connect/accept→close.")
     container_cache_size: int = setting(
