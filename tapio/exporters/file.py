@@ -8,9 +8,11 @@ Invariants:
   each record is its own gzip member, so the file is a valid multi-member
   gzip stream at every record boundary. A write that fails is cut back off
   the file (best effort), so a later record never follows a partial one.
-- Items are counted ``exporter_sent`` when their record has been handed to
-  the operating system, ``exporter_send_failed`` when that write failed; a
-  record waiting in the write buffer is neither, yet.
+- A batch is counted ``exporter_sent`` and finished as delivered
+  (``Batch.done(True)``) when its record has been handed to the operating
+  system; ``exporter_send_failed`` and ``done(False)`` when that write
+  failed. A record waiting in the write buffer is neither, yet. Every batch
+  taken from the input ends one way or the other, also on shutdown.
 - All file I/O (and the encoding) runs in one worker thread at a time,
   serialized by a `trio.Lock`; the trio thread only waits for it.
 
@@ -258,7 +260,10 @@ class FileExporter:
                 if self.config.flush_interval > 0:
                     nursery.start_soon(self._flush_periodically)
                 async for batch in self.input:
-                    await self._in_thread(self.writer.add, batch)
+                    # shielded: a batch taken from the input is always buffered (or counted as failed),
+                    # never lost to a cancellation arriving while the periodic flush holds the lock
+                    with trio.CancelScope(shield=True):
+                        await self._in_thread(self.writer.add, batch)
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(self.settings.shutdown_grace):
