@@ -21,11 +21,17 @@ Invariants:
 - Both directions are pure functions: no I/O, no global state besides the
   per-descriptor plans, which are built once per message type on first use.
 
-Speed (protobuf 7 upb, Python 3.11, one log record with 10 attributes; see
-tests/test_otlpjson.py::test_encode_speed): the encoder walks messages with
-``ListFields()`` through a per-field plan and hands one tree of dicts to the
-C JSON encoder; the decoder turns the parsed JSON into keyword arguments and
-lets the upb constructor build the whole message tree in C.
+Speed, measured here (protobuf 7 upb, Debian's Python 3.11, 2 cores; one
+log record with 10 attributes; tests/test_otlpjson.py::test_encode_speed):
+encode ~11-12 µs per record, json_format.MessageToJson ~120 µs; decode
+~22-30 µs, json_format.Parse ~130-190 µs. The encoder walks messages with
+``ListFields()`` through a per-field plan and writes JSON text directly
+(attributes take a hand-written path; about 60% of the time is upb field
+access itself). The decoder turns the parsed JSON into keyword arguments and
+lets the upb constructor build the message tree in C.
+
+Two details of our output: an attribute's ``key`` is always written (also
+when empty), and NaN is written as ``"NaN"`` (so NaN payload bits are lost).
 """
 
 from __future__ import annotations
