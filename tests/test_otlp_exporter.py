@@ -610,3 +610,26 @@ async def test_corrupt_storage_item_is_counted_and_removed(tmp_path: Path):
             assert storage.queue_sizes() == {}
     finally:
         storage.close()
+
+
+# ---------------------------------------------------------------- docs
+
+
+def _shown(default: Any) -> str:
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, dict):
+        return "{}"
+    return '""' if default == "" else str(default)
+
+
+@pytest.mark.parametrize("factory", [grpc_factory, http_factory], ids=lambda f: f.type)
+def test_doc_page_lists_exactly_the_config_keys_with_their_defaults(factory):
+    import re
+
+    from tapio.config import config_fields
+
+    page = Path(__file__).resolve().parent.parent / "docs" / "components" / f"{factory.type}.md"
+    rows = re.findall(r"^\| `([a-z_.]+)` \| `([^`]*)` \|", page.read_text(), flags=re.M)
+    assert dict(rows) == {key: _shown(default) for key, _, default, _ in config_fields(factory.config_class)}
+    assert len(rows) == len(dict(rows))
