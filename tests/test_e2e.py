@@ -7,7 +7,6 @@ HTTP exporters, the file on disk and /metrics over HTTP.
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import subprocess
 import threading
@@ -78,7 +77,7 @@ def sdk_send_all(grpc_port: int, http_port: int, n_logs: int) -> None:
     from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as HttpLogs
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpMetrics
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpans
-    from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
+    from opentelemetry.sdk._logs import LoggerProvider
     from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
@@ -94,15 +93,10 @@ def sdk_send_all(grpc_port: int, http_port: int, n_logs: int) -> None:
         resource = Resource.create({"service.name": f"e2e-{transport}"})
         lp = LoggerProvider(resource=resource)
         lp.add_log_record_processor(BatchLogRecordProcessor(logs_exp))
-        pylog = logging.getLogger(f"e2e.{transport}")
-        pylog.propagate = False
-        pylog.setLevel(logging.INFO)
-        handler = LoggingHandler(logger_provider=lp)
-        pylog.addHandler(handler)
+        otel_logger = lp.get_logger(f"e2e.{transport}")
         for i in range(n_logs):
-            pylog.warning("hello %s %d", transport, i, extra={"attempt": i})
+            otel_logger.emit(body=f"hello {transport} {i}", severity_text="WARN", attributes={"attempt": i})
         assert lp.force_flush(10_000)
-        pylog.removeHandler(handler)
         lp.shutdown()
 
         tp = TracerProvider(resource=resource)
@@ -120,8 +114,7 @@ def sdk_send_all(grpc_port: int, http_port: int, n_logs: int) -> None:
         counter = mp.get_meter("e2e").create_counter(f"requests.{transport}")
         counter.add(7, {"route": "/a"})
         counter.add(5, {"route": "/b"})
-        assert mp.force_flush(10_000)
-        mp.shutdown()
+        mp.shutdown()  # collects and exports once
 
 
 def test_sdk_exporters_to_file(tapio):

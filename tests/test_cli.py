@@ -1,0 +1,105 @@
+"""The command line as a user meets it: `tapio validate` / `tapio run` on hostile configs.
+
+Each case runs the real `tapio` executable and checks the exit status (2),
+the message, and that it names file:line:column and the key path, without
+a traceback.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tapio.testing.process import tapio_command
+
+GOOD = """\
+receivers:
+  otlp:
+    protocols:
+      http: {endpoint: "127.0.0.1:4318"}
+processors:
+  batch: {}
+exporters:
+  debug: {}
+service:
+  pipelines:
+    logs: {receivers: [otlp], processors: [batch], exporters: [debug]}
+"""
+
+
+def tapio(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run([*tapio_command(), *args], capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def check_config(tmp_path: Path, text: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(textwrap.dedent(text))
+    return tapio(*args or ("validate",), "-c", str(path), env=env)
+
+
+CASES = [
+    # (what, yaml edit: (old, new), expected fragment with location)
+    ("unknown type", ("  batch: {}", "  bacth: {}"), r"pipelines.yaml:6:3: processors.bacth: unknown processor type 'bacth'; did you mean 'batch'? (registered: batch)"),
+    ("unknown key", ("  debug: {}", "  debug: {verbosty: basic}"), r"pipelines.yaml:8:11: exporters.debug.verbosty: unknown key 'verbosty'; did you mean 'verbosity'?"),
+    ("bad duration", ("  batch: {}", "  batch: {timeout: 5x}"), r"pipelines.yaml:6:20: processors.batch.timeout: invalid duration '5x': expected a number with a unit"),
+    ("negative size", ("  batch: {}", "  batch: {send_batch_size: -5}"), r"pipelines.yaml:6:28: processors.batch.send_batch_size: must be >= 0, got -5"),
+    ("port out of range", ('"127.0.0.1:4318"', '"127.0.0.1:70000"'), r"pipelines.yaml:4:24: receivers.otlp.protocols.http.endpoint: port 70000 is out of range (1-65535)"),
+    ("undefined component", ("exporters: [debug]}", "exporters: [debgu]}"), r"pipelines.yaml:11:64: service.pipelines.logs.exporters[0]: exporter 'debgu' is not defined in exporters; did you mean 'debug'?"),
+    ("mistyped value", ("  batch: {}", "  batch: {send_batch_size: lots}"), r"pipelines.yaml:6:28: processors.batch.send_batch_size: expected an integer, got 'lots'"),
+]
+
+
+@pytest.mark.parametrize("what,edit,expected", CASES, ids=[c[0] for c in CASES])
+def test_hostile_config_is_reported_with_location(tmp_path, what, edit, expected):
+    old, new = edit
+    assert old in GOOD
+    res = check_config(tmp_path, GOOD.replace(old, new, 1))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    lines = [line.removeprefix("tapio: ").replace(str(tmp_path) + "/", "") for line in res.stderr.splitlines()]
+    assert any(line.startswith(expected) for line in lines), "\n".join(lines)
+    # tapio run refuses the same config the same way, starting nothing
+    res_run = check_config(tmp_path, GOOD.replace(old, new, 1), "run")
+    assert res_run.returncode == 2 and res_run.stderr == res.stderr
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    bad = GOOD.replace("  batch: {}", "  batch: {timeout: 5x}").replace("exporters: [debug]}", "exporters: [nope]}").replace("  debug: {}", "  debug: {verbosity: loud}")
+    res = check_config(tmp_path, bad)
+    assert res.returncode == 2
+    assert "processors.batch.timeout" in res.stderr
+    assert "service.pipelines.logs.exporters[0]" in res.stderr
+    assert "exporters.debug.verbosity" in res.stderr
+    assert "the configuration has 3 errors" in res.stderr
+
+
+def test_yaml_syntax_error_and_missing_file(tmp_path):
+    res = check_config(tmp_path, GOOD + "  oops: [unclosed\n")
+    assert res.returncode == 2 and "pipelines.yaml:" in res.stderr and "Traceback" not in res.stderr
+    res = tapio("validate", "-c", str(tmp_path / "missing.yaml"))
+    assert res.returncode == 2 and "missing.yaml" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_unused_component_is_a_warning_not_an_error(tmp_path):
+    res = check_config(tmp_path, GOOD.replace("  debug: {}", "  debug: {}\n  debug/spare: {}"))
+    assert res.returncode == 0, res.stderr
+    assert "warning" in res.stderr and "debug/spare" in res.stderr
+
+
+def test_env_expansion_and_merge(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(GOOD.replace('"127.0.0.1:4318"', '"127.0.0.1:${env:TEST_PORT:-4318}"'))
+    override = tmp_path / "override.yaml"
+    override.write_text("processors:\n  batch:\n    timeout: $${env:NOT_EXPANDED}\n")
+    res = tapio("validate", "-c", str(base), "-c", str(override), env={"TEST_PORT": "99999"})
+    assert res.returncode == 2
+    # the escaped $$ became a literal "${env:NOT_EXPANDED}", reported as a bad duration from the second file
+    assert "override.yaml:3:14: processors.batch.timeout: invalid duration '${env:NOT_EXPANDED}'" in res.stderr
+    assert "base.yaml:4:24: receivers.otlp.protocols.http.endpoint: port 99999 is out of range" in res.stderr
+    res = tapio("validate", "-c", str(base), env={"TEST_PORT": "4319"})
+    assert res.returncode == 0, res.stderr
