@@ -55,6 +55,10 @@ async def wait_for_result(client: httpx.AsyncClient, base: str, promql: str) -> 
             try:
                 result = await query(client, base, promql)
             except httpx.TransportError:
+                result = []  # not listening yet
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != 503:  # 503: up, but its storage is not ready yet
+                    raise
                 result = []
             if result:
                 return result
