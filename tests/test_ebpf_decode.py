@@ -196,7 +196,7 @@ def test_resolver_is_bounded(tmp_path):
 def test_default_config_is_valid_and_factory_record():
     assert Config().validate() == []
     assert factory.type == "ebpf" and factory.kind.value == "receiver"
-    assert factory.summary(Config()) == "process, file, network, oom, signal; ring buffer 1024 KiB"
+    assert factory.summary(Config()) == "process, file, network, oom, signal; ring buffer 4096 KiB"
 
 
 def test_validate_reports_every_problem_with_its_key():

@@ -34,7 +34,7 @@ import trio
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from tapio.component import Ports, Refused, Settings
@@ -51,6 +51,8 @@ SCOPE_VERSION = "0.1.0"
 #: how often the kernel's loss counters are read
 COUNTER_POLL_SECONDS = 1.0
 SEV_INFO, SEV_WARN = 9, 13
+#: tasks whose shared attributes are kept ready to copy; the cache is dropped when full
+COMMON_CACHE_SIZE = 4096
 
 EVENT_KINDS = ("exec", "exit", "open", "tcp", "oom", "signal")
 
@@ -100,6 +102,8 @@ class EbpfReceiver:
         self._start_unix_ns = time.time_ns()
         self._resource_attrs = [("host.name", socket.gethostname()), ("os.type", "linux"), ("service.name", "tapio")]
         self._ring_open = False
+        self._unresolved_now: dict[str, int] = {}
+        self._common_cache: dict[tuple, list[KeyValue]] = {}
 
     # -- lifecycle
 
@@ -265,6 +269,10 @@ class EbpfReceiver:
             if n:
                 self._events[k] += n
                 self._telemetry.add("tapio_ebpf_events_total", n, kind=k)
+        unresolved, self._unresolved_now = self._unresolved_now, {}
+        for reason, n in unresolved.items():
+            self._unresolved[reason] += n
+            self._telemetry.add("tapio_ebpf_container_unresolved_total", n, reason=reason)
         if want_logs and sl.log_records:
             self._send(Batch(Signal.LOGS, [logs], len(sl.log_records)))
         if want_traces and ss.spans:
@@ -275,8 +283,7 @@ class EbpfReceiver:
         assert self._resolver is not None
         container, reason = self._resolver.resolve(h.pid, h.cgroup_id)
         if container is None:
-            self._unresolved[reason] += 1
-            self._telemetry.add("tapio_ebpf_container_unresolved_total", 1, reason=reason)
+            self._unresolved_now[reason] = self._unresolved_now.get(reason, 0) + 1
         kind = d.KIND_NAMES[h.kind]
         ts = h.ts + offset
         rec = records.add() if records is not None else None
@@ -386,21 +393,12 @@ class EbpfReceiver:
             ]
             body = f"signal {_signal_name(ev.sig)} from {h.pid} to {ev.target_pid}"
 
-        targets = [t for t in (rec, span) if t is not None]
-        for target in targets:
+        common = self._common_attributes(h, kind, container)
+        for target in (rec, span):
+            if target is None:
+                continue
             attrs = target.attributes
-            _put(attrs, "tapio.ebpf.event", kind)
-            _put(attrs, "process.pid", h.pid)
-            _put(attrs, "thread.id", h.tid)
-            _put(attrs, "process.user.id", h.uid)
-            _put(attrs, "tapio.ebpf.comm", h.comm)
-            _put(attrs, "tapio.ebpf.cgroup_id", h.cgroup_id)
-            if container is not None:
-                _put(attrs, "container.id", container.id)
-                if container.runtime:
-                    _put(attrs, "container.runtime.name", container.runtime)
-                if container.pod_uid:
-                    _put(attrs, "k8s.pod.uid", container.pod_uid)
+            attrs.extend(common)
             for key, value in extra:
                 _put(attrs, key, value)
         if rec is not None:
@@ -412,6 +410,31 @@ class EbpfReceiver:
             rec.body.string_value = body
             if span is not None:
                 rec.trace_id, rec.span_id = span.trace_id, span.span_id
+
+    def _common_attributes(self, h: d.Header, kind: str, container: Any) -> list[KeyValue]:
+        """The attributes every event of one task and kind shares, built once and copied after."""
+        key = (h.pid, h.tid, h.uid, h.comm, h.cgroup_id, kind, container)
+        found = self._common_cache.get(key)
+        if found is not None:
+            return found
+        holder = Span()
+        attrs = holder.attributes
+        _put(attrs, "tapio.ebpf.event", kind)
+        _put(attrs, "process.pid", h.pid)
+        _put(attrs, "thread.id", h.tid)
+        _put(attrs, "process.user.id", h.uid)
+        _put(attrs, "tapio.ebpf.comm", h.comm)
+        _put(attrs, "tapio.ebpf.cgroup_id", h.cgroup_id)
+        if container is not None:
+            _put(attrs, "container.id", container.id)
+            if container.runtime:
+                _put(attrs, "container.runtime.name", container.runtime)
+            if container.pod_uid:
+                _put(attrs, "k8s.pod.uid", container.pod_uid)
+        if len(self._common_cache) >= COMMON_CACHE_SIZE:
+            self._common_cache.clear()
+        found = self._common_cache[key] = list(attrs)
+        return found
 
     def _remember_exec(self, pid: int, filename: str, ts: int) -> None:
         limit = self._config.traces.max_pending

@@ -2,7 +2,7 @@
 
 Invariants:
 - Every default works on a fresh node as root: all event kinds on, no
-  filters but the agent's own events, a 1 MiB ring buffer.
+  filters but the agent's own events, a 4 MiB ring buffer (about 0.4 s of a 10k events/s load).
 - `validate` reports every problem, each prefixed with its dotted key; what
   it accepts compiles (sizes, prefix lengths and list lengths are capped to
   what the BPF program is built for).
@@ -92,7 +92,7 @@ class Config:
     events: EventsConfig = setting(default_factory=EventsConfig, doc="Which event kinds to trace.")
     filters: FiltersConfig = setting(default_factory=FiltersConfig, doc="In-kernel filters.")
     ring_buffer_size: ByteSize = setting(
-        ByteSize(1024 * 1024),
+        ByteSize(4 * 1024 * 1024),
         doc="Size of the one ring buffer between kernel and agent: a power of two, at least 4KiB. Events that do not fit are lost and counted.",
     )
     rate_limit_per_cgroup: int = setting(

@@ -283,6 +283,12 @@ def _build(config: Config, self_pid: int) -> Program:
             bpf = bcc.BPF(text=source.encode(), cflags=cflags)
         except Exception as exc:
             raise EbpfStartupError(f"compiling or loading the BPF program failed: {exc}") from exc
+        # LLVM keeps ~100 MB after a compile; hand it back (the program is loaded)
+        bpf.free_bcc_memory()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
     program = Program(bpf=bpf, enabled=enabled, disabled=disabled, boot_to_unix_ns=_boot_to_unix_ns())
     try:
         if cgroup_ids:
