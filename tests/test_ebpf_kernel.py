@@ -475,3 +475,29 @@ async def test_restart_leaves_no_programs_behind():
             assert len(ours) >= 10, "every event kind's programs are loaded"
             nursery.cancel_scope.cancel()
         assert not (_tapio_prog_ids() & ours), "programs still loaded after the receiver stopped"
+
+
+async def test_cancelled_while_compiling_leaves_nothing_loaded():
+    require(_missing())
+    from tapio.receivers.ebpf import factory
+    from tapio.receivers.ebpf._config import Config
+
+    before = _tapio_prog_ids()
+    receiver = factory.create(make_settings(Telemetry()), Config(), Ports(output=RecordingConsumer()))
+    with trio.move_on_after(0.2) as scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(receiver.run)
+    assert scope.cancelled_caught
+    assert not (_tapio_prog_ids() - before)
+    assert receiver.program is None
+
+
+async def test_startup_error_names_what_is_missing():
+    from tapio.receivers.ebpf import EbpfStartupError
+    from tapio.receivers.ebpf._loader import check_headers, path_filter_source  # noqa: F401
+
+    with pytest.raises(EbpfStartupError, match="tracepoint sched/sched_process_fork"):
+        from tapio.receivers.ebpf._config import Config
+        from tapio.receivers.ebpf._loader import plan
+
+        plan(Config(), "/nonexistent-tracefs")

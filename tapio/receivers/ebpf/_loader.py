@@ -314,15 +314,16 @@ async def open_program(config: Config) -> Program:
     compile to end (it cannot be interrupted), then detaches.
     """
     self_pid = os.getpid()
-    program: Program | None = None
+    built: list[Program] = []
 
-    def build() -> Program:
-        return _build(config, self_pid)
+    def build() -> None:
+        built.append(_build(config, self_pid))
 
     try:
-        program = await trio.to_thread.run_sync(build, abandon_on_cancel=False)
+        await trio.to_thread.run_sync(build, abandon_on_cancel=False)
     except BaseException:
-        if program is not None:
+        # cancelled while compiling: the compile finished, its program must not leak
+        for program in built:
             program.close()
         raise
-    return program
+    return built[0]
