@@ -5,18 +5,24 @@ from __future__ import annotations
 from tapio.component import Factory
 from tapio.exporters.debug import factory as debug_exporter
 from tapio.exporters.file import factory as file_exporter
+from tapio.exporters.prometheus import factory as prometheus_exporter
 from tapio.extensions.storage import factory as storage
 from tapio.processors.batch import factory as batch
+from tapio.processors.memory_limiter import factory as memory_limiter
+from tapio.receivers.ebpf import factory as ebpf_receiver
 from tapio.receivers.otlp import factory as otlp_receiver
 
 FACTORIES: list[Factory] = [
     # receivers
     otlp_receiver,
+    ebpf_receiver,
     # processors
     batch,
+    memory_limiter,
     # exporters
     debug_exporter,
     file_exporter,
+    prometheus_exporter,
     # extensions
     storage,
 ]

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import trio
 
-from tapio.component import ComponentID, Factory, Kind, PipelineID, Ports, Registry, Settings
+from tapio.component import ComponentID, Factory, Kind, PipelineID, Ports, Refused, Registry, Settings
 from tapio.graph import Graph, Node, build_graph
 from tapio.pdata import Batch, DoneCountdown, Signal
 from tapio.telemetry import Telemetry
@@ -76,12 +76,29 @@ def _describe(exc: BaseException) -> str:
 
 
 class ChannelConsumer:
-    """The entry to one channel; ``on_enter`` is called with every batch that entered."""
+    """The entry to one channel; ``on_enter`` is called with every batch that entered.
 
-    def __init__(self, send: trio.MemorySendChannel[Batch], signals: frozenset[Signal], on_enter: Callable[[Batch], None] | None = None) -> None:
+    ``admit``, when given, is asked before a batch is handed on (by whoever
+    wraps this consumer: `ReceiverConsumer`, a processor's output) and may
+    raise `Refused` — e.g. a memory limiter over its soft limit — so that the
+    refusal reaches the receiver, which can ask its client to retry.
+    """
+
+    def __init__(
+        self,
+        send: trio.MemorySendChannel[Batch],
+        signals: frozenset[Signal],
+        on_enter: Callable[[Batch], None] | None = None,
+        admit: Callable[[Batch], None] | None = None,
+    ) -> None:
         self._send = send
         self.signals = signals
         self._on_enter = on_enter
+        self._admit = admit
+
+    def admit(self, batch: Batch) -> None:
+        if self._admit is not None:
+            self._admit(batch)
 
     def has_room(self) -> bool:
         st = self._send.statistics()
@@ -135,6 +152,11 @@ class FanoutConsumer:
                 s.on_done.append(join.part_done)
         return shares
 
+    def admit(self, batch: Batch) -> None:
+        # Every consumer is asked before any is sent to: a refusal never leaves a partial fan-out.
+        for consumer in self._consumers:
+            consumer.admit(batch)
+
     async def send(self, batch: Batch) -> None:
         for consumer, share in zip(self._consumers, self._shares(batch)):
             await consumer.send(share)
@@ -176,6 +198,7 @@ class ReceiverConsumer:
     async def send(self, batch: Batch) -> None:
         route = self._route(batch)
         try:
+            route.admit(batch)
             await route.send(batch)
         except BaseException:
             self._tel.signal_add("receiver_refused", batch.signal, batch.count)
@@ -185,8 +208,9 @@ class ReceiverConsumer:
     def send_nowait(self, batch: Batch) -> None:
         route = self._route(batch)
         try:
+            route.admit(batch)
             route.send_nowait(batch)
-        except trio.WouldBlock:
+        except (trio.WouldBlock, Refused):
             self._tel.signal_add("receiver_refused", batch.signal, batch.count)
             raise
         self._tel.signal_add("receiver_accepted", batch.signal, batch.count)
@@ -206,6 +230,8 @@ class _Instance:
     status: str = "created"  # created | starting | running | restarting | failed | stopped
     last_error: str = ""
     restarts: int = 0
+    #: the component object currently running (replaced on restart)
+    component: Any = None
     #: closed by the supervisor after the component's run returned normally
     close_after: list[Any] = field(default_factory=list)
 
@@ -312,7 +338,9 @@ class Service:
                 output = _CountingConsumer(downstream, lambda b, t=ptel: t.add("tapio_processor_outgoing_items_total", b.count))
                 inst = _Instance(node, factory, cfg, Ports(input=recv, output=output), close_after=[output])
                 processors.append(inst)
-                downstream = ChannelConsumer(send, sig, lambda b, t=ptel: t.add("tapio_processor_incoming_items_total", b.count))
+                downstream = ChannelConsumer(
+                    send, sig, lambda b, t=ptel: t.add("tapio_processor_incoming_items_total", b.count), admit=lambda b, i=inst: _admit(i, b)
+                )
             entries[pid] = downstream
             mutating[pid] = pipeline_mutates
         for send in exporter_sends.values():
@@ -411,6 +439,7 @@ class Service:
             started_at = trio.current_time()
             try:
                 component = inst.factory.create(self._settings(inst), inst.config, inst.ports)
+                inst.component = component
                 async with trio.open_nursery() as n:
                     await n.start(component.run)
                     inst.status = "running"
@@ -448,6 +477,13 @@ class Service:
             return
 
 
+def _admit(inst: _Instance, batch: Batch) -> None:
+    """Ask the running instance (looked up now, so a restarted one is asked) to admit a batch."""
+    admit = getattr(inst.component, "admit", None)
+    if admit is not None:
+        admit(batch)
+
+
 class _Shared:
     """A pipeline entry shared by several receivers: never closed by them (the service closes entries)."""
 
@@ -457,6 +493,9 @@ class _Shared:
 
     def has_room(self) -> bool:
         return self._inner.has_room()
+
+    def admit(self, batch: Batch) -> None:
+        self._inner.admit(batch)
 
     async def send(self, batch: Batch) -> None:
         await self._inner.send(batch)
@@ -469,7 +508,7 @@ class _Shared:
 
 
 class _CountingConsumer:
-    """Wraps a consumer, calling ``count`` for every batch that went through."""
+    """A processor's output: asks the next stage to admit each batch, hands it on, calls ``count``."""
 
     def __init__(self, inner: Any, count: Callable[[Batch], None]) -> None:
         self._inner = inner
@@ -479,11 +518,26 @@ class _CountingConsumer:
     def has_room(self) -> bool:
         return self._inner.has_room()
 
+    def admit(self, batch: Batch) -> None:
+        self._inner.admit(batch)
+
+    # A refusal deeper in a pipeline cannot reach the receiver any more: the
+    # refusing stage has counted the batch and told its sources (done(False)),
+    # so the processor handing it on just goes on with the next batch.
+
     async def send(self, batch: Batch) -> None:
+        try:
+            self._inner.admit(batch)
+        except Refused:
+            return
         await self._inner.send(batch)
         self._count(batch)
 
     def send_nowait(self, batch: Batch) -> None:
+        try:
+            self._inner.admit(batch)
+        except Refused:
+            return
         self._inner.send_nowait(batch)
         self._count(batch)
 

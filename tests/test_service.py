@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 from opentelemetry.proto.logs.v1.logs_pb2 import ResourceLogs
-from tapio.component import ComponentID, Factory, Kind, PipelineID, Registry
+from tapio.component import ComponentID, Factory, Kind, PipelineID, Refused, Registry
 from tapio.pdata import Batch, Signal
 from tapio.service import ComponentFailedError, ComponentStartError, RuntimeOptions, Service
 from tapio.telemetry import Telemetry
@@ -49,6 +49,7 @@ class World:
         self.runs: dict[str, int] = {}
         self.flushed: list[str] = []
         self.changed = trio.Event()
+        self.admitting = True
 
     def poke(self) -> None:
         self.changed.set()
@@ -133,6 +134,14 @@ def make_registry(world: World) -> Registry:
                         rl.resource.attributes.add(key="mutated").value.bool_value = True
                 await self.ports.output.send(b)
 
+    class Gate(Pass):
+        """Admits batches only while world.admitting is true (like a memory limiter)."""
+
+        def admit(self, batch):
+            if not world.admitting:
+                batch.done(False)
+                raise Refused("over the limit")
+
     class Record:
         def __init__(self, settings, config, ports):
             self.ports, self.id, self.tel = ports, str(settings.id), settings.telemetry
@@ -156,6 +165,7 @@ def make_registry(world: World) -> Registry:
         f(Kind.PROCESSOR, "hoard", Hoard),
         f(Kind.PROCESSOR, "pass", Pass),
         f(Kind.PROCESSOR, "mutate", Mutate, mutates=True),
+        f(Kind.PROCESSOR, "gate", Gate),
         f(Kind.EXPORTER, "rec", Record),
     ])
 
@@ -347,4 +357,38 @@ async def test_restart_is_visible_in_metrics_and_healthz(nursery):
         assert metric_sum(metrics, "tapio_component_restarts_total", receiver="src") == 1
         assert metric_sum(metrics, "tapio_component_failures_total", receiver="src") == 1
         assert (await client.get("/healthz")).status_code == 200
+    svc.shutdown()
+
+
+async def test_refusal_by_a_processor_reaches_the_receiver_before_any_pipeline_gets_the_batch(nursery):
+    world = World()
+    svc = make_service(world, {
+        "logs/a": (["src"], ["pass"], ["rec"]),
+        "logs/b": (["src"], ["gate", "pass"], ["rec/2"]),
+        "logs/c": (["src/2"], ["pass", "gate"], ["rec/3"]),
+    })
+    await nursery.start(svc.run)
+    recv = svc.instances["receiver:src"].ports.output
+    world.admitting = False
+    done: list[bool] = []
+    b = log_batch(3)
+    b.on_done.append(done.append)
+    with pytest.raises(Refused):
+        await recv.send(b)
+    assert done == [False]
+    # nothing entered either pipeline: no partial fan-out
+    assert svc.telemetry.value("tapio_processor_incoming_items_total") == 0
+    assert svc.telemetry.value("tapio_receiver_refused_log_records_total", receiver="src") == 3
+    world.admitting = True
+    await recv.send(log_batch(2))
+    await world.wait_until(lambda: len(world.exported.get("rec", [])) == 1 and len(world.exported.get("rec/2", [])) == 1)
+    assert svc.telemetry.value("tapio_receiver_accepted_log_records_total", receiver="src") == 2
+    # deeper in a pipeline a refusal drops the batch (its sources told) without failing the processor before it
+    world.admitting = False
+    late: list[bool] = []
+    b = log_batch(4)
+    b.on_done.append(late.append)
+    await world.sources["src/2"].send(b)
+    await world.wait_until(lambda: late == [False])
+    assert svc.failing() == [] and world.runs["pass"] == 3  # three pass instances, none restarted
     svc.shutdown()
