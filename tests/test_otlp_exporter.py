@@ -417,9 +417,10 @@ async def test_http_retry_after_is_honoured(header):
         if header == "seconds":
             reply, least = Reply(http_status=503, code=grpc.StatusCode.UNAVAILABLE, retry_after="1"), 0.95
         else:
-            # an HTTP date has whole seconds: 2 s ahead is at least 1 s from now
-            when = email.utils.formatdate(time.time() + 2, usegmt=True)
-            reply, least = Reply(http_status=429, code=grpc.StatusCode.UNAVAILABLE, retry_after=when), 0.95
+            # an HTTP date has whole seconds: 3 s ahead is more than 2 s from now, at least
+            # 1.5 s once the reply has been read on a busy machine
+            when = email.utils.formatdate(time.time() + 3, usegmt=True)
+            reply, least = Reply(http_status=429, code=grpc.StatusCode.UNAVAILABLE, retry_after=when), 1.5
         sink.script(reply)
         async with running("http", sink) as ex:
             await ex.send.send(log_batch(0, 1))

@@ -59,8 +59,13 @@ async def test_outage_under_steady_load_loses_nothing_and_keeps_order(transport,
                     await sink.start()
                 with trio.fail_after(20):
                     await sink.wait_for_items(1500)
-            assert bodies(sink) == [f"s:{i}" for i in range(1500)]  # every record, in order, once
-            assert ex.sent() == 1500 and ex.failed() == 0
+            got = bodies(sink)
+            # Every record, in order (of first arrival). A request cut off by the stop may have been recorded
+            # by the sink but not answered: the exporter sends it again (at least once).
+            first_seen = list(dict.fromkeys(got))
+            assert first_seen == [f"s:{i}" for i in range(1500)]
+            assert len(got) - len(first_seen) <= 10, "more duplicates than the one batch in flight"
+            assert ex.sent() == 1500 + (len(got) - len(first_seen)) and ex.failed() == 0
     finally:
         storage.close()
 
@@ -78,7 +83,9 @@ async def test_outage_with_the_in_memory_queue_and_many_consumers_loses_nothing(
             with trio.fail_after(20):
                 await sink.wait_for_items(1000)
         got = collections.Counter(bodies(sink))
-        assert set(got) == {f"s:{i}" for i in range(1000)} and max(got.values()) == 1
+        assert set(got) == {f"s:{i}" for i in range(1000)}
+        # duplicates only from requests cut off by the stop: at most one per consumer
+        assert sum(got.values()) - len(got) <= 10 * 10
         # each stream's records stay in order inside the request that carried them
         for req in sink.requests(Signal.LOGS):
             nums = [int(lr.body.string_value[2:]) for lr in req.resource_logs[0].scope_logs[0].log_records]

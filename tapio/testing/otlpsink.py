@@ -375,6 +375,7 @@ class _Servers:
         self.tls = tls
         self.grpc_server: grpc.Server | None = None
         self.http_scope: trio.CancelScope | None = None
+        self.http_stopped = trio.Event()
 
     async def start(self) -> None:
         sink = self.sink
@@ -388,9 +389,13 @@ class _Servers:
             sink.http_port = await self.nursery.start(self._serve_http, listeners)
 
     async def _serve_http(self, listeners, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        with trio.CancelScope() as scope:
-            self.http_scope = scope
-            await serve_http_listeners(_http_handler(self.sink), listeners, max_body_bytes=MAX_BODY, task_status=task_status, name="otlpsink")
+        stopped = self.http_stopped = trio.Event()
+        try:
+            with trio.CancelScope() as scope:
+                self.http_scope = scope
+                await serve_http_listeners(_http_handler(self.sink), listeners, max_body_bytes=MAX_BODY, task_status=task_status, name="otlpsink")
+        finally:
+            stopped.set()
 
     async def stop(self) -> None:
         server, self.grpc_server = self.grpc_server, None
@@ -399,7 +404,7 @@ class _Servers:
         scope, self.http_scope = self.http_scope, None
         if scope is not None:
             scope.cancel()
-            await trio.lowlevel.checkpoint()
+            await self.http_stopped.wait()  # every connection closed: nothing more is recorded
 
 
 @asynccontextmanager

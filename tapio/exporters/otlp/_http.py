@@ -132,7 +132,7 @@ class HttpSender:
                 response = await self._client.send(request)
             except httpx.TimeoutException:
                 pass
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:  # connection, TLS, protocol or body-decoding failures
                 return Outcome(Verdict.RETRY, "connection_error", None, f"{type(exc).__name__}: {exc}")
         if response is None:
             return Outcome(Verdict.RETRY, "timeout", None, f"no response within {self._config.timeout}")
