@@ -44,7 +44,7 @@ def check_config(tmp_path: Path, text: str, *args: str, env: dict | None = None)
 
 CASES = [
     # (what, yaml edit: (old, new), expected fragment with location)
-    ("unknown type", ("  batch: {}", "  bacth: {}"), r"pipelines.yaml:6:3: processors.bacth: unknown processor type 'bacth'; did you mean 'batch'? (registered: batch)"),
+    ("unknown type", ("  batch: {}", "  bacth: {}"), r"pipelines.yaml:6:3: processors.bacth: unknown processor type 'bacth'; did you mean 'batch'? (registered: batch"),
     ("unknown key", ("  debug: {}", "  debug: {verbosty: basic}"), r"pipelines.yaml:8:11: exporters.debug.verbosty: unknown key 'verbosty'; did you mean 'verbosity'?"),
     ("bad duration", ("  batch: {}", "  batch: {timeout: 5x}"), r"pipelines.yaml:6:20: processors.batch.timeout: invalid duration '5x': expected a number with a unit"),
     ("negative size", ("  batch: {}", "  batch: {send_batch_size: -5}"), r"pipelines.yaml:6:28: processors.batch.send_batch_size: must be >= 0, got -5"),
