@@ -101,6 +101,9 @@ class Batch:
     requests: list[Request]
     count: int
     on_done: list[Callable[[bool], None]] = field(default_factory=list)
+    #: the bytes each request arrived as (None: unknown), so pass-through never
+    #: re-serializes; only trusted while parallel to ``requests`` (see `append`)
+    raw: list[bytes | None] = field(default_factory=list)
 
     @classmethod
     def of(cls, signal: Signal, *requests: Request) -> "Batch":
@@ -109,9 +112,26 @@ class Batch:
 
     @classmethod
     def from_bytes(cls, signal: Signal, data: bytes) -> "Batch":
-        """Parse a serialized export request (raises google.protobuf.message.DecodeError)."""
+        """Parse a serialized export request (raises google.protobuf.message.DecodeError).
+
+        The bytes are kept: serializing the batch later costs nothing unless a
+        processor that changes records forgot them (`forget_raw`).
+        """
         request = signal.request_class.FromString(data)
-        return cls(signal, [request], count_items(signal, request))
+        return cls(signal, [request], count_items(signal, request), raw=[bytes(data)])
+
+    def _raw_list(self) -> list[bytes | None]:
+        return self.raw if len(self.raw) == len(self.requests) else [None] * len(self.requests)
+
+    def append(self, request: Request, raw: bytes | None = None) -> None:
+        """Add one request (its items are not counted: adjust ``count`` yourself)."""
+        self.raw = self._raw_list()
+        self.requests.append(request)
+        self.raw.append(raw)
+
+    def forget_raw(self) -> None:
+        """Drop the arrival bytes: call before changing any request in place."""
+        self.raw = []
 
     @classmethod
     def concat(cls, batches: Iterable["Batch"]) -> "Batch":
@@ -123,16 +143,20 @@ class Batch:
         for b in batches:
             if b.signal is not signal:
                 raise ValueError(f"cannot concatenate {b.signal} onto {signal}")
+            out.raw.extend(b._raw_list())
             out.requests.extend(b.requests)
             out.count += b.count
             out.on_done.extend(b.on_done)
         return out
 
+    def request_bytes(self) -> list[bytes]:
+        """Each request serialized (the arrival bytes where known)."""
+        return [raw if raw is not None else r.SerializeToString() for r, raw in zip(self.requests, self._raw_list())]
+
     def to_bytes(self) -> bytes:
         """One serialized export request holding every record of the batch."""
-        if len(self.requests) == 1:
-            return self.requests[0].SerializeToString()
-        return b"".join(r.SerializeToString() for r in self.requests)
+        parts = self.request_bytes()
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def merged(self) -> Request:
         """One export request message holding every record (a new message when there are several)."""
@@ -140,13 +164,14 @@ class Batch:
             return self.requests[0]
         return self.signal.request_class.FromString(self.to_bytes())
 
+    def share(self) -> "Batch":
+        """A new batch holding the same request objects (and arrival bytes), without callbacks."""
+        return Batch(self.signal, self.requests, self.count, raw=self._raw_list())
+
     def copy(self) -> "Batch":
         """A deep copy, for fan-out to a consumer that mutates records."""
-        return Batch(
-            self.signal,
-            [self.signal.request_class.FromString(r.SerializeToString()) for r in self.requests],
-            self.count,
-        )
+        data = self.request_bytes()
+        return Batch(self.signal, [self.signal.request_class.FromString(d) for d in data], self.count, raw=data)
 
     def done(self, delivered: bool) -> None:
         """Tell the batch's sources it left the pipeline; call exactly once per batch."""

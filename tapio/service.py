@@ -90,11 +90,13 @@ class ChannelConsumer:
         signals: frozenset[Signal],
         on_enter: Callable[[Batch], None] | None = None,
         admit: Callable[[Batch], None] | None = None,
+        mutating: bool = False,
     ) -> None:
         self._send = send
         self.signals = signals
         self._on_enter = on_enter
         self._admit = admit
+        self._mutating = mutating
 
     def admit(self, batch: Batch) -> None:
         if self._admit is not None:
@@ -105,11 +107,15 @@ class ChannelConsumer:
         return st.current_buffer_used < st.max_buffer_size or st.tasks_waiting_receive > 0
 
     async def send(self, batch: Batch) -> None:
+        if self._mutating:
+            batch.forget_raw()  # the next stage changes records: their arrival bytes go stale
         await self._send.send(batch)
         if self._on_enter is not None:
             self._on_enter(batch)
 
     def send_nowait(self, batch: Batch) -> None:
+        if self._mutating:
+            batch.forget_raw()
         self._send.send_nowait(batch)
         if self._on_enter is not None:
             self._on_enter(batch)
@@ -144,7 +150,7 @@ class FanoutConsumer:
             if self._mutating[i] and i != keeps_original:
                 shares.append(batch.copy())
             else:
-                shares.append(Batch(batch.signal, batch.requests, batch.count))
+                shares.append(batch.share())
         if batch.on_done:
             join = DoneCountdown(batch.on_done, n)
             batch.on_done = []
@@ -339,7 +345,11 @@ class Service:
                 inst = _Instance(node, factory, cfg, Ports(input=recv, output=output), close_after=[output])
                 processors.append(inst)
                 downstream = ChannelConsumer(
-                    send, sig, lambda b, t=ptel: t.add("tapio_processor_incoming_items_total", b.count), admit=lambda b, i=inst: _admit(i, b)
+                    send,
+                    sig,
+                    lambda b, t=ptel: t.add("tapio_processor_incoming_items_total", b.count),
+                    admit=lambda b, i=inst: _admit(i, b),
+                    mutating=factory.mutates_data,
                 )
             entries[pid] = downstream
             mutating[pid] = pipeline_mutates

@@ -392,3 +392,38 @@ async def test_refusal_by_a_processor_reaches_the_receiver_before_any_pipeline_g
     await world.wait_until(lambda: late == [False])
     assert svc.failing() == [] and world.runs["pass"] == 3  # three pass instances, none restarted
     svc.shutdown()
+
+
+async def test_arrival_bytes_pass_through_unless_a_processor_changes_records(nursery):
+    world = World()
+    svc = make_service(world, {"logs/a": (["src"], ["mutate"], ["rec"]), "logs/b": (["src"], ["pass"], ["rec/2"])})
+    await nursery.start(svc.run)
+    data = log_batch(2).to_bytes()
+    await world.sources["src"].send(Batch.from_bytes(Signal.LOGS, data))
+    await world.wait_until(lambda: world.exported.get("rec") and world.exported.get("rec/2"))
+    untouched, changed = world.exported["rec/2"][0], world.exported["rec"][0]
+    assert untouched.to_bytes() == data  # passed through as it arrived
+    reparsed = Signal.LOGS.request_class.FromString(changed.to_bytes())
+    assert [kv.key for kv in reparsed.resource_logs[0].resource.attributes] == ["mutated"]
+    svc.shutdown()
+
+
+def test_batch_keeps_arrival_bytes_through_concat_share_and_split():
+    from tapio.processors.batch import split_batch
+
+    a, b = log_batch(3, "a"), log_batch(2, "b")
+    ba, bb = Batch.from_bytes(Signal.LOGS, a.to_bytes()), Batch.from_bytes(Signal.LOGS, b.to_bytes())
+    joined = Batch.concat([ba, Batch.of(Signal.LOGS, log_batch(1, "c").requests[0]), bb])
+    assert joined.raw[0] is ba.raw[0] and joined.raw[1] is None and joined.raw[2] is bb.raw[0]
+    assert Signal.LOGS.request_class.FromString(joined.to_bytes()) == joined.merged()
+    parts = split_batch(joined, [3, 1, 2])
+    assert parts[0].raw == [ba.raw[0]] and parts[2].raw == [bb.raw[0]]
+    cut = split_batch(joined, [2, 4])
+    assert cut[0].raw == [None]  # a cut request is new: serialized when needed
+    def bodies(data: bytes) -> list[str]:
+        req = Signal.LOGS.request_class.FromString(data)
+        return [lr.body.string_value for rl in req.resource_logs for sl in rl.scope_logs for lr in sl.log_records]
+
+    assert bodies(b"".join(p.to_bytes() for p in cut)) == bodies(joined.to_bytes()) == ["a0", "a1", "a2", "c0", "b0", "b1"]
+    joined.requests.append(log_batch(1).requests[0])  # out of step: arrival bytes no longer trusted
+    assert Signal.LOGS.request_class.FromString(joined.to_bytes()) == joined.merged()

@@ -225,13 +225,14 @@ def split_batch(batch: Batch, sizes: Sequence[int]) -> list[Batch]:
     signal = batch.signal
     parts = [Batch(signal, [], size) for size in sizes]
     pi, room = 0, sizes[0]
-    for request in batch.requests:
+    raws = batch.raw if len(batch.raw) == len(batch.requests) else [None] * len(batch.requests)
+    for request, raw in zip(batch.requests, raws):
         n = count_items(signal, request)
         while room == 0 and pi + 1 < len(parts):
             pi += 1
             room = sizes[pi]
         if n <= room:
-            parts[pi].requests.append(request)
+            parts[pi].append(request, raw)
             room -= n
             continue
         cuts, left, first = [], n, pi
@@ -244,7 +245,7 @@ def split_batch(batch: Batch, sizes: Sequence[int]) -> list[Batch]:
             room -= take
             left -= take
         for offset, piece in enumerate(split_request(signal, request, cuts)):
-            parts[first + offset].requests.append(piece)
+            parts[first + offset].append(piece)
     if batch.on_done:
         countdown = DoneCountdown(batch.on_done, len(parts))
         for part in parts:
