@@ -50,6 +50,7 @@ CASES = [
     ("negative size", ("  batch: {}", "  batch: {send_batch_size: -5}"), r"pipelines.yaml:6:28: processors.batch.send_batch_size: must be >= 0, got -5"),
     ("port out of range", ('"127.0.0.1:4318"', '"127.0.0.1:70000"'), r"pipelines.yaml:4:24: receivers.otlp.protocols.http.endpoint: port 70000 is out of range (1-65535)"),
     ("undefined component", ("exporters: [debug]}", "exporters: [debgu]}"), r"pipelines.yaml:11:64: service.pipelines.logs.exporters[0]: exporter 'debgu' is not defined in exporters; did you mean 'debug'?"),
+    ("signal not supported", ("  debug: {}", "  debug: {}\n  prometheus: {}"), None),
     ("mistyped value", ("  batch: {}", "  batch: {send_batch_size: lots}"), r"pipelines.yaml:6:28: processors.batch.send_batch_size: expected an integer, got 'lots'"),
 ]
 
@@ -58,13 +59,17 @@ CASES = [
 def test_hostile_config_is_reported_with_location(tmp_path, what, edit, expected):
     old, new = edit
     assert old in GOOD
-    res = check_config(tmp_path, GOOD.replace(old, new, 1))
+    text = GOOD.replace(old, new, 1)
+    if what == "signal not supported":
+        text = text.replace("exporters: [debug]}", "exporters: [debug, prometheus]}")
+        expected = "pipelines.yaml:12:71: service.pipelines.logs.exporters[1]: exporter 'prometheus' does not support logs"
+    res = check_config(tmp_path, text)
     assert res.returncode == 2, res.stdout + res.stderr
     assert "Traceback" not in res.stderr
     lines = [line.removeprefix("tapio: ").replace(str(tmp_path) + "/", "") for line in res.stderr.splitlines()]
     assert any(line.startswith(expected) for line in lines), "\n".join(lines)
     # tapio run refuses the same config the same way, starting nothing
-    res_run = check_config(tmp_path, GOOD.replace(old, new, 1), "run")
+    res_run = check_config(tmp_path, text, "run")
     assert res_run.returncode == 2 and res_run.stderr == res.stderr
 
 

@@ -22,6 +22,19 @@ from tapio.testing.process import ROOT, TapioProcess, free_port, metric_sum, tap
 SIGNAL_KEYS = {"resourceLogs": Signal.LOGS, "resourceSpans": Signal.TRACES, "resourceMetrics": Signal.METRICS}
 
 
+def promtool() -> str:
+    import os
+    import shutil
+
+    path = shutil.which("promtool")
+    if path is None:
+        msg = "promtool is missing: install Debian's prometheus package (scripts/setup.sh does)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
 def write_config(tmp_path: Path, *, grpc: int, http: int, metrics: int, batch: str = "{timeout: 50ms}") -> Path:
     cfg = tmp_path / "pipelines.yaml"
     cfg.write_text(f"""
@@ -127,7 +140,18 @@ def test_sdk_exporters_to_file(tapio):
                 and metric_sum(m, "tapio_exporter_sent_metric_points_total") == 4)
 
     tapio.wait_for(all_exported, 30, "the file exporter to count everything sent")
+    text = httpx.get(tapio.url + "/metrics", timeout=5).text
+    check = subprocess.run([promtool(), "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
     m = tapio.metrics()
+    # nothing disappears: accepted = sent + dropped + still queued, per signal
+    for sig, item in (("logs", "log_records"), ("traces", "spans"), ("metrics", "metric_points")):
+        accepted = metric_sum(m, f"tapio_receiver_accepted_{item}_total", receiver="otlp")
+        sent = metric_sum(m, f"tapio_exporter_sent_{item}_total", exporter="file")
+        dropped = metric_sum(m, "tapio_processor_dropped_items_total", otel_signal=sig)
+        failed = metric_sum(m, f"tapio_exporter_send_failed_{item}_total")
+        queued = metric_sum(m, "tapio_exporter_queue_size")
+        assert accepted == sent + dropped + failed and queued == 0, (sig, accepted, sent, dropped, failed, queued)
     assert metric_sum(m, "tapio_receiver_accepted_log_records_total", receiver="otlp") == 50
     tapio.signal(signal.SIGTERM)
     assert tapio.wait_exit() == 0, tapio.stderr
