@@ -209,6 +209,19 @@ def test_endpoints():
     ]
 
 
+@given(st.text(max_size=40))
+def test_endpoint_parsing_fuzz(text):
+    try:
+        target = grpc_target(text)
+    except ValueError:
+        pass
+    else:
+        assert target.rpartition(":")[2].isdigit()
+    # validation of any endpoint text reports problems instead of raising
+    assert isinstance(GrpcExporterConfig(endpoint=text).validate(), list)
+    assert isinstance(HttpExporterConfig(endpoint=text, logs_endpoint=text).validate(), list)
+
+
 # ---------------------------------------------------------------- classification (pure)
 
 
