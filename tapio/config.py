@@ -42,7 +42,7 @@ from tapio._yamlnodes import (
     to_python,
 )
 from tapio.component import ComponentID, Factory, Kind, PipelineID, Registry, config_problems, describe_signals, setting
-from tapio.units import ByteSize, Duration
+from tapio.units import ByteSize, Duration, parse_listen_address
 
 __all__ = [
     "Config",
@@ -83,11 +83,10 @@ class MetricsTelemetry:
     def validate(self) -> list[str]:
         if not self.address:
             return []
-        host, sep, port = self.address.rpartition(":")
-        if not sep or not port.isdigit():
-            return [f"address: expected host:port like '127.0.0.1:8888' (or '' to disable), got {self.address!r}"]
-        if int(port) > 65535:
-            return [f"address: port {port} is out of range (0-65535)"]
+        try:
+            parse_listen_address(self.address, example="127.0.0.1:8888")
+        except ValueError as exc:
+            return [f"address: {exc} (or '' to disable)"]
         return []
 
 

@@ -118,3 +118,34 @@ class ByteSize(int):
 
     def __repr__(self) -> str:
         return f"ByteSize({int(self)})"
+
+
+def parse_listen_address(text: object, *, example: str = "127.0.0.1:4317") -> tuple[str, int]:
+    """Split a listen address ``host:port`` (``[v6addr]:port`` for IPv6) into host and port.
+
+    An empty host means every interface; port 0 means any free port (tests
+    use it). Raises ValueError with a message that reads well after the key.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"must be host:port, e.g. {example}")
+    text = text.strip()
+    ex_port = example.rpartition(":")[2]
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"{text!r} must be [address]:port for IPv6")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{text!r} has no port: write host:port, e.g. {example}")
+        if ":" in host:
+            raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:{ex_port}")
+    if not port_text.isascii() or not port_text.isdigit():
+        raise ValueError(f"port {port_text!r} is not a number")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port {port} is out of range (1-65535)")
+    if any(c.isspace() for c in host):
+        raise ValueError(f"host {host!r} contains spaces")
+    return host, port

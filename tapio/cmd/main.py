@@ -21,6 +21,7 @@ import trio
 
 from tapio import __version__
 from tapio.component import Kind, Registry, default_registry, describe_signals
+from tapio.units import parse_listen_address
 
 EXAMPLES = """\
 examples:
@@ -143,11 +144,6 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
         return 130
 
 
-def _split_hostport(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 def banner_lines(cfg: Any, registry: Registry, metrics_port: int | None) -> list[str]:
     """The start summary: what runs where."""
     lines = [f"tapio {__version__} starting with {', '.join(cfg.files)} (pid {os.getpid()})"]
@@ -175,7 +171,7 @@ def banner_lines(cfg: Any, registry: Registry, metrics_port: int | None) -> list
         )
         lines.append(f"  pipeline  {str(pid):24} {chain}")
     if metrics_port is not None:
-        host, _ = _split_hostport(cfg.service.telemetry.metrics.address)
+        host, _ = parse_listen_address(cfg.service.telemetry.metrics.address)
         lines.append(f"  self-telemetry http://{host}:{metrics_port}/metrics  /healthz  /readyz")
     else:
         lines.append("  self-telemetry off (service.telemetry.metrics.address is empty)")
@@ -214,7 +210,7 @@ async def _run(cfg: Any, registry: Registry, debug: bool) -> int:
             )
             metrics_port = None
             if svc_cfg.telemetry.metrics.address:
-                host, port = _split_hostport(svc_cfg.telemetry.metrics.address)
+                host, port = parse_listen_address(svc_cfg.telemetry.metrics.address)
                 health = selftelemetry.Health(lambda: service.ready, service.failing)
                 try:
                     metrics_port = await nursery.start(selftelemetry.serve, telemetry, health, host, port)

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from tapio.component import setting
-from tapio.units import Duration
+from tapio.units import Duration, parse_listen_address
 
 DEFAULT_ENDPOINT = "127.0.0.1:9464"
 #: series kept at most, by default: ~300 bytes of state each, so ~60 MB at the limit
@@ -23,30 +23,8 @@ _NAMESPACE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
-    """Split ``host:port`` (``[v6addr]:port`` for IPv6; an empty host means every interface).
-
-    Raises ValueError with a message that reads well after the key name.
-    """
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("must be host:port, e.g. 127.0.0.1:9464")
-    text = text.strip()
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise ValueError(f"{text!r} must be [address]:port for IPv6")
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise ValueError(f"{text!r} has no port: write host:port, e.g. 127.0.0.1:9464")
-        if ":" in host:
-            raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:9464")
-    if not port_text.isascii() or not port_text.isdigit():
-        raise ValueError(f"port {port_text!r} is not a number")
-    port = int(port_text)
-    if port > 65535:
-        raise ValueError(f"port {port} is out of range (0-65535)")
-    return host, port
+    """Split the exporter's ``host:port`` (see `tapio.units.parse_listen_address`)."""
+    return parse_listen_address(text, example="127.0.0.1:9464")
 
 
 @dataclass(frozen=True, kw_only=True)

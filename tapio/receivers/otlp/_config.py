@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tapio.component import setting
-from tapio.units import ByteSize, Duration
+from tapio.units import ByteSize, Duration, parse_listen_address
 
 DEFAULT_GRPC_ENDPOINT = "127.0.0.1:4317"
 DEFAULT_HTTP_ENDPOINT = "127.0.0.1:4318"
@@ -22,32 +22,8 @@ DEFAULT_MAX_REQUEST_BODY = ByteSize(20 * 1024 * 1024)
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
-    """Split ``host:port`` (``[v6addr]:port`` for IPv6; empty host = every interface).
-
-    Raises ValueError with a message fit to follow the key name.
-    """
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("must be host:port, e.g. 127.0.0.1:4317")
-    text = text.strip()
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise ValueError(f"{text!r} must be [address]:port for IPv6")
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise ValueError(f"{text!r} has no port: write host:port, e.g. 127.0.0.1:4317")
-        if ":" in host:
-            raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:4317")
-    if not port_text.isascii() or not port_text.isdigit():
-        raise ValueError(f"port {port_text!r} is not a number")
-    port = int(port_text)
-    if port > 65535:
-        raise ValueError(f"port {port} is out of range (1-65535)")
-    if any(c.isspace() for c in host):
-        raise ValueError(f"host {host!r} contains spaces")
-    return host, port
+    """Split a receiver endpoint ``host:port`` (see `tapio.units.parse_listen_address`)."""
+    return parse_listen_address(text, example="127.0.0.1:4317")
 
 
 def _endpoint_problems(key: str, endpoint: str) -> list[str]:
