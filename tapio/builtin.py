@@ -5,6 +5,8 @@ from __future__ import annotations
 from tapio.component import Factory
 from tapio.exporters.debug import factory as debug_exporter
 from tapio.exporters.file import factory as file_exporter
+from tapio.exporters.otlp import grpc_factory as otlp_exporter
+from tapio.exporters.otlp import http_factory as otlphttp_exporter
 from tapio.exporters.prometheus import factory as prometheus_exporter
 from tapio.extensions.storage import factory as storage
 from tapio.processors.batch import factory as batch
@@ -22,6 +24,8 @@ FACTORIES: list[Factory] = [
     # exporters
     debug_exporter,
     file_exporter,
+    otlp_exporter,
+    otlphttp_exporter,
     prometheus_exporter,
     # extensions
     storage,

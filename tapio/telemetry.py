@@ -85,10 +85,13 @@ class Telemetry:
         series[key] = series.get(key, 0.0) + value
 
     def gauge(self, name: str, labels: Mapping[str, str], read: Callable[[], float]) -> None:
-        """Register a gauge whose value is read by calling ``read`` at collection time."""
+        """Register a gauge whose value is read by calling ``read`` at collection time (replacing one with the same labels)."""
         if self._info[name].kind != GAUGE:
             raise ValueError(f"{name} is not a gauge")
-        self._gauges.append((name, tuple(sorted(labels.items())), read))
+        key = tuple(sorted(labels.items()))
+        # A restarted component registers its gauges again: the newest callback replaces the old.
+        self._gauges = [g for g in self._gauges if (g[0], g[1]) != (name, key)]
+        self._gauges.append((name, key, read))
 
     def value(self, name: str, **labels: str) -> float:
         """Sum of the series of ``name`` whose labels include ``labels`` (for tests and health)."""

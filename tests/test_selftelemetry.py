@@ -85,3 +85,13 @@ async def test_endpoints_over_http(nursery):
         assert r.status_code == 503 and r.json() == {"status": "failing", "failing": ["receiver:otlp"]}
         assert (await client.get("/nope")).status_code == 404
         assert (await client.post("/metrics", content=b"x")).status_code == 405
+
+
+def test_gauge_registered_again_replaces_the_old_one():
+    tel = Telemetry()
+    e = tel.for_component("exporter", "otlp")
+    e.gauge("tapio_exporter_queue_size", lambda: 5)
+    e.gauge("tapio_exporter_queue_size", lambda: 7)  # e.g. after a restart
+    assert tel.value("tapio_exporter_queue_size", exporter="otlp") == 7
+    text = selftelemetry.render_prometheus(tel)
+    assert text.count('tapio_exporter_queue_size{exporter="otlp"}') == 1
