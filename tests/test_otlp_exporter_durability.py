@@ -27,7 +27,7 @@ import trio
 from tapio.pdata import Signal
 from tapio.storage import Storage
 from tapio.testing.otlpsink import OtlpSink, Reply, open_otlp_sink
-from tapio.testing.process import ROOT, free_port, metric_sum, parse_metrics
+from tapio.testing.process import ROOT, free_port, metric_sum, parse_metrics, tapio_command
 
 from .test_otlp_exporter import bodies, log_batch, running
 
@@ -204,6 +204,7 @@ extensions:
     synchronous: normal
 receivers:
   otlp:
+    acknowledge: delivered
     protocols:
       grpc:
         endpoint: 127.0.0.1:{receiver_port}
@@ -235,35 +236,12 @@ service:
       exporters: [otlp]
 """
 
-#: runs ``tapio`` with the otlp exporters registered, whether or not tapio.builtin lists them yet
-RUN_TAPIO = textwrap.dedent(
-    """
-    import sys
-    from tapio import builtin
-    from tapio.exporters.otlp import grpc_factory, http_factory
-    for f in (grpc_factory, http_factory):
-        if not any(x.kind is f.kind and x.type == f.type for x in builtin.FACTORIES):
-            builtin.FACTORIES.append(f)
-    from tapio.cmd.main import main
-    sys.argv[0] = "tapio"
-    sys.exit(main())
-    """
-)
-
-
-def receiver_acks_after_durability() -> bool:
-    """Whether the otlp receiver answers only once the pipeline reported its batch durable (the lead's part)."""
-    from tapio.receivers.otlp import _config
-
-    return any("durab" in name for name in getattr(_config.Config, "__dataclass_fields__", {}))
-
-
 class Tapio:
     def __init__(self, config: Path, metrics_port: int, log: Path) -> None:
         self.metrics_port = metrics_port
         self.log = open(log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", RUN_TAPIO, "run", "-c", str(config)],
+            [*tapio_command(), "run", "-c", str(config)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log, cwd=ROOT, env={**os.environ},
         )
 
@@ -350,7 +328,7 @@ async def test_sigkill_of_tapio_run_under_load(tmp_path: Path):
             stop = trio.Event()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(load, rport, size, acked, stop)
-                with trio.fail_after(30):
+                with trio.fail_after(60):
                     while len(acked) < 150:
                         await trio.sleep(0.01)
                 tapio.proc.send_signal(signal.SIGKILL)
@@ -374,9 +352,7 @@ async def test_sigkill_of_tapio_run_under_load(tmp_path: Path):
     lost = len(want - set(got))
     duplicates = sum(n - 1 for n in got.values())
     print(f"tapio run SIGKILL: acknowledged {last_acked + 1} records, lost {lost}, duplicates {duplicates}")
-    if not receiver_acks_after_durability():
-        # Until the receiver answers only after the batch is on disk, records acknowledged while
-        # in the channels or the batch processor can be lost; the exporter side cannot help that.
-        pytest.xfail(f"the otlp receiver acknowledges before durability: {lost} acknowledged records lost")
+    # the receiver answers only once the batch is on disk (acknowledge: delivered): nothing acknowledged is lost,
+    # even records that were still in the channels or the batch processor when tapio was killed
     assert lost == 0
     assert duplicates <= 2 * 200 + size  # the batches in flight to the sink

@@ -690,3 +690,59 @@ def test_collector_shaped_yaml_decodes_as_documented():
     assert decode_dataclass(Config, yaml.safe_load("{}")) == Config()
     with pytest.raises(ConfigError, match=r"protocols\.grpc\.endpoint: port 70000 is out of range \(1-65535\)"):
         decode_dataclass(Config, yaml.safe_load("protocols:\n  grpc:\n    endpoint: 127.0.0.1:70000\n"))
+
+
+async def test_acknowledge_delivered_answers_only_after_the_pipeline_reports_delivery(nursery):
+    """With `acknowledge: delivered` success means every exporter delivered (or durably queued) the data."""
+    import dataclasses
+
+    consumer = RecordingConsumer(ack=None)  # the test plays the exporters: it calls batch.done itself
+    config = dataclasses.replace(local_config(), acknowledge="delivered")
+    receiver = await start(nursery, consumer, config)
+    results: dict[str, object] = {}
+
+    async def post(name: str) -> None:
+        async with httpx.AsyncClient() as client:
+            results[name] = await client.post(receiver.http + "/v1/logs", content=log_request(name).SerializeToString(), headers={"content-type": "application/x-protobuf"})
+
+    async def call(name: str) -> None:
+        results[name] = await trio.to_thread.run_sync(raw_grpc_call, receiver.grpc, Signal.LOGS, log_request(name).SerializeToString())
+
+    nursery.start_soon(post, "http-ok")
+    nursery.start_soon(call, "grpc-ok")
+    await consumer.wait_for_batches(2)
+    await trio.testing.wait_all_tasks_blocked()
+    assert results == {}  # in the pipeline, but not delivered yet: nobody has been answered
+    for b in consumer.batches:
+        b.done(True)
+    with trio.fail_after(10):
+        while len(results) < 2:
+            await trio.sleep(0.01)
+    assert results["http-ok"].status_code == 200
+    assert not isinstance(results["grpc-ok"], grpc.RpcError)
+
+    nursery.start_soon(post, "http-lost")
+    nursery.start_soon(call, "grpc-lost")
+    await consumer.wait_for_batches(4)
+    for b in consumer.batches[2:]:
+        b.done(False)  # e.g. the exporter's queue was full: the client must retry
+    with trio.fail_after(10):
+        while len(results) < 4:
+            await trio.sleep(0.01)
+    assert results["http-lost"].status_code == 503 and results["http-lost"].headers["retry-after"] == "1"
+    assert "could not be delivered" in status_pb2.Status.FromString(results["http-lost"].content).message
+    assert results["grpc-lost"].code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_acknowledge_delivered_gives_up_after_delivery_timeout(autojump_clock):
+    from tapio.receivers.otlp._delivery import Delivery
+
+    consumer = RecordingConsumer(ack=None)  # takes batches, never reports them delivered
+    delivery = Delivery(consumer, wait_for_delivery=True, delivery_timeout=5.0)
+    start_time = trio.current_time()
+    assert await delivery.deliver(Batch.of(Signal.LOGS, log_request())) == "timeout"
+    assert trio.current_time() - start_time == pytest.approx(5.0)
+    # a client deadline shorter than delivery_timeout wins
+    assert await delivery.deliver(Batch.of(Signal.LOGS, log_request()), timeout=1.0) == "timeout"
+    # without waiting for delivery, being in the pipeline is enough
+    assert await Delivery(consumer).deliver(Batch.of(Signal.LOGS, log_request())) is None

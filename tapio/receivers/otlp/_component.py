@@ -20,7 +20,8 @@ from tapio.httpserver import bound_port, open_http_listeners, serve_http_listene
 from tapio.pdata import Signal
 
 from ._config import Config, parse_endpoint
-from ._grpc import Delivery, start_grpc_server, stop_grpc_server
+from ._delivery import Delivery
+from ._grpc import start_grpc_server, stop_grpc_server
 from ._http import OtlpHttpHandler
 
 
@@ -38,7 +39,11 @@ class OtlpReceiver:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         settings, protocols = self._settings, self._config.protocols
         component_id = str(settings.id)
-        delivery = Delivery(self._output)
+        delivery = Delivery(
+            self._output,
+            wait_for_delivery=self._config.acknowledge == "delivered",
+            delivery_timeout=float(self._config.delivery_timeout) or None,
+        )
         grpc_server = None
         try:
             if protocols.grpc is not None:
@@ -66,7 +71,7 @@ class OtlpReceiver:
             async with trio.open_nursery() as nursery:
                 if listeners is not None:
                     http = protocols.http
-                    handler = OtlpHttpHandler(http, self._output, settings.telemetry, settings.logger)
+                    handler = OtlpHttpHandler(http, self._output, settings.telemetry, delivery, settings.logger)
                     await nursery.start(
                         lambda task_status: serve_http_listeners(
                             handler,

@@ -11,6 +11,7 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from tapio.component import setting
 from tapio.units import ByteSize, Duration, parse_listen_address
@@ -116,6 +117,18 @@ class Config:
     protocols: Protocols = setting(
         default_factory=_both_protocols,
         doc="Which servers to run. Without a `protocols` key both run with their defaults.",
+    )
+    acknowledge: Literal["accepted", "delivered"] = setting(
+        "accepted",
+        doc="When a request is answered with success. `accepted`: once its data is in the pipeline (as the OTel Collector; "
+        "a crash of tapio loses what it still holds). `delivered`: once every exporter delivered it or committed it to a "
+        "storage-backed sending queue, so a SIGKILL loses nothing acknowledged (clients wait about a batch timeout longer, "
+        "and retry what was not delivered: at-least-once).",
+    )
+    delivery_timeout: Duration = setting(
+        Duration(30.0),
+        doc="With `acknowledge: delivered`, how long a request waits for delivery before it is answered as retryable "
+        "(HTTP 503, gRPC UNAVAILABLE); a gRPC client's own deadline applies too. `0` waits without limit.",
     )
 
     def validate(self) -> list[str]:

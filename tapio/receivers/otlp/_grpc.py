@@ -30,6 +30,7 @@ from tapio.component import Consumer, Refused
 from tapio.pdata import Batch, Signal
 from tapio.telemetry import ComponentTelemetry
 
+from ._delivery import REFUSAL_TEXT, Delivery
 from ._config import GrpcConfig, parse_endpoint
 
 #: fully qualified gRPC service names of the OTLP collector services
@@ -40,56 +41,6 @@ SERVICES = {
 }
 #: an empty Export*ServiceResponse serializes to no bytes (all three alike)
 _EMPTY_RESPONSE = b""
-
-
-class Delivery:
-    """Hands batches from foreign threads to a consumer in trio, cancellably.
-
-    Create it in trio; call `deliver_from_thread` from any other thread and
-    `close` from trio at shutdown.
-    """
-
-    def __init__(self, output: Consumer) -> None:
-        self._output = output
-        self._token = trio.lowlevel.current_trio_token()
-        self._scopes: set[trio.CancelScope] = set()
-        self._closing = False
-
-    def deliver_from_thread(self, batch: Batch, timeout: float | None) -> str | None:
-        """Send ``batch`` (waiting while the pipeline is full, up to ``timeout`` seconds).
-
-        Returns None once the batch is in the pipeline, else why not:
-        ``"closed"`` (shutting down or pipeline closed), ``"refused"`` (a stage
-        raised `Refused`) or ``"timeout"``.
-        """
-        try:
-            return trio.from_thread.run(self._deliver, batch, timeout, trio_token=self._token)
-        except (trio.RunFinishedError, trio.Cancelled):
-            return "closed"
-
-    async def _deliver(self, batch: Batch, timeout: float | None) -> str | None:
-        if self._closing:
-            return "closed"
-        with trio.CancelScope() as scope:
-            if timeout is not None:
-                scope.deadline = trio.current_time() + timeout
-            self._scopes.add(scope)
-            try:
-                await self._output.send(batch)
-                return None
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return "closed"
-            except Refused:
-                return "refused"
-            finally:
-                self._scopes.discard(scope)
-        return "closed" if self._closing else "timeout"
-
-    def close(self) -> None:
-        """Refuse new deliveries and cancel those waiting on a full pipeline."""
-        self._closing = True
-        for scope in list(self._scopes):
-            scope.cancel()
 
 
 def start_grpc_server(
@@ -164,10 +115,8 @@ def _make_export(
         refused = delivery.deliver_from_thread(batch, context.time_remaining())
         if refused == "timeout":
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the pipeline stayed full until the call's deadline")
-        if refused == "refused":
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the pipeline refused the data (over its memory limit); retry later")
         if refused is not None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the receiver is shutting down; retry later")
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{REFUSAL_TEXT[refused]}; retry later")
         return _EMPTY_RESPONSE
 
     return export

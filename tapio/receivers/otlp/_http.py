@@ -17,15 +17,16 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-import trio
+
 from google.protobuf.message import DecodeError
 
 from tapio import otlpjson
-from tapio.component import Consumer, Refused
+from tapio.component import Consumer
 from tapio.httpserver import Request, Response
 from tapio.pdata import Batch, Signal
 from tapio.telemetry import ComponentTelemetry
 
+from ._delivery import REFUSAL_TEXT, Delivery
 from ._config import HttpConfig
 
 PROTOBUF = "application/x-protobuf"
@@ -131,6 +132,7 @@ class OtlpHttpHandler:
         config: HttpConfig,
         output: Consumer,
         telemetry: ComponentTelemetry,
+        delivery: Delivery,
         logger: logging.Logger,
     ) -> None:
         self._paths = {
@@ -140,6 +142,7 @@ class OtlpHttpHandler:
         }
         self._limit = int(config.max_request_body_size)
         self._output = output
+        self._delivery = delivery
         self._telemetry = telemetry
         self._log = logger
 
@@ -180,14 +183,9 @@ class OtlpHttpHandler:
             return _status(400, _INVALID_ARGUMENT, f"cannot decode {what} {signal.request_class.__name__}: {exc}", as_json)
 
         if batch.count:
-            try:
-                await self._output.send(batch)
-            except Refused as exc:
-                response = _status(503, _UNAVAILABLE, f"the pipeline refused the data ({exc}); retry later", as_json)
-                response.headers.append(("retry-after", str(RETRY_AFTER_SECONDS)))
-                return response
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                response = _status(503, _UNAVAILABLE, "the pipeline is shutting down; retry later", as_json)
+            refused = await self._delivery.deliver(batch)
+            if refused is not None:
+                response = _status(503, _UNAVAILABLE, f"{REFUSAL_TEXT[refused]}; retry later", as_json)
                 response.headers.append(("retry-after", str(RETRY_AFTER_SECONDS)))
                 return response
         # an empty Export*ServiceResponse: no bytes in protobuf, {} in JSON
