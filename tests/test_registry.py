@@ -144,3 +144,10 @@ def test_doc_page_documents_exactly_the_config_keys(factory):
     groups = {key.rsplit(".", i)[0] for key in keys for i in range(1, key.count(".") + 1)}
     extra = documented - keys - groups
     assert extra == set(), f"{page.name} documents keys the config does not have: {sorted(extra)}"
+
+
+def test_components_index_lists_every_component():
+    index = (DOCS / "README.md").read_text()
+    for factory in FACTORIES:
+        assert f"| {factory.kind.value} | `{factory.type}` |" in index, f"docs/components/README.md does not list {factory.kind.value} {factory.type}"
+        assert f"({doc_page(factory).name})" in index
