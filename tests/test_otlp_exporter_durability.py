@@ -222,7 +222,7 @@ exporters:
       max_interval: 100ms
     sending_queue:
       storage: storage
-      num_consumers: 2
+      num_consumers: 1      # one batch in flight: after a crash at most one batch is sent twice
       queue_size: 100000
 service:
   extensions: [storage]
@@ -355,4 +355,4 @@ async def test_sigkill_of_tapio_run_under_load(tmp_path: Path):
     # the receiver answers only once the batch is on disk (acknowledge: delivered): nothing acknowledged is lost,
     # even records that were still in the channels or the batch processor when tapio was killed
     assert lost == 0
-    assert duplicates <= 2 * 200 + size  # the batches in flight to the sink
+    assert duplicates <= 200  # at most the one batch that was in flight to the sink
