@@ -16,6 +16,7 @@ import time
 from typing import Any, TextIO
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
+_LEVEL_NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warn", logging.ERROR: "error", logging.CRITICAL: "fatal"}
 _SECRET_HINTS = ("authorization", "token", "password", "secret", "api_key", "apikey")
 
 
@@ -33,6 +34,10 @@ def _redact(kv: dict[str, Any]) -> dict[str, Any]:
     return {k: ("<redacted>" if any(h in k.lower() for h in _SECRET_HINTS) else v) for k, v in kv.items()}
 
 
+def _level(record: logging.LogRecord) -> str:
+    return _LEVEL_NAMES.get(record.levelno, record.levelname.lower())
+
+
 def _timestamp(created: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
 
@@ -40,7 +45,7 @@ def _timestamp(created: float) -> str:
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         kv = _redact(getattr(record, "kv", None) or {})
-        parts = [_timestamp(record.created), f"{record.levelname.lower():5}", f"{_component(record.name):20}", record.getMessage()]
+        parts = [_timestamp(record.created), f"{_level(record):5}", f"{_component(record.name):20}", record.getMessage()]
         line = "  ".join(parts)
         if kv:
             line += "  " + " ".join(f"{k}={_text_value(v)}" for k, v in kv.items())
@@ -58,7 +63,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
             "ts": _timestamp(record.created),
-            "level": record.levelname.lower(),
+            "level": _level(record),
             "component": _component(record.name),
             "msg": record.getMessage(),
         }
