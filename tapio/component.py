@@ -91,11 +91,16 @@ class PipelineID:
         return f"{self.signal.value}/{self.name}" if self.name else self.signal.value
 
 
-def setting(default: Any = dataclasses.MISSING, *, doc: str, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A config dataclass field with its user documentation (shown in docs/components/)."""
+def setting(default: Any = dataclasses.MISSING, *, doc: str, default_factory: Any = dataclasses.MISSING, secret: bool = False) -> Any:
+    """A config dataclass field with its user documentation (shown in docs/components/).
+
+    ``secret`` fields (credentials, auth headers) are left out of the config's
+    repr, so a logged or printed config never shows them.
+    """
+    meta = {"doc": doc, "secret": secret}
     if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+        return field(default_factory=default_factory, metadata=meta, repr=not secret)
+    return field(default=default, metadata=meta, repr=not secret)
 
 
 class Refused(Exception):

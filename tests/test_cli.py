@@ -108,3 +108,30 @@ def test_env_expansion_and_merge(tmp_path):
     assert "base.yaml:4:24: receivers.otlp.protocols.http.endpoint: port 99999 is out of range" in res.stderr
     res = tapio("validate", "-c", str(base), env={"TEST_PORT": "4319"})
     assert res.returncode == 0, res.stderr
+
+
+def test_secrets_never_appear_in_output(tmp_path):
+    """An auth header set in the config shows neither in `validate` nor in `run`'s start banner or logs."""
+    from tapio.testing.process import TapioProcess, free_port
+
+    metrics = free_port()
+    cfg = tmp_path / "secret.yaml"
+    cfg.write_text(GOOD.replace('"127.0.0.1:4318"', f'"127.0.0.1:{free_port()}"').replace("  debug: {}", """  debug: {}
+  otlphttp:
+    endpoint: http://127.0.0.1:1
+    headers: {authorization: "Bearer hunter2-token"}""").replace("exporters: [debug]}", "exporters: [debug, otlphttp]}")
+        + f"  telemetry: {{metrics: {{address: '127.0.0.1:{metrics}'}}, logs: {{level: debug}}}}\n")
+    res = tapio("validate", "-c", str(cfg))
+    assert res.returncode == 0, res.stderr
+    with TapioProcess([cfg], metrics_port=metrics) as t:
+        t.wait_ready()
+        t.signal()
+        t.wait_exit()
+        output = t.stderr
+    assert "otlphttp" in output  # the banner names the exporter...
+    assert "hunter2" not in output and "hunter2" not in res.stdout + res.stderr  # ...never its credentials
+
+    from tapio.config import decode_dataclass
+    from tapio.exporters.otlp import HttpExporterConfig
+
+    assert "hunter2" not in repr(decode_dataclass(HttpExporterConfig, {"endpoint": "http://x:1", "headers": {"authorization": "hunter2"}}))

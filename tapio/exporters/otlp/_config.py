@@ -153,7 +153,7 @@ class GrpcExporterConfig:
         "`https://host:port` TLS; a bare host:port uses TLS unless `tls.insecure` is true.",
     )
     tls: TLSConfig = setting(default_factory=TLSConfig, doc="Transport security.")
-    headers: dict[str, str] = setting(default_factory=dict, doc="gRPC metadata sent with every call (e.g. an auth token); keys lowercase.")
+    headers: dict[str, str] = setting(default_factory=dict, doc="gRPC metadata sent with every call (e.g. an auth token); keys lowercase. Never logged.", secret=True)
     compression: Literal["gzip", "none"] = setting("gzip", doc="`gzip` compresses every request; `none` sends it as is.")
     timeout: Duration = setting(Duration(5.0), doc="Deadline of each export call.")
     retry_on_failure: RetryConfig = setting(default_factory=RetryConfig, doc="Retries of failed sends.")
@@ -216,7 +216,7 @@ class HttpExporterConfig:
     logs_endpoint: str = setting("", doc="Full URL for logs, used as is; empty derives it from `endpoint`.")
     encoding: Literal["proto", "json"] = setting("proto", doc="Body encoding: `proto` (application/x-protobuf) or `json` (OTLP/JSON).")
     tls: TLSConfig = setting(default_factory=TLSConfig, doc="Transport security (for https:// URLs).")
-    headers: dict[str, str] = setting(default_factory=dict, doc="HTTP headers sent with every request (e.g. an auth token).")
+    headers: dict[str, str] = setting(default_factory=dict, doc="HTTP headers sent with every request (e.g. an auth token). Never logged.", secret=True)
     compression: Literal["gzip", "none"] = setting("gzip", doc="`gzip` compresses every request body; `none` sends it as is.")
     timeout: Duration = setting(Duration(30.0), doc="Deadline of each request.")
     retry_on_failure: RetryConfig = setting(default_factory=RetryConfig, doc="Retries of failed sends.")
