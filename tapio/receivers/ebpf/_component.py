@@ -8,6 +8,9 @@ Invariants:
   record per event, a traces batch with the spans that ended). The kernel
   cannot wait, so batches go with ``send_nowait``; a refused batch is counted
   by its items in ``tapio_ebpf_events_dropped_total{reason}``, never retried.
+- Records are written as OTLP bytes (`_encode`) and parsed once into the
+  batch, which keeps the bytes: exporters send them without re-serializing.
+  Attributes shared by one task's events are encoded once and cached.
 - Kernel loss and rate-limit counters are read once a second and added to
   self-telemetry as deltas, so the tapio_* counters equal the kernel's.
 - Time: events carry CLOCK_BOOTTIME ns; `Program.boot_to_unix_ns`, measured
@@ -31,17 +34,15 @@ from collections import OrderedDict
 from typing import Any
 
 import trio
-from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from tapio.component import Ports, Refused, Settings
 from tapio.pdata import Batch, Signal
 from tapio.telemetry import COUNTER
 
 from . import _decode as d
+from . import _encode as enc
 from ._config import Config
 from ._containers import REASONS, ContainerResolver
 from ._loader import Program, cgroup2_root, open_program
@@ -51,6 +52,9 @@ SCOPE_VERSION = "0.1.0"
 #: how often the kernel's loss counters are read
 COUNTER_POLL_SECONDS = 1.0
 SEV_INFO, SEV_WARN = 9, 13
+#: opentelemetry/proto/trace/v1: Span.SpanKind, Status.StatusCode
+SPAN_KIND_INTERNAL, SPAN_KIND_SERVER, SPAN_KIND_CLIENT = 1, 2, 3
+STATUS_CODE_ERROR = 2
 #: tasks whose shared attributes are kept ready to copy; the cache is dropped when full
 COMMON_CACHE_SIZE = 4096
 
@@ -93,7 +97,12 @@ class EbpfReceiver:
         #: the compiled program while running (tests read its counters and maps)
         self.program: Program | None = None
         self._raw: list[bytes] = []
-        self._resolver: ContainerResolver | None = None
+        root = cgroup2_root()
+        self._resolver = ContainerResolver(
+            max_entries=config.container_cache_size,
+            root_cgroup_id=os.stat(root).st_ino if root else 1,
+            cgroup2_root=root,
+        )
         self._pending_exec: OrderedDict[int, tuple[str, int]] = OrderedDict()
         self._kernel_counters = [0] * 16
         self._events = {k: 0 for k in EVENT_KINDS}
@@ -101,26 +110,22 @@ class EbpfReceiver:
         self._dropped: dict[str, int] = {}
         self._start_unix_ns = time.time_ns()
         self._resource_attrs = [("host.name", socket.gethostname()), ("os.type", "linux"), ("service.name", "tapio")]
+        self._resource_blob = enc.attributes(enc.T_ATTR_RESOURCE, self._resource_attrs)
+        self._scope_blob = enc.scope(SCOPE_NAME, SCOPE_VERSION)
         self._ring_open = False
         self._unresolved_now: dict[str, int] = {}
-        self._common_cache: dict[tuple, list[KeyValue]] = {}
+        self._common_cache: dict[tuple, list[bytes]] = {}
+        self._declare_metrics()
 
     # -- lifecycle
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         settings, config = self._settings, self._config
-        self._declare_metrics()
         program = await open_program(config)
         self.program = program
         try:
             for kind, why in program.disabled.items():
                 settings.logger.warning("%s: %s events disabled: %s", settings.id, kind, why)
-            root = cgroup2_root()
-            self._resolver = ContainerResolver(
-                max_entries=config.container_cache_size,
-                root_cgroup_id=os.stat(root).st_ino if root else 1,
-                cgroup2_root=root,
-            )
             ring = program.bpf[b"events"]
             ring.open_ring_buffer(self._on_raw)
             self._ring_open = True
@@ -156,7 +161,7 @@ class EbpfReceiver:
         self.program.bpf.ring_buffer_consume()
         raws, self._raw = self._raw, []
         if raws:
-            self._handle(raws)
+            self.handle(raws)
         return len(raws)
 
     # -- telemetry
@@ -239,21 +244,14 @@ class EbpfReceiver:
             self._dropped[reason] = self._dropped.get(reason, 0) + batch.count
             self._telemetry.add("tapio_ebpf_events_dropped_total", batch.count, reason=reason, signal=batch.signal.value)
 
-    def _handle(self, raws: list[bytes]) -> None:
+    def handle(self, raws: list[bytes]) -> None:
+        """Turn raw ring-buffer records into at most one logs and one traces batch, and hand them on.
+
+        Records that do not decode are counted as bad input and skipped.
+        """
         wired = self._output.signals
-        want_logs, want_traces = Signal.LOGS in wired, Signal.TRACES in wired
-        logs = ExportLogsServiceRequest()
-        rl = logs.resource_logs.add()
-        for k, v in self._resource_attrs:
-            _put(rl.resource.attributes, k, v)
-        sl = rl.scope_logs.add()
-        sl.scope.name, sl.scope.version = SCOPE_NAME, SCOPE_VERSION
-        traces = ExportTraceServiceRequest()
-        rs = traces.resource_spans.add()
-        for k, v in self._resource_attrs:
-            _put(rs.resource.attributes, k, v)
-        ss = rs.scope_spans.add()
-        ss.scope.name, ss.scope.version = SCOPE_NAME, SCOPE_VERSION
+        records: list[bytes] | None = [] if Signal.LOGS in wired else None
+        spans: list[bytes] | None = [] if Signal.TRACES in wired else None
         offset = self.program.boot_to_unix_ns if self.program else 0
         observed = time.time_ns()
         kinds = {k: 0 for k in EVENT_KINDS}
@@ -264,7 +262,7 @@ class EbpfReceiver:
                 self._telemetry.bad_input(str(exc).split(" of ")[0][:40])
                 continue
             kinds[d.KIND_NAMES[ev.h.kind]] += 1
-            self._event(ev, offset, observed, sl.log_records if want_logs else None, ss.spans if want_traces else None)
+            self._event(ev, offset, observed, records, spans)
         for k, n in kinds.items():
             if n:
                 self._events[k] += n
@@ -273,21 +271,21 @@ class EbpfReceiver:
         for reason, n in unresolved.items():
             self._unresolved[reason] += n
             self._telemetry.add("tapio_ebpf_container_unresolved_total", n, reason=reason)
-        if want_logs and sl.log_records:
-            self._send(Batch(Signal.LOGS, [logs], len(sl.log_records)))
-        if want_traces and ss.spans:
-            self._send(Batch(Signal.TRACES, [traces], len(ss.spans)))
+        # one parse of bytes written directly (see _encode); the batch keeps them for exporters
+        if records:
+            self._send(Batch.from_bytes(Signal.LOGS, enc.request(self._resource_blob, self._scope_blob, records)))
+        if spans:
+            self._send(Batch.from_bytes(Signal.TRACES, enc.request(self._resource_blob, self._scope_blob, spans)))
 
-    def _event(self, ev: d.Event, offset: int, observed: int, records: Any, spans: Any) -> None:
+    def _event(self, ev: d.Event, offset: int, observed: int, records: list[bytes] | None, spans: list[bytes] | None) -> None:
         h = ev.h
-        assert self._resolver is not None
         container, reason = self._resolver.resolve(h.pid, h.cgroup_id)
         if container is None:
             self._unresolved_now[reason] = self._unresolved_now.get(reason, 0) + 1
         kind = d.KIND_NAMES[h.kind]
         ts = h.ts + offset
-        rec = records.add() if records is not None else None
-        span = None
+        #: (name, kind, start, end, failed, status message) of the span this event ends
+        span: tuple[str, int, int, int, bool, str] | None = None
         severity, body = SEV_INFO, kind
         extra: list[tuple[str, Any]] = []
 
@@ -335,7 +333,7 @@ class EbpfReceiver:
                 if spans is not None:
                     name = "process " + (exe.rsplit("/", 1)[-1] if exe else h.comm)
                     failed = bool(ev.exit_signal) or ev.exit_code > 0
-                    span = _span(spans, name, Span.SPAN_KIND_INTERNAL, start, ts, failed, body if failed else "")
+                    span = (name, SPAN_KIND_INTERNAL, start, ts, failed, body if failed else "")
             self._resolver.forget_pid(h.pid, h.cgroup_id)
         elif isinstance(ev, d.TcpEvent):
             event = d.TCP_EVENT_NAMES[ev.event]
@@ -360,10 +358,9 @@ class EbpfReceiver:
             body = f"tcp {event} {peer}" + (" failed" if failed else "")
             if spans is not None and (ev.event == d.TCP_CLOSE or failed):
                 outbound = ev.states_seen & (1 << 2)  # went through SYN_SENT: we connected
-                span = _span(
-                    spans,
+                span = (
                     f"tcp {'connect' if outbound else 'accept'} {peer}",
-                    Span.SPAN_KIND_CLIENT if outbound else Span.SPAN_KIND_SERVER,
+                    SPAN_KIND_CLIENT if outbound else SPAN_KIND_SERVER,
                     ev.start_ts + offset,
                     ts,
                     failed,
@@ -393,48 +390,67 @@ class EbpfReceiver:
             ]
             body = f"signal {_signal_name(ev.sig)} from {h.pid} to {ev.target_pid}"
 
-        common = self._common_attributes(h, kind, container)
-        for target in (rec, span):
-            if target is None:
-                continue
-            attrs = target.attributes
-            attrs.extend(common)
-            for key, value in extra:
-                _put(attrs, key, value)
-        if rec is not None:
-            rec.time_unix_nano = ts
-            rec.observed_time_unix_nano = observed
-            rec.severity_number = severity
-            rec.severity_text = "WARN" if severity == SEV_WARN else "INFO"
-            rec.event_name = f"tapio.ebpf.{kind}"
-            rec.body.string_value = body
-            if span is not None:
-                rec.trace_id, rec.span_id = span.trace_id, span.span_id
+        pieces = self._common_attributes(h, kind, container) + enc.kv_pieces(extra)
+        trace_id = span_id = b""
+        if span is not None and spans is not None:
+            name, span_kind, start, end, failed, message = span
+            trace_id, span_id = random.randbytes(16), random.randbytes(8)
+            spans.append(
+                enc.item(
+                    enc.span(
+                        trace_id=trace_id,
+                        span_id=span_id,
+                        name=name,
+                        kind=span_kind,
+                        start_time_unix_nano=start,
+                        end_time_unix_nano=max(start, end),
+                        attrs=enc.frame(enc.T_ATTR_SPAN, pieces),
+                        status_code=STATUS_CODE_ERROR if failed else 0,
+                        status_message=message if failed else "",
+                    )
+                )
+            )
+        if records is not None:
+            records.append(
+                enc.item(
+                    enc.log_record(
+                        time_unix_nano=ts,
+                        observed_time_unix_nano=observed,
+                        severity_number=severity,
+                        severity_text="WARN" if severity == SEV_WARN else "INFO",
+                        body=body,
+                        attrs=enc.frame(enc.T_ATTR_LOG, pieces),
+                        event_name=f"tapio.ebpf.{kind}",
+                        trace_id=trace_id,
+                        span_id=span_id,
+                    )
+                )
+            )
 
-    def _common_attributes(self, h: d.Header, kind: str, container: Any) -> list[KeyValue]:
-        """The attributes every event of one task and kind shares, built once and copied after."""
+    def _common_attributes(self, h: d.Header, kind: str, container: Any) -> list[bytes]:
+        """The attributes every event of one task and kind shares, encoded once (`_encode.kv_pieces`; a new list each call)."""
         key = (h.pid, h.tid, h.uid, h.comm, h.cgroup_id, kind, container)
         found = self._common_cache.get(key)
         if found is not None:
-            return found
-        holder = Span()
-        attrs = holder.attributes
-        _put(attrs, "tapio.ebpf.event", kind)
-        _put(attrs, "process.pid", h.pid)
-        _put(attrs, "thread.id", h.tid)
-        _put(attrs, "process.user.id", h.uid)
-        _put(attrs, "tapio.ebpf.comm", h.comm)
-        _put(attrs, "tapio.ebpf.cgroup_id", h.cgroup_id)
+            return list(found)
+        pairs: list[tuple[str, Any]] = [
+            ("tapio.ebpf.event", kind),
+            ("process.pid", h.pid),
+            ("thread.id", h.tid),
+            ("process.user.id", h.uid),
+            ("tapio.ebpf.comm", h.comm),
+            ("tapio.ebpf.cgroup_id", h.cgroup_id),
+        ]
         if container is not None:
-            _put(attrs, "container.id", container.id)
+            pairs.append(("container.id", container.id))
             if container.runtime:
-                _put(attrs, "container.runtime.name", container.runtime)
+                pairs.append(("container.runtime.name", container.runtime))
             if container.pod_uid:
-                _put(attrs, "k8s.pod.uid", container.pod_uid)
+                pairs.append(("k8s.pod.uid", container.pod_uid))
         if len(self._common_cache) >= COMMON_CACHE_SIZE:
             self._common_cache.clear()
-        found = self._common_cache[key] = list(attrs)
-        return found
+        found = self._common_cache[key] = enc.kv_pieces(pairs)
+        return list(found)
 
     def _remember_exec(self, pid: int, filename: str, ts: int) -> None:
         limit = self._config.traces.max_pending
@@ -445,21 +461,6 @@ class EbpfReceiver:
         while len(self._pending_exec) > limit:
             self._pending_exec.popitem(last=False)
             self._telemetry.add("tapio_ebpf_spans_evicted_total", 1)
-
-
-def _span(spans: Any, name: str, kind: int, start: int, end: int, failed: bool, message: str) -> Span:
-    span = spans.add(
-        trace_id=random.randbytes(16),
-        span_id=random.randbytes(8),
-        name=name,
-        kind=kind,
-        start_time_unix_nano=start,
-        end_time_unix_nano=max(start, end),
-    )
-    if failed:
-        span.status.code = Status.STATUS_CODE_ERROR
-        span.status.message = message
-    return span
 
 
 def _ppid_from_proc(pid: int) -> int:

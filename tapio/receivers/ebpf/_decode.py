@@ -214,8 +214,18 @@ def parse_event(data: bytes) -> Event:
 
 
 def states_list(mask: int) -> list[str]:
-    """State names of a ``states_seen`` bitmask, in the kernel's numbering order."""
-    return [name for num, name in TCP_STATES.items() if mask & (1 << num)]
+    """State names of a ``states_seen`` bitmask, in the kernel's numbering order (a new list each call)."""
+    found = _STATES_SEEN.get(mask)
+    if found is None:
+        found = tuple(name for num, name in TCP_STATES.items() if mask & (1 << num))
+        if len(_STATES_SEEN) < 4096:
+            _STATES_SEEN[mask] = found
+    return list(found)
+
+
+#: memo of states_list and open_flags_text: few distinct masks occur
+_STATES_SEEN: dict[int, tuple[str, ...]] = {}
+_FLAGS_TEXT: dict[int, str] = {}
 
 
 _OPEN_ACCESS = {0: "O_RDONLY", 1: "O_WRONLY", 2: "O_RDWR"}
@@ -230,6 +240,15 @@ _OPEN_FLAGS = [  # composite flags first: O_SYNC includes O_DSYNC, O_TMPFILE inc
 
 def open_flags_text(flags: int) -> str:
     """``O_WRONLY|O_CREAT|O_TRUNC`` for x86-64/arm64 open flags."""
+    found = _FLAGS_TEXT.get(flags)
+    if found is None:
+        found = _flags_text(flags)
+        if len(_FLAGS_TEXT) < 4096:
+            _FLAGS_TEXT[flags] = found
+    return found
+
+
+def _flags_text(flags: int) -> str:
     parts = [_OPEN_ACCESS.get(flags & 3, "O_ACCMODE")]
     rest = flags & ~3
     for bit, name in _OPEN_FLAGS:
