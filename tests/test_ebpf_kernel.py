@@ -11,6 +11,7 @@ filter and restart tests need their own configs and start their own.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -40,9 +41,7 @@ MEMCG = Path("/sys/fs/cgroup/memory")
 def _missing() -> str | None:
     if os.geteuid() != 0:
         return "not root"
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("bcc") is None:
         return "bcc is not importable (run scripts/setup.sh)"
     build = Path(f"/lib/modules/{os.uname().release}/build/include")
     if not build.is_dir():
@@ -475,6 +474,38 @@ async def test_restart_leaves_no_programs_behind():
             assert len(ours) >= 10, "every event kind's programs are loaded"
             nursery.cancel_scope.cancel()
         assert not (_tapio_prog_ids() & ours), "programs still loaded after the receiver stopped"
+
+
+AGENT_PROBE = """
+import json, sys, trio, logging
+from tapio.component import ComponentID, Kind, Ports, Settings
+from tapio.receivers.ebpf import factory
+from tapio.receivers.ebpf._config import Config
+from tapio.telemetry import Telemetry
+from tapio.testing.sink import RecordingConsumer
+
+async def main():
+    t = Telemetry()
+    settings = Settings(id=ComponentID("ebpf"), kind=Kind.RECEIVER, telemetry=t.for_component("receiver", "ebpf"), logger=logging.getLogger("probe"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(factory.create(settings, Config(), Ports(output=RecordingConsumer())).run)
+        maps = open("/proc/self/maps").read()
+        status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+        print(json.dumps({"bcc_imported": "bcc" in sys.modules, "libbcc_mapped": "libbcc" in maps, "llvm_mapped": "LLVM" in maps,
+                          "rss_kb": int(status["VmRSS"].split()[0])}))
+        nursery.cancel_scope.cancel()
+
+trio.run(main)
+"""
+
+
+async def test_the_agent_process_never_loads_bcc_or_llvm():
+    require(_missing())
+    done = await trio.run_process([sys.executable, "-c", AGENT_PROBE], capture_stdout=True)
+    seen = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert not seen["bcc_imported"] and not seen["libbcc_mapped"] and not seen["llvm_mapped"], seen
+    # issue 4's goal is 100 MB at ready; bcc alone used to map ~60 MB into this process
+    assert seen["rss_kb"] < 100 * 1024, seen
 
 
 async def test_cancelled_while_compiling_leaves_nothing_loaded():

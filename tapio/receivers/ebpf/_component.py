@@ -1,9 +1,10 @@
 """The running ebpf receiver: drain the ring buffer under trio, hand OTLP batches on.
 
 Invariants:
-- No threads but the one compile at start: the steady state waits on the
-  ring buffer's fd with `trio.lowlevel.wait_readable` and consumes without
-  blocking; the ring-buffer callback only copies bytes.
+- No threads: the compile runs in a child process at start (see _loader);
+  the steady state waits on the ring buffer's fd with
+  `trio.lowlevel.wait_readable` and reads the records straight from its
+  memory mapping (`_ringbuf`), without blocking.
 - One drain → at most one batch per wired signal (a logs batch with one
   record per event, a traces batch with the spans that ended). The kernel
   cannot wait, so batches go with ``send_nowait``; a refused batch is counted
@@ -24,7 +25,6 @@ Invariants:
 
 from __future__ import annotations
 
-import ctypes
 import os
 import random
 import signal as signal_module
@@ -96,7 +96,6 @@ class EbpfReceiver:
         self._telemetry = settings.telemetry
         #: the compiled program while running (tests read its counters and maps)
         self.program: Program | None = None
-        self._raw: list[bytes] = []
         root = cgroup2_root()
         self._resolver = ContainerResolver(
             max_entries=config.container_cache_size,
@@ -126,10 +125,9 @@ class EbpfReceiver:
         try:
             for kind, why in program.disabled.items():
                 settings.logger.warning("%s: %s events disabled: %s", settings.id, kind, why)
-            ring = program.bpf[b"events"]
-            ring.open_ring_buffer(self._on_raw)
+            program.ring()
             self._ring_open = True
-            fd = ring.map_fd
+            fd = program.ring_fd
             self._start_unix_ns = time.time_ns()
             settings.logger.info("%s: tracing %s", settings.id, ", ".join(program.enabled))
             task_status.started()
@@ -151,15 +149,10 @@ class EbpfReceiver:
                     program.close()
                     self.program = None
 
-    def _on_raw(self, ctx: Any, data: Any, size: int) -> int:
-        self._raw.append(ctypes.string_at(data, size))
-        return 0
-
     def drain(self) -> int:
         """Consume everything in the ring buffer now and hand it on; returns the events read."""
         assert self.program is not None
-        self.program.bpf.ring_buffer_consume()
-        raws, self._raw = self._raw, []
+        raws = self.program.ring().read()
         if raws:
             self.handle(raws)
         return len(raws)

@@ -5,29 +5,35 @@ Invariants:
   missing and how to fix it (not root, no bcc, no kernel headers, no
   tracefs); a missing tracepoint only disables the event kinds that need it,
   and `Program.disabled` says which and why.
-- One compile at a time in this process (`_COMPILE_LOCK`): bcc/LLVM crash
-  when two compiles overlap. Compiling happens off the trio thread.
-- `Program.close` detaches every probe and frees every map; it is safe to
-  call twice.
+- bcc is never imported in this process: a short-lived child (`_compile`)
+  compiles, loads and attaches, and hands back the fds of the attachments
+  (perf events), the ring buffer and the loss counters. The agent keeps
+  neither bcc's ~60 MB of mapped libraries nor LLVM's heap. Waiting for the
+  child is an ordinary trio wait: no thread, and a cancelled start kills
+  the child, which frees whatever it had loaded.
+- `Program.close` closes every fd, which detaches every probe and frees
+  every map; it is safe to call twice.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
+import json
 import os
 import platform
-import threading
+import signal
+import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
 
 import trio
 
 from ._config import PAGE_SIZE, Config
-
-#: bcc/LLVM cannot compile two programs at once in one process
-_COMPILE_LOCK = threading.Lock()
+from ._ringbuf import PerCpuU64Array, RingBuffer
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 CGROUP2_CANDIDATES = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
@@ -49,25 +55,47 @@ class EbpfStartupError(RuntimeError):
 
 @dataclass
 class Program:
-    """A compiled, attached program and what it was built with."""
+    """A loaded, attached program: the fds that keep it so, and what it was built with."""
 
-    bpf: Any
+    #: the ring buffer map's fd (wait on it for readability) and its data size
+    ring_fd: int
+    ring_size: int
+    counters_fd: int
+    counter_slots: int
+    #: perf-event fds of the attached tracepoints: closing them detaches
+    link_fds: list[int]
     enabled: list[str]
     #: event kind -> why it is off on this host
     disabled: dict[str, str] = field(default_factory=dict)
     #: CLOCK_BOOTTIME ns + this = unix ns
     boot_to_unix_ns: int = 0
     _closed: bool = False
+    _ring: RingBuffer | None = None
+    _counters: PerCpuU64Array | None = None
+
+    def ring(self) -> RingBuffer:
+        """The ring buffer's consumer, mapped on first use."""
+        if self._ring is None:
+            self._ring = RingBuffer(self.ring_fd, self.ring_size)
+        return self._ring
 
     def counters(self) -> list[int]:
         """The kernel's counter slots summed over CPUs (see CNT_* in the C source)."""
-        table = self.bpf[b"counters"]
-        return [sum(v) for v in (table.getvalue(table.Key(i)) for i in range(16))]
+        if self._counters is None:
+            self._counters = PerCpuU64Array(self.counters_fd, self.counter_slots)
+        return self._counters.sums()
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.bpf.cleanup()
+        if self._closed:
+            return
+        self._closed = True
+        if self._ring is not None:
+            self._ring.close()
+        for fd in [*self.link_fds, self.ring_fd, self.counters_fd]:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def find_tracefs() -> str:
@@ -127,14 +155,12 @@ def check_headers() -> None:
         )
 
 
-def import_bcc() -> Any:
-    try:
-        import bcc
-    except ImportError as exc:
+def check_bcc() -> None:
+    """bcc must be importable by the compile helper (this process never imports it)."""
+    if importlib.util.find_spec("bcc") is None:
         raise EbpfStartupError(
-            f"bcc is not importable ({exc}): install python3-bpfcc (Debian) and link /usr/lib/python3/dist-packages/bcc into the virtualenv"
-        ) from None
-    return bcc
+            "bcc is not importable: install python3-bpfcc (Debian) and link /usr/lib/python3/dist-packages/bcc into the virtualenv"
+        )
 
 
 def cgroup2_root() -> str | None:
@@ -247,9 +273,10 @@ def _boot_to_unix_ns() -> int:
     return (a + b) // 2 - boot
 
 
-def _build(config: Config, self_pid: int) -> Program:
+def prepare(config: Config, self_pid: int) -> tuple[dict, list[str], dict[str, str]]:
+    """Check the host and write the compile request: (request, enabled kinds, disabled kinds and why)."""
     check_privileges()
-    bcc = import_bcc()
+    check_bcc()
     check_headers()
     tracefs = find_tracefs()
     enabled, disabled, cflags = plan(config, tracefs)
@@ -278,52 +305,69 @@ def _build(config: Config, self_pid: int) -> Program:
         + path_filter_source(list(f.path_prefixes), list(f.exclude_path_prefixes)),
         1,
     )
-    with _COMPILE_LOCK:
-        try:
-            bpf = bcc.BPF(text=source.encode(), cflags=cflags)
-        except Exception as exc:
-            raise EbpfStartupError(f"compiling or loading the BPF program failed: {exc}") from exc
-        # LLVM keeps ~100 MB after a compile; hand it back (the program is loaded)
-        bpf.free_bcc_memory()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-    program = Program(bpf=bpf, enabled=enabled, disabled=disabled, boot_to_unix_ns=_boot_to_unix_ns())
-    try:
-        if cgroup_ids:
-            table = bpf[b"cgroup_filter"]
-            for cid in cgroup_ids:
-                table[table.Key(cid)] = table.Leaf(1)
-        if f.comms:
-            table = bpf[b"comm_filter"]
-            for comm in f.comms:
-                key = table.Key()
-                key.comm = comm.encode()
-                table[key] = table.Leaf(1)
-    except BaseException:
-        program.close()
-        raise
-    return program
+    request = {"source": source, "cflags": cflags, "cgroup_ids": cgroup_ids, "comms": list(f.comms)}
+    return request, enabled, disabled
+
+
+#: the most fds the helper may hand back (two maps and one per tracepoint)
+MAX_HANDED_FDS = 64
 
 
 async def open_program(config: Config) -> Program:
-    """Check the host, compile (in a worker thread) and attach; the caller must `Program.close` it.
+    """Check the host, compile and attach in a child process; the caller must `Program.close` it.
 
-    Raises EbpfStartupError. Cancellation while compiling waits for the
-    compile to end (it cannot be interrupted), then detaches.
+    Raises EbpfStartupError. Cancellation kills the child; whatever it had
+    loaded goes with it.
     """
-    self_pid = os.getpid()
-    built: list[Program] = []
-
-    def build() -> None:
-        built.append(_build(config, self_pid))
-
+    request, enabled, disabled = prepare(config, os.getpid())
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fds: list[int] = []
+    handed = False
+    proc = None
     try:
-        await trio.to_thread.run_sync(build, abandon_on_cancel=False)
-    except BaseException:
-        # cancelled while compiling: the compile finished, its program must not leak
-        for program in built:
-            program.close()
-        raise
-    return built[0]
+        helper = resources.files("tapio.receivers.ebpf").joinpath("_compile.py")
+        with theirs:
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, str(helper), str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        ours.setblocking(False)
+        ours.send(json.dumps(request).encode())
+        while True:
+            await trio.lowlevel.wait_readable(ours)
+            try:
+                msg, fds, flags, _ = socket.recv_fds(ours, 1 << 16, MAX_HANDED_FDS)
+            except BlockingIOError:
+                continue
+            break
+        if not msg:
+            code = await proc.wait()
+            raise EbpfStartupError(f"the BPF compile helper exited ({code}) without an answer; its errors are on stderr")
+        if flags & socket.MSG_CTRUNC:
+            raise EbpfStartupError(f"the BPF compile helper handed back more than {MAX_HANDED_FDS} fds")
+        answer = json.loads(msg)
+        if "error" in answer:
+            raise EbpfStartupError(answer["error"])
+        program = Program(
+            ring_fd=fds[answer["maps"]["events"]],
+            ring_size=answer["ring_size"],
+            counters_fd=fds[answer["maps"]["counters"]],
+            counter_slots=answer["counter_slots"],
+            link_fds=[fds[i] for i in answer["links"]],
+            enabled=enabled,
+            disabled=disabled,
+            boot_to_unix_ns=_boot_to_unix_ns(),
+        )
+        handed = True
+        return program
+    finally:
+        ours.close()
+        if not handed:
+            for fd in fds:
+                os.close(fd)
+        if proc is not None:
+            with trio.CancelScope(shield=True):
+                if proc.returncode is None and not handed:
+                    proc.send_signal(signal.SIGKILL)
+                await proc.wait()

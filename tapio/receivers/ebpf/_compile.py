@@ -1,0 +1,90 @@
+"""Compile, load and attach the BPF program in a short-lived child process; hand the fds back.
+
+Run by `_loader.open_program` as ``python _compile.py <socket fd>`` (a file
+path, not ``-m``, so that only the standard library and bcc are imported
+here). Keeping bcc and LLVM in this child keeps them out of the agent: they
+map ~60 MB into a process that imports them and LLVM keeps ~100 MB after a
+compile.
+
+Protocol, over a SOCK_SEQPACKET unix socket (one message each way):
+- request: JSON ``{"source", "cflags", "cgroup_ids", "comms"}``;
+- answer: JSON ``{"maps": {name: index}, "links": [index...], "ring_size",
+  "counter_slots"}`` with the fds in SCM_RIGHTS (indices into them), or
+  ``{"error": message}`` and no fds.
+
+Invariants:
+- The attachments live as long as their perf-event fds are open anywhere:
+  once the parent holds its copies, this process may go. It leaves with
+  ``os._exit`` so bcc's atexit cleanup never runs: that cleanup disables the
+  perf events (PERF_EVENT_IOC_DISABLE), and a disable acts on the shared
+  open file, the parent's copy included.
+- If this process dies before answering, the kernel closes its fds and
+  frees everything it loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+
+#: the maps the agent needs: the ring buffer and the per-CPU loss counters
+HANDED_MAPS = (b"events", b"counters")
+
+
+def _build(request: dict) -> tuple[dict, list[int]]:
+    try:
+        import bcc
+    except ImportError as exc:
+        return {"error": f"bcc is not importable in the compile helper ({exc})"}, []
+    try:
+        bpf = bcc.BPF(text=request["source"].encode(), cflags=request["cflags"])
+    except Exception as exc:
+        return {"error": f"compiling or loading the BPF program failed: {exc}"}, []
+    if request["cgroup_ids"]:
+        table = bpf[b"cgroup_filter"]
+        for cid in request["cgroup_ids"]:
+            table[table.Key(cid)] = table.Leaf(1)
+    if request["comms"]:
+        table = bpf[b"comm_filter"]
+        for comm in request["comms"]:
+            key = table.Key()
+            key.comm = comm.encode()
+            table[key] = table.Leaf(1)
+    fds: list[int] = []
+    maps = {}
+    for name in HANDED_MAPS:
+        maps[name.decode()] = len(fds)
+        fds.append(bpf[name].get_fd())
+    links = []
+    for fd in list(bpf.tracepoint_fds.values()) + list(bpf.raw_tracepoint_fds.values()):
+        links.append(len(fds))
+        fds.append(fd)
+    answer = {
+        "maps": maps,
+        "links": links,
+        "ring_size": int(bpf[b"events"].max_entries),
+        "counter_slots": int(bpf[b"counters"].max_entries),
+    }
+    return answer, fds
+
+
+def main(sock_fd: int) -> None:
+    sock = socket.socket(fileno=sock_fd)
+    request = json.loads(sock.recv(1 << 20))
+    try:
+        answer, fds = _build(request)
+    except Exception as exc:  # a bug here must still reach the agent as a message
+        answer, fds = {"error": f"the BPF compile helper failed: {type(exc).__name__}: {exc}"}, []
+    if fds:
+        socket.send_fds(sock, [json.dumps(answer).encode()], fds)
+    else:
+        sock.send(json.dumps(answer).encode())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))
