@@ -206,7 +206,6 @@ BPF_PERCPU_ARRAY(args_scratch, struct exec_args, 1);
 BPF_HASH(exec_argv, u32, struct exec_args, 4096);
 BPF_TABLE("lru_hash", u32, struct proc_info, procs, MAX_TRACKED);
 BPF_TABLE("lru_hash", u32, struct exit_info, exits, MAX_TRACKED);
-BPF_TABLE("lru_hash", u64, const char *, open_args, MAX_TRACKED);
 BPF_TABLE("lru_hash", u64, struct sock_info, socks, MAX_TRACKED);
 BPF_TABLE("lru_hash", struct peer_key, u64, passive, MAX_TRACKED);
 BPF_TABLE("lru_hash", u64, u64, accept_args, MAX_TRACKED);
@@ -556,84 +555,72 @@ TRACEPOINT_PROBE(signal, signal_generate) {
 // ---------------------------------------------------------------- file
 
 #ifdef KIND_OPEN
-static __always_inline void open_enter(const char *filename) {
+// One pending-call entry per thread inside open/openat: the arguments the
+// exit needs. Tasks the filters drop never get one, so their opens cost a
+// filter check and nothing else.
+struct open_call {
+    const char *filename;
+    int flags;
+    u32 mode;
+    int dfd;
+    u32 pad;
+};
+BPF_TABLE("lru_hash", u64, struct open_call, open_calls, MAX_TRACKED);
+
+static __always_inline void open_enter(const char *filename, int flags, u32 mode, int dfd) {
     u64 id = bpf_get_current_pid_tgid();
-    open_args.update(&id, &filename);
+    if (!task_allowed(bpf_get_current_cgroup_id(), id >> 32))
+        return;
+    struct open_call c = {.filename = filename, .flags = flags, .mode = mode, .dfd = dfd};
+    open_calls.update(&id, &c);
 }
 
-static __always_inline void open_exit(long ret, int flags, u32 mode, int dfd) {
+static __always_inline void open_exit(long ret) {
     u64 id = bpf_get_current_pid_tgid();
-    const char **fp = open_args.lookup(&id);
-    if (!fp)
+    struct open_call *c = open_calls.lookup(&id);
+    if (!c)
         return;
-    const char *filename = *fp;
-    open_args.delete(&id);
-    u64 now = bpf_ktime_get_boot_ns();
-    u64 cgid = bpf_get_current_cgroup_id();
-    if (!task_allowed(cgid, id >> 32))
-        return;
+    struct open_call call = *c;
+    open_calls.delete(&id);
     union any_event *u = get_scratch();
     if (!u)
         return;
     struct open_event *e = &u->open;
     // read at exit: the syscall has faulted the string in by now
-    if (bpf_probe_read_user_str(e->path, PATH_SIZE, filename) <= 0)
+    if (bpf_probe_read_user_str(e->path, PATH_SIZE, call.filename) <= 0)
         e->path[0] = 0;
     if (!path_allowed(e->path))
         return;
+    u64 now = bpf_ktime_get_boot_ns();
+    u64 cgid = bpf_get_current_cgroup_id();
     if (!rate_ok(cgid, EV_OPEN, now))
         return;
     fill_hdr(&e->h, EV_OPEN, now, cgid);
     e->ret = ret;
-    e->flags = flags;
-    e->mode = mode;
-    e->dfd = dfd;
+    e->flags = call.flags;
+    e->mode = call.mode;
+    e->dfd = call.dfd;
     emit(e, sizeof(*e), EV_OPEN);
 }
 
-struct open_call {
-    int flags;
-    u32 mode;
-    int dfd;
-};
-BPF_TABLE("lru_hash", u64, struct open_call, open_calls, MAX_TRACKED);
-
 TRACEPOINT_PROBE(syscalls, sys_enter_openat) {
-    u64 id = bpf_get_current_pid_tgid();
-    struct open_call c = {.flags = args->flags, .mode = args->mode, .dfd = args->dfd};
-    open_calls.update(&id, &c);
-    open_enter(args->filename);
+    open_enter(args->filename, args->flags, args->mode, args->dfd);
     return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_openat) {
-    u64 id = bpf_get_current_pid_tgid();
-    struct open_call *c = open_calls.lookup(&id);
-    if (!c)
-        return 0;
-    struct open_call call = *c;
-    open_calls.delete(&id);
-    open_exit(args->ret, call.flags, call.mode, call.dfd);
+    open_exit(args->ret);
     return 0;
 }
 
 #ifdef HAVE_SYS_OPEN
 TRACEPOINT_PROBE(syscalls, sys_enter_open) {
-    u64 id = bpf_get_current_pid_tgid();
-    struct open_call c = {.flags = args->flags, .mode = args->mode, .dfd = -100};
-    open_calls.update(&id, &c);
-    open_enter(args->filename);
+    open_enter(args->filename, args->flags, args->mode, -100);
     return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_open) {
-    u64 id = bpf_get_current_pid_tgid();
-    struct open_call *c = open_calls.lookup(&id);
-    if (!c)
-        return 0;
-    struct open_call call = *c;
-    open_calls.delete(&id);
-    open_exit(args->ret, call.flags, call.mode, call.dfd);
+    open_exit(args->ret);
     return 0;
 }
 #endif
@@ -642,16 +629,20 @@ TRACEPOINT_PROBE(syscalls, sys_exit_open) {
 // ---------------------------------------------------------------- TCP
 
 #ifdef KIND_TCP
+// Written straight into reserved ring space (no scratch copy); addresses are
+// read from where they are (the tracepoint's fields or the socket's entry)
+// only for the events that are emitted. addr_len is 4 (IPv4) or 16.
 static __always_inline void emit_tcp(struct sock_info *s, u64 sk, u32 event, u64 now,
                                      int oldstate, int newstate, s64 fd,
                                      u16 family, u16 sport, u16 dport,
-                                     const u8 *saddr, const u8 *daddr) {
+                                     const u8 *saddr, const u8 *daddr, int addr_len) {
     if (!rate_ok(s->cgroup_id, EV_TCP, now))
         return;
-    union any_event *u = get_scratch();
-    if (!u)
+    struct tcp_event *e = events.ringbuf_reserve(sizeof(struct tcp_event));
+    if (!e) {
+        count(CNT_LOST + EV_TCP);
         return;
-    struct tcp_event *e = &u->tcp;
+    }
     e->h.ts = now;
     e->h.cgroup_id = s->cgroup_id;
     e->h.kind = EV_TCP;
@@ -670,9 +661,16 @@ static __always_inline void emit_tcp(struct sock_info *s, u64 sk, u32 event, u64
     e->newstate = newstate;
     e->states_seen = s->states_seen;
     e->fd = fd;
-    bpf_probe_read_kernel(e->saddr, 16, saddr);
-    bpf_probe_read_kernel(e->daddr, 16, daddr);
-    emit(e, sizeof(*e), EV_TCP);
+    __builtin_memset(e->saddr, 0, 16);
+    __builtin_memset(e->daddr, 0, 16);
+    if (addr_len == 4) {
+        bpf_probe_read_kernel(e->saddr, 4, saddr);
+        bpf_probe_read_kernel(e->daddr, 4, daddr);
+    } else {
+        bpf_probe_read_kernel(e->saddr, 16, saddr);
+        bpf_probe_read_kernel(e->daddr, 16, daddr);
+    }
+    events.ringbuf_submit(e, 0);
 }
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state) {
@@ -681,18 +679,11 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     u64 sk = (u64)args->skaddr;
     int oldstate = args->oldstate, newstate = args->newstate;
     u16 family = args->family;
-    u64 now = bpf_ktime_get_boot_ns();
-    u8 saddr[16] = {}, daddr[16] = {};
-    if (family == 2) {
-        __builtin_memcpy(saddr, args->saddr, 4);
-        __builtin_memcpy(daddr, args->daddr, 4);
-    } else {
-        __builtin_memcpy(saddr, args->saddr_v6, 16);
-        __builtin_memcpy(daddr, args->daddr_v6, 16);
-    }
+    u64 now;  // read only where used: most transitions emit nothing
 
     if (newstate == ST_SYN_SENT) {
         // inside connect(): process context, so the current task owns the socket
+        now = bpf_ktime_get_boot_ns();
         u64 id = bpf_get_current_pid_tgid();
         u64 cgid = bpf_get_current_cgroup_id();
         if (!task_allowed(cgid, id >> 32))
@@ -713,6 +704,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
 
     if (oldstate == ST_SYN_RECV && newstate == ST_ESTABLISHED) {
         // passive open, usually in softirq: the owner is learned at accept()
+        now = bpf_ktime_get_boot_ns();
         struct sock_info s = {};
         s.start_ts = now;
         s.event = TCP_ACCEPT;
@@ -720,13 +712,18 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         s.family = family;
         s.sport = args->sport;
         s.dport = args->dport;
-        __builtin_memcpy(s.saddr, saddr, 16);
-        __builtin_memcpy(s.daddr, daddr, 16);
+        if (family == 2) {
+            __builtin_memcpy(s.saddr, args->saddr, 4);
+            __builtin_memcpy(s.daddr, args->daddr, 4);
+        } else {
+            __builtin_memcpy(s.saddr, args->saddr_v6, 16);
+            __builtin_memcpy(s.daddr, args->daddr_v6, 16);
+        }
         socks.update(&sk, &s);
         struct peer_key k = {};
         k.family = family;
         k.port = args->dport;
-        __builtin_memcpy(k.addr, daddr, 16);
+        __builtin_memcpy(k.addr, s.daddr, 16);
         passive.update(&k, &sk);
         return 0;
     }
@@ -738,22 +735,27 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
         s->states_seen |= 1 << oldstate;
     if (newstate >= 0 && newstate < 32)
         s->states_seen |= 1 << newstate;
+    const u8 *saddr = family == 2 ? (const u8 *)args->saddr : (const u8 *)args->saddr_v6;
+    const u8 *daddr = family == 2 ? (const u8 *)args->daddr : (const u8 *)args->daddr_v6;
+    int alen = family == 2 ? 4 : 16;
     if (oldstate == ST_SYN_SENT && newstate == ST_ESTABLISHED) {
-        emit_tcp(s, sk, TCP_CONNECT, now, oldstate, newstate, -1, family, args->sport, args->dport, saddr, daddr);
+        now = bpf_ktime_get_boot_ns();
+        emit_tcp(s, sk, TCP_CONNECT, now, oldstate, newstate, -1, family, args->sport, args->dport, saddr, daddr, alen);
         return 0;
     }
     if (newstate == ST_CLOSE) {
+        now = bpf_ktime_get_boot_ns();
         if (oldstate == ST_SYN_SENT) {
             // a failed connect: reported as a connect that ended in CLOSE
-            emit_tcp(s, sk, TCP_CONNECT, now, oldstate, newstate, -1, family, args->sport, args->dport, saddr, daddr);
+            emit_tcp(s, sk, TCP_CONNECT, now, oldstate, newstate, -1, family, args->sport, args->dport, saddr, daddr, alen);
         } else if (s->owner_known) {
-            emit_tcp(s, sk, TCP_CLOSE, now, oldstate, newstate, -1, family, args->sport, args->dport, saddr, daddr);
+            emit_tcp(s, sk, TCP_CLOSE, now, oldstate, newstate, -1, family, args->sport, args->dport, saddr, daddr, alen);
         }
         if (s->event == TCP_ACCEPT) {
             struct peer_key k = {};
             k.family = family;
             k.port = args->dport;
-            __builtin_memcpy(k.addr, daddr, 16);
+            __builtin_memcpy(k.addr, s->daddr, 16);
             passive.delete(&k);
         }
         socks.delete(&sk);
@@ -818,7 +820,7 @@ static __always_inline void accept_exit(long ret) {
     s->owner_known = 1;
     bpf_get_current_comm(&s->comm, sizeof(s->comm));
     u64 now = bpf_ktime_get_boot_ns();
-    emit_tcp(s, sk, TCP_ACCEPT, now, ST_SYN_RECV, ST_ESTABLISHED, ret, s->family, s->sport, s->dport, s->saddr, s->daddr);
+    emit_tcp(s, sk, TCP_ACCEPT, now, ST_SYN_RECV, ST_ESTABLISHED, ret, s->family, s->sport, s->dport, s->saddr, s->daddr, 16);
 }
 
 #ifdef HAVE_ACCEPT4
