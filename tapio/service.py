@@ -285,7 +285,6 @@ class Service:
         self._shutdown = trio.Event()
         self._ready = False
         self._stopping = False
-        self.started_components = trio.Event()
         self._pipeline_entries: list[Any] = []
 
     # -- health, for /healthz and /readyz
@@ -385,37 +384,34 @@ class Service:
         exporters, processors, receivers = self._wire()
         for inst in (*exporters, *processors, *receivers):
             self.instances[inst.node.key] = inst
-        async with trio.open_nursery() as outer:
-            # Everything after startup runs under one deadline once shutdown begins.
-            drain_scope = trio.CancelScope()
-            with drain_scope:
-                async with trio.open_nursery() as exporter_nursery:
-                    for inst in exporters:
-                        await self._start(exporter_nursery, inst)
-                    async with trio.open_nursery() as processor_nursery:
-                        for inst in processors:
-                            await self._start(processor_nursery, inst)
-                        try:
-                            async with trio.open_nursery() as receiver_nursery:
-                                for inst in receivers:
-                                    await self._start(receiver_nursery, inst)
-                                self._ready = True
-                                task_status.started()
-                                self.started_components.set()
-                                await self._shutdown.wait()
-                                self._stopping = True
-                                self._log.info("shutting down: stopping receivers, draining pipelines", extra={"kv": {"deadline_s": self.options.shutdown_timeout}})
-                                drain_scope.deadline = trio.current_time() + self.options.shutdown_timeout
-                                receiver_nursery.cancel_scope.cancel()
-                        finally:
+        # Everything after startup runs under one deadline once shutdown begins.
+        drain_scope = trio.CancelScope()
+        with drain_scope:
+            async with trio.open_nursery() as exporter_nursery:
+                for inst in exporters:
+                    await self._start(exporter_nursery, inst)
+                async with trio.open_nursery() as processor_nursery:
+                    for inst in processors:
+                        await self._start(processor_nursery, inst)
+                    try:
+                        async with trio.open_nursery() as receiver_nursery:
+                            for inst in receivers:
+                                await self._start(receiver_nursery, inst)
+                            self._ready = True
+                            task_status.started()
+                            await self._shutdown.wait()
                             self._stopping = True
-                            # End of stream for every pipeline: processors drain, flush and close their outputs.
-                            with trio.CancelScope(shield=True):
-                                for entry in self._pipeline_entries:
-                                    await entry.aclose()
-            if drain_scope.cancelled_caught:
-                self._log.warning("shutdown deadline of %gs expired; in-flight data may be lost", self.options.shutdown_timeout)
-            outer.cancel_scope.cancel()
+                            self._log.info("shutting down: stopping receivers, draining pipelines", extra={"kv": {"deadline_s": self.options.shutdown_timeout}})
+                            drain_scope.deadline = trio.current_time() + self.options.shutdown_timeout
+                            receiver_nursery.cancel_scope.cancel()
+                    finally:
+                        self._stopping = True
+                        # End of stream for every pipeline: processors drain, flush and close their outputs.
+                        with trio.CancelScope(shield=True):
+                            for entry in self._pipeline_entries:
+                                await entry.aclose()
+        if drain_scope.cancelled_caught:
+            self._log.warning("shutdown deadline of %gs expired; in-flight data may be lost", self.options.shutdown_timeout)
 
     async def _start(self, nursery: trio.Nursery, inst: _Instance) -> None:
         await nursery.start(self._supervise, inst)
