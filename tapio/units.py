@@ -38,7 +38,7 @@ class Duration(float):
                 return cls(0.0)
             pos, seconds = 0, 0.0
             sign = 1.0
-            if text[:1] in "+-":
+            if text and text[0] in "+-":
                 sign = -1.0 if text[0] == "-" else 1.0
                 pos = 1
             if pos >= len(text):

@@ -300,11 +300,24 @@ def test_hostile_config_reports_every_problem_with_its_location():
         ("receivers: [nop]", "1:12: receivers: expected a mapping of receiver ids to their settings, got a list"),
         ("receivers: {nop/: {}}", "1:13: receivers.nop/: invalid component name '' in 'nop/': must be non-empty without spaces or '/'"),
         ("receivers: {nop: {count: -1}}", "1:26: receivers.nop.count: must be 0 or more, got -1"),
+        ("receivers: {nop: {delay: ''}}", "1:26: receivers.nop.delay: invalid duration '': expected a number with a unit (ns, us, ms, s, m, h), e.g. '5s' or '200ms'"),
+        ("receivers: {nop: {delay: ' '}}", "1:26: receivers.nop.delay: invalid duration ' ': expected a number with a unit (ns, us, ms, s, m, h), e.g. '5s' or '200ms'"),
     ],
 )
 def test_bad_component_values(tmp_path, text, expected):
     path = write(tmp_path, text + "\n" + "\n".join(MINIMAL.splitlines()[1:]) + "\n")
     assert problems_of([path])[0] == f"{path}:{expected}"
+
+
+@given(st.text(alphabet="0123456789.+- smhunµsKMGiBb", max_size=12) | st.text(max_size=12))
+def test_duration_and_size_parse_raise_only_value_errors(text):
+    # the config decoder turns ValueError (and OverflowError) into a problem; anything else would crash `tapio validate`
+    for parse in (Duration.parse, ByteSize.parse):
+        try:
+            value = parse(text)
+        except (ValueError, OverflowError):
+            continue
+        assert value >= 0
 
 
 def test_validate_problem_without_a_key_points_at_the_component(tmp_path):
