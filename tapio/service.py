@@ -129,7 +129,8 @@ class FanoutConsumer:
 
     Consumers marked in ``mutating`` change records in place: each gets a
     deep copy, except that when all of them mutate the last keeps the original. ``on_done`` callbacks
-    run once, after every consumer finished with its share.
+    run once, after every consumer finished with its share; a send cut short
+    (cancelled) reports the shares it did not hand on as not delivered.
     """
 
     def __init__(self, consumers: list[Any], signals: frozenset[Signal], mutating: list[bool] | None = None, on_enter: Callable[[Batch], None] | None = None) -> None:
@@ -164,8 +165,18 @@ class FanoutConsumer:
             consumer.admit(batch)
 
     async def send(self, batch: Batch) -> None:
-        for consumer, share in zip(self._consumers, self._shares(batch)):
-            await consumer.send(share)
+        shares = self._shares(batch)
+        for i, (consumer, share) in enumerate(zip(self._consumers, shares)):
+            try:
+                await consumer.send(share)
+            except BaseException:
+                # Cut short (cancelled, channel closed): the shares not handed on
+                # report not delivered, so the sources still hear exactly once.
+                # (A single share is the batch itself: its sender still owns it.)
+                if len(shares) > 1:
+                    for unsent in shares[i:]:
+                        unsent.done(False)
+                raise
         if self._on_enter is not None:
             self._on_enter(batch)
 

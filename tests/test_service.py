@@ -427,3 +427,27 @@ def test_batch_keeps_arrival_bytes_through_concat_share_and_split():
     assert bodies(b"".join(p.to_bytes() for p in cut)) == bodies(joined.to_bytes()) == ["a0", "a1", "a2", "c0", "b0", "b1"]
     joined.requests.append(log_batch(1).requests[0])  # out of step: arrival bytes no longer trusted
     assert Signal.LOGS.request_class.FromString(joined.to_bytes()) == joined.merged()
+
+
+async def test_a_fan_out_cut_short_still_reports_done_exactly_once(autojump_clock):
+    # A sender's deadline (an OTLP client's timeout) or shutdown can cancel a
+    # fan-out after some pipelines got their share: the batch's sources must
+    # still hear once, when the shares sent are done, that it was not all delivered.
+    from tapio.service import ChannelConsumer, FanoutConsumer
+
+    sig = frozenset({Signal.LOGS})
+    send_a, recv_a = trio.open_memory_channel(1)
+    send_b, recv_b = trio.open_memory_channel(0)  # nobody receives: this share never gets in
+    fan = FanoutConsumer([ChannelConsumer(send_a, sig), ChannelConsumer(send_b, sig)], sig)
+    done: list[bool] = []
+    b = log_batch(2)
+    b.on_done.append(done.append)
+    with trio.move_on_after(1) as scope:
+        await fan.send(b)
+    assert scope.cancelled_caught
+    share_a = recv_a.receive_nowait()
+    assert done == []  # the share that got in is still on its way
+    share_a.done(True)
+    assert done == [False]
+    with pytest.raises(trio.WouldBlock):
+        recv_b.receive_nowait()
