@@ -165,8 +165,11 @@ class Batch:
         return self.signal.request_class.FromString(self.to_bytes())
 
     def share(self) -> "Batch":
-        """A new batch holding the same request objects (and arrival bytes), without callbacks."""
-        return Batch(self.signal, self.requests, self.count, raw=self._raw_list())
+        """A new batch holding the same request objects (and arrival bytes), without callbacks.
+
+        The lists are its own: adding to a share leaves the original as it was.
+        """
+        return Batch(self.signal, list(self.requests), self.count, raw=list(self._raw_list()))
 
     def copy(self) -> "Batch":
         """A deep copy, for fan-out to a consumer that mutates records."""

@@ -451,3 +451,15 @@ async def test_a_fan_out_cut_short_still_reports_done_exactly_once(autojump_cloc
     assert done == [False]
     with pytest.raises(trio.WouldBlock):
         recv_b.receive_nowait()
+
+
+def test_a_shared_batch_grows_without_changing_the_original():
+    # fan-out hands read-only consumers shares of one batch; adding to one share must not reach the others
+    original = Batch.from_bytes(Signal.LOGS, log_batch(2, "a").to_bytes())
+    share = original.share()
+    extra = log_batch(1, "b")
+    share.append(extra.requests[0])
+    share.count += extra.count
+    assert len(original.requests) == 1 and len(original.raw) == 1 and original.count == 2
+    assert len(share.requests) == 2 and share.requests[0] is original.requests[0]
+    assert Signal.LOGS.request_class.FromString(original.to_bytes()) == original.requests[0]
