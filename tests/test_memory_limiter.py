@@ -153,6 +153,42 @@ async def test_refuses_above_the_soft_limit_collects_above_the_hard_one_and_reco
         await send.aclose()  # end of input: the processor returns by itself
 
 
+async def test_a_batch_in_hand_at_cancellation_is_flushed_or_reported(autojump_clock):
+    telemetry = Telemetry()
+    limiter, send, sink = make_limiter(Memory(10 * MIB), telemetry)
+    outcomes: list[bool] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(limiter.run)
+        sink.pause()  # the next stage is full
+        batch = log_batch(4)
+        batch.on_done.append(outcomes.append)
+        await send.send(batch)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    # the shutdown grace passed with the next stage still full: dropped, counted, its source told
+    assert outcomes == [False]
+    assert telemetry.value("tapio_processor_dropped_items_total", reason="shutdown") == 4
+
+    telemetry = Telemetry()
+    limiter, send, sink = make_limiter(Memory(10 * MIB), telemetry)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(limiter.run)
+        sink.pause()
+        await send.send(log_batch(2))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+        nursery.start_soon(_resume_soon, sink)
+    # room came back within the grace: delivered, nothing dropped
+    assert sink.item_count == 2
+    assert telemetry.value("tapio_processor_dropped_items_total") == 0
+
+
+async def _resume_soon(sink: RecordingConsumer) -> None:
+    with trio.CancelScope(shield=True):
+        await trio.sleep(0.5)
+        sink.resume()
+
+
 async def test_memory_is_checked_every_interval(autojump_clock):
     memory = Memory(10 * MIB)
     limiter, send, _ = make_limiter(memory, Telemetry(), check_interval="250ms")

@@ -15,7 +15,10 @@ Invariants:
     OTLP receivers answer with 503/UNAVAILABLE so the client retries):
     ``tapio_processor_refused_items_total{reason="memory_limit"}``;
   - refused when it reaches the head of the queue while memory is still
-    above the soft limit: ``tapio_processor_dropped_items_total{reason="memory_limit"}``.
+    above the soft limit: ``tapio_processor_dropped_items_total{reason="memory_limit"}``;
+  - a batch whose hand-on is cancelled (shutdown deadline) is handed on
+    under the shielded shutdown grace, else dropped:
+    ``tapio_processor_dropped_items_total{reason="shutdown"}``.
 - Measurement is the only thing on the timer; refusing costs one attribute
   read per batch.
 - The limits are fixed at start: ``limit_mib`` (or ``limit_percentage`` of
@@ -255,8 +258,20 @@ class MemoryLimiter:
                     self._settings.telemetry.add("tapio_processor_dropped_items_total", batch.count, reason=REASON)
                     batch.done(False)
                     continue
-                await self._output.send(batch)
+                try:
+                    await self._output.send(batch)
+                except trio.Cancelled:
+                    await self._flush_on_cancel(batch)
+                    raise
             nursery.cancel_scope.cancel()
+
+    async def _flush_on_cancel(self, batch: Batch) -> None:
+        """Hand on the batch whose send was cancelled, within the shutdown grace; else drop it, counted."""
+        with trio.CancelScope(shield=True), trio.move_on_after(self._settings.shutdown_grace):
+            await self._output.send(batch)
+            return
+        self._settings.telemetry.add("tapio_processor_dropped_items_total", batch.count, reason="shutdown")
+        batch.done(False)
 
     async def _watch(self) -> None:
         interval = float(self._config.check_interval)
