@@ -118,9 +118,13 @@ class _Writer:
         """Write what is buffered, fsync, close; returns the batches written by this last write."""
         if self.fd < 0:
             return []
+        written: list[Batch] = []
         try:
             written = self.flush()
             os.fsync(self.fd)
+        except OSError as e:
+            e.written = [*getattr(e, "written", []), *written]  # type: ignore[attr-defined]
+            raise
         finally:
             os.close(self.fd)
             self.fd = -1
