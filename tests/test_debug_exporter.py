@@ -8,9 +8,22 @@ import re
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from tapio.component import ComponentID, Kind, Ports, Settings, config_problems
-from tapio.exporters.debug import DebugConfig, DebugExporter, Sampler, factory, format_time
+from tapio.exporters.debug import (
+    DebugConfig,
+    DebugExporter,
+    Sampler,
+    factory,
+    format_basic,
+    format_detailed,
+    format_normal,
+    format_time,
+)
 from tapio.pdata import Batch, Signal
 from tapio.telemetry import Telemetry
 from tests.test_file_exporter import logs_request, metrics_request, traces_request
@@ -193,3 +206,15 @@ def test_config_validation():
     assert factory.type == "debug" and factory.signals == frozenset(Signal)
     assert factory.summary(DebugConfig()) == "basic to stderr"
     assert re.match(r"Prints", factory.description)
+
+
+@given(kind=st.integers(-(2**31), 2**31 - 1), code=st.integers(-(2**31), 2**31 - 1), temporality=st.integers(-(2**31), 2**31 - 1))
+def test_every_formatter_survives_enum_values_out_of_range(kind, code, temporality):
+    # open enums: a peer can send any int32 (negative too) for span kind, status code and temporality
+    span = ExportTraceServiceRequest(resource_spans=[{"scope_spans": [{"spans": [{"name": "s", "kind": kind, "status": {"code": code}}]}]}])
+    metric = ExportMetricsServiceRequest(
+        resource_metrics=[{"scope_metrics": [{"metrics": [{"name": "m", "sum": {"aggregation_temporality": temporality, "data_points": [{"as_int": 1}]}}]}]}]
+    )
+    for batch in (Batch.of(Signal.TRACES, span), Batch.of(Signal.METRICS, metric)):
+        for render in (format_basic, format_normal, format_detailed):
+            assert render(batch).endswith("\n")

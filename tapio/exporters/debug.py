@@ -158,6 +158,11 @@ def format_basic(batch: Batch) -> str:
 # ----------------------------------------------------------------------------- normal
 
 
+def _enum_name(names: list[str], value: int) -> str:
+    """The name of an enum value, or the number for one outside ``names`` (open enums: a peer may send any int32)."""
+    return names[value] if 0 <= value < len(names) else str(value)
+
+
 def _severity(record: Any) -> str:
     if record.severity_text:
         return record.severity_text
@@ -186,7 +191,7 @@ def format_normal(batch: Batch) -> str:
                 for ss in rs.scope_spans:
                     for s in ss.spans:
                         duration = (s.end_time_unix_nano - s.start_time_unix_nano) / 1e6 if s.end_time_unix_nano else 0.0
-                        status = _STATUS_CODES[s.status.code] if s.status.code < len(_STATUS_CODES) else str(s.status.code)
+                        status = _enum_name(_STATUS_CODES, s.status.code)
                         parts = [s.name, s.trace_id.hex(), s.span_id.hex(), f"{duration:g}ms", status, _kv_pairs(s.attributes)]
                         lines.append(" ".join(p for p in parts if p))
         else:
@@ -281,8 +286,8 @@ def _severity_number(n: int) -> str:
 
 
 def _detailed_span(lines: list[str], index: int, s: Any) -> None:
-    kind = _SPAN_KINDS[s.kind] if s.kind < len(_SPAN_KINDS) else str(s.kind)
-    code = _STATUS_CODES[s.status.code] if s.status.code < len(_STATUS_CODES) else str(s.status.code)
+    kind = _enum_name(_SPAN_KINDS, s.kind)
+    code = _enum_name(_STATUS_CODES, s.status.code)
     lines += [
         f"Span #{index}",
         f"    Trace ID       : {s.trace_id.hex()}",
@@ -331,7 +336,7 @@ def _detailed_metric(lines: list[str], index: int, m: Any) -> None:
         lines.append(f"{_INDENT}IsMonotonic: {str(data.is_monotonic).lower()}")
     if kind in ("sum", "histogram", "exponential_histogram"):
         t = data.aggregation_temporality
-        lines.append(f"{_INDENT}AggregationTemporality: {_TEMPORALITY[t] if t < len(_TEMPORALITY) else t}")
+        lines.append(f"{_INDENT}AggregationTemporality: {_enum_name(_TEMPORALITY, t)}")
     title = {"gauge": "NumberDataPoints", "sum": "NumberDataPoints", "histogram": "HistogramDataPoints", "exponential_histogram": "ExponentialHistogramDataPoints", "summary": "SummaryDataPoints"}[kind]
     for i, p in enumerate(data.data_points):
         lines.append(f"{title} #{i}")
