@@ -20,6 +20,7 @@ import subprocess
 import httpx
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings, strategies as st
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
@@ -546,3 +547,25 @@ def test_config_validation_reports_every_problem():
     cfg = Config(endpoint="nowhere", namespace="1bad", const_labels={"ok": "1", "bad-name": "x"}, max_series=-1)
     problems = cfg.validate()
     assert [p.split(":")[0] for p in problems] == ["endpoint", "namespace", "const_labels", "max_series"]
+
+
+async def test_a_batch_of_several_requests_cancelled_midway_is_still_taken_whole_and_finished():
+    telemetry = Telemetry()
+    exporter, send = make_exporter(telemetry, metric_expiration="0s")
+    outcomes = []
+    requests = []
+    for name in ("a", "b", "c"):
+        req, sm = request()
+        add_gauge(sm, name, 1)
+        requests.append(req)
+    batch = Batch.of(Signal.METRICS, *requests)
+    batch.on_done.append(outcomes.append)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(exporter.run)
+            await trio.testing.wait_all_tasks_blocked()
+            send.send_nowait(batch)  # the exporter wakes holding the batch ...
+            nursery.cancel_scope.cancel()  # ... and is cancelled before it took the second request
+    assert outcomes == [True]
+    assert exporter.state.series_count == 3
+    assert telemetry.value("tapio_exporter_sent_metric_points_total", exporter="prometheus") == 3

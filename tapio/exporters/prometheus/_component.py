@@ -109,7 +109,8 @@ class PrometheusExporter:
         accepted = refused = 0
         for i, request in enumerate(batch.requests):
             if i:
-                await trio.lowlevel.checkpoint()  # let a scrape in between requests
+                # let a scrape in between requests, but never stop halfway: a batch is taken whole and finished
+                await trio.lowlevel.cancel_shielded_checkpoint()
             result = self.state.ingest(request, trio.current_time())
             accepted += result.accepted
             for reason, n in result.refused.items():
