@@ -553,6 +553,25 @@ async def test_in_memory_leftovers_are_dropped_and_counted_on_cancellation():
         assert ex.failed(reason="shutdown") == 6
 
 
+async def test_unqueued_batch_in_hand_gets_a_last_attempt_within_the_grace_on_cancellation():
+    async with open_otlp_sink(http_server=False) as sink:
+        sink.default = Reply(code=grpc.StatusCode.UNAVAILABLE)
+        done = Done()
+        slow_retry = {**FAST_RETRY, "initial_interval": "60s", "max_interval": "60s"}
+        config = {**endpoint_for("grpc", sink), "retry_on_failure": slow_retry, "sending_queue": {"enabled": False}}
+        ex = Exporter("grpc", config, grace=5.0)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(ex.component.run)
+                await ex.send.send(done.watch(log_batch(0, 2)))
+                await sink.wait_for_attempts(1)  # failed; the exporter now waits 60 s to retry
+                sink.default = Reply()  # the backend is back
+                nursery.cancel_scope.cancel()
+        assert done.reports == [True]
+        assert ex.sent() == 2 and ex.failed(reason="shutdown") == 0
+        assert bodies(sink) == ["s:0", "s:1"]
+
+
 # ---------------------------------------------------------------- storage-backed queue
 
 

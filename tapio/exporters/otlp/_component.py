@@ -17,15 +17,16 @@ Invariants:
 - Shutdown: when the input ends, an in-memory queue is drained (with
   retries) until the runtime's deadline; a storage-backed queue is sent
   until empty or until the first retryable failure, and the rest stays on
-  disk. On cancellation, in-memory leftovers get one last attempt within
-  ``shutdown_grace``; what is still unsent is counted (reason ``shutdown``).
+  disk. On cancellation, in-memory leftovers (without a queue: the batch in
+  hand) get one last attempt within ``shutdown_grace``; what is still
+  unsent is counted (reason ``shutdown``).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Any, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 import trio
 
@@ -118,7 +119,7 @@ class OtlpExporter:
         finally:
             with trio.CancelScope(shield=True):
                 if self.queue is not None:
-                    await self._final_flush(self.queue)
+                    await self._final_flush(self.queue.take_all(), self.queue.finish)
                 await self.sender.aclose()
 
     async def _open_queue(self) -> MemoryQueue | StorageQueue:
@@ -147,6 +148,11 @@ class OtlpExporter:
             item = Item.of(batch)
             try:
                 delivered = await self._deliver(item, abandon_when_closing=False)
+            except trio.Cancelled:
+                # shutdown: the batch in hand gets the last attempt queued leftovers get
+                with trio.CancelScope(shield=True):
+                    await self._final_flush([item], _finish_batch)
+                raise
             except BaseException:
                 self._tel.signal_add("exporter_send_failed", item.signal, item.count, reason="shutdown")
                 batch.done(False)
@@ -199,9 +205,11 @@ class OtlpExporter:
                 if not resolved:
                     queue.give_back(item)
 
-    async def _final_flush(self, queue: MemoryQueue | StorageQueue) -> None:
-        """After cancellation: one attempt per in-memory leftover within the grace; count the rest."""
-        leftovers = queue.take_all()
+    async def _final_flush(self, leftovers: list[Item], finish: Callable[[Item, bool], Awaitable[None]]) -> None:
+        """After cancellation: one attempt per in-memory leftover within the grace; count the rest.
+
+        ``finish`` is called once per item: after it was sent (True) or counted as dropped (False).
+        """
         if not leftovers:
             return
         with trio.move_on_after(self.settings.shutdown_grace):
@@ -211,15 +219,15 @@ class OtlpExporter:
                 leftovers.pop(0)
                 if outcome.verdict is Verdict.SENT:
                     self._count_sent(item, outcome)
-                    await queue.finish(item, True)
+                    await finish(item, True)
                 else:
                     self._tel.signal_add("exporter_send_failed", item.signal, item.count, reason="shutdown")
-                    await queue.finish(item, False)
+                    await finish(item, False)
         for item in leftovers:
             self._tel.signal_add("exporter_send_failed", item.signal, item.count, reason="shutdown")
-            await queue.finish(item, False)
+            await finish(item, False)
         if leftovers:
-            self._log.warning("shutdown: dropped %d queued batches that could not be sent in time", len(leftovers))
+            self._log.warning("shutdown: dropped %d batches that could not be sent in time", len(leftovers))
 
     # ------------------------------------------------------------ sending
 
@@ -280,3 +288,9 @@ class OtlpExporter:
             f": {outcome.message}" if outcome.message else "",
             "; retries exhausted" if reason == "retries_exhausted" else " and is not retryable" if outcome.verdict is Verdict.PERMANENT else "",
         )
+
+
+async def _finish_batch(item: Item, delivered: bool) -> None:
+    """Finish an unqueued item: tell its batch's sources."""
+    if item.batch is not None:
+        item.batch.done(delivered)
