@@ -27,9 +27,13 @@ class Node:
 
     @property
     def key(self) -> str:
-        """A unique, readable name: ``receiver:otlp``, ``processor:logs/batch``."""
+        """A unique, readable name: ``receiver:otlp``, ``processor:logs batch`` (pipeline, a space, the id).
+
+        Ids and pipeline names never contain spaces, so the key is unambiguous
+        (``logs/batch`` + ``x`` and ``logs`` + ``batch/x`` differ).
+        """
         if self.pipeline is not None:
-            return f"{self.kind.value}:{self.pipeline}/{self.id}"
+            return f"{self.kind.value}:{self.pipeline} {self.id}"
         return f"{self.kind.value}:{self.id}"
 
 
@@ -84,44 +88,67 @@ def build_graph(pipelines: dict[PipelineID, object]) -> Graph:
     return g
 
 
-def _mermaid_id(node: Node) -> str:
-    return "".join(c if c.isalnum() else "_" for c in node.key)
+class _MermaidIds:
+    """Readable Mermaid node ids (non-alphanumerics become ``_``), made unique where two keys sanitize alike."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, str] = {}
+        self._taken: set[str] = set()
+
+    def __call__(self, key: str) -> str:
+        if key not in self._ids:
+            base = "".join(c if c.isalnum() else "_" for c in key)
+            ident, n = base, 2
+            while ident in self._taken:
+                ident, n = f"{base}_{n}", n + 1
+            self._ids[key] = ident
+            self._taken.add(ident)
+        return self._ids[key]
+
+
+def _mermaid_text(text: object) -> str:
+    return str(text).replace('"', "#quot;")
 
 
 def to_mermaid(g: Graph) -> str:
     """The graph as a Mermaid flowchart (paste into any Markdown that renders Mermaid)."""
+    mid = _MermaidIds()
     lines = ["flowchart LR"]
     for rid, node in sorted(g.receivers.items()):
-        lines.append(f'  {_mermaid_id(node)}[["receiver {rid}"]]')
+        lines.append(f'  {mid(node.key)}[["receiver {_mermaid_text(rid)}"]]')
     for pid, p in sorted(g.pipelines.items()):
         if p.processors:
-            lines.append(f'  subgraph {_mermaid_id(Node(Kind.PROCESSOR, ComponentID("pipeline"), pid))}["pipeline {pid}"]')
+            lines.append(f'  subgraph {mid("pipeline:" + str(pid))}["pipeline {_mermaid_text(pid)}"]')
             for n in p.processors:
-                lines.append(f'    {_mermaid_id(n)}("{n.id}")')
+                lines.append(f'    {mid(n.key)}("{_mermaid_text(n.id)}")')
             lines.append("  end")
     for eid, node in sorted(g.exporters.items()):
-        lines.append(f'  {_mermaid_id(node)}[/"exporter {eid}"/]')
+        lines.append(f'  {mid(node.key)}[/"exporter {_mermaid_text(eid)}"/]')
     for a, b, label in g.edges():
-        lines.append(f"  {_mermaid_id(a)} -->|{label}| {_mermaid_id(b)}")
+        lines.append(f"  {mid(a.key)} -->|{label}| {mid(b.key)}")
     return "\n".join(lines) + "\n"
+
+
+def _dot(text: object) -> str:
+    """A DOT double-quoted string's content."""
+    return str(text).replace("\\", "\\\\").replace('"', '\\"')
 
 
 def to_dot(g: Graph) -> str:
     """The graph in Graphviz DOT (``tapio graph --format dot | dot -Tsvg``)."""
     lines = ["digraph tapio {", "  rankdir=LR;", '  node [fontname="Helvetica"];']
     for rid, node in sorted(g.receivers.items()):
-        lines.append(f'  "{node.key}" [label="receiver\\n{rid}", shape=box, style=rounded];')
+        lines.append(f'  "{_dot(node.key)}" [label="receiver\\n{_dot(rid)}", shape=box, style=rounded];')
     for pid, p in sorted(g.pipelines.items()):
         if p.processors:
-            cluster = "".join(c if c.isalnum() else "_" for c in str(pid))
-            lines.append(f'  subgraph "cluster_{cluster}" {{')
-            lines.append(f'    label="pipeline {pid}";')
+            lines.append(f'  subgraph "cluster_{_dot(pid)}" {{')
+            lines.append(f'    label="pipeline {_dot(pid)}";')
             for n in p.processors:
-                lines.append(f'    "{n.key}" [label="{n.id}", shape=ellipse];')
+                lines.append(f'    "{_dot(n.key)}" [label="{_dot(n.id)}", shape=ellipse];')
             lines.append("  }")
     for eid, node in sorted(g.exporters.items()):
-        lines.append(f'  "{node.key}" [label="exporter\\n{eid}", shape=box];')
+        lines.append(f'  "{_dot(node.key)}" [label="exporter\\n{_dot(eid)}", shape=box];')
     for a, b, label in g.edges():
-        lines.append(f'  "{a.key}" -> "{b.key}" [label="{label}"];')
+        lines.append(f'  "{_dot(a.key)}" -> "{_dot(b.key)}" [label="{label}"];')
     lines.append("}")
     return "\n".join(lines) + "\n"

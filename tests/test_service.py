@@ -330,8 +330,25 @@ def test_graph_renders(tmp_path):
     assert "receiver_otlp -->|logs| processor_logs_batch" in m
     assert "receiver_otlp -->|traces| exporter_file" in m
     d = to_dot(g)
-    assert '"receiver:otlp" -> "processor:logs/batch" [label="logs"];' in d
+    assert '"receiver:otlp" -> "processor:logs batch" [label="logs"];' in d
     assert d.count("->") == 4
+
+
+def test_graph_keys_and_ids_never_collide():
+    from tapio.graph import build_graph, to_dot, to_mermaid
+
+    # pipeline logs/batch + processor x, and pipeline logs + processor batch/x; ids that sanitize alike; a quote
+    pl = {PipelineID.parse("logs/batch"): P([cid("otlp")], [cid("x")], [cid("file")]),
+          PipelineID.parse("logs"): P([cid("otlp")], [cid("batch/x"), cid("q/a-b"), cid("q/a_b")], [cid('file/"q"')])}
+    g = build_graph(pl)
+    keys = [n.key for p in g.pipelines.values() for n in p.processors]
+    assert len(set(keys)) == len(keys) == 4
+    m = to_mermaid(g)
+    node_ids = [line.split("(")[0].strip() for line in m.splitlines() if line.startswith("    ")]
+    assert len(set(node_ids)) == 4
+    assert '"' not in m.split('exporter file/')[1].split('"/]')[0]  # the quote in the id is escaped
+    d = to_dot(g)
+    assert '"exporter:file/\\"q\\""' in d
 
 
 async def test_restart_is_visible_in_metrics_and_healthz(nursery):
