@@ -179,8 +179,7 @@ class Batch:
     def done(self, delivered: bool) -> None:
         """Tell the batch's sources it left the pipeline; call exactly once per batch."""
         callbacks, self.on_done = self.on_done, []
-        for cb in callbacks:
-            cb(delivered)
+        _call_all(callbacks, delivered)
 
 
 class DoneCountdown:
@@ -213,5 +212,17 @@ class DoneCountdown:
         self._left -= 1
         if self._left == 0:
             callbacks, self._callbacks = self._callbacks, []
-            for cb in callbacks:
-                cb(self._delivered)
+            _call_all(callbacks, self._delivered)
+
+
+def _call_all(callbacks: Sequence[Callable[[bool], None]], delivered: bool) -> None:
+    """Call every callback even if one raises (one source's bug must not stall another's checkpoint); then re-raise the first error."""
+    first: BaseException | None = None
+    for cb in callbacks:
+        try:
+            cb(delivered)
+        except Exception as exc:  # noqa: BLE001 - re-raised below
+            first = first or exc
+    if first is not None:
+        raise first
+
