@@ -4,8 +4,9 @@ Invariants:
 - Pure: the output depends only on the state and the arguments; nothing is
   changed, nothing is read from a clock.
 - Every family appears once, sorted by name, with its HELP (when it has a
-  description) and TYPE before its samples; ``target_info`` comes last,
-  then, in OpenMetrics, ``# EOF``.
+  description) and TYPE before its samples; ``target_info`` (a gauge in both
+  formats, as the OTel Collector writes it) comes last, then, in
+  OpenMetrics, ``# EOF``.
 - A histogram's buckets are cumulative, in increasing ``le``, ending with
   ``le="+Inf"`` whose value equals ``_count``.
 - Label text is the series' own, escaped once when the series was made;
@@ -162,7 +163,8 @@ def render_openmetrics(state: MetricsState, *, timestamps: bool = False) -> str:
                 add(f"{name}_count{s.labels} {s.count}{ts}\n")
                 add(f"{name}_sum{s.labels} {fmt(s.sum)}{ts}\n")
     if state.targets:
-        add(f"# HELP target {_TARGET_HELP}\n# TYPE target info\n")
+        # A gauge, as the OTel Collector writes it: promtool and Prometheus' text parser know no "info" type.
+        add(f"# HELP target_info {_TARGET_HELP}\n# TYPE target_info gauge\n")
         out += [f"target_info{t.labels} 1\n" for t in state.targets.values()]
     add("# EOF\n")
     return "".join(out)

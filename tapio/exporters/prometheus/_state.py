@@ -367,7 +367,7 @@ class MetricsState:
         self._label_names: dict[str, str] = {}
         self._metric_names: dict[tuple[str, str, str], str] = {}
         #: every name a family's samples or its OpenMetrics family name use → that family
-        self._claimed: dict[str, str] = {"target": "", "target_info": ""}  # target_info is ours
+        self._claimed: dict[str, str] = {"target_info": ""}  # target_info is ours
 
     # -- names, cached: the same few keys come again and again
 
