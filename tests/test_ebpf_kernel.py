@@ -532,3 +532,135 @@ async def test_startup_error_names_what_is_missing():
         from tapio.receivers.ebpf._loader import plan
 
         plan(Config(), "/nonexistent-tracefs")
+
+
+class Cgroup2Leaf:
+    """A cgroup2 directory of the test's own, removed afterwards; ``enter`` is a shell prefix that moves a child into it."""
+
+    def __init__(self) -> None:
+        if not (CGROUP2 / "cgroup.procs").exists():
+            require("cgroup2 mounted at /sys/fs/cgroup/unified")
+        self.path = CGROUP2 / f"tapio-test-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> "Cgroup2Leaf":
+        self.path.mkdir()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.rmdir()
+
+    @property
+    def enter(self) -> str:
+        return f"echo $$ > {self.path}/cgroup.procs; "
+
+
+async def test_rate_limit_per_cgroup_caps_a_storm_and_counts_the_rest(tmp_path):
+    require(_missing())
+    from tapio.receivers.ebpf._config import Config, EventsConfig, FiltersConfig
+
+    limit, storm_opens = 40, 400
+    data = tmp_path / "data"  # the prefix: the storm's own script (run from tmp_path) is outside it
+    data.mkdir()
+    config = Config(
+        events=EventsConfig(process=False, network=False, oom=False, signal=False),
+        filters=FiltersConfig(path_prefixes=[str(data) + "/"]),
+        rate_limit_per_cgroup=limit,
+        flush_interval=0.01,
+    )
+    sink, telemetry = RecordingConsumer(), Telemetry()
+    with Cgroup2Leaf() as cg:
+        storm = tmp_path / "storm.py"
+        storm.write_text(f"import os, time\nt = time.monotonic()\nfor i in range({storm_opens}):\n    os.close(os.open({str(data / 'storm')!r}, os.O_RDONLY | os.O_CREAT))\nprint(time.monotonic() - t)\n")
+        async with trio.open_nursery() as nursery:
+            receiver = await _run_receiver(config, sink, telemetry, nursery)
+            done = await trio.run_process(["/bin/sh", "-c", cg.enter + f"exec {sys.executable} {storm}"], capture_stdout=True)
+            storm_seconds = float(done.stdout.decode().strip())
+            # another cgroup (this test's) is not limited by the storm's
+            calm = data / "calm"
+            await trio.run_process([sys.executable, "-c", f"open({str(calm)!r}, 'w')"])
+            with trio.fail_after(10):
+                await sink.wait_until(lambda: any(a.get("file.path") == str(calm) for a, _ in log_records(sink.batches)))
+                while receiver.kernel_counters()["rate_limited"]["open"] + _count_path(sink, data / "storm") < storm_opens:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        storm_cgroup = cg.path.stat().st_ino
+    kept = _count_path(sink, data / "storm")
+    windows = 1 + int(storm_seconds)  # a fixed one-second window per cgroup
+    assert limit <= kept <= limit * (windows + 1), (kept, storm_seconds)
+    # every open of the storm is either reported or counted as rate limited
+    assert kept + receiver.kernel_counters()["rate_limited"]["open"] == storm_opens
+    assert telemetry.value("tapio_ebpf_events_rate_limited_total", kind="open") == storm_opens - kept
+    cgroup_ids = {a["tapio.ebpf.cgroup_id"] for a, _ in log_records(sink.batches) if a["file.path"] == str(data / "storm")}
+    assert cgroup_ids == {storm_cgroup}
+
+
+def _count_path(sink: RecordingConsumer, path: Path) -> int:
+    return sum(1 for a, _ in log_records(sink.batches) if a.get("file.path") == str(path))
+
+
+async def test_cgroup_filter_keeps_only_the_listed_cgroup(tmp_path):
+    require(_missing())
+    from tapio.receivers.ebpf._config import Config, EventsConfig, FiltersConfig
+
+    with Cgroup2Leaf() as cg:
+        config = Config(
+            events=EventsConfig(network=False, oom=False, signal=False),
+            filters=FiltersConfig(cgroups=[str(cg.path)], path_prefixes=[str(tmp_path) + "/"]),
+            flush_interval=0.01,
+        )
+        sink, telemetry = RecordingConsumer(), Telemetry()
+        async with trio.open_nursery() as nursery:
+            await _run_receiver(config, sink, telemetry, nursery)
+            await trio.run_process(["/bin/sh", "-c", f"exec /bin/cat {tmp_path / 'outside'}"], check=False, capture_stderr=True)
+            await trio.run_process(["/bin/sh", "-c", cg.enter + f"exec /bin/cat {tmp_path / 'inside'}"], check=False, capture_stderr=True)
+            with trio.fail_after(10):
+                await sink.wait_until(lambda: any(a.get("tapio.ebpf.event") == "exit" and a.get("tapio.ebpf.comm") == "cat" for a, _ in log_records(sink.batches)))
+            nursery.cancel_scope.cancel()
+        inside_cgroup = cg.path.stat().st_ino
+    seen = [a for a, _ in log_records(sink.batches)]
+    assert seen, "the cgroup's own events arrive"
+    assert {a["tapio.ebpf.cgroup_id"] for a in seen} == {inside_cgroup}
+    assert [a["file.path"] for a in seen if a["tapio.ebpf.event"] == "open"] == [str(tmp_path / "inside")]
+    assert all(a.get("process.command_args", [""])[-1] != str(tmp_path / "outside") for a in seen)
+
+
+async def test_container_only_keeps_tasks_of_other_pid_namespaces(tmp_path):
+    require(_missing())
+    if shutil.which("unshare") is None:
+        require("unshare (util-linux)")
+    from tapio.receivers.ebpf._config import Config, EventsConfig, FiltersConfig
+
+    config = Config(
+        events=EventsConfig(process=False, network=False, oom=False, signal=False),
+        filters=FiltersConfig(container_only=True, path_prefixes=[str(tmp_path) + "/"]),
+        flush_interval=0.01,
+    )
+    sink, telemetry = RecordingConsumer(), Telemetry()
+    host, contained = tmp_path / "host", tmp_path / "contained"
+    async with trio.open_nursery() as nursery:
+        await _run_receiver(config, sink, telemetry, nursery)
+        await trio.run_process([sys.executable, "-c", f"open({str(host)!r}, 'w')"])
+        await trio.run_process(["unshare", "--pid", "--fork", sys.executable, "-c", f"import os; assert os.getpid() == 1; open({str(contained)!r}, 'w')"])
+        with trio.fail_after(10):
+            await sink.wait_until(lambda: _count_path(sink, contained) == 1)
+        nursery.cancel_scope.cancel()
+    assert [a["file.path"] for a, _ in log_records(sink.batches)] == [str(contained)]
+
+
+def test_a_missing_tracepoint_disables_only_the_kinds_that_need_it(tmp_path):
+    """A tracefs copy without signal/signal_generate and oom/mark_victim: those kinds are off, the rest plan as usual."""
+    from tapio.receivers.ebpf._config import Config
+    from tapio.receivers.ebpf._loader import REQUIRED, plan
+
+    fake = tmp_path / "tracefs"
+    fields = "\tfield:int pid;\toffset:8;\tsize:4;\tsigned:1;\n"
+    for name in {t for ts in REQUIRED.values() for t in ts} | {"sched/sched_process_fork", "syscalls/sys_enter_exit_group"}:
+        if name in ("signal/signal_generate", "oom/mark_victim"):
+            continue
+        (fake / "events" / name).mkdir(parents=True)
+        (fake / "events" / name / "format").write_text(f"name: {name.split('/')[1]}\nformat:\n{fields}")
+    enabled, disabled, cflags = plan(Config(), str(fake))
+    assert enabled == ["process", "file", "network"]
+    assert disabled == {"oom": "the kernel lacks the tracepoint oom/mark_victim", "signal": "the kernel lacks the tracepoint signal/signal_generate"}
+    assert "-DKIND_OOM" not in cflags and "-DKIND_SIGNAL" not in cflags and "-DHAVE_SIGNAL_GENERATE" not in cflags
+    assert {"-DKIND_EXEC", "-DKIND_OPEN", "-DKIND_TCP"} <= set(cflags)

@@ -273,6 +273,23 @@ def _boot_to_unix_ns() -> int:
     return (a + b) // 2 - boot
 
 
+def host_pid_namespace() -> os.stat_result:
+    """The host's PID namespace (nsfs device and inode), which container_only keeps events outside of.
+
+    That of pid 1 where it can be read; where it cannot (a sandbox that hides
+    pid 1), the agent's own, which is the host's when it runs with hostPID
+    as a node agent must.
+    """
+    try:
+        return os.stat("/proc/1/ns/pid")
+    except OSError:
+        pass
+    try:
+        return os.stat("/proc/self/ns/pid")
+    except OSError as exc:
+        raise EbpfStartupError(f"filters.container_only needs the host's PID namespace, but neither /proc/1/ns/pid nor /proc/self/ns/pid can be read: {exc.strerror}") from None
+
+
 def prepare(config: Config, self_pid: int) -> tuple[dict, list[str], dict[str, str]]:
     """Check the host and write the compile request: (request, enabled kinds, disabled kinds and why)."""
     check_privileges()
@@ -291,7 +308,7 @@ def prepare(config: Config, self_pid: int) -> tuple[dict, list[str], dict[str, s
     if f.exclude_self:
         cflags.append(f"-DSELF_TGID={self_pid}")
     if f.container_only:
-        st = os.stat("/proc/1/ns/pid")
+        st = host_pid_namespace()
         cflags += [f"-DFILTER_HOST_PIDNS_DEV={st.st_dev}ULL", f"-DFILTER_HOST_PIDNS_INO={st.st_ino}ULL"]
     cgroup_ids = resolve_cgroup_ids(f.cgroups)
     if cgroup_ids:
