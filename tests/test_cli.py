@@ -135,3 +135,17 @@ def test_secrets_never_appear_in_output(tmp_path):
     from tapio.exporters.otlp import HttpExporterConfig
 
     assert "hunter2" not in repr(decode_dataclass(HttpExporterConfig, {"endpoint": "http://x:1", "headers": {"authorization": "hunter2"}}))
+
+
+def test_file_exporter_path_that_cannot_be_created_is_a_config_error(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    text = GOOD.replace("  debug: {}", f"  debug: {{}}\n  file:\n    path: {blocker}/out/logs.jsonl").replace(
+        "exporters: [debug]}", "exporters: [debug, file]}"
+    )
+    res = check_config(tmp_path, text)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    lines = [line.removeprefix("tapio: ").replace(str(tmp_path) + "/", "") for line in res.stderr.splitlines()]
+    expected = f"pipelines.yaml:10:11: exporters.file.path: cannot create the directory '{blocker}/out': '{blocker}' is not a directory"
+    assert expected.replace(str(tmp_path) + "/", "") in lines, "\n".join(lines)

@@ -329,6 +329,64 @@ def test_config_validation(tmp_path):
     ]
 
 
+def test_validation_checks_the_path_can_be_opened_without_creating_anything(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    deep = tmp_path / "new" / "sub" / "out.json"
+    assert config_problems(FileConfig(path=str(deep))) == []  # missing directories are created at start...
+    assert not (tmp_path / "new").exists()  # ...not by validation
+    assert config_problems(FileConfig(path=str(blocker))) == []  # an existing writable file is appended to
+    assert config_problems(FileConfig(path=str(blocker / "sub" / "out.json"))) == [
+        f"path: cannot create the directory {str(blocker / 'sub')!r}: {str(blocker)!r} is not a directory"
+    ]
+
+
+def _problems_as_unprivileged_user(config: FileConfig) -> list[str]:
+    """``config_problems(config)`` as an ordinary user sees it (as root, permission bits never deny)."""
+    if os.geteuid() != 0:
+        return config_problems(config)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child drops root, validates and reports through the pipe
+        try:
+            os.close(read)
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(write, "\n".join(config_problems(config)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        out = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return out.splitlines()
+
+
+def test_validation_reports_a_directory_that_is_not_writable():
+    import tempfile
+
+    locked = tempfile.mkdtemp(prefix="tapio-locked-")  # in /tmp, which everybody may search
+    try:
+        existing = os.path.join(locked, "existing.json")
+        with open(existing, "w"):
+            pass
+        os.chmod(existing, 0o444)
+        os.chmod(locked, 0o555)
+        assert _problems_as_unprivileged_user(FileConfig(path=os.path.join(locked, "out.json"))) == [
+            f"path: cannot create the file in {locked!r}: the directory is not writable by this user"
+        ]
+        assert _problems_as_unprivileged_user(FileConfig(path=os.path.join(locked, "sub", "out.json"))) == [
+            f"path: cannot create the directory {os.path.join(locked, 'sub')!r}: {locked!r} is not writable by this user"
+        ]
+        assert _problems_as_unprivileged_user(FileConfig(path=existing)) == [f"path: {existing!r} exists and is not writable by this user"]
+    finally:
+        os.chmod(locked, 0o755)
+        for name in os.listdir(locked):
+            os.remove(os.path.join(locked, name))
+        os.rmdir(locked)
+
+
 def test_factory():
     assert factory.type == "file" and factory.kind is Kind.EXPORTER
     assert factory.signals == frozenset(Signal)

@@ -74,6 +74,8 @@ class FileConfig:
             problems.append("path: must not contain a NUL character")
         elif self.path.endswith(os.sep) or os.path.isdir(self.path):
             problems.append(f"path: {self.path!r} is a directory; name a file in it")
+        else:
+            problems += [f"path: {p}" for p in _path_problems(self.path)]
         if self.format not in ("json", "proto"):
             problems.append(f"format: must be json or proto, got {self.format!r}")
         if self.compression not in ("", "gzip"):
@@ -82,6 +84,33 @@ class FileConfig:
             if getattr(self.rotation, key) < 0:
                 problems.append(f"rotation.{key}: must be 0 or more, got {getattr(self.rotation, key)}")
         return problems
+
+
+def _path_problems(path: str) -> list[str]:
+    """Why ``path`` could not be opened for appending, as far as can be told without creating anything.
+
+    The file, if it exists, must be writable; otherwise the nearest existing
+    ancestor of its directory must be a writable directory (``open`` creates
+    the rest). Checked with `os.access`, so root passes permission bits but
+    not a read-only file system.
+    """
+    absolute = os.path.abspath(path)
+    if os.path.exists(absolute):
+        return [] if os.access(absolute, os.W_OK) else [f"{path!r} exists and is not writable by this user"]
+    directory = os.path.dirname(absolute)
+    ancestor = directory
+    while not os.path.exists(ancestor):
+        parent = os.path.dirname(ancestor)
+        if parent == ancestor:
+            break
+        ancestor = parent
+    if not os.path.isdir(ancestor):
+        return [f"cannot create the directory {directory!r}: {ancestor!r} is not a directory"]
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        if ancestor == directory:
+            return [f"cannot create the file in {directory!r}: the directory is not writable by this user"]
+        return [f"cannot create the directory {directory!r}: {ancestor!r} is not writable by this user"]
+    return []
 
 
 class _Writer:
