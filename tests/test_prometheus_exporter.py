@@ -245,6 +245,22 @@ def test_delta_histograms_accumulate_bucket_by_bucket():
     assert value(text, "h_sum") == 12.0
 
 
+@pytest.mark.parametrize("count, want", [(3, 10), (6, 10), (10, 10), (25, 25)], ids=["below-finite", "below-total", "equal", "above"])
+def test_the_inf_bucket_and_count_are_never_below_a_bucket_even_when_the_counts_disagree(count, want):
+    req, sm = request()
+    p = add_histogram(sm, "h", [1.0, 2.0, 5.0], [2, 3, 1, 4], 9.5, help="H.")  # buckets: 2, 5, 6 and +Inf 10
+    p.count = count  # bad input unless 10
+    state = MetricsState()
+    assert state.ingest(req, 0).accepted == 1
+    text = render_text(state)
+    assert [value(text, "h_bucket", le=le) for le in ("1", "2", "5", "+Inf")] == [2, 5, 6, want]
+    assert value(text, "h_count") == want
+    promtool_check(promtool_binary(), text)
+    (family,) = parse_openmetrics(render_openmetrics(state))  # strict: +Inf must equal _count, buckets must not decrease
+    got = {(s.name, s.labels.get("le")): s.value for s in family.samples}
+    assert got[("h_bucket", "5.0")] == 6 and got[("h_bucket", "+Inf")] == got[("h_count", None)] == want
+
+
 def test_cumulative_points_from_the_past_are_refused():
     state = MetricsState()
     req, sm = request()

@@ -8,7 +8,9 @@ Invariants:
   formats, as the OTel Collector writes it) comes last, then, in
   OpenMetrics, ``# EOF``.
 - A histogram's buckets are cumulative, in increasing ``le``, ending with
-  ``le="+Inf"`` whose value equals ``_count``.
+  ``le="+Inf"`` whose value equals ``_count`` and is at least every other
+  bucket's: the point's count, or the total of its bucket counts when bad
+  input made them add up to more.
 - Label text is the series' own, escaped once when the series was made;
   sample lines are built with one f-string each (this is where the time
   goes at 100k series: see bench/bench_prometheus_render.py).
@@ -92,10 +94,11 @@ def render_text(state: MetricsState, *, timestamps: bool = False) -> str:
                 for le, c in zip(les, s.buckets):
                     cum += c
                     add(f'{head}le="{le}"}} {cum}{ts}\n')
-                add(f'{head}le="+Inf"}} {s.count}{ts}\n')
+                count = _count(s, cum)
+                add(f'{head}le="+Inf"}} {count}{ts}\n')
                 if s.sum is not None:
                     add(f"{name}_sum{s.labels} {fmt(s.sum)}{ts}\n")
-                add(f"{name}_count{s.labels} {s.count}{ts}\n")
+                add(f"{name}_count{s.labels} {count}{ts}\n")
         elif kind == SUMMARY:
             for s in series:
                 ts = _ms(s.time_ns) if timestamps else ""
@@ -150,8 +153,9 @@ def render_openmetrics(state: MetricsState, *, timestamps: bool = False) -> str:
                 for i, (le, c) in enumerate(zip(les, s.buckets)):
                     cum += c
                     add(f'{head}le="{le}"}} {cum}{ts}{exemplars[i]}\n')
-                add(f'{head}le="+Inf"}} {s.count}{ts}{exemplars[-1]}\n')
-                add(f"{name}_count{s.labels} {s.count}{ts}\n")
+                count = _count(s, cum)
+                add(f'{head}le="+Inf"}} {count}{ts}{exemplars[-1]}\n')
+                add(f"{name}_count{s.labels} {count}{ts}\n")
                 if s.sum is not None:
                     add(f"{name}_sum{s.labels} {fmt(s.sum)}{ts}\n")
         elif kind == SUMMARY:
@@ -168,6 +172,18 @@ def render_openmetrics(state: MetricsState, *, timestamps: bool = False) -> str:
         out += [f"target_info{t.labels} 1\n" for t in state.targets.values()]
     add("# EOF\n")
     return "".join(out)
+
+
+def _count(s, finite: int) -> int:
+    """The ``+Inf`` bucket and ``_count`` of histogram ``s`` whose finite buckets add up to ``finite``.
+
+    That is the point's count, unless its bucket counts (the overflow bucket
+    included) add up to more, which only bad input does: then their total,
+    so that no bucket exceeds ``+Inf`` and ``_count`` stays equal to it, as
+    both formats require.
+    """
+    total = finite + s.buckets[-1] if len(s.buckets) > len(s.bounds) else finite
+    return total if total > s.count else s.count
 
 
 def _carried(exemplars, n: int) -> list[str]:
