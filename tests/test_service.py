@@ -230,6 +230,44 @@ async def test_shutdown_drains_buffered_batches_in_order():
     assert world.flushed == ["hoard"]
 
 
+@pytest.mark.parametrize("timeout", [3.0, 20.0])
+async def test_shutdown_timeout_bounds_a_stuck_exporter(autojump_clock, caplog, timeout):
+    world = World()
+    world.exporter_gate = trio.Event()  # never set: the exporter never finishes the batch it took
+    svc = make_service(world, {"logs": (["src"], ["pass"], ["rec"])}, shutdown_timeout=timeout)
+    # fail_after: a deadline that is not enforced fails the test instead of hanging it
+    with caplog.at_level("WARNING", logger="tapio.service"), trio.fail_after(timeout + 60):
+        async with trio.open_nursery() as n:
+            await n.start(svc.run)
+            await world.sources["src"].send(log_batch(1))
+            await world.wait_until(lambda: svc.telemetry.value("tapio_processor_outgoing_items_total", processor="pass") == 1)
+            await trio.testing.wait_all_tasks_blocked()
+            began = trio.current_time()
+            svc.shutdown()
+        elapsed = trio.current_time() - began
+    # run returned when the deadline expired, not before (the exporter was stuck) and not after
+    assert elapsed == pytest.approx(timeout)
+    assert "rec" not in world.exported
+    assert [r.getMessage() for r in caplog.records if r.name == "tapio.service"] == [
+        f"shutdown deadline of {timeout:g}s expired; in-flight data may be lost"
+    ]
+
+
+async def test_shutdown_without_a_stuck_stage_does_not_wait_for_the_deadline(autojump_clock, caplog):
+    world = World()
+    svc = make_service(world, {"logs": (["src"], ["pass"], ["rec"])}, shutdown_timeout=20.0)
+    with caplog.at_level("WARNING", logger="tapio.service"):
+        async with trio.open_nursery() as n:
+            await n.start(svc.run)
+            await world.sources["src"].send(log_batch(1))
+            began = trio.current_time()
+            svc.shutdown()
+        elapsed = trio.current_time() - began
+    assert elapsed < 1.0
+    assert [b.count for b in world.exported["rec"]] == [1]
+    assert not [r for r in caplog.records if r.name == "tapio.service"]
+
+
 async def test_component_failing_at_start_is_named_and_stops_service():
     world = World()
     world.fail_start.add("src/bad")
