@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import textwrap
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -698,9 +699,7 @@ def test_keys_and_non_strings_are_not_expanded(tmp_path):
 
 
 def test_env_defaults_to_the_process_environment(tmp_path):
-    name = "TAPIO_TEST_CONFIG_COUNT"
-    if name in os.environ:
-        pytest.skip(f"{name} is already set in this environment")
+    name = f"TAPIO_TEST_COUNT_{uuid.uuid4().hex}"  # certainly set by nobody else
     os.environ[name] = "41"
     try:
         path = write(tmp_path, MINIMAL.replace("{nop: }", "{nop: {count: '${env:%s}'}}" % name, 1))

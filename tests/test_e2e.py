@@ -7,6 +7,7 @@ HTTP exporters, the file on disk and /metrics over HTTP.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import threading
@@ -17,22 +18,22 @@ import pytest
 
 from tapio import otlpjson
 from tapio.pdata import Signal
+from tapio.testing import prereq
 from tapio.testing.process import ROOT, TapioProcess, free_port, metric_sum, tapio_command
 
 SIGNAL_KEYS = {"resourceLogs": Signal.LOGS, "resourceSpans": Signal.TRACES, "resourceMetrics": Signal.METRICS}
 
 
 def promtool() -> str:
-    import os
-    import shutil
+    return prereq.command("promtool", "install Debian's prometheus package (scripts/setup.sh does)")
 
-    path = shutil.which("promtool")
-    if path is None:
-        msg = "promtool is missing: install Debian's prometheus package (scripts/setup.sh does)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
+
+@pytest.mark.parametrize("ci, outcome", [("true", pytest.fail.Exception), ("", pytest.skip.Exception)])
+def test_a_missing_prerequisite_fails_in_ci_and_skips_elsewhere(monkeypatch, ci, outcome):
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match=r"^the no-such-tool-4f1c command is missing: apt-get install it"):
+        prereq.command("no-such-tool-4f1c", "apt-get install it")
+    assert prereq.command("sh", "never needed") == shutil.which("sh")
 
 
 def write_config(tmp_path: Path, *, grpc: int, http: int, metrics: int, batch: str = "{timeout: 50ms}") -> Path:
