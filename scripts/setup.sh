@@ -10,6 +10,7 @@ APT_PACKAGES=(
     prometheus          # promtool checks tapio's /metrics; Prometheus scrapes the exporter in tests
     bpfcc-tools python3-bpfcc linux-headers-amd64 bpftool   # the ebpf receiver (bcc compiles at start)
     iproute2            # network namespaces and veth pairs in tests
+    openssl             # the TLS tests make their CA and certificates with the openssl command
 )
 
 missing=()
