@@ -150,9 +150,32 @@ def test_metric_names_without_suffixes_and_with_a_namespace():
 
 @pytest.mark.parametrize(
     "key, want",
-    [("http.method", "http_method"), ("k8s.pod.name", "k8s_pod_name"), ("1st", "key_1st"), ("a..b", "a_b"), ("_x", "_x"), ("ü", "key_")],
+    [
+        # the cases of the OTel Collector translator's own test (normalize_label_test.go)
+        ("label:with:colons", "label_with_colons"),
+        ("LabelWithCapitalLetters", "LabelWithCapitalLetters"),
+        ("label!with&special$chars)", "label_with_special_chars_"),
+        ("label_with_foreign_characters_字符", "label_with_foreign_characters___"),
+        ("label.with.dots", "label_with_dots"),
+        ("123label", "key_123label"),
+        ("_label_starting_with_underscore", "key_label_starting_with_underscore"),
+        # ... except that the Collector keeps a leading __, which OpenMetrics reserves: we prefix key
+        ("__label_starting_with_2underscores", "key__label_starting_with_2underscores"),
+        # and ours
+        ("http.method", "http_method"),
+        ("k8s.pod.name", "k8s_pod_name"),
+        ("a..b", "a__b"),  # one _ per invalid character: runs are not collapsed
+        ("a._b", "a__b"),
+        ("x.", "x_"),
+        (".x", "key_x"),  # sanitised first, then the leading single _ gets key
+        ("..x", "key__x"),
+        ("::", "key__"),
+        ("ü", "key_"),
+        ("١", "key_"),  # a non-ASCII digit is invalid, not a digit to prefix
+        ("", "key_"),
+    ],
 )
-def test_label_names_are_sanitised(key, want):
+def test_label_names_are_sanitised_as_the_collector_does(key, want):
     assert label_name(key) == want
 
 

@@ -95,7 +95,7 @@ _MAIN_UNITS = {
 _PER_UNITS = {"s": "second", "m": "minute", "h": "hour", "d": "day", "w": "week", "mo": "month", "y": "year"}
 
 _NAME_SPLIT = re.compile(r"[^a-zA-Z0-9:]+")
-_LABEL_SPLIT = re.compile(r"[^a-zA-Z0-9]+")
+_LABEL_INVALID = re.compile(r"[^a-zA-Z0-9_]")
 _BRACES = re.compile(r"\{[^}]*\}")
 
 
@@ -156,14 +156,23 @@ def _ends_with(tokens: list[str], words: list[str]) -> bool:
 
 
 def label_name(key: str) -> str:
-    """A valid Prometheus label name for an attribute key: invalid runs become one ``_``; a leading digit gets ``key_``."""
-    out = "_".join(t for t in _LABEL_SPLIT.split(key) if t)
-    if key[:1] == "_" and out:
-        out = "_" + out  # keep a single leading underscore the key had
+    """A valid Prometheus label name for an attribute key, as the OTel Collector's translator makes it.
+
+    Every character outside ``[a-zA-Z0-9_]`` becomes one ``_`` (runs are not
+    collapsed: ``a..b`` → ``a__b``); then a leading digit gets ``key_``
+    (``1st`` → ``key_1st``) and a leading single ``_`` gets ``key``
+    (``_x`` → ``key_x``). Two differences from the Collector, which would
+    write names that OpenMetrics forbids: a leading ``__`` (reserved) gets
+    ``key`` too (``__x`` → ``key__x``; the Collector keeps it), and the
+    empty key becomes ``key_``.
+    """
+    out = _LABEL_INVALID.sub("_", key)
     if not out:
         return "key_"
-    if out[0].isdigit():
-        out = "key_" + out
+    if out[0] in "0123456789":
+        return "key_" + out
+    if out[0] == "_":
+        return "key" + out
     return out
 
 
