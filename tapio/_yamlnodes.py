@@ -180,6 +180,18 @@ def expand_env(text: str, env: MappingType[str, str]) -> Expansion:
     return Expansion("".join(out), whole, tuple(unset), tuple(errors))
 
 
+def _unset_message(name: str, exp: Expansion, explicit: bool, path: str) -> str:
+    """The warning for an unset variable without a default, saying what the value becomes."""
+    what = f"environment variable {name!r} is not set (give a default with ${{env:{name}:-value}})"
+    if explicit:
+        return f"{what}; the value is an empty string"
+    if exp.whole:  # "" read as YAML is null
+        if path.endswith("]"):
+            return f"{what}; this list item is null"
+        return f"{what}; the value is empty, so the setting keeps its default"
+    return f"{what}; it is replaced by nothing, giving {exp.text!r}"
+
+
 # --- reading YAML --------------------------------------------------------------
 
 
@@ -332,7 +344,7 @@ class _Converter:
             for err in exp.errors:
                 self._report(loc, path, err)
             for name in exp.unset:
-                self._report(loc, path, f"environment variable {name!r} is not set; it expands to an empty value", "warning")
+                self._report(loc, path, _unset_message(name, exp, explicit, path), "warning")
             if not exp.whole or explicit:
                 return Scalar(exp.text, exp.text, loc)
             # As the OpenTelemetry Collector does: a value that is one whole

@@ -660,7 +660,7 @@ def test_env_value_of_the_wrong_type_is_reported_where_it_is_used(tmp_path):
     assert problems_of([path], env={"COUNT": "many"}) == [f"{path}:1:26: receivers.nop.count: expected an integer, got 'many'"]
 
 
-def test_unset_env_variable_is_a_warning_and_empty(tmp_path):
+def test_unset_env_variable_is_a_warning_saying_what_the_value_becomes(tmp_path):
     path = write(
         tmp_path,
         """\
@@ -668,20 +668,31 @@ def test_unset_env_variable_is_a_warning_and_empty(tmp_path):
           nop:
             count: ${env:UNSET_COUNT}
             endpoint: "${env:UNSET_HOST}:4317"
+            labels: {name: !!str "${env:UNSET_NAME}"}
+            tags: [a, "${env:UNSET_TAG}"]
         exporters: {nop: }
         service:
           pipelines:
             logs: {receivers: [nop], exporters: [nop]}
         """,
     )
+    hint = "(give a default with ${env:%s:-value})"
+    assert problems_of([path]) == [
+        f"{path}:3:12: warning: receivers.nop.count: environment variable 'UNSET_COUNT' is not set {hint % 'UNSET_COUNT'}; "
+        "the value is empty, so the setting keeps its default",
+        f"{path}:4:15: warning: receivers.nop.endpoint: environment variable 'UNSET_HOST' is not set {hint % 'UNSET_HOST'}; "
+        "it is replaced by nothing, giving ':4317'",
+        f"{path}:5:20: warning: receivers.nop.labels.name: environment variable 'UNSET_NAME' is not set {hint % 'UNSET_NAME'}; "
+        "the value is an empty string",
+        f"{path}:6:15: warning: receivers.nop.tags[1]: environment variable 'UNSET_TAG' is not set {hint % 'UNSET_TAG'}; "
+        "this list item is null",
+        f"{path}:6:15: receivers.nop.tags[1]: expected a string, got null",
+    ]
+    path = write(tmp_path, MINIMAL.replace("{nop: }", "{nop: {count: '${env:UNSET_COUNT}', endpoint: 'x:${env:UNSET_PORT}1'}}", 1))
     cfg = load([path])
     nop = cfg.receivers[ComponentID("nop")]
-    assert nop.count == 0  # the whole value expanded to "", which is null: the default
-    assert nop.endpoint == ":4317"
-    assert [str(w) for w in cfg.warnings] == [
-        f"{path}:3:12: warning: receivers.nop.count: environment variable 'UNSET_COUNT' is not set; it expands to an empty value",
-        f"{path}:4:15: warning: receivers.nop.endpoint: environment variable 'UNSET_HOST' is not set; it expands to an empty value",
-    ]
+    assert nop.count == NopConfig().count  # what the warning says: the default
+    assert nop.endpoint == "x:1"
 
 
 def test_bad_env_references_are_errors(tmp_path):
