@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import httpx
 import pytest
@@ -27,7 +28,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from tapio.component import ComponentID, Kind, Ports, Settings
-from tapio.config import decode_dataclass
+from tapio.config import config_fields, decode_dataclass
 from tapio.exporters.prometheus import Config, factory
 from tapio.exporters.prometheus._render import go_float, render_openmetrics, render_text
 from tapio.exporters.prometheus._state import MetricsState, label_name, metric_name
@@ -643,6 +644,31 @@ async def test_a_taken_port_is_reported_plainly():
             await exporter.run()
     finally:
         await listener.aclose()
+
+
+def test_config_defaults_are_the_collectors():
+    cfg = Config()
+    assert cfg.validate() == []
+    assert (cfg.endpoint, cfg.namespace, cfg.const_labels, cfg.send_timestamps, float(cfg.metric_expiration)) == ("127.0.0.1:9464", "", {}, False, 300.0)
+    assert (cfg.resource_to_telemetry_conversion.enabled, cfg.enable_open_metrics, cfg.add_metric_suffixes) == (False, False, True)
+    assert cfg.max_series == 200_000  # tapio's own: the Collector has no cardinality limit
+
+
+def _shown(default) -> str:
+    """A default as the doc page's table writes it."""
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, dict):
+        return "{}"
+    return '""' if default == "" else str(default)
+
+
+def test_doc_page_lists_exactly_the_config_keys_with_their_defaults():
+    page = Path(__file__).resolve().parent.parent / "docs" / "components" / "prometheus.md"
+    rows = re.findall(r"^\| `([a-z_.]+)` \| `([^`]*)` \|", page.read_text(), flags=re.M)
+    assert len(rows) == len(dict(rows))
+    assert dict(rows) == {key: _shown(default) for key, _, default, _ in config_fields(Config)}
+    assert dict(rows)["endpoint"] == "127.0.0.1:9464" and dict(rows)["metric_expiration"] == "5m"
 
 
 def test_config_validation_reports_every_problem():
