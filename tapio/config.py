@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import types
 import typing
@@ -318,9 +317,6 @@ def _decode(tp: Any, node: Node, path: str, report: _Problems) -> Any:
             return _INVALID
         except OverflowError:
             report(node.loc, path, f"{describe(node)} is too large")
-            return _INVALID
-        if isinstance(parsed, float) and math.isnan(parsed):
-            report(node.loc, path, f"expected a duration like '5s', got {describe(node)}")
             return _INVALID
         return parsed
     if tp is bool:

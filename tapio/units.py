@@ -9,8 +9,11 @@ does arithmetic without unwrapping.
 
 from __future__ import annotations
 
+import math
 import re
 
+#: longest duration accepted: nothing a node agent waits for is longer, and a bigger one is a typo (or .inf)
+MAX_DURATION_SECONDS = 10 * 365 * 24 * 3600.0
 _DURATION_UNITS = {
     "ns": 1e-9,
     "us": 1e-6,
@@ -31,7 +34,10 @@ class Duration(float):
         if isinstance(value, bool):
             raise ValueError(f"expected a duration like '5s' or '200ms', got {value!r}")
         if isinstance(value, (int, float)):
-            seconds = float(value)
+            try:
+                seconds = float(value)
+            except OverflowError:  # an int too large for a float
+                seconds = math.inf
         elif isinstance(value, str):
             text = value.strip()
             if text in ("0", "0s"):
@@ -52,8 +58,13 @@ class Duration(float):
             seconds *= sign
         else:
             raise ValueError(f"expected a duration like '5s' or '200ms', got {type(value).__name__}")
+        if math.isnan(seconds):
+            raise ValueError(f"duration {value!r} is not a number: write one like '5s' or '200ms'")
         if seconds < 0:
             raise ValueError(f"duration {value!r} is negative")
+        if seconds > MAX_DURATION_SECONDS:
+            what = "infinite" if isinstance(value, float) else "too long"
+            raise ValueError(f"duration {_shown(value)} is {what}: the longest accepted is {MAX_DURATION_SECONDS / 3600:g}h (10 years)")
         return cls(seconds)
 
     def __str__(self) -> str:
@@ -72,6 +83,12 @@ class Duration(float):
 
     def __repr__(self) -> str:
         return f"Duration({str(self)!r})"
+
+
+def _shown(value: object) -> str:
+    """``value`` for a message, cut short if it is long (a 400-digit number)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
 _SIZE_UNITS = {

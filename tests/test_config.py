@@ -310,6 +310,30 @@ def test_bad_component_values(tmp_path, text, expected):
     assert problems_of([path])[0] == f"{path}:{expected}"
 
 
+LONGEST = "the longest accepted is 87600h (10 years)"
+
+
+@pytest.mark.parametrize(
+    "written, expected",
+    [
+        (".inf", f"duration inf is infinite: {LONGEST}"),
+        ("-.inf", "duration -inf is negative"),
+        (".nan", "duration nan is not a number: write one like '5s' or '200ms'"),
+        ("99999999999999999999h", f"duration '99999999999999999999h' is too long: {LONGEST}"),
+        ("87600h1ms", f"duration '87600h1ms' is too long: {LONGEST}"),
+        ("1" + "0" * 400, f"duration 10000000000000000000...(401 characters) is too long: {LONGEST}"),
+    ],
+)
+def test_non_finite_and_absurd_durations_are_rejected(tmp_path, written, expected):
+    path = write(tmp_path, MINIMAL.replace("{nop: }", "{nop: {delay: %s}}" % written, 1))
+    assert problems_of([path]) == [f"{path}:1:26: receivers.nop.delay: {expected}"]
+
+
+def test_the_longest_duration_is_accepted():
+    assert Duration.parse("87600h") == 87600 * 3600
+    assert Duration.parse(87600 * 3600) == 87600 * 3600
+
+
 @given(st.text(alphabet="0123456789.+- smhunµsKMGiBb", max_size=12) | st.text(max_size=12))
 def test_duration_and_size_parse_raise_only_value_errors(text):
     # the config decoder turns ValueError (and OverflowError) into a problem; anything else would crash `tapio validate`
