@@ -55,6 +55,39 @@ def test_limits_from_mib_and_from_percentages():
     assert default.hard == 8 * gib and default.soft == default.hard - default.hard // 5
 
 
+@pytest.mark.parametrize(
+    "config, key",
+    [
+        ({"limit_mib": 100, "spike_limit_mib": 100}, "spike_limit_mib"),
+        ({"limit_mib": 100, "spike_limit_mib": 150}, "spike_limit_mib"),
+        ({"limit_percentage": 50, "spike_limit_percentage": 50}, "spike_limit_percentage"),
+        ({"limit_percentage": 50, "spike_limit_percentage": 70}, "spike_limit_percentage"),
+    ],
+)
+def test_a_spike_limit_at_or_above_a_static_limit_is_a_config_problem(config, key):
+    problems = MemoryLimiterConfig(**config).validate()
+    assert len(problems) == 1 and problems[0].startswith(f"{key}: must be less than"), problems
+
+
+@pytest.mark.parametrize("spike_mib", [512, 600])
+def test_a_spike_limit_mib_at_or_above_the_percentage_limit_stops_the_start(spike_mib):
+    cfg = MemoryLimiterConfig(limit_percentage=50, spike_limit_mib=spike_mib)
+    assert cfg.validate() == []  # the hard limit is not known before start
+    with pytest.raises(ValueError) as caught:
+        make_limiter(Memory(0), Telemetry(), limit_mib=0, limit_percentage=50, spike_limit_mib=spike_mib)  # 1024 MiB available
+    message = str(caught.value)
+    assert f"spike_limit_mib {spike_mib}: {spike_mib} MiB" in message
+    assert "limit_percentage 50% of 1024 MiB, the memory available: 512 MiB" in message
+    assert "every batch would be refused" in message
+    limiter, _, _ = make_limiter(Memory(0), Telemetry(), limit_mib=0, limit_percentage=50, spike_limit_mib=511)
+    assert limiter.limits == Limits(hard=512 * MIB, soft=1 * MIB)
+
+
+def test_a_percentage_limit_too_small_for_any_data_stops_the_start():
+    with pytest.raises(ValueError, match=r"not below the hard limit \(limit_percentage 1% of 0 MiB"):
+        Limits.of(MemoryLimiterConfig(limit_percentage=1), 50)  # 50 bytes available: a hard limit of 0
+
+
 def write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -238,6 +271,32 @@ def needs_registered(*types: tuple[Kind, str]) -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
+
+
+def test_tapio_run_refuses_to_start_with_a_spike_limit_above_the_percentage_limit(tmp_path):
+    needs_registered((Kind.PROCESSOR, "memory_limiter"), (Kind.EXPORTER, "debug"), (Kind.RECEIVER, "otlp"))
+    http, metrics = free_port(), free_port()
+    cfg = tmp_path / "pipelines.yaml"
+    cfg.write_text(f"""
+receivers:
+  otlp:
+    protocols:
+      http: {{endpoint: "127.0.0.1:{http}"}}
+processors:
+  memory_limiter: {{limit_percentage: 50, spike_limit_mib: {1 << 40}}}   # more than any machine has
+exporters:
+  debug: {{}}
+service:
+  pipelines:
+    logs: {{receivers: [otlp], processors: [memory_limiter], exporters: [debug]}}
+  telemetry:
+    metrics: {{address: "127.0.0.1:{metrics}"}}
+""")
+    with TapioProcess([cfg], metrics_port=metrics) as tapio:
+        assert tapio.wait_exit(timeout=60) != 0
+        stderr = tapio.stderr
+    assert "processor memory_limiter in pipeline logs failed to start" in stderr, stderr
+    assert "is not below the hard limit (limit_percentage 50% of" in stderr and "every batch would be refused" in stderr, stderr
 
 
 def test_rss_stays_bounded_under_ten_times_overload(tmp_path):

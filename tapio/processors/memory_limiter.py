@@ -25,6 +25,10 @@ Invariants:
   the cgroup memory limit, or of the machine's memory when the cgroup sets
   none), and the spike allowance ``spike_limit_mib`` (or
   ``spike_limit_percentage``, or a fifth of the limit).
+- The soft limit is above 0: a spike allowance at or above the hard limit
+  is a config problem (`MemoryLimiterConfig.validate`) when both are known
+  statically, and stops the processor from starting when the hard limit
+  comes from a percentage of the memory found at start.
 """
 
 from __future__ import annotations
@@ -70,7 +74,8 @@ class MemoryLimiterConfig:
     spike_limit_mib: int = setting(
         0,
         doc="Largest growth expected between two checks, in MiB; data is refused from limit minus this (the soft limit) on. "
-        "0 means use spike_limit_percentage, or a fifth of the limit when that is 0 too. Must be less than limit_mib.",
+        "0 means use spike_limit_percentage, or a fifth of the limit when that is 0 too. Must be less than the hard limit: "
+        "less than limit_mib (checked by validate), or, with limit_percentage, than the limit computed at start (else tapio does not start).",
     )
     limit_percentage: int = setting(
         80,
@@ -154,20 +159,39 @@ class Limits:
     soft: int
 
     @classmethod
-    def of(cls, config: MemoryLimiterConfig, available: int) -> "Limits":
-        """The byte limits ``config`` sets when ``available`` bytes of memory are there."""
+    def of(cls, config: MemoryLimiterConfig, available: int, *, available_from: str = "the memory available") -> "Limits":
+        """The byte limits ``config`` sets when ``available`` bytes of memory are there.
+
+        Raises:
+            ValueError: the spike allowance is not below the hard limit, so the
+                soft limit would be 0 or less and every batch refused. With
+                ``limit_mib`` `MemoryLimiterConfig.validate` already rules that
+                out; with ``limit_percentage`` the hard limit depends on the
+                memory found at start (``available_from`` names where it came from).
+        """
         if config.limit_mib > 0:
             hard = config.limit_mib * MIB
-            spike = config.spike_limit_mib * MIB if config.spike_limit_mib > 0 else int(hard * DEFAULT_SPIKE_SHARE)
+            hard_text = f"limit_mib {config.limit_mib}"
+            if config.spike_limit_mib > 0:
+                spike, spike_text = config.spike_limit_mib * MIB, f"spike_limit_mib {config.spike_limit_mib}"
+            else:
+                spike, spike_text = int(hard * DEFAULT_SPIKE_SHARE), "a fifth of the limit"
         else:
             hard = available * config.limit_percentage // 100
+            hard_text = f"limit_percentage {config.limit_percentage}% of {available // MIB} MiB, {available_from}"
             if config.spike_limit_mib > 0:
-                spike = config.spike_limit_mib * MIB
+                spike, spike_text = config.spike_limit_mib * MIB, f"spike_limit_mib {config.spike_limit_mib}"
             elif config.spike_limit_percentage > 0:
                 spike = available * config.spike_limit_percentage // 100
+                spike_text = f"spike_limit_percentage {config.spike_limit_percentage}%"
             else:
-                spike = int(hard * DEFAULT_SPIKE_SHARE)
-        return cls(hard=hard, soft=max(hard - spike, 0))
+                spike, spike_text = int(hard * DEFAULT_SPIKE_SHARE), "a fifth of the limit"
+        if spike >= hard:
+            raise ValueError(
+                f"the spike allowance ({spike_text}: {spike // MIB} MiB) is not below the hard limit "
+                f"({hard_text}: {hard // MIB} MiB), so every batch would be refused; lower the spike limit or raise the limit"
+            )
+        return cls(hard=hard, soft=hard - spike)
 
 
 # ---------------------------------------------------------------- the processor
@@ -199,10 +223,14 @@ class MemoryLimiter:
         self._input = ports.input
         self._output = ports.output
         self._measure = measure
+        available_from = "the memory available"
         if available is None:
-            cgroup = cgroup_memory_limit()
-            available = min(cgroup, machine_memory()) if cgroup else machine_memory()
-        self.limits = Limits.of(config, available)
+            cgroup, machine = cgroup_memory_limit(), machine_memory()
+            if cgroup and cgroup < machine:
+                available, available_from = cgroup, "the cgroup memory limit"
+            else:
+                available, available_from = machine, "the machine's memory"
+        self.limits = Limits.of(config, available, available_from=available_from)
         #: the last measurement, in bytes
         self.rss = 0
         #: True while memory is above the soft limit: new data is refused
