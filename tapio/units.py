@@ -9,6 +9,7 @@ does arithmetic without unwrapping.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 
@@ -140,14 +141,16 @@ class ByteSize(int):
 def parse_listen_address(text: object, *, example: str = "127.0.0.1:4317") -> tuple[str, int]:
     """Split a listen address ``host:port`` (``[v6addr]:port`` for IPv6) into host and port.
 
-    An empty host means every interface; port 0 means any free port (tests
-    use it). Raises ValueError with a message that reads well after the key.
+    The host is empty (every interface), an IPv4 address, a DNS name, or an
+    IPv6 address in brackets; port 0 means any free port (tests use it).
+    Raises ValueError with a message that reads well after the key.
     """
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"must be host:port, e.g. {example}")
     text = text.strip()
     ex_port = example.rpartition(":")[2]
-    if text.startswith("["):
+    bracketed = text.startswith("[")
+    if bracketed:
         host, sep, rest = text[1:].partition("]")
         if not sep or not rest.startswith(":"):
             raise ValueError(f"{text!r} must be [address]:port for IPv6")
@@ -165,4 +168,30 @@ def parse_listen_address(text: object, *, example: str = "127.0.0.1:4317") -> tu
         raise ValueError(f"port {port} is out of range (1-65535)")
     if any(c.isspace() for c in host):
         raise ValueError(f"host {host!r} contains spaces")
+    if bracketed:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in brackets is not an IPv6 address; write [::1]:{ex_port}, or a host name without brackets") from None
+    elif host:
+        _check_host(host)
     return host, port
+
+
+#: one label of a DNS name (RFC 1123, and '_' which resolvers accept): no '-' at either end, at most 63 characters
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _check_host(host: str) -> None:
+    """Raise ValueError unless ``host`` is an IPv4 address or a DNS name (IPv6 goes in brackets)."""
+    labels = host.removesuffix(".").split(".")
+    if all(label.isascii() and label.isdigit() for label in labels):  # looks like IPv4: must be one
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"host {host!r} is not a valid IPv4 address") from None
+        return
+    if len(host) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(
+            f"host {host!r} is neither an IP address nor a valid host name (letters, digits and '-' in dot-separated parts)"
+        )

@@ -46,7 +46,7 @@ from tapio.testing.components import (
     nop_processor_factory,
     nop_receiver_factory,
 )
-from tapio.units import ByteSize, Duration
+from tapio.units import ByteSize, Duration, parse_listen_address
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -378,6 +378,41 @@ def test_validate_problem_about_an_unwritten_key_points_at_the_component(tmp_pat
 
 
 @pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("127.0.0.1:4317", ("127.0.0.1", 4317)),
+        (":0", ("", 0)),
+        ("localhost:1", ("localhost", 1)),
+        ("tapio-0.tapio.ns.svc.cluster.local.:80", ("tapio-0.tapio.ns.svc.cluster.local.", 80)),
+        ("[::1]:1", ("::1", 1)),
+        ("[fe80::1%eth0]:1", ("fe80::1%eth0", 1)),
+    ],
+)
+def test_listen_address_hosts_that_are_accepted(text, expected):
+    assert parse_listen_address(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("a$b:1", "host 'a$b' is neither an IP address nor a valid host name (letters, digits and '-' in dot-separated parts)"),
+        ("-a.b:1", "host '-a.b' is neither an IP address nor a valid host name"),
+        ("a..b:1", "host 'a..b' is neither an IP address nor a valid host name"),
+        ("é.example:1", "host 'é.example' is neither an IP address nor a valid host name"),
+        ("x" * 64 + ":1", "host 'xxxx"),
+        ("999.1.1.1:1", "host '999.1.1.1' is not a valid IPv4 address"),
+        ("10.1.1:1", "host '10.1.1' is not a valid IPv4 address"),
+        ("[node-a]:1", "'node-a' in brackets is not an IPv6 address; write [::1]:4317, or a host name without brackets"),
+        ("[10.0.0.1]:1", "'10.0.0.1' in brackets is not an IPv6 address"),
+    ],
+)
+def test_listen_address_hosts_that_are_rejected(text, message):
+    with pytest.raises(ValueError) as info:
+        parse_listen_address(text)
+    assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize(
     "service, expected",
     [
         ("service: {}", "3:1: service.pipelines: missing: define at least one pipeline"),
@@ -397,6 +432,7 @@ def test_validate_problem_about_an_unwritten_key_points_at_the_component(tmp_pat
         ("service:\n  pipelines: {logs: {receivers: [nop], exporters: [nop]}}\n  telemetry: {logs: {level: verbose}}", "5:29: service.telemetry.logs.level: expected one of 'debug', 'info', 'warn', 'error', got 'verbose'"),
         ("service:\n  pipelines: {logs: {receivers: [nop], exporters: [nop]}}\n  telemetry: {metrics: {address: localhost}}", "5:34: service.telemetry.metrics.address: 'localhost' has no port: write host:port, e.g. 127.0.0.1:8888 (or '' to disable)"),
         ("service:\n  pipelines: {logs: {receivers: [nop], exporters: [nop]}}\n  telemetry: {metrics: {address: ':70000'}}", "5:34: service.telemetry.metrics.address: port 70000 is out of range (1-65535)"),
+        ("service:\n  pipelines: {logs: {receivers: [nop], exporters: [nop]}}\n  telemetry: {metrics: {address: 'a$b:1'}}", "5:34: service.telemetry.metrics.address: host 'a$b' is neither an IP address nor a valid host name"),
         ("service:\n  pipelines: {logs: {receivers: [nop], exporters: [nop]}}\n  restart_backoff: {initial: 10s, max: 1s}", "5:40: service.restart_backoff.max: must be at least initial (10s)"),
         ("service:\n  pipelines: {logs: {receivers: [nop], exporters: [nop]}}\n  restart_backoff: {initial: 0s}", "5:30: service.restart_backoff.initial: must be more than 0s"),
         ("service:\n  pipelines: {logs: {receivers: [nop], exporters: [nop]}}\n  restart_backoff: {intial: 2s}", "5:21: service.restart_backoff.intial: unknown key 'intial'; did you mean 'initial'?"),
