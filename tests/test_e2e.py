@@ -220,6 +220,33 @@ def test_sigterm_during_steady_send_loses_nothing_acknowledged(tmp_path):
     assert not missing, f"{len(missing)} acknowledged requests missing from the file, e.g. {missing[:5]}"
 
 
+def test_start_banner_shows_the_ports_bound_not_port_0(tmp_path):
+    import re
+    import socket
+
+    metrics = free_port()
+    cfg = write_config(tmp_path, grpc=0, http=0, metrics=metrics)
+    text = cfg.read_text().replace("exporters:\n", "exporters:\n  prometheus: {endpoint: '127.0.0.1:0'}\n", 1)
+    cfg.write_text(text.replace("metrics: {receivers: [otlp], processors: [batch], exporters: [file]}",
+                                "metrics: {receivers: [otlp], processors: [batch], exporters: [file, prometheus]}"))
+    otlp = re.compile(r"receiver\s+otlp\s+grpc 127\.0\.0\.1:(\d+), http 127\.0\.0\.1:(\d+)$", re.M)
+    prometheus = re.compile(r"exporter\s+prometheus\s+/metrics on 127\.0\.0\.1:(\d+)$", re.M)
+    with TapioProcess([cfg], metrics_port=metrics) as t:
+        t.wait_ready()
+        t.wait_for(lambda: otlp.search(t.stderr) is not None and prometheus.search(t.stderr) is not None, 10, "the start banner")
+        grpc_port, http_port = (int(p) for p in otlp.search(t.stderr).groups())
+        prometheus_port = int(prometheus.search(t.stderr).group(1))
+        assert 0 not in (grpc_port, http_port, prometheus_port) and len({grpc_port, http_port, prometheus_port}) == 3
+        assert f"self-telemetry http://127.0.0.1:{metrics}/metrics" in t.stderr
+        # the ports shown are the ones listening
+        r = httpx.post(f"http://127.0.0.1:{http_port}/v1/logs", content=b"", headers={"content-type": "application/x-protobuf"}, timeout=5)
+        assert r.status_code == 200, r.text
+        assert httpx.get(f"http://127.0.0.1:{prometheus_port}/metrics", timeout=5).status_code == 200
+        socket.create_connection(("127.0.0.1", grpc_port), timeout=5).close()
+        t.signal(signal.SIGTERM)
+        assert t.wait_exit() == 0, t.stderr
+
+
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*tapio_command(), *args], capture_output=True, text=True, timeout=60, cwd=cwd)
 

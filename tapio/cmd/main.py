@@ -9,13 +9,14 @@ traceback unless ``--debug``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import logging
 import os
 import signal
 import sys
 import textwrap
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import trio
 
@@ -144,8 +145,14 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
         return 130
 
 
-def banner_lines(cfg: Any, registry: Registry, metrics_port: int | None) -> list[str]:
-    """The start summary: what runs where."""
+def banner_lines(cfg: Any, registry: Registry, metrics_port: int | None, running: Mapping[tuple[Kind, Any], Any] | None = None) -> list[str]:
+    """The start summary: what runs where.
+
+    ``running`` maps ``(kind, component id)`` to the started component; where
+    one says which port it bound (see `with_bound_ports`), the line shows
+    that port instead of the configured one (``127.0.0.1:0``).
+    """
+    running = running or {}
     lines = [f"tapio {__version__} starting with {', '.join(cfg.files)} (pid {os.getpid()})"]
     kinds = ((Kind.RECEIVER, cfg.receivers), (Kind.PROCESSOR, cfg.processors), (Kind.EXPORTER, cfg.exporters), (Kind.EXTENSION, cfg.extensions))
     used: set[tuple[Kind, Any]] = set()
@@ -159,7 +166,8 @@ def banner_lines(cfg: Any, registry: Registry, metrics_port: int | None) -> list
             if (kind, cid) not in used:
                 continue
             f = registry.get(kind, cid.type)
-            detail = f.summary(ccfg) if f is not None and f.summary is not None else ""
+            shown = with_bound_ports(ccfg, running.get((kind, cid)))
+            detail = f.summary(shown) if f is not None and f.summary is not None else ""
             lines.append(f"  {kind.value:9} {str(cid):24} {detail}".rstrip())
     for pid, p in cfg.service.pipelines.items():
         chain = " → ".join(
@@ -176,6 +184,45 @@ def banner_lines(cfg: Any, registry: Registry, metrics_port: int | None) -> list
     else:
         lines.append("  self-telemetry off (service.telemetry.metrics.address is empty)")
     return lines
+
+
+def with_bound_ports(config: Any, component: Any) -> Any:
+    """``config`` with each listen endpoint's port replaced by the port the running ``component`` bound.
+
+    A component that listens says which port it bound (port 0 picks one) by
+    an int attribute next to its configured endpoint: ``port`` for a
+    top-level ``endpoint`` (the prometheus exporter), ``<name>_port`` for
+    ``protocols.<name>.endpoint`` (the otlp receiver's ``grpc_port``). The
+    config is returned unchanged where there is none.
+    """
+    if component is None or not dataclasses.is_dataclass(config):
+        return config
+    changes: dict[str, Any] = {}
+    endpoint = _bound_endpoint(getattr(config, "endpoint", None), getattr(component, "port", None))
+    if endpoint is not None:
+        changes["endpoint"] = endpoint
+    protocols = getattr(config, "protocols", None)
+    if dataclasses.is_dataclass(protocols) and not isinstance(protocols, type):
+        groups = {}
+        for f in dataclasses.fields(protocols):
+            group = getattr(protocols, f.name)
+            bound = _bound_endpoint(getattr(group, "endpoint", None), getattr(component, f"{f.name}_port", None))
+            if bound is not None:
+                groups[f.name] = dataclasses.replace(group, endpoint=bound)
+        if groups:
+            changes["protocols"] = dataclasses.replace(protocols, **groups)
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def _bound_endpoint(endpoint: Any, port: Any) -> str | None:
+    """``endpoint`` (``host:port``) with ``port`` instead, or None if either is not known."""
+    if not isinstance(endpoint, str) or not isinstance(port, int) or isinstance(port, bool):
+        return None
+    try:
+        host, _ = parse_listen_address(endpoint)
+    except ValueError:
+        return None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def _run(cfg: Any, registry: Registry, debug: bool) -> int:
@@ -216,17 +263,34 @@ async def _run(cfg: Any, registry: Registry, debug: bool) -> int:
                     metrics_port = await nursery.start(selftelemetry.serve, telemetry, health, host, port)
                 except OSError as e:
                     raise _StartupError(f"self-telemetry cannot listen on {host}:{port}: {e.strerror or e}") from e
-            for line in banner_lines(cfg, registry, metrics_port):
-                print(line, file=sys.stderr, flush=True)
             nursery.start_soon(_watch_signals, service, nursery.cancel_scope)
-            await service.run()
-            log.info("stopped")
-            nursery.cancel_scope.cancel()
+            await nursery.start(_serve, service, nursery.cancel_scope)
+            # printed once everything listens, so the ports shown are the ones bound
+            for line in banner_lines(cfg, registry, metrics_port, _running(service)):
+                print(line, file=sys.stderr, flush=True)
     except BaseExceptionGroup as group:
         status = _report_failures(group, debug)
     except (Exception,) as exc:  # a single leaf (non-strict paths)
         status = _report_failures(BaseExceptionGroup("", [exc]), debug)
     return status
+
+
+async def _serve(service: Any, cancel_scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the service (started once every component is), then stop everything else."""
+    await service.run(task_status=task_status)
+    log.info("stopped")
+    cancel_scope.cancel()
+
+
+def _running(service: Any) -> dict[tuple[Kind, Any], Any]:
+    """The started receivers and exporters by ``(kind, id)``, for the banner."""
+    out: dict[tuple[Kind, Any], Any] = {}
+    for kind, nodes in ((Kind.RECEIVER, service.graph.receivers), (Kind.EXPORTER, service.graph.exporters)):
+        for cid, node in nodes.items():
+            inst = service.instances.get(node.key)
+            if inst is not None and inst.component is not None:
+                out[(kind, cid)] = inst.component
+    return out
 
 
 class _StartupError(Exception):
