@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import ssl
 import subprocess
+import warnings
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
+from tapio.config import decode_dataclass
+from tapio.exporters.otlp._config import GrpcExporterConfig, HttpExporterConfig
+from tapio.exporters.otlp._http import ssl_context
 from tapio.pdata import Signal
 from tapio.testing.otlpsink import SinkTLS, open_otlp_sink
 
@@ -112,3 +119,91 @@ async def test_unreadable_tls_files_fail_at_start_naming_the_file(transport, cer
             with trio.fail_after(10):
                 await ex.component.run()
     assert Signal.LOGS  # the exporter never started: nothing to count
+
+
+# ---------------------------------------------------------------- tls.min_version
+
+
+@pytest.mark.parametrize("version, ok", [("1.0", False), ("1.1", False), ("1.2", True), ("1.3", False)])
+def test_grpc_min_version_other_than_1_2_is_a_config_problem(version, ok):
+    cfg = decode_dataclass(GrpcExporterConfig, {"endpoint": "otel:4317", "tls": {"min_version": version}}, validate=False)
+    problems = cfg.validate()
+    if ok:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and problems[0].startswith("tls.min_version: the gRPC exporter cannot "), problems
+        assert "write 1.2" in problems[0]
+    http = decode_dataclass(HttpExporterConfig, {"endpoint": "https://otel:4318", "tls": {"min_version": version}}, validate=False)
+    assert http.validate() == []
+
+
+_SSL_VERSIONS = {"1.1": "TLSv1_1", "1.2": "TLSv1_2", "1.3": "TLSv1_3"}
+
+
+@asynccontextmanager
+async def tls_handshake_probe(certs: Certs, max_version: str):
+    """A TLS server that offers TLS 1.0 up to ``max_version``, records each handshake's outcome and hangs up.
+
+    Yields its port and a list of outcomes ("TLSv1.2", … or "failed"), and an
+    event set after the first handshake ended either way.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(certs.server_pem, certs.server_key)
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")  # let OpenSSL 3 offer 1.0 and 1.1 at all
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLSv1 and TLSv1_1 are deprecated names
+        ctx.minimum_version = ssl.TLSVersion.TLSv1
+        ctx.maximum_version = getattr(ssl.TLSVersion, _SSL_VERSIONS[max_version])
+    outcomes: list[str] = []
+    first = trio.Event()
+
+    async def handle(stream: trio.SocketStream) -> None:
+        tls = trio.SSLStream(stream, ctx, server_side=True)
+        try:
+            await tls.do_handshake()
+            outcomes.append(tls.version())
+        except trio.BrokenResourceError:
+            outcomes.append("failed")
+        finally:
+            first.set()
+            await trio.aclose_forcefully(tls)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        yield listeners[0].socket.getsockname()[1], outcomes, first
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("server_max, negotiated", [("1.1", "failed"), ("1.2", "TLSv1.2"), ("1.3", "TLSv1.3")])
+async def test_grpc_negotiates_tls_1_2_or_1_3_and_nothing_older(certs, server_max, negotiated):
+    """Why the gRPC exporter takes only min_version 1.2: grpcio's bounds are fixed at 1.2 and 1.3."""
+    async with tls_handshake_probe(certs, server_max) as (port, outcomes, first):
+        cfg = {"endpoint": f"127.0.0.1:{port}", "tls": {"insecure": False, "ca_file": certs.ca_pem}, "retry_on_failure": NO_RETRY}
+        ex = Exporter("grpc", cfg)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(ex.component.run)
+                await ex.send.send(log_batch(0, 1))
+                await first.wait()
+                await ex.send.aclose()
+        assert outcomes[0] == negotiated, outcomes
+        assert ex.failed() == 1  # the probe speaks no gRPC
+
+
+def test_http_min_version_is_the_ssl_context_minimum():
+    for version, want in (("1.2", ssl.TLSVersion.TLSv1_2), ("1.3", ssl.TLSVersion.TLSv1_3)):
+        cfg = decode_dataclass(HttpExporterConfig, {"endpoint": "https://otel:4318", "tls": {"min_version": version}})
+        assert ssl_context(cfg).minimum_version == want
+
+
+@pytest.mark.parametrize("min_version, delivered", [("1.2", True), ("1.3", False)])
+async def test_http_min_version_refuses_an_older_server(certs, min_version, delivered):
+    async with open_otlp_sink(tls=SinkTLS(certs.server_pem, certs.server_key, max_version="1.2")) as sink:
+        tls = {"ca_file": certs.ca_pem, "min_version": min_version}
+        async with running("http", sink, {"endpoint": sink.http_url("https"), "tls": tls, "retry_on_failure": NO_RETRY}) as ex:
+            await ex.send.send(log_batch(0, 3))
+        if delivered:
+            assert sink.items() == 3 and ex.sent() == 3
+        else:
+            assert sink.items() == 0 and ex.failed(reason="connection_error") == 3

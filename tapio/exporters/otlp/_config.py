@@ -36,7 +36,9 @@ class TLSConfig:
     )
     min_version: Literal["1.0", "1.1", "1.2", "1.3"] = setting(
         "1.2",
-        doc="Oldest TLS version accepted. gRPC always needs 1.2 or newer, so there only 1.2 (and older values) are accepted.",
+        doc="Oldest TLS version accepted. otlphttp sets it as its TLS context's minimum (OpenSSL 3 at its default "
+        "security level refuses 1.0 and 1.1 anyway). The gRPC exporter accepts only 1.2: grpcio always negotiates "
+        "TLS 1.2 or 1.3 and has no setting to change either bound.",
     )
 
     def validate(self, grpc: bool, prefix: str = "tls") -> list[str]:
@@ -52,8 +54,17 @@ class TLSConfig:
                     f"{prefix}.insecure_skip_verify: not supported by the gRPC exporter (grpcio always verifies); "
                     "give the server's CA in ca_file instead"
                 )
-            if self.min_version == "1.3":
-                problems.append(f"{prefix}.min_version: the gRPC exporter cannot require TLS 1.3 (grpcio negotiates 1.2 or 1.3)")
+            if self.min_version in ("1.0", "1.1"):
+                problems.append(
+                    f"{prefix}.min_version: the gRPC exporter cannot use TLS {self.min_version}: grpcio never negotiates "
+                    "older than 1.2 and has no setting for it, so a server that needs 1.0 or 1.1 cannot be reached; write 1.2"
+                )
+            elif self.min_version == "1.3":
+                problems.append(
+                    f"{prefix}.min_version: the gRPC exporter cannot require TLS 1.3: grpcio negotiates 1.2 or 1.3 "
+                    "(1.3 whenever the server offers it) and has no setting to refuse 1.2; write 1.2, "
+                    "or use otlphttp, which can require 1.3"
+                )
         elif self.insecure:
             problems.append(f"{prefix}.insecure: not used by otlphttp; write the endpoint with http:// for plaintext")
         return problems
