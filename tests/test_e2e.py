@@ -247,8 +247,91 @@ def test_start_banner_shows_the_ports_bound_not_port_0(tmp_path):
         assert t.wait_exit() == 0, t.stderr
 
 
-def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*tapio_command(), *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+def require_ebpf() -> None:
+    """The default pipelines include the ebpf receiver: root, bcc and kernel headers."""
+    import importlib.util
+    import os
+
+    if os.geteuid() != 0:
+        prereq.missing("root (the ebpf receiver of the default pipelines.yaml loads BPF programs)", "run the tests as root")
+    if importlib.util.find_spec("bcc") is None:
+        prereq.missing("bcc's Python package (for the ebpf receiver)", "run scripts/setup.sh")
+    headers = Path(f"/lib/modules/{os.uname().release}/build/include")
+    if not headers.is_dir():
+        prereq.missing(f"kernel headers at {headers} (bcc compiles against them)", "run scripts/setup.sh")
+
+
+def default_pipelines_env(state: Path) -> dict[str, str]:
+    """Environment for the repository's pipelines.yaml: free ports and a state dir of the test's own."""
+    return {
+        "TAPIO_OTLP_GRPC_ENDPOINT": f"127.0.0.1:{free_port()}",
+        "TAPIO_OTLP_HTTP_ENDPOINT": f"127.0.0.1:{free_port()}",
+        "TAPIO_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
+        "TAPIO_STATE_DIR": str(state),
+    }
+
+
+def test_default_pipelines_yaml_runs_and_writes_otlp_logs_to_its_file(tmp_path):
+    import uuid
+
+    require_ebpf()
+    env = default_pipelines_env(tmp_path / "state")
+    out = tmp_path / "state" / "otlp.jsonl"
+    marker = uuid.uuid4().hex
+    sent = [f"default-pipelines {marker} {i}" for i in range(5)]
+    metrics_port = int(env["TAPIO_METRICS_ADDRESS"].rpartition(":")[2])
+    with TapioProcess([ROOT / "pipelines.yaml"], metrics_port=metrics_port, env=env) as t:
+        t.wait_ready(timeout=120)  # the ebpf receiver compiles its programs first
+        req = Signal.LOGS.request_class()
+        sl = req.resource_logs.add().scope_logs.add()
+        for body in sent:
+            sl.log_records.add().body.string_value = body
+        url = f"http://{env['TAPIO_OTLP_HTTP_ENDPOINT']}/v1/logs"
+        r = httpx.post(url, content=req.SerializeToString(), headers={"content-type": "application/x-protobuf"}, timeout=10)
+        assert r.status_code == 200, r.text
+
+        def written() -> bool:
+            data = out.read_bytes() if out.exists() else b""
+            return all(body.encode() in data for body in sent)
+
+        t.wait_for(written, 30, f"the logs to appear in {out}")
+        t.signal(signal.SIGTERM)
+        assert t.wait_exit(timeout=60) == 0, t.stderr
+    bodies = [b for b in log_bodies(read_output(out)[Signal.LOGS]) if marker in b]
+    assert bodies == sent  # once each, in order, next to whatever the ebpf receiver saw meanwhile
+
+
+def test_validate_and_graph_have_no_side_effects(tmp_path):
+    state, out_dir = tmp_path / "state", tmp_path / "out"
+    cfg = tmp_path / "pipelines.yaml"
+    cfg.write_text(f"""
+receivers:
+  otlp: {{protocols: {{http: {{endpoint: "127.0.0.1:{free_port()}"}}}}}}
+exporters:
+  file: {{path: "{out_dir}/deeper/logs.jsonl"}}
+  otlphttp:
+    endpoint: http://127.0.0.1:1
+    sending_queue: {{storage: storage}}
+extensions:
+  storage: {{}}
+  storage/explicit: {{path: "{state}/explicit/tapio.db"}}
+service:
+  extensions: [storage, storage/explicit]
+  pipelines:
+    logs: {{receivers: [otlp], exporters: [file, otlphttp]}}
+""")
+    env = {**default_pipelines_env(state)}
+    for args in (("validate", "-c", str(cfg)), ("graph", "-c", str(cfg)), ("validate",)):
+        res = run_cli(*args, env=env)
+        assert res.returncode == 0, res.stderr
+    # neither the storage DB (default or explicit path) nor the file exporter's directory was made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipelines.yaml"]
+
+
+def run_cli(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run([*tapio_command(), *args], capture_output=True, text=True, timeout=60, cwd=cwd, env={**os.environ, **(env or {})})
 
 
 def test_port_in_use_fails_at_start_naming_the_component(tmp_path):
