@@ -36,6 +36,19 @@ def test_a_missing_prerequisite_fails_in_ci_and_skips_elsewhere(monkeypatch, ci,
     assert prereq.command("sh", "never needed") == shutil.which("sh")
 
 
+def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range():
+    import socket
+
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    if ephemeral_low > 21000:  # room below it (Linux's default starts at 32768)
+        assert all(20000 <= p < ephemeral_low for p in ports), sorted(ports)[-3:]
+    for port in ports[:5]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
 def write_config(tmp_path: Path, *, grpc: int, http: int, metrics: int, batch: str = "{timeout: 50ms}") -> Path:
     cfg = tmp_path / "pipelines.yaml"
     cfg.write_text(f"""

@@ -7,7 +7,9 @@ and always kills the process on exit, so a failing test leaves nothing behind.
 
 from __future__ import annotations
 
+import collections
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,11 +23,52 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 
 
+#: where `free_port` picks from when the kernel's ephemeral range starts above it
+_PICK_FROM = 20000
+#: ports handed out lately by this process; not handed out again (two picked for one config must differ)
+_recent: collections.deque[int] = collections.deque(maxlen=512)
+#: not the `random` module's generator, which tests (hypothesis) seed alike in every process
+_random = random.SystemRandom()
+
+
 def free_port() -> int:
-    """An ephemeral TCP port that was free a moment ago (good enough on a test machine)."""
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a config a test writes.
+
+    Binding port 0 and closing would hand out a port from the kernel's
+    ephemeral range, which every outgoing connection of every process on the
+    machine draws from too, so one could take it before tapio binds it. The
+    port is picked at random below that range instead (where only listeners
+    go), checked to be bindable, and never one this process handed out
+    lately. A small race with other processes remains: a config that can
+    use port 0 should (`tapio run` prints the ports bound).
+    """
+    low, high = _PICK_FROM, _ephemeral_low() - 1
+    for _ in range(100) if high - low > 1000 else ():
+        port = _random.randint(low, high)
+        if port not in _recent and _bindable(port):
+            _recent.append(port)
+            return port
+    with socket.socket() as s:  # no room below the ephemeral range: let the kernel pick
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    _recent.append(port)
+    return port
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def tapio_command() -> list[str]:
