@@ -180,6 +180,7 @@ def test_validate_reports_every_problem_with_its_key():
         "endpoint",
         "headers.Authorization",
         "timeout",
+        "tls.cert_file",  # c.pem does not exist
         "tls.key_file",
         "tls.insecure_skip_verify",
         "retry_on_failure.max_interval",

@@ -7,6 +7,9 @@ import os
 import shutil
 import ssl
 import subprocess
+import sys
+import tempfile
+import threading
 import warnings
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,7 +18,7 @@ import pytest
 import trio
 
 from tapio.config import decode_dataclass
-from tapio.exporters.otlp._config import GrpcExporterConfig, HttpExporterConfig
+from tapio.exporters.otlp._config import GrpcExporterConfig, HttpExporterConfig, file_problem
 from tapio.exporters.otlp._http import ssl_context
 from tapio.pdata import Signal
 from tapio.testing.otlpsink import SinkTLS, open_otlp_sink
@@ -111,10 +114,12 @@ async def test_mutual_tls(transport, certs):
 
 
 @pytest.mark.parametrize("transport", ["grpc", "http"])
-async def test_unreadable_tls_files_fail_at_start_naming_the_file(transport, certs, tmp_path):
-    missing = str(tmp_path / "nope.pem")
+async def test_tls_files_gone_by_start_fail_it_naming_the_file(transport, certs, tmp_path):
+    gone = tmp_path / "nope.pem"
+    shutil.copy(certs.ca_pem, gone)
     async with open_otlp_sink() as sink:
-        ex = Exporter(transport, {"endpoint": endpoint(transport, sink), "tls": {"insecure": False, "ca_file": missing}})
+        ex = Exporter(transport, {"endpoint": endpoint(transport, sink), "tls": {"insecure": False, "ca_file": str(gone)}})  # validates
+        gone.unlink()  # removed between validate and start
         with pytest.raises(OSError, match="nope.pem"):
             with trio.fail_after(10):
                 await ex.component.run()
@@ -207,3 +212,67 @@ async def test_http_min_version_refuses_an_older_server(certs, min_version, deli
             assert sink.items() == 3 and ex.sent() == 3
         else:
             assert sink.items() == 0 and ex.failed(reason="connection_error") == 3
+
+
+# ---------------------------------------------------------------- TLS files at validate time
+
+#: the user "nobody": a root test run checks unreadable files as this user, since root reads everything
+NOBODY = 65534
+
+
+def tls_config(transport: str, tls: dict):
+    cls, endpoint = (GrpcExporterConfig, "otel:4317") if transport == "grpc" else (HttpExporterConfig, "https://otel:4318")
+    return decode_dataclass(cls, {"endpoint": endpoint, "tls": tls}, validate=False)
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_readable_tls_files_validate(transport, certs):
+    tls = {"ca_file": certs.ca_pem, "cert_file": certs.client_pem, "key_file": certs.client_key}
+    assert tls_config(transport, tls).validate() == []
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+@pytest.mark.parametrize("key", ["ca_file", "cert_file", "key_file"])
+def test_a_missing_tls_file_or_a_directory_is_a_config_problem(transport, key, certs, tmp_path):
+    good = {"ca_file": certs.ca_pem, "cert_file": certs.client_pem, "key_file": certs.client_key}
+    missing = str(tmp_path / "nope.pem")
+    assert tls_config(transport, {**good, key: missing}).validate() == [f"tls.{key}: {missing} does not exist"]
+    assert tls_config(transport, {**good, key: str(tmp_path)}).validate() == [f"tls.{key}: {tmp_path} is a directory, not a PEM file"]
+    inside_a_file = f"{certs.ca_pem}/x.pem"
+    assert tls_config(transport, {**good, key: inside_a_file}).validate() == [f"tls.{key}: {inside_a_file} cannot be read: Not a directory"]
+
+
+def test_an_unreadable_tls_file_is_a_config_problem(tmp_path):
+    if os.geteuid() != 0:
+        secret = tmp_path / "key.pem"
+        secret.write_text("not for you\n")
+        secret.chmod(0)
+        assert file_problem(str(secret)) == "cannot be read: Permission denied"
+        return
+    # root reads a mode-000 file: ask validate as nobody, in a child process
+    with tempfile.TemporaryDirectory() as d:
+        os.chmod(d, 0o755)
+        secret = Path(d, "key.pem")
+        secret.write_text("not for you\n")
+        secret.chmod(0)
+        code = (
+            "from tapio.config import decode_dataclass\n"
+            "from tapio.exporters.otlp._config import GrpcExporterConfig, HttpExporterConfig\n"
+            "for cls, ep in ((GrpcExporterConfig, 'otel:4317'), (HttpExporterConfig, 'https://otel:4318')):\n"
+            f"    print(decode_dataclass(cls, {{'endpoint': ep, 'tls': {{'ca_file': {str(secret)!r}}}}}, validate=False).validate())\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], user=NOBODY, capture_output=True, text=True, timeout=60, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    want = str([f"tls.ca_file: {secret} cannot be read: Permission denied"])
+    assert proc.stdout.splitlines() == [want, want], proc.stdout
+
+
+def test_validate_does_not_open_a_pipe(tmp_path):
+    fifo = tmp_path / "ca.pem"
+    os.mkfifo(fifo)
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(tls_config("http", {"ca_file": str(fifo)}).validate()), daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "validate blocked opening a FIFO"
+    assert result == [[]]

@@ -10,6 +10,8 @@ Invariants:
 from __future__ import annotations
 
 import math
+import os
+import stat
 import urllib.parse
 from dataclasses import dataclass
 from typing import Literal
@@ -43,6 +45,11 @@ class TLSConfig:
 
     def validate(self, grpc: bool, prefix: str = "tls") -> list[str]:
         problems: list[str] = []
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, key)
+            trouble = file_problem(path) if path else None
+            if trouble:
+                problems.append(f"{prefix}.{key}: {path} {trouble}")
         if bool(self.cert_file) != bool(self.key_file):
             missing = "key_file" if self.cert_file else "cert_file"
             problems.append(f"{prefix}.{missing}: cert_file and key_file must be given together for mutual TLS")
@@ -68,6 +75,32 @@ class TLSConfig:
         elif self.insecure:
             problems.append(f"{prefix}.insecure: not used by otlphttp; write the endpoint with http:// for plaintext")
         return problems
+
+
+def file_problem(path: str) -> str | None:
+    """Why the file at ``path`` could not be read at start (``"does not exist"`` …), or None.
+
+    Side-effect free: a regular file is opened for reading and closed, nothing
+    is read; anything that is neither a regular file nor a directory (a pipe,
+    a device) is not opened, since opening it could block or consume.
+    Relative paths are relative to the working directory, as at start.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a PEM file"
+    if not stat.S_ISREG(mode):
+        return None
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    return None
 
 
 @dataclass(frozen=True, kw_only=True)
