@@ -664,3 +664,46 @@ def test_a_missing_tracepoint_disables_only_the_kinds_that_need_it(tmp_path):
     assert disabled == {"oom": "the kernel lacks the tracepoint oom/mark_victim", "signal": "the kernel lacks the tracepoint signal/signal_generate"}
     assert "-DKIND_OOM" not in cflags and "-DKIND_SIGNAL" not in cflags and "-DHAVE_SIGNAL_GENERATE" not in cflags
     assert {"-DKIND_EXEC", "-DKIND_OPEN", "-DKIND_TCP"} <= set(cflags)
+
+
+@pytest.mark.parametrize(
+    "optional,expected",
+    [
+        ({}, {}),  # the fallback without task-local storage: pending calls in an LRU hash
+        ({"broken_for_test": "-DRINGBUF_PAGES=3"}, {"broken_for_test": "not supported here"}),  # fails to load: compiled again without
+    ],
+    ids=["without-optional-features", "optional-feature-fails-to-load"],
+)
+async def test_pending_calls_work_without_optional_kernel_features(tmp_path, monkeypatch, optional, expected):
+    require(_missing())
+    from tapio.receivers.ebpf import _loader
+    from tapio.receivers.ebpf._config import Config, EventsConfig, FiltersConfig
+
+    monkeypatch.setattr(_loader, "OPTIONAL_FEATURES", optional)
+    config = Config(
+        events=EventsConfig(process=False, oom=False, signal=False),
+        filters=FiltersConfig(path_prefixes=[str(tmp_path) + "/"]),
+        flush_interval=0.01,
+    )
+    sink, telemetry = RecordingConsumer(), Telemetry()
+    target = tmp_path / "opened"
+    async with trio.open_nursery() as nursery:
+        receiver = await _run_receiver(config, sink, telemetry, nursery)
+        assert {k: (v if v is True else v.split(" (")[0]) for k, v in receiver.program.features.items()} == expected
+        server = textwrap.dedent(
+            f"""
+            import socket
+            open({str(target)!r}, 'w')
+            srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(1)
+            c = socket.create_connection(srv.getsockname()); a, _ = srv.accept()
+            print(srv.getsockname()[1]); a.close(); c.close()
+            """
+        )
+        done = await trio.run_process([sys.executable, "-c", server], capture_stdout=True)
+        port = int(done.stdout.decode())
+        with trio.fail_after(10):
+            await sink.wait_until(lambda: _count_path(sink, target) == 1)
+            await sink.wait_until(lambda: any(a.get("tapio.ebpf.tcp.event") == "accept" and a.get("network.local.port") == port for a, _ in log_records(sink.batches)))
+        nursery.cancel_scope.cancel()
+    opened = next(a for a, _ in log_records(sink.batches) if a.get("file.path") == str(target))
+    assert opened["tapio.ebpf.open.flags_text"].startswith("O_WRONLY") and opened["tapio.ebpf.open.fd"] >= 3

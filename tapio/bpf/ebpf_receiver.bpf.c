@@ -208,7 +208,6 @@ BPF_TABLE("lru_hash", u32, struct proc_info, procs, MAX_TRACKED);
 BPF_TABLE("lru_hash", u32, struct exit_info, exits, MAX_TRACKED);
 BPF_TABLE("lru_hash", u64, struct sock_info, socks, MAX_TRACKED);
 BPF_TABLE("lru_hash", struct peer_key, u64, passive, MAX_TRACKED);
-BPF_TABLE("lru_hash", u64, u64, accept_args, MAX_TRACKED);
 BPF_TABLE("lru_hash", u32, struct oom_info, oom_victims, 1024);
 BPF_TABLE("lru_hash", u64, struct rate_state, rates, MAX_TRACKED);
 BPF_HASH(cgroup_filter, u64, u8, 4096);
@@ -552,42 +551,92 @@ TRACEPOINT_PROBE(signal, signal_generate) {
 }
 #endif
 
+// ---------------------------------------------------------------- pending calls
+
+// What a syscall's exit needs from its entry (open's arguments, accept's
+// address buffer), one per thread: a thread is inside one syscall at a time,
+// and `call` says which. With task-local storage (HAVE_TASK_STORAGE) the slot
+// lives in the thread itself: no hashing, no eviction, freed with the thread.
+// Without it, an LRU hash keyed by pid_tgid, whose entry the exit deletes.
+#define CALL_NONE 0
+#define CALL_OPEN 1
+#define CALL_ACCEPT 2
+
+struct pending_call {
+    u64 ptr;         // open's filename or accept's upeer_sockaddr (user addresses)
+    u32 call;        // CALL_*
+    s32 flags;
+    u32 mode;
+    s32 dfd;
+};
+
+#ifdef HAVE_TASK_STORAGE
+BPF_TASK_STORAGE(pending_calls, struct pending_call);
+
+static __always_inline struct pending_call *pending_slot(int create) {
+    struct task_struct *t = (struct task_struct *)bpf_get_current_task_btf();
+    return pending_calls.task_storage_get(t, 0, create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+}
+
+static __always_inline void pending_set(struct pending_call *c) {
+    struct pending_call *slot = pending_slot(1);
+    if (slot)
+        *slot = *c;
+}
+
+// Take the thread's pending call of the given kind into *out; 0 if there is none.
+static __always_inline int pending_take(u32 call, struct pending_call *out) {
+    struct pending_call *slot = pending_slot(0);
+    if (!slot || slot->call != call)
+        return 0;
+    *out = *slot;
+    slot->call = CALL_NONE;
+    return 1;
+}
+#else
+BPF_TABLE("lru_hash", u64, struct pending_call, pending_calls, MAX_TRACKED);
+
+static __always_inline void pending_set(struct pending_call *c) {
+    u64 id = bpf_get_current_pid_tgid();
+    pending_calls.update(&id, c);
+}
+
+static __always_inline int pending_take(u32 call, struct pending_call *out) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct pending_call *slot = pending_calls.lookup(&id);
+    if (!slot)
+        return 0;
+    int found = slot->call == call;
+    if (found)
+        *out = *slot;
+    pending_calls.delete(&id);
+    return found;
+}
+#endif
+
 // ---------------------------------------------------------------- file
 
 #ifdef KIND_OPEN
-// One pending-call entry per thread inside open/openat: the arguments the
-// exit needs. Tasks the filters drop never get one, so their opens cost a
+// Tasks the filters drop never leave a pending call, so their opens cost a
 // filter check and nothing else.
-struct open_call {
-    const char *filename;
-    int flags;
-    u32 mode;
-    int dfd;
-    u32 pad;
-};
-BPF_TABLE("lru_hash", u64, struct open_call, open_calls, MAX_TRACKED);
-
 static __always_inline void open_enter(const char *filename, int flags, u32 mode, int dfd) {
     u64 id = bpf_get_current_pid_tgid();
     if (!task_allowed(bpf_get_current_cgroup_id(), id >> 32))
         return;
-    struct open_call c = {.filename = filename, .flags = flags, .mode = mode, .dfd = dfd};
-    open_calls.update(&id, &c);
+    struct pending_call c = {.ptr = (u64)filename, .call = CALL_OPEN, .flags = flags, .mode = mode, .dfd = dfd};
+    pending_set(&c);
 }
 
 static __always_inline void open_exit(long ret) {
-    u64 id = bpf_get_current_pid_tgid();
-    struct open_call *c = open_calls.lookup(&id);
-    if (!c)
+    struct pending_call call = {};
+    if (!pending_take(CALL_OPEN, &call))
         return;
-    struct open_call call = *c;
-    open_calls.delete(&id);
     union any_event *u = get_scratch();
     if (!u)
         return;
     struct open_event *e = &u->open;
     // read at exit: the syscall has faulted the string in by now
-    if (bpf_probe_read_user_str(e->path, PATH_SIZE, call.filename) <= 0)
+    if (bpf_probe_read_user_str(e->path, PATH_SIZE, (const char *)call.ptr) <= 0)
         e->path[0] = 0;
     if (!path_allowed(e->path))
         return;
@@ -763,35 +812,36 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     return 0;
 }
 
+// An accept whose caller passes no address buffer cannot be joined with its
+// socket (see accept_exit), so it leaves no pending call; nor does one of a
+// task the filters drop.
+static __always_inline void accept_enter(u64 uaddr) {
+    if (uaddr == 0 || !task_allowed(bpf_get_current_cgroup_id(), bpf_get_current_pid_tgid() >> 32))
+        return;
+    struct pending_call c = {.ptr = uaddr, .call = CALL_ACCEPT};
+    pending_set(&c);
+}
+
 #ifdef HAVE_ACCEPT4
 TRACEPOINT_PROBE(syscalls, sys_enter_accept4) {
-    u64 id = bpf_get_current_pid_tgid();
-    u64 addr = (u64)args->upeer_sockaddr;
-    accept_args.update(&id, &addr);
+    accept_enter((u64)args->upeer_sockaddr);
     return 0;
 }
 #endif
 #ifdef HAVE_ACCEPT
 TRACEPOINT_PROBE(syscalls, sys_enter_accept) {
-    u64 id = bpf_get_current_pid_tgid();
-    u64 addr = (u64)args->upeer_sockaddr;
-    accept_args.update(&id, &addr);
+    accept_enter((u64)args->upeer_sockaddr);
     return 0;
 }
 #endif
 
 static __always_inline void accept_exit(long ret) {
+    struct pending_call call = {};
+    if (!pending_take(CALL_ACCEPT, &call) || ret < 0)
+        return;
+    u64 uaddr = call.ptr;
     u64 id = bpf_get_current_pid_tgid();
-    u64 *ap = accept_args.lookup(&id);
-    if (!ap)
-        return;
-    u64 uaddr = *ap;
-    accept_args.delete(&id);
-    if (ret < 0 || uaddr == 0)
-        return;
     u64 cgid = bpf_get_current_cgroup_id();
-    if (!task_allowed(cgid, id >> 32))
-        return;
     // the peer address accept() wrote back: sockaddr_in or sockaddr_in6
     u8 sa[28] = {};
     if (bpf_probe_read_user(sa, sizeof(sa), (void *)uaddr) != 0)

@@ -7,10 +7,15 @@ map ~60 MB into a process that imports them and LLVM keeps ~100 MB after a
 compile.
 
 Protocol, over a SOCK_SEQPACKET unix socket (one message each way):
-- request: JSON ``{"source", "cflags", "cgroup_ids", "comms"}``;
+- request: JSON ``{"source", "cflags", "optional", "cgroup_ids", "comms"}``,
+  where ``optional`` maps a kernel feature's name to the -D flag that uses it;
 - answer: JSON ``{"maps": {name: index}, "links": [index...], "ring_size",
-  "counter_slots"}`` with the fds in SCM_RIGHTS (indices into them), or
-  ``{"error": message}`` and no fds.
+  "counter_slots", "features": {name: true | "why not"}}`` with the fds in
+  SCM_RIGHTS (indices into them), or ``{"error": message}`` and no fds.
+
+A program that fails to load with the optional flags is compiled again
+without them (an older kernel): only a program that fails without them too
+is an error.
 
 Invariants:
 - The attachments live as long as their perf-event fds are open anywhere:
@@ -38,10 +43,20 @@ def _build(request: dict) -> tuple[dict, list[int]]:
         import bcc
     except ImportError as exc:
         return {"error": f"bcc is not importable in the compile helper ({exc})"}, []
+    optional = request.get("optional", {})
+    features: dict[str, object] = {}
     try:
-        bpf = bcc.BPF(text=request["source"].encode(), cflags=request["cflags"])
+        bpf = bcc.BPF(text=request["source"].encode(), cflags=request["cflags"] + list(optional.values()))
+        features = {name: True for name in optional}
     except Exception as exc:
-        return {"error": f"compiling or loading the BPF program failed: {exc}"}, []
+        if not optional:
+            return {"error": f"compiling or loading the BPF program failed: {exc}"}, []
+        why = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        features = {name: f"not supported here ({why})" for name in optional}
+        try:
+            bpf = bcc.BPF(text=request["source"].encode(), cflags=request["cflags"])
+        except Exception as exc2:
+            return {"error": f"compiling or loading the BPF program failed: {exc2}"}, []
     if request["cgroup_ids"]:
         table = bpf[b"cgroup_filter"]
         for cid in request["cgroup_ids"]:
@@ -66,6 +81,7 @@ def _build(request: dict) -> tuple[dict, list[int]]:
         "links": links,
         "ring_size": int(bpf[b"events"].max_entries),
         "counter_slots": int(bpf[b"counters"].max_entries),
+        "features": features,
     }
     return answer, fds
 

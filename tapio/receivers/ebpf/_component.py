@@ -129,7 +129,8 @@ class EbpfReceiver:
             self._ring_open = True
             fd = program.ring_fd
             self._start_unix_ns = time.time_ns()
-            settings.logger.info("%s: tracing %s", settings.id, ", ".join(program.enabled))
+            features = ", ".join(f"{name}: {'yes' if ok is True else ok}" for name, ok in program.features.items())
+            settings.logger.info("%s: tracing %s%s", settings.id, ", ".join(program.enabled), f" (kernel features: {features})" if features else "")
             task_status.started()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._counter_loop)

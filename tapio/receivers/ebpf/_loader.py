@@ -47,6 +47,13 @@ REQUIRED = {
     "signal": ["signal/signal_generate"],
 }
 ALWAYS = ["sched/sched_process_fork"]
+#: kernel features the program uses where the kernel has them (the helper
+#: compiles again without a feature that fails to load): name -> -D flag
+OPTIONAL_FEATURES = {
+    # a syscall's pending arguments kept in the thread itself instead of a
+    # hash keyed by thread id: cheaper per open and accept (Linux 6.2+)
+    "task_storage": "-DHAVE_TASK_STORAGE",
+}
 
 
 class EbpfStartupError(RuntimeError):
@@ -69,6 +76,8 @@ class Program:
     disabled: dict[str, str] = field(default_factory=dict)
     #: CLOCK_BOOTTIME ns + this = unix ns
     boot_to_unix_ns: int = 0
+    #: optional kernel features (OPTIONAL_FEATURES): True, or why not
+    features: dict[str, object] = field(default_factory=dict)
     _closed: bool = False
     _ring: RingBuffer | None = None
     _counters: PerCpuU64Array | None = None
@@ -322,7 +331,7 @@ def prepare(config: Config, self_pid: int) -> tuple[dict, list[str], dict[str, s
         + path_filter_source(list(f.path_prefixes), list(f.exclude_path_prefixes)),
         1,
     )
-    request = {"source": source, "cflags": cflags, "cgroup_ids": cgroup_ids, "comms": list(f.comms)}
+    request = {"source": source, "cflags": cflags, "optional": dict(OPTIONAL_FEATURES), "cgroup_ids": cgroup_ids, "comms": list(f.comms)}
     return request, enabled, disabled
 
 
@@ -375,6 +384,7 @@ async def open_program(config: Config) -> Program:
             enabled=enabled,
             disabled=disabled,
             boot_to_unix_ns=_boot_to_unix_ns(),
+            features=answer.get("features", {}),
         )
         handed = True
         return program
