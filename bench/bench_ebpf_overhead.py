@@ -1,25 +1,37 @@
-"""Benchmark of the ebpf receiver: workload slowdown, agent CPU and memory, start-up time.
+"""Benchmark of the ebpf receiver: what it costs the traced workload, and the agent itself.
 
-Run as root: ``.venv/bin/python bench/bench_ebpf_overhead.py [seconds per run] [rounds]``.
+Run as root: ``.venv/bin/python bench/bench_ebpf_overhead.py [--rounds N] [--ticks N]``.
 
-A child process paces a mix of file opens, loopback TCP connect/accept/close
-and fork+exec of /bin/true at about 10k kernel events a second. It runs
-alternately without and with the receiver (all kinds on, default config),
-in the same run; the workload's own CPU time (user+sys, from rusage) is
-compared, since a paced workload's wall time hides the cost. Each round
-is one run without and one with (the order alternating between rounds, so
-drift and warm-up do not favour one side); the slowdown is reported per
-round, as the median and the spread (min, max) over rounds, and pooled.
-On 2 cores shared by workload and agent the rounds scatter by a few
-percent: read the median and the spread together. Prints one JSON line
-for the overhead and one for the agent (CPU per 10k events/s, RSS,
-start-to-ready time with the compile), and, with ``bpf_stats``, the time
-the kernel spent in each BPF program per run (kernel.bpf_stats_enabled is
-switched on for the runs with the receiver and restored after).
+The workload is a child process that runs a fixed number of ticks; each
+tick opens a file 15 times, makes 20 loopback TCP connections (connect,
+accept, close both ends), spawns /bin/true every other tick (exec, exit) and,
+in the *service* workload, does application work (SHA-256 over a 4 KiB
+buffer) in between, calibrated at start so that the workload alone produces
+~10k kernel events a second on one core: a busy service, not a paced one.
+The workload's own CPU time (user + system, itself and its children, from
+rusage) is timed without and with the receiver (all kinds on, default
+config), alternating in rounds so that drift and warm-up favour neither
+side; the slowdown is reported per round, as the median and spread, and
+pooled. Wall time is reported too.
+
+The *syscall-bound* workload runs the same ticks with no application work
+(~120k events/s, nothing but the traced calls): the worst case, whose
+slowdown says little about real services but whose extra CPU per event,
+``(cpu_with - cpu_without) / events``, is the receiver's kernel-side cost
+per event; a workload's slowdown is that times its event rate. The
+*filtered* run drops every event at the first in-kernel check (a comm
+filter that matches nothing): the floor of tracepoint dispatch.
+
+Per-program kernel time comes from one extra round with
+``kernel.bpf_stats_enabled`` on (it adds timing to every program run, so it
+is off while the slowdown is timed). The agent's CPU per 10k events/s, its
+RSS, and start-to-ready time (compile included) come from the service runs.
+Prints one JSON line.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import resource
@@ -27,28 +39,26 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 
 import trio
 
 from tapio.component import ComponentID, Kind, Ports, Settings
 from tapio.pdata import Batch, Signal
 from tapio.receivers.ebpf import factory
-from tapio.receivers.ebpf._config import Config
+from tapio.receivers.ebpf._config import Config, FiltersConfig
 from tapio.telemetry import Telemetry
 
 WORKLOAD = r"""
-import os, socket, sys, time
-seconds = float(sys.argv[1])
-TICK = 0.01
-OPENS, CONNECTS, EXEC_EVERY = 15, 20, 2   # per tick: ~15 + 80 + ~5 events -> ~10k/s
+import hashlib, os, socket, sys
+ticks, work = int(sys.argv[1]), int(sys.argv[2])
+OPENS, CONNECTS, EXEC_EVERY = 15, 20, 2   # ~100 kernel events a tick
 srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1024)
 addr = srv.getsockname()
 path = "/tmp/tapio-bench-ebpf-open"
 open(path, "w").close()
-end = time.monotonic() + seconds
-next_tick = time.monotonic()
-tick = 0
-while next_tick < end:
+block = os.urandom(4096)
+for tick in range(ticks):
     for _ in range(OPENS):
         os.close(os.open(path, os.O_RDONLY))
     for _ in range(CONNECTS):
@@ -58,18 +68,14 @@ while next_tick < end:
     if tick % EXEC_EVERY == 0:
         pid = os.posix_spawn("/bin/true", ["/bin/true"], {})
         os.waitpid(pid, 0)
-    tick += 1
-    next_tick += TICK
-    delay = next_tick - time.monotonic()
-    if delay > 0:
-        time.sleep(delay)
+    for _ in range(work):
+        hashlib.sha256(block).digest()
 """
 
-
-#: the receiver's config: the default, or with ``--filtered`` a comm filter that
-#: matches no task, so every event is dropped in the kernel at its first check
-#: (the floor: tracepoint dispatch plus the filter, no maps, no ring buffer)
-CONFIG = Config()
+#: kernel events the workload causes per tick: 15 opens, 20 × (connect, accept, 2 closes), an exec and exit every other tick
+EVENTS_PER_TICK = 15 + 20 * 4 + 1
+#: the service workload's target rate on one core
+TARGET_EVENTS_PER_S = 10_000
 
 
 class CountingConsumer:
@@ -85,21 +91,23 @@ class CountingConsumer:
         self.items += batch.count
 
 
-def rss_mb(field: str = "VmRSS") -> float:
-    """Resident memory in MiB; RssAnon leaves out file-backed pages (libbcc/LLVM's code, shared and reclaimable)."""
+def rss_mb(field_name: str = "VmRSS") -> float:
+    """Resident memory in MiB; RssAnon leaves out file-backed pages."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith(field + ":"):
+            if line.startswith(field_name + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
 
-async def run_workload(seconds: float) -> float:
-    """Workload CPU seconds (user + sys, the child and its /bin/true children)."""
+async def run_workload(ticks: int, work: int) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of one workload run, children included."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    await trio.run_process([sys.executable, "-c", WORKLOAD, str(seconds)])
+    t0 = time.perf_counter()
+    await trio.run_process([sys.executable, "-c", WORKLOAD, str(ticks), str(work)])
+    wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall
 
 
 def bpf_prog_stats() -> dict[int, tuple[str, int, int]]:
@@ -111,116 +119,140 @@ def bpf_prog_stats() -> dict[int, tuple[str, int, int]]:
     return {p["id"]: (p.get("name", "?"), p.get("run_time_ns", 0), p.get("run_cnt", 0)) for p in json.loads(out) if p.get("type") == "tracepoint"}
 
 
-async def main(seconds: float, rounds: int) -> None:
-    telemetry = Telemetry()
-    settings = Settings(
-        id=ComponentID("ebpf"),
-        kind=Kind.RECEIVER,
-        telemetry=telemetry.for_component("receiver", "ebpf"),
-        logger=logging.getLogger("bench"),
-    )
-    off: list[float] = []
-    on: list[float] = []
-    agent_cpu = 0.0
-    events = 0.0
-    on_seconds = 0.0
-    ready: list[float] = []
-    rss_ready = rss_end = anon_end = 0.0
-    bpf_ns: dict[str, list[int]] = {}
-    stats_path = "/proc/sys/kernel/bpf_stats_enabled"
-    with open(stats_path) as f:
-        stats_before = f.read().strip()
+@dataclass
+class Agent:
+    """The receiver in this process, feeding a counting consumer; its costs summed over runs."""
 
-    async def with_receiver() -> None:
-        nonlocal agent_cpu, events, on_seconds, rss_ready, rss_end, anon_end
-        sink = CountingConsumer()
-        receiver = factory.create(settings, CONFIG, Ports(output=sink))
+    config: Config
+    telemetry: Telemetry = field(default_factory=Telemetry)
+    cpu_s: float = 0.0
+    seconds: float = 0.0
+    events: float = 0.0
+    ready_s: list[float] = field(default_factory=list)
+    rss_ready_mb: float = 0.0
+    rss_end_mb: float = 0.0
+    rss_anon_end_mb: float = 0.0
+    bpf_ns: dict[str, list[int]] = field(default_factory=dict)
+
+    async def run_with(self, ticks: int, work: int, *, prog_stats: bool = False) -> tuple[float, float]:
+        settings = Settings(
+            id=ComponentID("ebpf"),
+            kind=Kind.RECEIVER,
+            telemetry=self.telemetry.for_component("receiver", "ebpf"),
+            logger=logging.getLogger("bench"),
+        )
+        receiver = factory.create(settings, self.config, Ports(output=CountingConsumer()))
         async with trio.open_nursery() as nursery:
             t0 = time.perf_counter()
             await nursery.start(receiver.run)
-            ready.append(time.perf_counter() - t0)
-            rss_ready = rss_mb()
-            ev0 = telemetry.value("tapio_ebpf_events_total")
-            progs0 = bpf_prog_stats()
-            cpu0 = time.process_time()
-            w0 = time.perf_counter()
-            on.append(await run_workload(seconds))
-            await trio.sleep(0.2)  # let the last drain happen
-            agent_cpu += time.process_time() - cpu0
-            on_seconds += time.perf_counter() - w0
-            events += telemetry.value("tapio_ebpf_events_total") - ev0
-            for pid, (name, run_ns, runs) in bpf_prog_stats().items():
+            self.ready_s.append(time.perf_counter() - t0)
+            self.rss_ready_mb = rss_mb()
+            ev0 = self.telemetry.value("tapio_ebpf_events_total")
+            progs0 = bpf_prog_stats() if prog_stats else {}
+            cpu0, w0 = time.process_time(), time.perf_counter()
+            result = await run_workload(ticks, work)
+            await trio.sleep(0.2)  # the last drain
+            if not prog_stats:
+                self.cpu_s += time.process_time() - cpu0
+                self.seconds += time.perf_counter() - w0
+                self.events += self.telemetry.value("tapio_ebpf_events_total") - ev0
+            for pid, (name, run_ns, runs) in bpf_prog_stats().items() if prog_stats else ():
                 if pid in progs0:
-                    bpf_ns.setdefault(name, [0, 0])
-                    bpf_ns[name][0] += run_ns - progs0[pid][1]
-                    bpf_ns[name][1] += runs - progs0[pid][2]
-            rss_end = rss_mb()
-            anon_end = rss_mb("RssAnon")
+                    acc = self.bpf_ns.setdefault(name.removeprefix("tracepoint__"), [0, 0])
+                    acc[0] += run_ns - progs0[pid][1]
+                    acc[1] += runs - progs0[pid][2]
+            self.rss_end_mb = rss_mb()
+            self.rss_anon_end_mb = rss_mb("RssAnon")
             nursery.cancel_scope.cancel()
+        return result
 
+
+async def compare(agent: Agent, ticks: int, work: int, rounds: int) -> dict:
+    """Alternating rounds without and with the receiver: CPU and wall slowdown."""
+    off: list[tuple[float, float]] = []
+    on: list[tuple[float, float]] = []
+    events0 = agent.events
+    for i in range(rounds):
+        if i % 2 == 0:
+            off.append(await run_workload(ticks, work))
+            on.append(await agent.run_with(ticks, work))
+        else:
+            on.append(await agent.run_with(ticks, work))
+            off.append(await run_workload(ticks, work))
+    cpu_off, cpu_on = [c for c, _ in off], [c for c, _ in on]
+    per_round = [100 * (b - a) / a for a, b in zip(cpu_off, cpu_on)]
+    events = agent.events - events0
+    return {
+        "events_per_s_without": round(EVENTS_PER_TICK * ticks / statistics.median(cpu_off)),
+        "events_seen": int(events),
+        "workload_cpu_s_without": [round(x, 3) for x in cpu_off],
+        "workload_cpu_s_with": [round(x, 3) for x in cpu_on],
+        "slowdown_pct_per_round": [round(x, 2) for x in per_round],
+        "slowdown_pct_median": round(statistics.median(per_round), 2),
+        "slowdown_pct_min": round(min(per_round), 2),
+        "slowdown_pct_max": round(max(per_round), 2),
+        "slowdown_pct_pooled": round(100 * (sum(cpu_on) - sum(cpu_off)) / sum(cpu_off), 2),
+        "wall_slowdown_pct_pooled": round(100 * (sum(w for _, w in on) - sum(w for _, w in off)) / sum(w for _, w in off), 2),
+        "kernel_cost_us_per_event": round(1e6 * (sum(cpu_on) - sum(cpu_off)) / events, 3) if events else None,
+    }
+
+
+async def calibrate(ticks: int) -> int:
+    """Application work per tick (SHA-256 blocks) for ~TARGET_EVENTS_PER_S on one core, without the receiver."""
+    work = 0
+    cpu, _ = await run_workload(ticks // 4, work)
+    bare_tick = cpu / (ticks // 4)
+    probe = 200
+    cpu, _ = await run_workload(ticks // 4, probe)
+    per_block = max((cpu / (ticks // 4) - bare_tick) / probe, 1e-9)
+    want_tick = EVENTS_PER_TICK / TARGET_EVENTS_PER_S
+    return max(0, round((want_tick - bare_tick) / per_block))
+
+
+async def main(rounds: int, ticks: int) -> None:
+    stats_path = "/proc/sys/kernel/bpf_stats_enabled"
+    work = await calibrate(ticks)
+    service = Agent(Config())
+    result = {"bench": "ebpf_overhead", "rounds": rounds, "ticks_per_run": ticks, "goal_slowdown_pct": 2.0}
+    result["service"] = {"sha256_4k_blocks_per_tick": work, **await compare(service, ticks, work, rounds)}
+    syscall_bound = Agent(Config())
+    result["syscall_bound"] = await compare(syscall_bound, ticks, 0, rounds)
+    filtered = Agent(Config(filters=FiltersConfig(comms=["no-such-comm"])))
+    result["syscall_bound_filtered"] = await compare(filtered, ticks, 0, rounds)
+    with open(stats_path) as f:
+        stats_before = f.read().strip()
     try:
         with open(stats_path, "w") as f:
             f.write("1")
-        for i in range(rounds):
-            if i % 2 == 0:
-                off.append(await run_workload(seconds))
-                await with_receiver()
-            else:
-                await with_receiver()
-                off.append(await run_workload(seconds))
+        cpu, _ = await syscall_bound.run_with(ticks, 0, prog_stats=True)
     finally:
         with open(stats_path, "w") as f:
             f.write(stats_before)
-    eps = events / on_seconds or 1e-9  # filtered: no events
-    lost = telemetry.value("tapio_ebpf_events_lost_total")
-    per_round = [100 * (b - a) / a for a, b in zip(off, on)]
-    print(
-        json.dumps(
-            {
-                "bench": "ebpf_overhead",
-                "seconds_per_run": seconds,
-                "rounds": rounds,
-                "events_per_s": round(eps),
-                "workload_cpu_s_without": [round(x, 3) for x in off],
-                "workload_cpu_s_with": [round(x, 3) for x in on],
-                "slowdown_pct_per_round": [round(x, 2) for x in per_round],
-                "slowdown_pct_median": round(statistics.median(per_round), 2),
-                "slowdown_pct_min": round(min(per_round), 2),
-                "slowdown_pct_max": round(max(per_round), 2),
-                "slowdown_pct_pooled": round(100 * (sum(on) - sum(off)) / sum(off), 2),
-                "bpf_cpu_pct_of_workload": round(100 * sum(ns for ns, _ in bpf_ns.values()) / 1e9 / sum(on), 2),
-                "events_lost": lost,
-            }
-        )
-    )
-    print(
-        json.dumps(
-            {
-                "bench": "ebpf_agent",
-                "agent_cpu_pct": round(100 * agent_cpu / on_seconds, 2),
-                "agent_cpu_pct_per_10k_events_s": round(100 * agent_cpu / on_seconds * 10000 / eps, 2),
-                "rss_mb_at_ready": round(rss_ready, 1),
-                "rss_mb_after_load": round(rss_end, 1),
-                "rss_anon_mb_after_load": round(anon_end, 1),
-                "start_to_ready_s": round(max(ready), 2),
-            }
-        )
-    )
-    print(
-        json.dumps(
-            {
-                "bench": "ebpf_bpf_programs",
-                "ns_per_run": {name.removeprefix("tracepoint__"): round(ns / runs) for name, (ns, runs) in sorted(bpf_ns.items()) if runs},
-                "ms_per_round": {name.removeprefix("tracepoint__"): round(ns / 1e6 / rounds, 1) for name, (ns, runs) in sorted(bpf_ns.items()) if runs},
-            }
-        )
-    )
+    total_ns = sum(ns for ns, _ in syscall_bound.bpf_ns.values())
+    result["bpf_programs"] = {
+        "pct_of_syscall_bound_workload_cpu": round(100 * total_ns / 1e9 / cpu, 2),
+        "ns_per_run": {name: round(ns / runs) for name, (ns, runs) in sorted(syscall_bound.bpf_ns.items()) if runs},
+        "ms_total": {name: round(ns / 1e6, 1) for name, (ns, _) in sorted(syscall_bound.bpf_ns.items())},
+    }
+    eps = service.events / service.seconds
+    result["agent"] = {
+        "events_per_s": round(eps),
+        "cpu_pct": round(100 * service.cpu_s / service.seconds, 2),
+        "cpu_pct_per_10k_events_s": round(100 * service.cpu_s / service.seconds * 10_000 / eps, 2),
+        "rss_mb_at_ready": round(service.rss_ready_mb, 1),
+        "rss_mb_after_load": round(service.rss_end_mb, 1),
+        "rss_anon_mb_after_load": round(service.rss_anon_end_mb, 1),
+        "start_to_ready_s_max": round(max(service.ready_s), 2),
+        "goal_start_to_ready_s": 5.0,
+        "goal_rss_mb": 100.0,
+    }
+    result["events_lost"] = service.telemetry.value("tapio_ebpf_events_lost_total") + syscall_bound.telemetry.value("tapio_ebpf_events_lost_total")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    if "--filtered" in sys.argv:
-        from tapio.receivers.ebpf._config import FiltersConfig
-
-        CONFIG = Config(filters=FiltersConfig(comms=["no-such-comm"]))
-    trio.run(main, float(args[0]) if args else 5.0, int(args[1]) if len(args) > 1 else 5)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=6, help="alternating rounds per workload (default 6)")
+    parser.add_argument("--ticks", type=int, default=400, help="workload ticks per run, ~100 events each (default 400)")
+    args = parser.parse_args()
+    trio.run(main, args.rounds, args.ticks)
