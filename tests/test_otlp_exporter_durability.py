@@ -210,7 +210,7 @@ receivers:
         endpoint: 127.0.0.1:{receiver_port}
 processors:
   batch:
-    send_batch_size: 200
+    send_batch_size: {send_batch_size}
     timeout: 50ms
 exporters:
   otlp:
@@ -222,7 +222,7 @@ exporters:
       max_interval: 100ms
     sending_queue:
       storage: storage
-      num_consumers: 1      # one batch in flight: after a crash at most one batch is sent twice
+      num_consumers: {num_consumers}      # one batch in flight: after a crash at most one batch is sent twice
       queue_size: 100000
 service:
   extensions: [storage]
@@ -314,13 +314,36 @@ async def wait_port(port: int) -> None:
                 await trio.sleep(0.05)
 
 
+#: the crash test's pipeline: records per client request, the batch processor's size, the exporter's consumers
+REQUEST_SIZE = 20
+SEND_BATCH_SIZE = 200
+NUM_CONSUMERS = 1
+
+
+def largest_exporter_batch() -> int:
+    """The most records one batch reaching the exporter can hold in the crash test, from its configuration.
+
+    One client sends one request of `REQUEST_SIZE` records at a time and sends
+    the next only once it is acknowledged, which (``acknowledge: delivered``)
+    is after the exporter's storage queue committed it; so the batch
+    processor never holds two requests, and cuts a batch at
+    `SEND_BATCH_SIZE` at the latest.
+    """
+    return min(REQUEST_SIZE, SEND_BATCH_SIZE)
+
+
 async def test_sigkill_of_tapio_run_under_load(tmp_path: Path):
-    size = 20
+    size = REQUEST_SIZE
     async with open_otlp_sink(http_server=False) as sink:
         sink.default = Reply(delay=0.01)
         rport, mport = free_port(), free_port()
         config = tmp_path / "pipelines.yaml"
-        config.write_text(PIPELINE.format(db=tmp_path / "tapio.db", receiver_port=rport, sink=sink.grpc_endpoint, metrics_port=mport))
+        config.write_text(
+            PIPELINE.format(
+                db=tmp_path / "tapio.db", receiver_port=rport, sink=sink.grpc_endpoint, metrics_port=mport,
+                send_batch_size=SEND_BATCH_SIZE, num_consumers=NUM_CONSUMERS,
+            )
+        )
         acked: list[int] = []
         tapio = Tapio(config, mport, tmp_path / "tapio.log")
         try:
@@ -351,8 +374,12 @@ async def test_sigkill_of_tapio_run_under_load(tmp_path: Path):
     got = collections.Counter(bodies(sink))
     lost = len(want - set(got))
     duplicates = sum(n - 1 for n in got.values())
-    print(f"tapio run SIGKILL: acknowledged {last_acked + 1} records, lost {lost}, duplicates {duplicates}")
+    largest = max(len(req.resource_logs[0].scope_logs[0].log_records) for req in sink.requests(Signal.LOGS))
+    print(f"tapio run SIGKILL: acknowledged {last_acked + 1} records, lost {lost}, duplicates {duplicates}, largest batch {largest}")
     # the receiver answers only once the batch is on disk (acknowledge: delivered): nothing acknowledged is lost,
     # even records that were still in the channels or the batch processor when tapio was killed
     assert lost == 0
-    assert duplicates <= 200  # at most the one batch that was in flight to the sink
+    assert largest <= largest_exporter_batch()
+    # a batch leaves the disk only once the sink answered, and each consumer has one in flight: the kill can
+    # make at most one batch per consumer arrive twice
+    assert duplicates <= NUM_CONSUMERS * largest_exporter_batch()
