@@ -192,6 +192,9 @@ async def compare(agent: Agent, ticks: int, work: int, rounds: int) -> dict:
         "slowdown_pct_min": round(min(per_round), 2),
         "slowdown_pct_max": round(max(per_round), 2),
         "slowdown_pct_pooled": round(100 * (sum(cpu_on) - sum(cpu_off)) / sum(cpu_off), 2),
+        "wall_s_without": [round(w, 3) for _, w in off],
+        "wall_s_with": [round(w, 3) for _, w in on],
+        "wall_slowdown_pct_median": round(statistics.median(100 * (b - a) / a for (_, a), (_, b) in zip(off, on)), 2),
         "wall_slowdown_pct_pooled": round(100 * (sum(w for _, w in on) - sum(w for _, w in off)) / sum(w for _, w in off), 2),
         "kernel_cost_us_per_event": round(1e6 * (sum(cpu_on) - sum(cpu_off)) / events, 3) if events else None,
     }
