@@ -707,3 +707,32 @@ async def test_pending_calls_work_without_optional_kernel_features(tmp_path, mon
         nursery.cancel_scope.cancel()
     opened = next(a for a, _ in log_records(sink.batches) if a.get("file.path") == str(target))
     assert opened["tapio.ebpf.open.flags_text"].startswith("O_WRONLY") and opened["tapio.ebpf.open.fd"] >= 3
+
+
+async def test_detaching_on_shutdown_does_not_block_the_event_loop():
+    """Each detach waits for the kernel (~80 ms); other components must go on draining meanwhile."""
+    require(_missing())
+    from tapio.receivers.ebpf._config import Config
+
+    gaps: list[float] = []
+    stopped = trio.Event()
+
+    async def ticker() -> None:
+        last = trio.current_time()
+        while not stopped.is_set():
+            await trio.sleep(0.01)
+            now = trio.current_time()
+            gaps.append(now - last)
+            last = now
+
+    async with trio.open_nursery() as outer:
+        outer.start_soon(ticker)
+        async with trio.open_nursery() as nursery:
+            receiver = await _run_receiver(Config(), RecordingConsumer(), Telemetry(), nursery)
+            gaps.clear()
+            started = trio.current_time()
+            nursery.cancel_scope.cancel()
+        shutdown = trio.current_time() - started
+        stopped.set()
+    assert receiver.program is None
+    assert max(gaps) < 0.25, f"the event loop stalled {max(gaps):.2f}s during a {shutdown:.2f}s shutdown"

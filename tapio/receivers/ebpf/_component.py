@@ -20,7 +20,9 @@ Invariants:
 - Pending span state (exec info by pid) is bounded by
   ``traces.max_pending``; evictions are counted.
 - On shutdown the ring buffer is drained a last time (shielded, without
-  waiting) and every probe is detached.
+  waiting) and every probe is detached, in a worker thread: detaching
+  waits for the kernel (an RCU grace period per probe), the event loop
+  does not.
 """
 
 from __future__ import annotations
@@ -147,8 +149,10 @@ class EbpfReceiver:
                         self._poll_counters()
                 finally:
                     self._ring_open = False
-                    program.close()
                     self.program = None
+                    # Each detach waits for an RCU grace period (~80 ms, ~1.5 s for
+                    # all): off the event loop, so other components drain meanwhile.
+                    await trio.to_thread.run_sync(program.close)
 
     def drain(self) -> int:
         """Consume everything in the ring buffer now and hand it on; returns the events read."""
