@@ -624,6 +624,8 @@ def load_config(
     service = _decode_service(merged, defined, used, report)
     if service is not None or any(used.values()):
         _warn_unused(defined, used, report)  # not when there is no service section to speak of
+    if service is not None:
+        _warn_acknowledged_but_not_durable(service, defined, report)
     if report.has_errors or service is None:
         raise ConfigError(report.sorted(files))
     return Config(
@@ -848,6 +850,41 @@ def _decode_id_list(
             ok = False
         out.append(cid)
     return out if ok else None
+
+
+def _warn_acknowledged_but_not_durable(service: ServiceConfig, defined: dict[Kind, dict[ComponentID, _Defined]], report: _Problems) -> None:
+    """A receiver that answers its clients before export, in front of an exporter that queues to storage.
+
+    The storage queue makes what reached the exporter survive a crash, but
+    what the receiver acknowledged and the pipeline still holds (channels,
+    the batch processor) is lost: the user most likely wants the receiver to
+    acknowledge on delivery. Components opt in by duck typing: a receiver
+    config's ``acknowledges_before_delivery`` (the key to change, or None),
+    an exporter config's ``queues_durably``.
+    """
+    def config_of(kind: Kind, cid: ComponentID) -> Any:
+        d = defined[kind].get(cid)
+        return d.config if d is not None else None
+
+    warned: set[ComponentID] = set()
+    for pid, pipeline in sorted(service.pipelines.items()):
+        durable = [e for e in pipeline.exporters if getattr(config_of(Kind.EXPORTER, e), "queues_durably", False) is True]
+        if not durable:
+            continue
+        for rid in pipeline.receivers:
+            key = getattr(config_of(Kind.RECEIVER, rid), "acknowledges_before_delivery", None)
+            if not isinstance(key, str) or rid in warned:
+                continue
+            warned.add(rid)
+            d = defined[Kind.RECEIVER][rid]
+            report(
+                d.key_loc,
+                join_path(join_path("receivers", d.key), key),
+                f"receiver '{rid}' answers its clients before export, so in pipeline {pid} what it acknowledged and "
+                f"tapio still holds (e.g. in the batch processor) is lost if tapio is killed, although exporter "
+                f"'{durable[0]}' queues to storage; set {key}: delivered to acknowledge only what is delivered or on disk",
+                "warning",
+            )
 
 
 def _warn_unused(defined: dict[Kind, dict[ComponentID, _Defined]], used: dict[Kind, set[ComponentID]], report: _Problems) -> None:

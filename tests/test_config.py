@@ -1074,3 +1074,45 @@ def test_nop_factories_support_every_signal_and_default_config_validates():
     for factory in (nop_receiver_factory, nop_processor_factory, nop_exporter_factory):
         assert factory.type == "nop" and factory.signals == frozenset(Signal)
         assert decode_dataclass(factory.config_class, {}) == NopConfig()
+
+
+DURABLE = """
+receivers:
+  otlp: {ACK}
+  otlp/other: {}
+processors:
+  batch: {}
+exporters:
+  otlp/tempo:
+    endpoint: http://127.0.0.1:4317
+    sending_queue: {QUEUE}
+extensions:
+  storage: {path: STATE/tapio.db}
+service:
+  extensions: [storage]
+  pipelines:
+    logs: {receivers: [otlp], processors: [batch], exporters: [otlp/tempo]}
+    traces: {receivers: [otlp], processors: [batch], exporters: [otlp/tempo]}
+    metrics: {receivers: [otlp/other], exporters: [otlp/tempo]}
+"""
+
+
+@pytest.mark.parametrize(
+    "ack,queue,warned",
+    [
+        ("{}", "{storage: storage}", ["otlp", "otlp/other"]),  # once per receiver, not per pipeline
+        ("{acknowledge: delivered}", "{storage: storage}", ["otlp/other"]),
+        ("{}", "{}", []),  # an in-memory queue promises nothing across a crash: nothing to warn about
+    ],
+)
+def test_acknowledging_before_delivery_in_front_of_a_storage_queue_is_a_warning(tmp_path, ack, queue, warned):
+    from tapio.component import default_registry
+
+    path = write(tmp_path, DURABLE.replace("{ACK}", ack).replace("{QUEUE}", queue).replace("STATE", str(tmp_path)))
+    cfg = load_config([path], default_registry(), env={})
+    ack_warnings = [str(w) for w in cfg.warnings if "answers its clients before export" in str(w)]
+    assert [w.split("receiver '")[1].split("'")[0] for w in ack_warnings] == warned
+    where = {"otlp": "3:3: warning: receivers.otlp.acknowledge: ", "otlp/other": "4:3: warning: receivers.otlp/other.acknowledge: "}
+    for rid, text in zip(warned, ack_warnings):
+        assert text.startswith(f"{path}:{where[rid]}")
+        assert "exporter 'otlp/tempo' queues to storage; set acknowledge: delivered" in text

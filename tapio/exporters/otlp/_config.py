@@ -203,6 +203,11 @@ class GrpcExporterConfig:
     retry_on_failure: RetryConfig = setting(default_factory=RetryConfig, doc="Retries of failed sends.")
     sending_queue: QueueConfig = setting(default_factory=QueueConfig, doc="Queue between the pipeline and the senders.")
 
+    @property
+    def queues_durably(self) -> bool:
+        """Whether what this exporter accepted survives a crash (a storage-backed sending queue)."""
+        return self.sending_queue.enabled and bool(self.sending_queue.storage)
+
     def validate(self) -> list[str]:
         problems: list[str] = []
         try:
@@ -265,6 +270,11 @@ class HttpExporterConfig:
     timeout: Duration = setting(Duration(30.0), doc="Deadline of each request.")
     retry_on_failure: RetryConfig = setting(default_factory=RetryConfig, doc="Retries of failed sends.")
     sending_queue: QueueConfig = setting(default_factory=QueueConfig, doc="Queue between the pipeline and the senders.")
+
+    @property
+    def queues_durably(self) -> bool:
+        """Whether what this exporter accepted survives a crash (a storage-backed sending queue)."""
+        return self.sending_queue.enabled and bool(self.sending_queue.storage)
 
     def validate(self) -> list[str]:
         problems: list[str] = []

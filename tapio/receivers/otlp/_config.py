@@ -131,6 +131,11 @@ class Config:
         "(HTTP 503, gRPC UNAVAILABLE); a gRPC client's own deadline applies too. `0` waits without limit.",
     )
 
+    @property
+    def acknowledges_before_delivery(self) -> str | None:
+        """The config key that makes clients hear success before export (see tapio.config's durability warning), or None."""
+        return "acknowledge" if self.acknowledge == "accepted" else None
+
     def validate(self) -> list[str]:
         problems: list[str] = []
         grpc, http = self.protocols.grpc, self.protocols.http
