@@ -20,7 +20,7 @@ import enum
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import trio
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import trio
 
-from tapio.telemetry import COUNTER, Telemetry
+from tapio.telemetry import Telemetry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

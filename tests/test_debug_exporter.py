@@ -6,7 +6,6 @@ import io
 import logging
 import re
 
-import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st

@@ -22,6 +22,7 @@ from tapio.exporters.otlp._config import GrpcExporterConfig, HttpExporterConfig,
 from tapio.exporters.otlp._http import ssl_context
 from tapio.pdata import Signal
 from tapio.testing.otlpsink import SinkTLS, open_otlp_sink
+from tapio.testing import prereq
 
 from .test_otlp_exporter import Exporter, log_batch, running
 
@@ -42,10 +43,7 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> Certs:
-    if shutil.which("openssl") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the openssl command is needed to make test certificates (apt-get install openssl)")
-        pytest.skip("openssl is not installed: cannot make test certificates")
+    prereq.command("openssl", "it makes the test certificates: apt-get install openssl (scripts/setup.sh does)")
     d = tmp_path_factory.mktemp("certs")
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
     _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=tapio test CA",

@@ -12,9 +12,7 @@ from __future__ import annotations
 import gzip
 import logging
 import math
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from tapio.exporters.prometheus._render import go_float, render_openmetrics, ren
 from tapio.exporters.prometheus._state import MetricsState, label_name, metric_name
 from tapio.pdata import Batch, Signal
 from tapio.telemetry import Telemetry
+from tapio.testing import prereq
 
 T0 = 1_700_000_000_000_000_000  # a data point time, in ns
 SEC = 1_000_000_000
@@ -357,12 +356,7 @@ def test_expire_removes_series_not_updated_since():
 
 
 def promtool_binary() -> str:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is missing (Debian package prometheus)")
-        pytest.skip("promtool is not installed (Debian package prometheus)")
-    return promtool
+    return prereq.command("promtool", "install Debian's prometheus package (scripts/setup.sh does)")
 
 
 def promtool_check(promtool: str, text: str) -> None:

@@ -11,8 +11,6 @@ when offered).
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import subprocess
 
 import httpx
@@ -25,6 +23,7 @@ from tapio.exporters.prometheus import Config, factory
 from tapio.pdata import Batch, Signal
 from tapio.telemetry import Telemetry
 from tapio.testing.process import free_port
+from tapio.testing import prereq
 
 from .test_prometheus_exporter import full_request
 
@@ -33,12 +32,7 @@ QUERY_DEADLINE = 25.0
 
 
 def prometheus_binary() -> str:
-    path = shutil.which("prometheus")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the prometheus server is missing (Debian package prometheus)")
-        pytest.skip("the prometheus server is not installed (Debian package prometheus)")
-    return path
+    return prereq.command("prometheus", "install Debian's prometheus package (scripts/setup.sh does)")
 
 
 async def query(client: httpx.AsyncClient, base: str, promql: str) -> list[dict]:

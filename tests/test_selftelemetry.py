@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 
 import httpx
 import pytest
-import trio
 
 from tapio import selftelemetry
 from tapio.pdata import Signal
 from tapio.telemetry import COUNTER, Telemetry
+from tapio.testing import prereq
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        msg = "promtool is missing: install Debian's prometheus package (scripts/setup.sh does)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
+    return prereq.command("promtool", "install Debian's prometheus package (scripts/setup.sh does)")
 
 
 def sample_telemetry() -> Telemetry:

@@ -13,7 +13,6 @@ import pytest
 import trio
 import trio.testing
 
-from opentelemetry.proto.logs.v1.logs_pb2 import ResourceLogs
 from tapio.component import ComponentID, Factory, Kind, PipelineID, Refused, Registry
 from tapio.pdata import Batch, Signal
 from tapio.service import ComponentFailedError, ComponentStartError, RuntimeOptions, Service

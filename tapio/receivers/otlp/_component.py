@@ -17,7 +17,6 @@ import trio
 
 from tapio.component import Ports, Settings
 from tapio.httpserver import bound_port, open_http_listeners, serve_http_listeners
-from tapio.pdata import Signal
 
 from ._config import Config, parse_endpoint
 from ._delivery import Delivery

@@ -23,10 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import grpc
-import trio
 from google.protobuf.message import DecodeError
 
-from tapio.component import Consumer, Refused
 from tapio.pdata import Batch, Signal
 from tapio.telemetry import ComponentTelemetry
 
