@@ -178,6 +178,12 @@ def parse_listen_address(text: object, *, example: str = "127.0.0.1:4317") -> tu
     return host, port
 
 
+def with_port(endpoint: str, port: int) -> str:
+    """A listen address ``host:port`` with another port (``[v6addr]:port`` kept bracketed): what was bound for port 0."""
+    host, _ = parse_listen_address(endpoint)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 #: one label of a DNS name (RFC 1123, and '_' which resolvers accept): no '-' at either end, at most 63 characters
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 

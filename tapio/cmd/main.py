@@ -187,42 +187,27 @@ def banner_lines(cfg: Any, registry: Registry, metrics_port: int | None, running
 
 
 def with_bound_ports(config: Any, component: Any) -> Any:
-    """``config`` with each listen endpoint's port replaced by the port the running ``component`` bound.
+    """``config`` with each listen endpoint replaced by what the running ``component`` bound (port 0 picks one).
 
-    A component that listens says which port it bound (port 0 picks one) by
-    an int attribute next to its configured endpoint: ``port`` for a
-    top-level ``endpoint`` (the prometheus exporter), ``<name>_port`` for
-    ``protocols.<name>.endpoint`` (the otlp receiver's ``grpc_port``). The
-    config is returned unchanged where there is none.
+    A component that listens says so with ``bound_endpoints``: a mapping of
+    config key paths (``endpoint``, ``protocols.grpc.endpoint``) to the
+    ``host:port`` it bound. The config is returned unchanged where there is none.
     """
-    if component is None or not dataclasses.is_dataclass(config):
+    bound = getattr(component, "bound_endpoints", None)
+    if not bound or not dataclasses.is_dataclass(config):
         return config
-    changes: dict[str, Any] = {}
-    endpoint = _bound_endpoint(getattr(config, "endpoint", None), getattr(component, "port", None))
-    if endpoint is not None:
-        changes["endpoint"] = endpoint
-    protocols = getattr(config, "protocols", None)
-    if dataclasses.is_dataclass(protocols) and not isinstance(protocols, type):
-        groups = {}
-        for f in dataclasses.fields(protocols):
-            group = getattr(protocols, f.name)
-            bound = _bound_endpoint(getattr(group, "endpoint", None), getattr(component, f"{f.name}_port", None))
-            if bound is not None:
-                groups[f.name] = dataclasses.replace(group, endpoint=bound)
-        if groups:
-            changes["protocols"] = dataclasses.replace(protocols, **groups)
-    return dataclasses.replace(config, **changes) if changes else config
+    for path, endpoint in bound.items():
+        config = _replace_path(config, path.split("."), endpoint)
+    return config
 
 
-def _bound_endpoint(endpoint: Any, port: Any) -> str | None:
-    """``endpoint`` (``host:port``) with ``port`` instead, or None if either is not known."""
-    if not isinstance(endpoint, str) or not isinstance(port, int) or isinstance(port, bool):
-        return None
-    try:
-        host, _ = parse_listen_address(endpoint)
-    except ValueError:
-        return None
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _replace_path(obj: Any, keys: list[str], value: Any) -> Any:
+    """A copy of the dataclass ``obj`` with the field at ``keys`` set to ``value`` (unchanged where the path is missing)."""
+    head = keys[0]
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type) or not hasattr(obj, head):
+        return obj
+    inner = value if len(keys) == 1 else _replace_path(getattr(obj, head), keys[1:], value)
+    return dataclasses.replace(obj, **{head: inner})
 
 
 async def _run(cfg: Any, registry: Registry, debug: bool) -> int:

@@ -27,6 +27,7 @@ from tapio.component import Ports, Settings
 from tapio.httpserver import Request, Response, bound_port, open_http_listeners, serve_http_listeners
 from tapio.pdata import Batch, Signal
 from tapio.telemetry import COUNTER, GAUGE
+from tapio.units import with_port
 
 from ._config import Config, parse_endpoint
 from ._render import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, render_openmetrics, render_text
@@ -68,6 +69,11 @@ class PrometheusExporter:
         tel.declare(SERIES_REFUSED_METRIC, COUNTER, "Number of data points refused because their series would exceed max_series.")
         tel.declare(SCRAPES_METRIC, COUNTER, "Number of scrapes of the prometheus exporter's /metrics, by format.")
         tel.gauge(SERIES_METRIC, lambda: self.state.series_count)
+
+    @property
+    def bound_endpoints(self) -> dict[str, str]:
+        """Config key path -> the ``host:port`` actually bound, for `tapio run`'s start banner."""
+        return {"endpoint": with_port(self._config.endpoint, self.port)} if self.port is not None else {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         settings, config = self._settings, self._config

@@ -17,6 +17,7 @@ import trio
 
 from tapio.component import Ports, Settings
 from tapio.httpserver import bound_port, open_http_listeners, serve_http_listeners
+from tapio.units import with_port
 
 from ._config import Config, parse_endpoint
 from ._delivery import Delivery
@@ -34,6 +35,16 @@ class OtlpReceiver:
         #: the bound ports, known once started (useful with port 0)
         self.grpc_port: int | None = None
         self.http_port: int | None = None
+
+    @property
+    def bound_endpoints(self) -> dict[str, str]:
+        """Config key path -> the ``host:port`` actually bound, for `tapio run`'s start banner."""
+        out = {}
+        for name, port in (("grpc", self.grpc_port), ("http", self.http_port)):
+            group = getattr(self._config.protocols, name)
+            if group is not None and port is not None:
+                out[f"protocols.{name}.endpoint"] = with_port(group.endpoint, port)
+        return out
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         settings, protocols = self._settings, self._config.protocols
