@@ -277,12 +277,17 @@ async def test_tcp_connect_accept_close_on_loopback(live, version):
     acc, _ = await live.wait_record(tcp("accept", server, client))
     assert acc["process.pid"] == pid, "accept is attributed to the accepting process"
     assert acc["network.local.address"] == loopback and acc["tapio.ebpf.tcp.fd"] >= 0
+    # the client closes first (active close), the server then (passive close); states in the kernel's numbering order
+    paths = {
+        client: ["ESTABLISHED", "SYN_SENT", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"],
+        server: ["ESTABLISHED", "SYN_RECV", "CLOSE", "CLOSE_WAIT", "LAST_ACK"],
+    }
     for local, peer in ((client, server), (server, client)):
         close, _ = await live.wait_record(tcp("close", local, peer))
         assert close["process.pid"] == pid
         assert close["tapio.ebpf.tcp.new_state"] == "CLOSE"
         assert close["tapio.ebpf.tcp.duration_ns"] >= 50_000_000  # the child held the connection 50 ms
-        assert "ESTABLISHED" in close["tapio.ebpf.tcp.states"]
+        assert close["tapio.ebpf.tcp.states"] == paths[local]
     span_attrs, span = await live.wait_span(lambda a, s: a.get("network.local.port") == client and a.get("tapio.ebpf.tcp.event") == "close")
     assert span.name == f"tcp connect {'[::1]' if version == '6' else loopback}:{server}"
     assert span.end_time_unix_nano - span.start_time_unix_nano >= 50_000_000
@@ -733,3 +738,23 @@ async def test_detaching_on_shutdown_does_not_block_the_event_loop():
         stopped.set()
     assert receiver.program is None
     assert max(gaps) < 0.25, f"the event loop stalled {max(gaps):.2f}s during a {shutdown:.2f}s shutdown"
+
+
+async def test_a_refused_connect_is_reported_and_never_established(live):
+    probe = textwrap.dedent(
+        """
+        import socket
+        s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()   # nothing listens there
+        c = socket.socket(); c.bind(("127.0.0.1", 0)); print(c.getsockname()[1], port)
+        try:
+            c.connect(("127.0.0.1", port))
+        except ConnectionRefusedError:
+            pass
+        """
+    )
+    done = await trio.run_process([sys.executable, "-c", probe], capture_stdout=True)
+    client, server = (int(x) for x in done.stdout.split())
+    a, _ = await live.wait_record(lambda a: a.get("tapio.ebpf.tcp.event") == "connect" and a.get("network.local.port") == client)
+    assert a["network.peer.port"] == server
+    assert a["tapio.ebpf.tcp.old_state"] == "SYN_SENT" and a["tapio.ebpf.tcp.new_state"] == "CLOSE"
+    assert a["tapio.ebpf.tcp.states"] == ["SYN_SENT", "CLOSE"]
