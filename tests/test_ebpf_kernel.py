@@ -758,3 +758,46 @@ async def test_a_refused_connect_is_reported_and_never_established(live):
     assert a["network.peer.port"] == server
     assert a["tapio.ebpf.tcp.old_state"] == "SYN_SENT" and a["tapio.ebpf.tcp.new_state"] == "CLOSE"
     assert a["tapio.ebpf.tcp.states"] == ["SYN_SENT", "CLOSE"]
+
+
+def test_tapio_run_without_root_says_what_the_ebpf_receiver_needs():
+    """As an unprivileged user (nobody), `tapio run` stops at start naming the receiver and the missing privilege, without a traceback."""
+    require(None if os.geteuid() == 0 else "root (to start tapio as another user)")
+    import tempfile
+
+    from tapio.testing.process import tapio_command
+
+    with tempfile.TemporaryDirectory(prefix="tapio-nobody-") as where:
+        _run_as_nobody(Path(where), tapio_command())
+
+
+def _run_as_nobody(tmp_path: Path, command: list[str]) -> None:
+    cfg = tmp_path / "pipelines.yaml"
+    cfg.write_text(
+        textwrap.dedent(
+            """
+            receivers: {ebpf: {}}
+            exporters: {debug: {}}
+            service:
+              pipelines: {logs: {receivers: [ebpf], exporters: [debug]}}
+              telemetry: {metrics: {address: "127.0.0.1:0"}}
+            """
+        )
+    )
+    tmp_path.chmod(0o755)
+    cfg.chmod(0o644)
+    done = subprocess.run(
+        command + ["run", "-c", str(cfg)], capture_output=True, text=True, timeout=60, user=65534, group=65534, cwd=tmp_path, env={**os.environ, "HOME": str(tmp_path)}
+    )
+    assert done.returncode != 0
+    assert "receiver ebpf failed to start" in done.stderr
+    assert "needs root or the capabilities CAP_BPF and CAP_PERFMON" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_missing_kernel_headers_are_named_with_the_fix(monkeypatch):
+    from tapio.receivers.ebpf import EbpfStartupError, _loader
+
+    monkeypatch.setattr(_loader.platform, "release", lambda: "0.0.0-no-such-kernel")
+    with pytest.raises(EbpfStartupError, match=r"kernel headers are missing: /lib/modules/0\.0\.0-no-such-kernel/build/include does not exist; install linux-headers"):
+        _loader.check_headers()
