@@ -801,3 +801,35 @@ def test_missing_kernel_headers_are_named_with_the_fix(monkeypatch):
     monkeypatch.setattr(_loader.platform, "release", lambda: "0.0.0-no-such-kernel")
     with pytest.raises(EbpfStartupError, match=r"kernel headers are missing: /lib/modules/0\.0\.0-no-such-kernel/build/include does not exist; install linux-headers"):
         _loader.check_headers()
+
+
+async def test_draining_a_full_ring_buffer_does_not_stall_the_event_loop(tmp_path):
+    """Tens of thousands of buffered events are handed on in chunks, with the event loop running between them."""
+    require(_missing())
+    from tapio.receivers.ebpf._component import DRAIN_CHUNK
+    from tapio.receivers.ebpf._config import Config, EventsConfig, FiltersConfig
+
+    config = Config(
+        events=EventsConfig(process=False, network=False, oom=False, signal=False),
+        filters=FiltersConfig(path_prefixes=[str(tmp_path) + "/"]),
+        flush_interval=2.0,  # the storm lands in the ring buffer before the first drain
+        ring_buffer_size=16 << 20,
+    )
+    opens = 10 * DRAIN_CHUNK
+    gaps: list[float] = []
+    sink, telemetry = RecordingConsumer(), Telemetry()
+    async with trio.open_nursery() as nursery:
+        await _run_receiver(config, sink, telemetry, nursery)
+        storm = f"import os\nfor i in range({opens}):\n    os.close(os.open({str(tmp_path / 'storm')!r}, os.O_RDONLY | os.O_CREAT))\n"
+        await trio.run_process([sys.executable, "-c", storm])
+        last = trio.current_time()
+        with trio.fail_after(20):
+            while _count_path(sink, tmp_path / "storm") < opens:
+                await trio.sleep(0.005)
+                now = trio.current_time()
+                gaps.append(now - last)
+                last = now
+        nursery.cancel_scope.cancel()
+    assert telemetry.value("tapio_ebpf_events_lost_total") == 0
+    assert max(len(b.requests[0].resource_logs[0].scope_logs[0].log_records) for b in sink.batches if b.signal is Signal.LOGS) <= DRAIN_CHUNK
+    assert max(gaps) < 0.1, f"the event loop stalled {max(gaps):.3f}s while {opens} events were handed on"

@@ -5,8 +5,10 @@ Invariants:
   the steady state waits on the ring buffer's fd with
   `trio.lowlevel.wait_readable` and reads the records straight from its
   memory mapping (`_ringbuf`), without blocking.
-- One drain → at most one batch per wired signal (a logs batch with one
-  record per event, a traces batch with the spans that ended). The kernel
+- One drain of at most `DRAIN_CHUNK` events → at most one batch per wired
+  signal (a logs batch with one record per event, a traces batch with the
+  spans that ended); a fuller ring is drained chunk by chunk, with a
+  checkpoint between chunks so that a storm does not stall the event loop. The kernel
   cannot wait, so batches go with ``send_nowait``; a refused batch is counted
   by its items in ``tapio_ebpf_events_dropped_total{reason}``, never retried.
 - Records are written as OTLP bytes (`_encode`) and parsed once into the
@@ -59,6 +61,8 @@ SPAN_KIND_INTERNAL, SPAN_KIND_SERVER, SPAN_KIND_CLIENT = 1, 2, 3
 STATUS_CODE_ERROR = 2
 #: tasks whose shared attributes are kept ready to copy; the cache is dropped when full
 COMMON_CACHE_SIZE = 4096
+#: events handled between two checkpoints of the event loop (~15 ms of work at ~13 µs an event)
+DRAIN_CHUNK = 1024
 
 EVENT_KINDS = ("exec", "exit", "open", "tcp", "oom", "signal")
 
@@ -140,7 +144,10 @@ class EbpfReceiver:
                     await trio.lowlevel.wait_readable(fd)
                     if config.flush_interval > 0:
                         await trio.sleep(config.flush_interval)
-                    self.drain()
+                    # A storm can leave tens of thousands of events: hand them on in
+                    # chunks, letting the other components run between them.
+                    while self.drain(DRAIN_CHUNK) == DRAIN_CHUNK:
+                        await trio.lowlevel.checkpoint()
         finally:
             with trio.CancelScope(shield=True):
                 try:
@@ -154,10 +161,10 @@ class EbpfReceiver:
                     # all): off the event loop, so other components drain meanwhile.
                     await trio.to_thread.run_sync(program.close)
 
-    def drain(self) -> int:
-        """Consume everything in the ring buffer now and hand it on; returns the events read."""
+    def drain(self, limit: int = 1 << 20) -> int:
+        """Consume what the ring buffer holds now (at most ``limit`` events) and hand it on; returns the events read."""
         assert self.program is not None
-        raws = self.program.ring().read()
+        raws = self.program.ring().read(limit)
         if raws:
             self.handle(raws)
         return len(raws)
