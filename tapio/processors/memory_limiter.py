@@ -172,20 +172,16 @@ class Limits:
         if config.limit_mib > 0:
             hard = config.limit_mib * MIB
             hard_text = f"limit_mib {config.limit_mib}"
-            if config.spike_limit_mib > 0:
-                spike, spike_text = config.spike_limit_mib * MIB, f"spike_limit_mib {config.spike_limit_mib}"
-            else:
-                spike, spike_text = int(hard * DEFAULT_SPIKE_SHARE), "a fifth of the limit"
         else:
             hard = available * config.limit_percentage // 100
             hard_text = f"limit_percentage {config.limit_percentage}% of {available // MIB} MiB, {available_from}"
-            if config.spike_limit_mib > 0:
-                spike, spike_text = config.spike_limit_mib * MIB, f"spike_limit_mib {config.spike_limit_mib}"
-            elif config.spike_limit_percentage > 0:
-                spike = available * config.spike_limit_percentage // 100
-                spike_text = f"spike_limit_percentage {config.spike_limit_percentage}%"
-            else:
-                spike, spike_text = int(hard * DEFAULT_SPIKE_SHARE), "a fifth of the limit"
+        if config.spike_limit_mib > 0:
+            spike, spike_text = config.spike_limit_mib * MIB, f"spike_limit_mib {config.spike_limit_mib}"
+        elif config.limit_mib == 0 and config.spike_limit_percentage > 0:
+            spike = available * config.spike_limit_percentage // 100
+            spike_text = f"spike_limit_percentage {config.spike_limit_percentage}%"
+        else:
+            spike, spike_text = int(hard * DEFAULT_SPIKE_SHARE), "a fifth of the limit"
         if spike >= hard:
             raise ValueError(
                 f"the spike allowance ({spike_text}: {spike // MIB} MiB) is not below the hard limit "

@@ -155,6 +155,11 @@ class QueueConfig:
         "false drops the batch, counts it in `exporter_enqueue_failed` and tells its sources it was not delivered.",
     )
 
+    @property
+    def durable(self) -> bool:
+        """Whether what the queue holds survives a crash (kept in storage)."""
+        return self.enabled and bool(self.storage)
+
     def validate(self, prefix: str = "sending_queue") -> list[str]:
         problems: list[str] = []
         if not self.enabled:
@@ -203,10 +208,7 @@ class GrpcExporterConfig:
     retry_on_failure: RetryConfig = setting(default_factory=RetryConfig, doc="Retries of failed sends.")
     sending_queue: QueueConfig = setting(default_factory=QueueConfig, doc="Queue between the pipeline and the senders.")
 
-    @property
-    def queues_durably(self) -> bool:
-        """Whether what this exporter accepted survives a crash (a storage-backed sending queue)."""
-        return self.sending_queue.enabled and bool(self.sending_queue.storage)
+    queues_durably = property(lambda self: self.sending_queue.durable, doc="Whether what this exporter accepted survives a crash.")
 
     def validate(self) -> list[str]:
         problems: list[str] = []
@@ -271,10 +273,7 @@ class HttpExporterConfig:
     retry_on_failure: RetryConfig = setting(default_factory=RetryConfig, doc="Retries of failed sends.")
     sending_queue: QueueConfig = setting(default_factory=QueueConfig, doc="Queue between the pipeline and the senders.")
 
-    @property
-    def queues_durably(self) -> bool:
-        """Whether what this exporter accepted survives a crash (a storage-backed sending queue)."""
-        return self.sending_queue.enabled and bool(self.sending_queue.storage)
+    queues_durably = property(lambda self: self.sending_queue.durable, doc="Whether what this exporter accepted survives a crash.")
 
     def validate(self) -> list[str]:
         problems: list[str] = []

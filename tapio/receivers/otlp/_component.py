@@ -106,7 +106,6 @@ class OtlpReceiver:
                     )
 
 
-def _shown(endpoint: str, port: int | None) -> str:
-    host, _ = parse_endpoint(endpoint)
-    host = host or "*"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _shown(endpoint: str, port: int) -> str:
+    """The bound address for a log line; every interface shows as ``*``."""
+    return with_port(endpoint, port) if parse_endpoint(endpoint)[0] else f"*:{port}"
