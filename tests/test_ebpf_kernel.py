@@ -804,7 +804,13 @@ def test_missing_kernel_headers_are_named_with_the_fix(monkeypatch):
 
 
 async def test_draining_a_full_ring_buffer_does_not_stall_the_event_loop(tmp_path):
-    """Tens of thousands of buffered events are handed on in chunks, with the event loop running between them."""
+    """Tens of thousands of buffered events are handed on in chunks, with the event loop running between them.
+
+    Checked without a clock: a task that is always runnable looks at the
+    sink at every scheduling point, so it sees the chunks arrive one by one
+    only if the receiver yields between them (a single drain would show
+    them all at once).
+    """
     require(_missing())
     from tapio.receivers.ebpf._component import DRAIN_CHUNK
     from tapio.receivers.ebpf._config import Config, EventsConfig, FiltersConfig
@@ -816,20 +822,18 @@ async def test_draining_a_full_ring_buffer_does_not_stall_the_event_loop(tmp_pat
         ring_buffer_size=16 << 20,
     )
     opens = 10 * DRAIN_CHUNK
-    gaps: list[float] = []
+    seen_counts: set[int] = set()
     sink, telemetry = RecordingConsumer(), Telemetry()
     async with trio.open_nursery() as nursery:
         await _run_receiver(config, sink, telemetry, nursery)
         storm = f"import os\nfor i in range({opens}):\n    os.close(os.open({str(tmp_path / 'storm')!r}, os.O_RDONLY | os.O_CREAT))\n"
         await trio.run_process([sys.executable, "-c", storm])
-        last = trio.current_time()
         with trio.fail_after(20):
             while _count_path(sink, tmp_path / "storm") < opens:
-                await trio.sleep(0.005)
-                now = trio.current_time()
-                gaps.append(now - last)
-                last = now
+                seen_counts.add(_count_path(sink, tmp_path / "storm"))
+                await trio.sleep(0)
         nursery.cancel_scope.cancel()
     assert telemetry.value("tapio_ebpf_events_lost_total") == 0
     assert max(len(b.requests[0].resource_logs[0].scope_logs[0].log_records) for b in sink.batches if b.signal is Signal.LOGS) <= DRAIN_CHUNK
-    assert max(gaps) < 0.1, f"the event loop stalled {max(gaps):.3f}s while {opens} events were handed on"
+    partial = sorted(c for c in seen_counts if 0 < c < opens)
+    assert len(partial) >= 5, f"the event loop ran between only {len(partial)} of the {opens // DRAIN_CHUNK} chunks: {partial}"
