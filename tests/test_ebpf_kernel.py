@@ -737,7 +737,8 @@ async def test_detaching_on_shutdown_does_not_block_the_event_loop():
         shutdown = trio.current_time() - started
         stopped.set()
     assert receiver.program is None
-    assert max(gaps) < 0.25, f"the event loop stalled {max(gaps):.2f}s during a {shutdown:.2f}s shutdown"
+    # detaching all probes on the event loop stalls it ~1.4 s; 0.5 s leaves room for a GC pause in a long test run
+    assert max(gaps) < 0.5, f"the event loop stalled {max(gaps):.2f}s during a {shutdown:.2f}s shutdown"
 
 
 async def test_a_refused_connect_is_reported_and_never_established(live):
