@@ -20,7 +20,7 @@ import enum
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Protocol
 
 import trio
 
@@ -91,6 +91,37 @@ class PipelineID:
         return f"{self.signal.value}/{self.name}" if self.name else self.signal.value
 
 
+@dataclass(frozen=True, order=True)
+class ExtensionRef:
+    """A config value naming an extension by id (``storage``, ``storage/queues``).
+
+    Subclasses fix the extension type the reference must name
+    (`extension_type`). `tapio validate` checks every reference in every
+    component's config: the id must be defined under ``extensions`` with
+    that type and be listed in ``service.extensions``. At run time the
+    component gets the started extension with `Settings.extension`.
+    """
+
+    id: ComponentID
+
+    #: the type of extension this reference must name
+    extension_type: ClassVar[str] = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "ExtensionRef":
+        return cls(ComponentID.parse(text))
+
+    def __str__(self) -> str:
+        return str(self.id)
+
+
+@dataclass(frozen=True, order=True)
+class StorageRef(ExtensionRef):
+    """The id of a ``storage`` extension: where a component keeps its queue or checkpoints."""
+
+    extension_type: ClassVar[str] = "storage"
+
+
 def setting(default: Any = dataclasses.MISSING, *, doc: str, default_factory: Any = dataclasses.MISSING, secret: bool = False) -> Any:
     """A config dataclass field with its user documentation (shown in docs/components/).
 
@@ -145,10 +176,28 @@ class Settings:
     logger: logging.Logger
     #: for processors: the pipeline this instance belongs to
     pipeline: PipelineID | None = None
-    #: opens the shared SQLite storage (see tapio.storage); None when no storage is configured
-    storage: Callable[[], Any] | None = None
+    #: the started extensions by id (what each one's ``run`` handed to ``task_status.started``)
+    extensions: Mapping[ComponentID, Any] = field(default_factory=dict)
     #: how long a component may take to flush on shutdown
     shutdown_grace: float = 5.0
+
+    def extension(self, ref: ExtensionRef) -> Any:
+        """The started extension ``ref`` names.
+
+        Raises `LookupError` naming the fix when it is not running (`tapio
+        validate` reports that case first, so only hand-built settings get here).
+        """
+        try:
+            return self.extensions[ref.id]
+        except KeyError:
+            kind = ref.extension_type or "extension"
+            raise LookupError(
+                f"{kind} extension '{ref}' is not running: define it under `extensions:` and list it in service.extensions"
+            ) from None
+
+    def storage(self, ref: StorageRef) -> Any:
+        """The open `tapio.storage.Storage` of the storage extension ``ref`` names (see `extension`)."""
+        return self.extension(ref)
 
 
 class Component(Protocol):

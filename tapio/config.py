@@ -40,7 +40,17 @@ from tapio._yamlnodes import (
     parse_yaml,
     to_python,
 )
-from tapio.component import ComponentID, Factory, Kind, PipelineID, Registry, config_problems, describe_signals, setting
+from tapio.component import (
+    ComponentID,
+    ExtensionRef,
+    Factory,
+    Kind,
+    PipelineID,
+    Registry,
+    config_problems,
+    describe_signals,
+    setting,
+)
 from tapio.units import ByteSize, Duration, parse_listen_address
 
 __all__ = [
@@ -201,6 +211,8 @@ class Config:
 class _Problems:
     def __init__(self) -> None:
         self.items: list[Problem] = []
+        #: every extension reference decoded, with where it was written (checked once the extensions are known)
+        self.refs: list[tuple[Loc, str, ExtensionRef]] = []
 
     def __call__(self, loc: Loc, path: str, message: str, severity: str = "error") -> None:
         self.items.append(Problem(loc.file, loc.line, loc.column, path, message, severity))  # type: ignore[arg-type]
@@ -264,6 +276,8 @@ def _what(tp: type) -> str:
         return "a size"
     if tp is ComponentID:
         return "a component id"
+    if issubclass(tp, ExtensionRef):
+        return f"the id of a {tp.extension_type} extension like '{tp.extension_type}'" if tp.extension_type else "an extension id"
     return _KIND_WORDS.get(tp, tp.__name__)
 
 
@@ -318,6 +332,8 @@ def _decode(tp: Any, node: Node, path: str, report: _Problems) -> Any:
         except OverflowError:
             report(node.loc, path, f"{describe(node)} is too large")
             return _INVALID
+        if isinstance(parsed, ExtensionRef):
+            report.refs.append((node.loc, path, parsed))
         return parsed
     if tp is bool:
         if isinstance(value, bool):
@@ -625,6 +641,7 @@ def load_config(
     if service is not None or any(used.values()):
         _warn_unused(defined, used, report)  # not when there is no service section to speak of
     if service is not None:
+        _check_extension_refs(service, defined, report)
         _warn_acknowledged_but_not_durable(service, defined, report)
     if report.has_errors or service is None:
         raise ConfigError(report.sorted(files))
@@ -850,6 +867,30 @@ def _decode_id_list(
             ok = False
         out.append(cid)
     return out if ok else None
+
+
+def _check_extension_refs(service: ServiceConfig, defined: dict[Kind, dict[ComponentID, _Defined]], report: _Problems) -> None:
+    """Every `ExtensionRef` in a component's config names an extension of its type that the service starts."""
+    extensions = defined[Kind.EXTENSION]
+    enabled = set(service.extensions)
+    for loc, path, ref in report.refs:
+        want = ref.extension_type
+        d = extensions.get(ref.id)
+        of_type = [str(cid) for cid, e in extensions.items() if e.factory is not None and (not want or e.factory.type == want)]
+        what = f"{want} extension" if want else "extension"
+        if d is None:
+            hint = _did_you_mean(str(ref.id), of_type) or (f" (defined: {', '.join(of_type)})" if of_type else "")
+            if not want or ref.id.type == want:
+                fix = f"To add it, define `extensions: {{{ref.id}: {{}}}}` and list it in service.extensions"
+            else:
+                fix = f"A {want} extension's id is '{want}' or '{want}/<name>'"
+            sep = " " if hint.endswith("?") else ". "
+            report(loc, path, f"{what} '{ref}' is not defined in extensions{hint}{sep}{fix}")
+        elif d.factory is not None and want and d.factory.type != want:
+            hint = f" (defined: {', '.join(of_type)})" if of_type else ""
+            report(loc, path, f"extension '{ref}' is of type {d.factory.type!r}, not a {want} extension{hint}")
+        elif ref.id not in enabled:
+            report(loc, path, f"{what} '{ref}' is defined but not listed in service.extensions, so it does not run: add it there")
 
 
 def _warn_acknowledged_but_not_durable(service: ServiceConfig, defined: dict[Kind, dict[ComponentID, _Defined]], report: _Problems) -> None:

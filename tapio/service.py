@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import trio
 
@@ -271,7 +271,7 @@ class Service:
         components: the validated config of every component by kind and id
         registry: the factories
         telemetry: where counters go (and the health state is read from)
-        storage: opens the shared storage, handed to components as ``Settings.storage``
+        extensions: the started extensions by id, handed to every component as ``Settings.extensions``
     """
 
     def __init__(
@@ -282,7 +282,7 @@ class Service:
         registry: Registry,
         telemetry: Telemetry,
         options: RuntimeOptions = RuntimeOptions(),
-        storage: Callable[[], Any] | None = None,
+        extensions: Mapping[ComponentID, Any] | None = None,
         logger: logging.Logger = log,
     ) -> None:
         self.graph: Graph = build_graph(pipelines)
@@ -290,7 +290,7 @@ class Service:
         self._registry = registry
         self.telemetry = telemetry
         self.options = options
-        self._storage = storage
+        self._extensions: Mapping[ComponentID, Any] = dict(extensions or {})
         self._log = logger
         self.instances: dict[str, _Instance] = {}
         self._shutdown = trio.Event()
@@ -440,7 +440,7 @@ class Service:
             telemetry=tel,
             logger=logger,
             pipeline=node.pipeline,
-            storage=self._storage,
+            extensions=self._extensions,
             shutdown_grace=self.options.component_grace,
         )
 

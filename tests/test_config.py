@@ -1116,3 +1116,91 @@ def test_acknowledging_before_delivery_in_front_of_a_storage_queue_is_a_warning(
     for rid, text in zip(warned, ack_warnings):
         assert text.startswith(f"{path}:{where[rid]}")
         assert "exporter 'otlp/tempo' queues to storage; set acknowledge: delivered" in text
+
+
+# --- extension references ----------------------------------------------------------
+
+TWO_STORAGES = """\
+receivers:
+  otlp: {acknowledge: delivered}
+exporters:
+  otlp/tempo:
+    endpoint: http://127.0.0.1:4317
+    sending_queue: {storage: REF}
+extensions:
+  storage/a: {path: STATE/a.db}
+  storage/b: {path: STATE/b.db}
+service:
+  extensions: [storage/a, storage/b]
+  pipelines:
+    logs: {receivers: [otlp], exporters: [otlp/tempo]}
+"""
+
+
+def _full_problems(path: str) -> list[str]:
+    from tapio.component import default_registry
+
+    with pytest.raises(ConfigError) as info:
+        load_config([path], default_registry(), env={})
+    return [str(p) for p in info.value.problems]
+
+
+def test_a_storage_reference_names_the_extension_it_decodes_to(tmp_path):
+    from tapio.component import StorageRef, default_registry
+
+    path = write(tmp_path, TWO_STORAGES.replace("REF", "storage/b").replace("STATE", str(tmp_path)))
+    cfg = load_config([path], default_registry(), env={})
+    ref = cfg.exporters[ComponentID("otlp", "tempo")].sending_queue.storage
+    assert ref == StorageRef(ComponentID("storage", "b")) and str(ref) == "storage/b"
+
+
+@pytest.mark.parametrize(
+    "ref,message",
+    [
+        ("storage/bb", "storage extension 'storage/bb' is not defined in extensions; did you mean 'storage/b'?"),
+        ("storagee", "storage extension 'storagee' is not defined in extensions; did you mean 'storage/b'? A storage extension's id is 'storage' or 'storage/<name>'"),
+        ("storage/c", "storage extension 'storage/c' is not defined in extensions; did you mean 'storage/b'? To add it, define `extensions: {storage/c: {}}`"),
+        ("otlp", "storage extension 'otlp' is not defined in extensions (defined: storage/a, storage/b). A storage extension's id"),
+    ],
+)
+def test_a_storage_reference_to_an_undefined_extension_is_an_error_at_its_line(tmp_path, ref, message):
+    path = write(tmp_path, TWO_STORAGES.replace("REF", ref).replace("STATE", str(tmp_path)))
+    problems = _full_problems(path)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{path}:6:30: exporters.otlp/tempo.sending_queue.storage: {message}")
+    assert ("list it in service.extensions" in problems[0]) == ref.startswith("storage/")
+
+
+def test_a_storage_reference_to_an_extension_not_in_the_service_is_an_error(tmp_path):
+    text = TWO_STORAGES.replace("REF", "storage/b").replace("[storage/a, storage/b]", "[storage/a]").replace("STATE", str(tmp_path))
+    path = write(tmp_path, text)
+    errors = [p for p in _full_problems(path) if ": warning: " not in p]
+    assert errors == [
+        f"{path}:6:30: exporters.otlp/tempo.sending_queue.storage: storage extension 'storage/b' is defined but not "
+        "listed in service.extensions, so it does not run: add it there",
+    ]
+
+
+def test_an_extension_reference_must_name_an_extension_of_its_type(tmp_path):
+    from tapio.component import Factory, Kind, Registry, default_registry
+
+    @dataclass(frozen=True, kw_only=True)
+    class _Other:
+        pass
+
+    class _Ext:
+        async def run(self, *, task_status):  # pragma: no cover - never started
+            task_status.started(None)
+
+    registry = Registry([*default_registry().all(), Factory(
+        type="other", kind=Kind.EXTENSION, config_class=_Other, signals=frozenset(), create=lambda s, c, p: _Ext(), description="test",
+    )])
+    text = TWO_STORAGES.replace("REF", "other").replace("storage/b: {path: STATE/b.db}", "other: {}").replace(
+        "[storage/a, storage/b]", "[storage/a, other]").replace("STATE", str(tmp_path))
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config([path], registry, env={})
+    assert [str(p) for p in e.value.errors] == [
+        f"{path}:6:30: exporters.otlp/tempo.sending_queue.storage: extension 'other' is of type 'other', "
+        f"not a storage extension (defined: storage/a)"
+    ]

@@ -379,3 +379,67 @@ def test_default_pipelines_yaml_validates_and_graphs():
     assert "examples:" in res.stdout
     res = run_cli("--version")
     assert res.stdout.startswith("tapio ")
+
+
+def test_an_exporter_queues_into_the_storage_extension_it_names(tmp_path):
+    """With two storage extensions, `sending_queue.storage: storage/b` writes b's file, never a's."""
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+
+    from tapio.storage import Storage
+
+    http, metrics_port = free_port(), free_port()
+    cfg = tmp_path / "pipelines.yaml"
+    cfg.write_text(f"""
+receivers:
+  otlp: {{acknowledge: delivered, protocols: {{http: {{endpoint: "127.0.0.1:{http}"}}}}}}
+exporters:
+  otlphttp:
+    endpoint: http://127.0.0.1:1
+    retry_on_failure: {{initial_interval: 1s}}
+    sending_queue: {{storage: storage/b}}
+extensions:
+  storage/a: {{path: "{tmp_path}/a.db"}}
+  storage/b: {{path: "{tmp_path}/b.db"}}
+service:
+  extensions: [storage/a, storage/b]
+  pipelines:
+    logs: {{receivers: [otlp], exporters: [otlphttp]}}
+  telemetry: {{metrics: {{address: "127.0.0.1:{metrics_port}"}}}}
+""")
+    req = ExportLogsServiceRequest()
+    req.resource_logs.add().scope_logs.add().log_records.add().body.string_value = "kept in b"
+    with TapioProcess([cfg], metrics_port=metrics_port) as t:
+        t.wait_ready()
+        r = httpx.post(f"http://127.0.0.1:{http}/v1/logs", content=req.SerializeToString(),
+                       headers={"content-type": "application/x-protobuf"}, timeout=10)
+        assert r.status_code == 200, r.text  # acknowledged: on disk in the queue
+        t.signal(signal.SIGTERM)
+        assert t.wait_exit(timeout=60) == 0, t.stderr
+        assert "in storage storage/b" in t.stderr
+    with Storage.open(tmp_path / "a.db") as a, Storage.open(tmp_path / "b.db") as b:
+        assert a.queue_sizes() == {}
+        assert b.queue_sizes() == {"exporter/otlphttp": (1, b.queue_sizes()["exporter/otlphttp"][1])}
+        (item,) = b.queue("exporter/otlphttp").peek(1)
+        assert b"kept in b" in item[1]
+
+
+def test_a_misspelled_storage_reference_fails_validate_naming_file_and_line(tmp_path):
+    cfg = tmp_path / "pipelines.yaml"
+    cfg.write_text("""\
+receivers:
+  otlp: {}
+exporters:
+  otlphttp:
+    endpoint: http://127.0.0.1:1
+    sending_queue: {storage: storagee}
+extensions:
+  storage: {}
+service:
+  extensions: [storage]
+  pipelines:
+    logs: {receivers: [otlp], exporters: [otlphttp]}
+""")
+    res = run_cli("validate", "-c", str(cfg))
+    assert res.returncode == 2
+    assert f"{cfg}:6:30: exporters.otlphttp.sending_queue.storage: storage extension 'storagee' is not defined in extensions; did you mean 'storage'?" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -108,7 +108,7 @@ class Exporter:
             kind=Kind.EXPORTER,
             telemetry=self.telemetry.for_component("exporter", f"{self.factory.type}/test"),
             logger=logging.getLogger("test.otlp_exporter"),
-            storage=(lambda: storage) if storage is not None else None,
+            extensions={ComponentID("storage"): storage} if storage is not None else {},
             shutdown_grace=grace,
         )
         self.send, recv = trio.open_memory_channel[Batch](4)
@@ -158,7 +158,7 @@ def test_config_defaults_are_the_collectors():
         True, 5.0, 30.0, 300.0, 1.5, 0.5,
     )
     q = g.sending_queue
-    assert (q.enabled, q.num_consumers, q.queue_size, q.storage) == (True, 10, 1000, "")
+    assert (q.enabled, q.num_consumers, q.queue_size, q.storage) == (True, 10, 1000, None)
     assert h.encoding == "proto" and h.tls.min_version == "1.2"
 
 
@@ -579,7 +579,7 @@ async def test_unqueued_batch_in_hand_gets_a_last_attempt_within_the_grace_on_ca
 async def test_storage_queue_needs_the_storage_extension():
     async with open_otlp_sink(http_server=False) as sink:
         ex = Exporter("grpc", {**endpoint_for("grpc", sink), "sending_queue": {"storage": "storage"}})
-        with pytest.raises(RuntimeError, match="no storage extension is running.*service.extensions"):
+        with pytest.raises(LookupError, match="storage extension 'storage' is not running.*service.extensions"):
             await ex.component.run()
 
 
@@ -654,7 +654,7 @@ def _shown(default: Any) -> str:
         return str(default).lower()
     if isinstance(default, dict):
         return "{}"
-    return '""' if default == "" else str(default)
+    return '""' if default is None or default == "" else str(default)
 
 
 @pytest.mark.parametrize("factory", [grpc_factory, http_factory], ids=lambda f: f.type)

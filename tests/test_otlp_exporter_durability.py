@@ -122,7 +122,7 @@ CHILD = textwrap.dedent(
         })
         settings = Settings(id=ComponentID("otlp"), kind=Kind.EXPORTER,
                             telemetry=Telemetry().for_component("exporter", "otlp"),
-                            logger=logging.getLogger("child"), storage=lambda: storage)
+                            logger=logging.getLogger("child"), extensions={ComponentID("storage"): storage})
         send, recv = trio.open_memory_channel(4)
         exporter = grpc_factory.create(settings, cfg, Ports(input=recv))
         async with trio.open_nursery() as nursery:

@@ -231,14 +231,13 @@ async def _run(cfg: Any, registry: Registry, debug: bool) -> int:
                 factory = registry.get(Kind.EXTENSION, eid.type)
                 ext = _create_extension(factory, eid, cfg.extensions[eid], telemetry)
                 extensions[eid] = await nursery.start(ext.run)
-            storage_obj = next((v for k, v in extensions.items() if k.type == "storage"), None)
             service = Service(
                 pipelines=svc_cfg.pipelines,
                 components={Kind.RECEIVER: cfg.receivers, Kind.PROCESSOR: cfg.processors, Kind.EXPORTER: cfg.exporters},
                 registry=registry,
                 telemetry=telemetry,
                 options=options,
-                storage=(lambda: storage_obj) if storage_obj is not None else None,
+                extensions=extensions,
             )
             metrics_port = None
             if svc_cfg.telemetry.metrics.address:

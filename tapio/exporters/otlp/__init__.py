@@ -32,7 +32,7 @@ def _queue_summary(config: GrpcExporterConfig | HttpExporterConfig) -> str:
     q = config.sending_queue
     if not q.enabled:
         return "no queue"
-    where = f"in storage {q.storage}" if q.storage else "in memory"
+    where = f"in storage {q.storage}" if q.storage is not None else "in memory"
     return f"queue {q.queue_size} {where}, {q.num_consumers} consumers"
 
 

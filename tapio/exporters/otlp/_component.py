@@ -100,8 +100,8 @@ class OtlpExporter:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Send until the input ends (then drain) or until cancelled (then flush within the grace).
 
-        Startup raises RuntimeError when ``sending_queue.storage`` is set but
-        no storage extension runs, and OSError for unreadable TLS files.
+        Startup raises LookupError when ``sending_queue.storage`` names a
+        storage extension that does not run, and OSError for unreadable TLS files.
         """
         qcfg = self.config.sending_queue
         assert self.ports.input is not None, "an exporter needs an input channel"
@@ -124,14 +124,9 @@ class OtlpExporter:
 
     async def _open_queue(self) -> MemoryQueue | StorageQueue:
         qcfg = self.config.sending_queue
-        if not qcfg.storage:
+        if qcfg.storage is None:
             return MemoryQueue(qcfg.queue_size)
-        if self.settings.storage is None:
-            raise RuntimeError(
-                f"sending_queue.storage names {qcfg.storage!r}, but no storage extension is running: add "
-                f"`extensions: {{{qcfg.storage}: {{}}}}` and list {qcfg.storage!r} under service.extensions"
-            )
-        storage = self.settings.storage()
+        storage = self.settings.storage(qcfg.storage)
         name = f"exporter/{self.settings.id}"
         durable = await storage.run_sync(lambda: storage.queue(name, max_items=qcfg.queue_size))
         if len(durable):

@@ -16,7 +16,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Literal
 
-from tapio.component import setting
+from tapio.component import StorageRef, setting
 from tapio.units import Duration
 
 TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
@@ -144,8 +144,8 @@ class QueueConfig:
     )
     num_consumers: int = setting(10, doc="Batches sent at once (concurrent requests).")
     queue_size: int = setting(1000, doc="Most batches the queue holds (in memory or on disk).")
-    storage: str = setting(
-        "",
+    storage: StorageRef | None = setting(
+        None,
         doc="The id of a storage extension (listed in `service.extensions`, e.g. `storage`) to keep the queue in, "
         "so it survives a restart or crash of tapio; empty keeps it in memory.",
     )
@@ -158,20 +158,18 @@ class QueueConfig:
     @property
     def durable(self) -> bool:
         """Whether what the queue holds survives a crash (kept in storage)."""
-        return self.enabled and bool(self.storage)
+        return self.enabled and self.storage is not None
 
     def validate(self, prefix: str = "sending_queue") -> list[str]:
         problems: list[str] = []
         if not self.enabled:
-            if self.storage:
+            if self.storage is not None:
                 problems.append(f"{prefix}.storage: needs the queue enabled (sending_queue.enabled: true)")
             return problems
         if self.num_consumers < 1:
             problems.append(f"{prefix}.num_consumers: must be at least 1, got {self.num_consumers}")
         if self.queue_size < 1:
             problems.append(f"{prefix}.queue_size: must be at least 1, got {self.queue_size}")
-        if self.storage and self.storage.strip() != self.storage:
-            problems.append(f"{prefix}.storage: must not start or end with spaces ({self.storage!r})")
         return problems
 
 
