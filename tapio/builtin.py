@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tapio.component import Factory
+from tapio.component import Factory, Registry
 from tapio.exporters.debug import factory as debug_exporter
 from tapio.exporters.file import factory as file_exporter
 from tapio.exporters.otlp import grpc_factory as otlp_exporter
@@ -30,3 +30,8 @@ FACTORIES: list[Factory] = [
     # extensions
     storage,
 ]
+
+
+def default_registry() -> Registry:
+    """Every component type that ships with tapio."""
+    return Registry(FACTORIES)

@@ -20,7 +20,7 @@ import enum
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Protocol
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Protocol, runtime_checkable
 
 import trio
 
@@ -156,6 +156,60 @@ class Consumer(Protocol):
         """Hand a batch on or raise `trio.WouldBlock` (for sources that cannot wait, which count the refusal)."""
 
 
+class Stage(Consumer, Protocol):
+    """The runtime's view of the entry to a stage: a `Consumer` it can also ask and close."""
+
+    def has_room(self) -> bool:
+        """Whether `send_nowait` would find room now (every target of a fan-out has some)."""
+
+    def admit(self, batch: Batch) -> None:
+        """Raise `Refused` if the stage will not take ``batch`` (asked before it is handed on)."""
+
+    async def aclose(self) -> None:
+        """End of stream: nothing more is sent through this entry."""
+
+
+# --- optional capabilities: what a component or config may declare, found with isinstance
+
+
+@runtime_checkable
+class Admits(Protocol):
+    """A processor that may refuse input before it enters its channel (e.g. a memory limiter over its limit)."""
+
+    def admit(self, batch: Batch) -> None:
+        """Raise `Refused` to refuse ``batch``; the refusal reaches the receiver, which can ask its client to retry."""
+
+
+@runtime_checkable
+class Listens(Protocol):
+    """A running component that bound sockets: the start banner shows what it bound (port 0 picks one)."""
+
+    @property
+    def bound_endpoints(self) -> Mapping[str, str]:
+        """Config key path (``endpoint``, ``protocols.grpc.endpoint``) → the ``host:port`` bound."""
+
+
+@runtime_checkable
+class QueuesDurably(Protocol):
+    """An exporter config that can say whether what the exporter accepted survives a crash (kept in storage)."""
+
+    @property
+    def queues_durably(self) -> bool: ...
+
+
+@runtime_checkable
+class AcknowledgesBeforeDelivery(Protocol):
+    """A receiver config that can answer its clients before export.
+
+    ``acknowledges_before_delivery`` is the config key that changes it
+    (e.g. ``acknowledge``) while it does, None when it acknowledges only
+    what is delivered or durably queued.
+    """
+
+    @property
+    def acknowledges_before_delivery(self) -> str | None: ...
+
+
 @dataclass(kw_only=True)
 class Ports:
     """A component's connections, owned by the runtime."""
@@ -247,13 +301,6 @@ class Registry:
 
     def all(self) -> list[Factory]:
         return sorted(self._factories.values(), key=lambda f: (list(Kind).index(f.kind), f.type))
-
-
-def default_registry() -> Registry:
-    """Every component type that ships with tapio."""
-    from tapio import builtin
-
-    return Registry(builtin.FACTORIES)
 
 
 def config_problems(config: Any) -> list[str]:

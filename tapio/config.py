@@ -41,11 +41,13 @@ from tapio._yamlnodes import (
     to_python,
 )
 from tapio.component import (
+    AcknowledgesBeforeDelivery,
     ComponentID,
     ExtensionRef,
     Factory,
     Kind,
     PipelineID,
+    QueuesDurably,
     Registry,
     config_problems,
     describe_signals,
@@ -899,9 +901,9 @@ def _warn_acknowledged_but_not_durable(service: ServiceConfig, defined: dict[Kin
     The storage queue makes what reached the exporter survive a crash, but
     what the receiver acknowledged and the pipeline still holds (channels,
     the batch processor) is lost: the user most likely wants the receiver to
-    acknowledge on delivery. Components opt in by duck typing: a receiver
-    config's ``acknowledges_before_delivery`` (the key to change, or None),
-    an exporter config's ``queues_durably``.
+    acknowledge on delivery. Components opt in by declaring the capability:
+    a receiver config `AcknowledgesBeforeDelivery`, an exporter config
+    `QueuesDurably`.
     """
     def config_of(kind: Kind, cid: ComponentID) -> Any:
         d = defined[kind].get(cid)
@@ -909,12 +911,13 @@ def _warn_acknowledged_but_not_durable(service: ServiceConfig, defined: dict[Kin
 
     warned: set[ComponentID] = set()
     for pid, pipeline in sorted(service.pipelines.items()):
-        durable = [e for e in pipeline.exporters if getattr(config_of(Kind.EXPORTER, e), "queues_durably", False) is True]
+        durable = [e for e in pipeline.exporters if isinstance(c := config_of(Kind.EXPORTER, e), QueuesDurably) and c.queues_durably]
         if not durable:
             continue
         for rid in pipeline.receivers:
-            key = getattr(config_of(Kind.RECEIVER, rid), "acknowledges_before_delivery", None)
-            if not isinstance(key, str) or rid in warned:
+            rc = config_of(Kind.RECEIVER, rid)
+            key = rc.acknowledges_before_delivery if isinstance(rc, AcknowledgesBeforeDelivery) else None
+            if key is None or rid in warned:
                 continue
             warned.add(rid)
             d = defined[Kind.RECEIVER][rid]

@@ -24,15 +24,19 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import signal
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import trio
 
-from tapio.component import ComponentID, Factory, Kind, PipelineID, Ports, Refused, Registry, Settings
+from tapio.component import Admits, ComponentID, Factory, Kind, PipelineID, Ports, Refused, Registry, Settings, Stage
 from tapio.graph import Graph, Node, build_graph
 from tapio.pdata import Batch, DoneCountdown, Signal
-from tapio.telemetry import Telemetry
+from tapio.telemetry import ComponentTelemetry, Telemetry
+
+if TYPE_CHECKING:
+    from tapio.config import Config
 
 log = logging.getLogger("tapio.service")
 
@@ -49,6 +53,10 @@ class ComponentStartError(Exception):
         self.node = node
         self.cause = cause
         super().__init__(f"{node.kind.value} {node.id}{_in_pipeline(node)} failed to start: {_describe(cause)}")
+
+
+class StartupError(Exception):
+    """Something the runtime itself starts (an extension, the self-telemetry server) failed to start."""
 
 
 class ComponentFailedError(Exception):
@@ -133,7 +141,7 @@ class FanoutConsumer:
     (cancelled) reports the shares it did not hand on as not delivered.
     """
 
-    def __init__(self, consumers: list[Any], signals: frozenset[Signal], mutating: list[bool] | None = None, on_enter: Callable[[Batch], None] | None = None) -> None:
+    def __init__(self, consumers: list[Stage], signals: frozenset[Signal], mutating: list[bool] | None = None, on_enter: Callable[[Batch], None] | None = None) -> None:
         self._consumers = consumers
         self.signals = signals
         self._mutating = mutating or [False] * len(consumers)
@@ -200,12 +208,12 @@ class FanoutConsumer:
 class ReceiverConsumer:
     """A receiver's output: routes batches by signal to its pipelines; counts accepted and refused items."""
 
-    def __init__(self, routes: dict[Signal, Any], telemetry) -> None:
+    def __init__(self, routes: dict[Signal, Stage], telemetry: ComponentTelemetry) -> None:
         self._routes = routes
         self.signals = frozenset(routes)
         self._tel = telemetry
 
-    def _route(self, batch: Batch):
+    def _route(self, batch: Batch) -> Stage:
         route = self._routes.get(batch.signal)
         if route is None:
             self._tel.signal_add("receiver_refused", batch.signal, batch.count)
@@ -249,8 +257,10 @@ class _Instance:
     restarts: int = 0
     #: the component object currently running (replaced on restart)
     component: Any = None
+    #: its `Admits.admit`, when it declares one
+    admit: Callable[[Batch], None] | None = None
     #: closed by the supervisor after the component's run returned normally
-    close_after: list[Any] = field(default_factory=list)
+    close_after: list[Stage] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -296,7 +306,7 @@ class Service:
         self._shutdown = trio.Event()
         self._ready = False
         self._stopping = False
-        self._pipeline_entries: list[Any] = []
+        self._pipeline_entries: list[Stage] = []
 
     # -- health, for /healthz and /readyz
 
@@ -315,6 +325,16 @@ class Service:
     def shutdown(self) -> None:
         """Begin a graceful shutdown: stop receivers, drain the rest."""
         self._shutdown.set()
+
+    def running(self) -> dict[tuple[Kind, ComponentID], Any]:
+        """The started receivers and exporters by ``(kind, id)`` (for the start banner: the ports they bound)."""
+        out: dict[tuple[Kind, ComponentID], Any] = {}
+        for kind, nodes in ((Kind.RECEIVER, self.graph.receivers), (Kind.EXPORTER, self.graph.exporters)):
+            for cid, node in nodes.items():
+                inst = self.instances.get(node.key)
+                if inst is not None and inst.component is not None:
+                    out[(kind, cid)] = inst.component
+        return out
 
     # -- wiring
 
@@ -338,13 +358,13 @@ class Service:
             exporters.append(inst)
 
         processors: list[_Instance] = []
-        entries: dict[PipelineID, Any] = {}
+        entries: dict[PipelineID, Stage] = {}
         mutating: dict[PipelineID, bool] = {}
         for pid, p in sorted(self.graph.pipelines.items()):
             sig = frozenset({p.signal})
             # The tail: fan in to each exporter through a clone of its channel.
             tail_parts = [ChannelConsumer(exporter_sends[e.id].clone(), sig) for e in p.exporters]
-            downstream: Any = tail_parts[0] if len(tail_parts) == 1 else FanoutConsumer(tail_parts, sig)
+            downstream: Stage = tail_parts[0] if len(tail_parts) == 1 else FanoutConsumer(tail_parts, sig)
             pipeline_mutates = False
             for node in reversed(p.processors):
                 factory, cfg = self._factory(node)
@@ -370,7 +390,7 @@ class Service:
         receivers: list[_Instance] = []
         for rid, node in sorted(self.graph.receivers.items()):
             factory, cfg = self._factory(node)
-            routes: dict[Signal, Any] = {}
+            routes: dict[Signal, Stage] = {}
             by_signal: dict[Signal, list[PipelineID]] = {}
             for pid, p in sorted(self.graph.pipelines.items()):
                 if any(r.id == rid for r in p.receivers):
@@ -457,6 +477,7 @@ class Service:
             try:
                 component = inst.factory.create(self._settings(inst), inst.config, inst.ports)
                 inst.component = component
+                inst.admit = component.admit if isinstance(component, Admits) else None
                 async with trio.open_nursery() as n:
                     await n.start(component.run)
                     inst.status = "running"
@@ -496,15 +517,14 @@ class Service:
 
 def _admit(inst: _Instance, batch: Batch) -> None:
     """Ask the running instance (looked up now, so a restarted one is asked) to admit a batch."""
-    admit = getattr(inst.component, "admit", None)
-    if admit is not None:
-        admit(batch)
+    if inst.admit is not None:
+        inst.admit(batch)
 
 
 class _Shared:
     """A pipeline entry shared by several receivers: never closed by them (the service closes entries)."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Stage) -> None:
         self._inner = inner
         self.signals = inner.signals
 
@@ -527,7 +547,7 @@ class _Shared:
 class _CountingConsumer:
     """A processor's output: asks the next stage to admit each batch, hands it on, calls ``count``."""
 
-    def __init__(self, inner: Any, count: Callable[[Batch], None]) -> None:
+    def __init__(self, inner: Stage, count: Callable[[Batch], None]) -> None:
         self._inner = inner
         self._count = count
         self.signals = inner.signals
@@ -560,3 +580,118 @@ class _CountingConsumer:
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+# ---------------------------------------------------------------- a whole configuration
+
+
+@dataclass(frozen=True)
+class Started:
+    """What `run_config` reports once everything runs and listens."""
+
+    service: Service
+    #: the started extensions by id
+    extensions: Mapping[ComponentID, Any]
+    #: the port the self-telemetry server bound (None when it is off)
+    metrics_port: int | None
+
+
+def runtime_options(cfg: "Config") -> RuntimeOptions:
+    svc = cfg.service
+    return RuntimeOptions(
+        shutdown_timeout=float(svc.shutdown_timeout),
+        on_component_failure=svc.on_component_failure,
+        restart_initial=float(svc.restart_backoff.initial),
+        restart_max=float(svc.restart_backoff.max),
+    )
+
+
+async def run_config(
+    cfg: "Config",
+    registry: Registry,
+    *,
+    telemetry: Telemetry | None = None,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[Started] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a loaded configuration: extensions, the pipelines, self-telemetry; until told to stop.
+
+    Start order: the extensions in ``service.extensions`` order, the
+    self-telemetry server (so /healthz and /readyz answer during startup),
+    then the pipelines (`Service.run`); `Started` is reported once all of
+    them run, so the ports components report are the bound ones. With
+    ``handle_signals``, the first SIGINT/SIGTERM begins a graceful shutdown
+    (receivers stop, pipelines drain) and a second stops at once; cancelling
+    this call stops at once too. Returns after the pipelines drained; the
+    extensions stop last, so what draining writes to storage still lands.
+
+    Raises `StartupError` when an extension or the self-telemetry server
+    cannot start, and what `Service.run` raises.
+    """
+    from tapio import selftelemetry
+    from tapio.units import parse_listen_address
+
+    telemetry = telemetry if telemetry is not None else Telemetry()
+    svc_cfg = cfg.service
+    async with trio.open_nursery() as nursery:
+        extensions: dict[ComponentID, Any] = {}
+        for eid in svc_cfg.extensions:
+            extensions[eid] = await _start_extension(nursery, registry, eid, cfg.extensions[eid], telemetry)
+        service = Service(
+            pipelines=svc_cfg.pipelines,
+            components={Kind.RECEIVER: cfg.receivers, Kind.PROCESSOR: cfg.processors, Kind.EXPORTER: cfg.exporters},
+            registry=registry,
+            telemetry=telemetry,
+            options=runtime_options(cfg),
+            extensions=extensions,
+        )
+        metrics_port = None
+        if svc_cfg.telemetry.metrics.address:
+            # first, so /healthz and /readyz answer while the components start
+            host, port = parse_listen_address(svc_cfg.telemetry.metrics.address)
+            health = selftelemetry.Health(lambda: service.ready, service.failing)
+            try:
+                metrics_port = await nursery.start(selftelemetry.serve, telemetry, health, host, port)
+            except OSError as e:
+                raise StartupError(f"self-telemetry cannot listen on {host}:{port}: {e.strerror or e}") from e
+        if handle_signals:
+            nursery.start_soon(_watch_signals, service, nursery.cancel_scope)
+        await nursery.start(_run_service, service, nursery.cancel_scope)
+        task_status.started(Started(service, extensions, metrics_port))
+
+
+async def _start_extension(nursery: trio.Nursery, registry: Registry, eid: ComponentID, config: Any, telemetry: Telemetry) -> Any:
+    factory = registry.get(Kind.EXTENSION, eid.type)
+    if factory is None:
+        raise LookupError(f"no extension factory for type {eid.type!r}")
+    settings = Settings(
+        id=eid,
+        kind=Kind.EXTENSION,
+        telemetry=telemetry.for_component("extension", str(eid)),
+        logger=logging.getLogger(f"tapio.extension.{eid}"),
+    )
+    try:
+        return await nursery.start(factory.create(settings, config, Ports()).run)
+    except Exception as exc:
+        raise StartupError(f"extension {eid} failed to start: {_describe(exc)}") from exc
+
+
+async def _run_service(service: Service, cancel_scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the pipelines; once they drained, stop what else runs beside them (signals, self-telemetry, extensions)."""
+    await service.run(task_status=task_status)
+    log.info("stopped")
+    cancel_scope.cancel()
+
+
+async def _watch_signals(service: Service, cancel_scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        count = 0
+        async for signum in signals:
+            count += 1
+            if count == 1:
+                log.info("received %s: shutting down (send it again to stop at once)", signal.Signals(signum).name)
+                service.shutdown()
+            else:
+                log.warning("received %s again: stopping at once", signal.Signals(signum).name)
+                cancel_scope.cancel()
+                return

@@ -1106,7 +1106,7 @@ service:
     ],
 )
 def test_acknowledging_before_delivery_in_front_of_a_storage_queue_is_a_warning(tmp_path, ack, queue, warned):
-    from tapio.component import default_registry
+    from tapio.builtin import default_registry
 
     path = write(tmp_path, DURABLE.replace("{ACK}", ack).replace("{QUEUE}", queue).replace("STATE", str(tmp_path)))
     cfg = load_config([path], default_registry(), env={})
@@ -1138,7 +1138,7 @@ service:
 
 
 def _full_problems(path: str) -> list[str]:
-    from tapio.component import default_registry
+    from tapio.builtin import default_registry
 
     with pytest.raises(ConfigError) as info:
         load_config([path], default_registry(), env={})
@@ -1146,7 +1146,8 @@ def _full_problems(path: str) -> list[str]:
 
 
 def test_a_storage_reference_names_the_extension_it_decodes_to(tmp_path):
-    from tapio.component import StorageRef, default_registry
+    from tapio.builtin import default_registry
+    from tapio.component import StorageRef
 
     path = write(tmp_path, TWO_STORAGES.replace("REF", "storage/b").replace("STATE", str(tmp_path)))
     cfg = load_config([path], default_registry(), env={})
@@ -1182,7 +1183,8 @@ def test_a_storage_reference_to_an_extension_not_in_the_service_is_an_error(tmp_
 
 
 def test_an_extension_reference_must_name_an_extension_of_its_type(tmp_path):
-    from tapio.component import Factory, Kind, Registry, default_registry
+    from tapio.builtin import default_registry
+    from tapio.component import Factory, Kind, Registry
 
     @dataclass(frozen=True, kw_only=True)
     class _Other:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tapio.component import default_registry
+from tapio.builtin import default_registry
 from tapio.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,8 @@ import httpx
 import pytest
 import trio
 
-from tapio.component import ComponentID, Kind, Ports, Refused, Settings, default_registry
+from tapio.builtin import default_registry
+from tapio.component import ComponentID, Kind, Ports, Refused, Settings
 from tapio.config import decode_dataclass
 from tapio.pdata import Batch, Signal
 from tapio.processors.memory_limiter import MIB, Limits, MemoryLimiter, MemoryLimiterConfig, cgroup_memory_limit, factory, read_rss

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from tapio.component import Kind, Ports, Settings, default_registry
+from tapio.builtin import default_registry
+from tapio.component import Kind, Ports, Settings
 from tapio.config import config_fields, decode_dataclass
 from tapio.pdata import Batch, Signal
 from tapio.telemetry import Telemetry

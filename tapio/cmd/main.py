@@ -13,7 +13,6 @@ import dataclasses
 import errno
 import logging
 import os
-import signal
 import sys
 import textwrap
 from typing import Any, Mapping, Sequence
@@ -21,7 +20,8 @@ from typing import Any, Mapping, Sequence
 import trio
 
 from tapio import __version__
-from tapio.component import Kind, Registry, default_registry, describe_signals
+from tapio.builtin import default_registry
+from tapio.component import Kind, Listens, Registry, describe_signals
 from tapio.units import parse_listen_address
 
 EXAMPLES = """\
@@ -193,7 +193,7 @@ def with_bound_ports(config: Any, component: Any) -> Any:
     config key paths (``endpoint``, ``protocols.grpc.endpoint``) to the
     ``host:port`` it bound. The config is returned unchanged where there is none.
     """
-    bound = getattr(component, "bound_endpoints", None)
+    bound = component.bound_endpoints if isinstance(component, Listens) else None
     if not bound or not dataclasses.is_dataclass(config):
         return config
     for path, endpoint in bound.items():
@@ -211,100 +211,19 @@ def _replace_path(obj: Any, keys: list[str], value: Any) -> Any:
 
 
 async def _run(cfg: Any, registry: Registry, debug: bool) -> int:
-    from tapio import selftelemetry
-    from tapio.service import RuntimeOptions, Service
-    from tapio.telemetry import Telemetry
+    from tapio.service import run_config
 
-    telemetry = Telemetry()
-    svc_cfg = cfg.service
-    options = RuntimeOptions(
-        shutdown_timeout=float(svc_cfg.shutdown_timeout),
-        on_component_failure=svc_cfg.on_component_failure,
-        restart_initial=float(svc_cfg.restart_backoff.initial),
-        restart_max=float(svc_cfg.restart_backoff.max),
-    )
-    status = 0
     try:
         async with trio.open_nursery() as nursery:
-            extensions = {}
-            for eid in svc_cfg.extensions:
-                factory = registry.get(Kind.EXTENSION, eid.type)
-                ext = _create_extension(factory, eid, cfg.extensions[eid], telemetry)
-                extensions[eid] = await nursery.start(ext.run)
-            service = Service(
-                pipelines=svc_cfg.pipelines,
-                components={Kind.RECEIVER: cfg.receivers, Kind.PROCESSOR: cfg.processors, Kind.EXPORTER: cfg.exporters},
-                registry=registry,
-                telemetry=telemetry,
-                options=options,
-                extensions=extensions,
-            )
-            metrics_port = None
-            if svc_cfg.telemetry.metrics.address:
-                host, port = parse_listen_address(svc_cfg.telemetry.metrics.address)
-                health = selftelemetry.Health(lambda: service.ready, service.failing)
-                try:
-                    metrics_port = await nursery.start(selftelemetry.serve, telemetry, health, host, port)
-                except OSError as e:
-                    raise _StartupError(f"self-telemetry cannot listen on {host}:{port}: {e.strerror or e}") from e
-            nursery.start_soon(_watch_signals, service, nursery.cancel_scope)
-            await nursery.start(_serve, service, nursery.cancel_scope)
+            started = await nursery.start(run_config, cfg, registry)
             # printed once everything listens, so the ports shown are the ones bound
-            for line in banner_lines(cfg, registry, metrics_port, _running(service)):
+            for line in banner_lines(cfg, registry, started.metrics_port, started.service.running()):
                 print(line, file=sys.stderr, flush=True)
     except BaseExceptionGroup as group:
-        status = _report_failures(group, debug)
-    except (Exception,) as exc:  # a single leaf (non-strict paths)
-        status = _report_failures(BaseExceptionGroup("", [exc]), debug)
-    return status
-
-
-async def _serve(service: Any, cancel_scope: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run the service (started once every component is), then stop everything else."""
-    await service.run(task_status=task_status)
-    log.info("stopped")
-    cancel_scope.cancel()
-
-
-def _running(service: Any) -> dict[tuple[Kind, Any], Any]:
-    """The started receivers and exporters by ``(kind, id)``, for the banner."""
-    out: dict[tuple[Kind, Any], Any] = {}
-    for kind, nodes in ((Kind.RECEIVER, service.graph.receivers), (Kind.EXPORTER, service.graph.exporters)):
-        for cid, node in nodes.items():
-            inst = service.instances.get(node.key)
-            if inst is not None and inst.component is not None:
-                out[(kind, cid)] = inst.component
-    return out
-
-
-class _StartupError(Exception):
-    pass
-
-
-def _create_extension(factory, eid, config, telemetry):
-    from tapio.component import Ports, Settings
-
-    settings = Settings(
-        id=eid,
-        kind=Kind.EXTENSION,
-        telemetry=telemetry.for_component("extension", str(eid)),
-        logger=logging.getLogger(f"tapio.extension.{eid}"),
-    )
-    return factory.create(settings, config, Ports())
-
-
-async def _watch_signals(service: Any, cancel_scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        count = 0
-        async for signum in signals:
-            count += 1
-            if count == 1:
-                log.info("received %s: shutting down (send it again to stop at once)", signal.Signals(signum).name)
-                service.shutdown()
-            else:
-                log.warning("received %s again: stopping at once", signal.Signals(signum).name)
-                cancel_scope.cancel()
-                return
+        return _report_failures(group, debug)
+    except Exception as exc:  # a single leaf (non-strict paths)
+        return _report_failures(BaseExceptionGroup("", [exc]), debug)
+    return 0
 
 
 def _leaves(exc: BaseException):
