@@ -21,7 +21,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from tapio.exporters.prometheus._render import go_float, render_text
-from tapio.exporters.prometheus._state import COUNTER, GAUGE, HISTOGRAM, MetricsState
+from tapio.exporters.prometheus._state import MetricsState
+from tapio.promtext import COUNTER, GAUGE, HISTOGRAM
 
 BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 #: series per metric name: like a real node, many names with moderate cardinality

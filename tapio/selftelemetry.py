@@ -18,37 +18,30 @@ from typing import Any, Callable
 
 import trio
 
+from tapio.promtext import escape_help, escape_label_value, format_float
 from tapio.telemetry import Telemetry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def _escape_label(v: str) -> str:
-    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _escape_help(v: str) -> str:
-    return v.replace("\\", "\\\\").replace("\n", "\\n")
+#: whole values below this are written without a fraction (``5``, not ``5.0``); floats are exact up to 2**53
+_WHOLE_BELOW = 1e15
 
 
 def _format_value(v: float) -> str:
-    if v != v:
-        return "NaN"
-    if v in (float("inf"), float("-inf")):
-        return "+Inf" if v > 0 else "-Inf"
-    if float(v).is_integer() and abs(v) < 1e15:
+    if v == v and abs(v) < _WHOLE_BELOW and float(v).is_integer():
         return str(int(v))
-    return repr(float(v))
+    return format_float(float(v))
 
 
 def render_prometheus(telemetry: Telemetry) -> str:
     out: list[str] = []
     for name, info, series in telemetry.collect():
-        out.append(f"# HELP {name} {_escape_help(info.help)}")
+        out.append(f"# HELP {name} {escape_help(info.help)}")
         out.append(f"# TYPE {name} {info.kind}")
         for labels, value in series:
             if labels:
-                lab = ",".join(f'{k}="{_escape_label(str(v))}"' for k, v in labels)
+                lab = ",".join(f'{k}="{escape_label_value(str(v))}"' for k, v in labels)
                 out.append(f"{name}{{{lab}}} {_format_value(value)}")
             else:
                 out.append(f"{name} {_format_value(value)}")

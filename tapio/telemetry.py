@@ -20,9 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 from tapio.pdata import Signal
-
-COUNTER = "counter"
-GAUGE = "gauge"
+from tapio.promtext import COUNTER, GAUGE
 
 
 @dataclass(frozen=True, slots=True)

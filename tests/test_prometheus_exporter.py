@@ -29,7 +29,8 @@ from tapio.component import ComponentID, Kind, Ports, Settings
 from tapio.config import config_fields, decode_dataclass
 from tapio.exporters.prometheus import Config, factory
 from tapio.exporters.prometheus._render import go_float, render_openmetrics, render_text
-from tapio.exporters.prometheus._state import MetricsState, label_name, metric_name
+from tapio.exporters.prometheus._state import MetricsState
+from tapio.promtext import label_name, metric_name
 from tapio.pdata import Batch, Signal
 from tapio.telemetry import Telemetry
 from tapio.testing import prereq

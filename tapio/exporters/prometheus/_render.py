@@ -18,7 +18,9 @@ Invariants:
 
 from __future__ import annotations
 
-from ._state import COUNTER, GAUGE, HISTOGRAM, SUMMARY, MetricsState, format_float
+from tapio.promtext import COUNTER, GAUGE, HISTOGRAM, SUMMARY, escape_help, format_float
+
+from ._state import MetricsState
 
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -56,13 +58,6 @@ def _om_float(v: float) -> str:
     return text
 
 
-def _escape_help(text: str, openmetrics: bool) -> str:
-    text = text.replace("\\", "\\\\").replace("\n", "\\n")
-    if openmetrics:
-        text = text.replace('"', '\\"')
-    return text
-
-
 def render_text(state: MetricsState, *, timestamps: bool = False) -> str:
     """The Prometheus text exposition format, version 0.0.4."""
     out: list[str] = []
@@ -75,7 +70,7 @@ def render_text(state: MetricsState, *, timestamps: bool = False) -> str:
         if not series:
             continue
         if family.help:
-            add(f"# HELP {name} {_escape_help(family.help, False)}\n")
+            add(f"# HELP {name} {escape_help(family.help, openmetrics=False)}\n")
         add(f"# TYPE {name} {family.kind}\n")
         kind = family.kind
         if kind == COUNTER or kind == GAUGE:
@@ -128,7 +123,7 @@ def render_openmetrics(state: MetricsState, *, timestamps: bool = False) -> str:
         # OpenMetrics names a counter family without _total; its sample keeps it.
         fname = name[:-6] if kind == COUNTER and name.endswith("_total") else name
         if family.help:
-            add(f"# HELP {fname} {_escape_help(family.help, True)}\n")
+            add(f"# HELP {fname} {escape_help(family.help, openmetrics=True)}\n")
         add(f"# TYPE {fname} {kind}\n")
         if kind == COUNTER:
             sample = fname + "_total"
