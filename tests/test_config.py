@@ -36,6 +36,7 @@ from tapio.config import (
 )
 from tapio.pdata import Batch, Signal
 from tapio.telemetry import Telemetry
+from tapio.testing.batches import log_batch
 from tapio.testing.components import (
     NopConfig,
     NopExporter,
@@ -1015,16 +1016,6 @@ def _settings(kind: Kind, telemetry: Telemetry) -> Settings:
     )
 
 
-def _one_log_batch() -> Batch:
-    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
-
-    request = ExportLogsServiceRequest()
-    scope = request.resource_logs.add().scope_logs.add()
-    scope.log_records.add().body.string_value = "hello"
-    scope.log_records.add().body.string_value = "world"
-    return Batch.of(Signal.LOGS, request)
-
-
 async def test_nop_receiver_runs_until_cancelled():
     receiver = nop_receiver_factory.create(_settings(Kind.RECEIVER, Telemetry()), NopConfig(), Ports())
     with trio.fail_after(10):
@@ -1042,7 +1033,7 @@ async def test_nop_processor_passes_batches_through():
     send, receive = trio.open_memory_channel[Batch](4)
     sink = RecordingConsumer()
     processor = nop_processor_factory.create(_settings(Kind.PROCESSOR, telemetry), NopConfig(), Ports(input=receive, output=sink))
-    batches = [_one_log_batch(), _one_log_batch()]
+    batches = [log_batch(["hello", "world"]), log_batch(["hello", "world"])]
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await nursery.start(processor.run)
@@ -1058,7 +1049,7 @@ async def test_nop_exporter_counts_batches_as_sent():
     telemetry = Telemetry()
     send, receive = trio.open_memory_channel[Batch](4)
     exporter = nop_exporter_factory.create(_settings(Kind.EXPORTER, telemetry), NopConfig(), Ports(input=receive))
-    batch = _one_log_batch()
+    batch = log_batch(["hello", "world"])
     delivered: list[bool] = []
     batch.on_done.append(delivered.append)
     with trio.fail_after(10):

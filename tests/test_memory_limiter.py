@@ -20,19 +20,12 @@ import trio
 from tapio.builtin import default_registry
 from tapio.component import ComponentID, Kind, Ports, Refused, Settings
 from tapio.config import decode_dataclass
-from tapio.pdata import Batch, Signal
+from tapio.pdata import Signal
 from tapio.processors.memory_limiter import MIB, Limits, MemoryLimiter, MemoryLimiterConfig, cgroup_memory_limit, factory, read_rss
 from tapio.telemetry import Telemetry
+from tapio.testing.batches import log_batch
 from tapio.testing.process import TapioProcess, free_port, metric_sum
 from tapio.testing.sink import RecordingConsumer
-
-
-def log_batch(n: int = 1) -> Batch:
-    req = Signal.LOGS.request_class()
-    sl = req.resource_logs.add().scope_logs.add()
-    for i in range(n):
-        sl.log_records.add().body.string_value = f"record {i}"
-    return Batch.of(Signal.LOGS, req)
 
 
 # ---------------------------------------------------------------- config and limits

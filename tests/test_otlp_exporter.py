@@ -35,6 +35,7 @@ from tapio.exporters.otlp._retry import (
 )
 from tapio.pdata import Batch, Signal
 from tapio.storage import Storage
+from tapio.testing.batches import log_batch, metric_batch, numbered, span_batch
 from tapio.telemetry import Telemetry
 from tapio.testing.otlpsink import OtlpSink, Reply, open_otlp_sink
 
@@ -42,31 +43,6 @@ TRANSPORTS = ["grpc", "http"]
 FAST_RETRY = {"initial_interval": "10ms", "max_interval": "50ms", "randomization_factor": 0}
 
 # ---------------------------------------------------------------- records
-
-
-def log_batch(start: int, n: int, stream: str = "s") -> Batch:
-    """``n`` log records whose bodies are ``stream:start`` … ``stream:start+n-1``."""
-    req = Signal.LOGS.request_class()
-    sl = req.resource_logs.add().scope_logs.add()
-    for i in range(start, start + n):
-        sl.log_records.add().body.string_value = f"{stream}:{i}"
-    return Batch.of(Signal.LOGS, req)
-
-
-def span_batch(n: int) -> Batch:
-    req = Signal.TRACES.request_class()
-    ss = req.resource_spans.add().scope_spans.add()
-    for i in range(n):
-        ss.spans.add(name=f"span{i}", trace_id=bytes(range(16)), span_id=bytes(range(8)))
-    return Batch.of(Signal.TRACES, req)
-
-
-def metric_batch(n: int) -> Batch:
-    req = Signal.METRICS.request_class()
-    m = req.resource_metrics.add().scope_metrics.add().metrics.add(name="m")
-    for i in range(n):
-        m.gauge.data_points.add(as_int=i)
-    return Batch.of(Signal.METRICS, req)
 
 
 def bodies(sink: OtlpSink) -> list[str]:
@@ -316,7 +292,7 @@ def test_backoff_jitter_stays_in_bounds(initial, factor, seed):
 
 
 def test_queue_item_round_trip_and_corruption():
-    payload = log_batch(0, 3).to_bytes()
+    payload = log_batch(numbered(3, "s:")).to_bytes()
     item = decode_item(7, encode_item(Signal.TRACES, 3, payload))
     assert (item.signal, item.count, item.payload, item.id) == (Signal.TRACES, 3, payload, 7)
     with pytest.raises(CorruptItem):
@@ -341,7 +317,7 @@ async def test_all_signals_arrive_with_headers_and_are_counted(transport):
     async with open_otlp_sink() as sink:
         done = Done()
         async with running(transport, sink, {"headers": {"x-tenant": "acme"}}) as ex:
-            await ex.send.send(done.watch(log_batch(0, 5)))
+            await ex.send.send(done.watch(log_batch(numbered(5, "s:"))))
             await ex.send.send(done.watch(span_batch(3)))
             await ex.send.send(done.watch(metric_batch(4)))
         assert [sink.items(s) for s in (Signal.LOGS, Signal.TRACES, Signal.METRICS)] == [5, 3, 4]
@@ -356,7 +332,7 @@ async def test_all_signals_arrive_with_headers_and_are_counted(transport):
 async def test_http_json_encoding_without_compression():
     async with open_otlp_sink() as sink:
         async with running("http", sink, {"encoding": "json", "compression": "none"}) as ex:
-            await ex.send.send(log_batch(0, 3))
+            await ex.send.send(log_batch(numbered(3, "s:")))
             await ex.send.send(span_batch(2))
         assert [(r.encoding, r.compressed) for r in sink.received] == [("json", False)] * 2
         assert bodies(sink) == ["s:0", "s:1", "s:2"]
@@ -374,7 +350,7 @@ async def test_grpc_retryable_codes_are_retried(code):
         sink.script(Reply(code=code, message="try again"), Reply(code=code))
         done = Done()
         async with running("grpc", sink) as ex:
-            await ex.send.send(done.watch(log_batch(0, 4)))
+            await ex.send.send(done.watch(log_batch(numbered(4, "s:"))))
         assert len(sink.attempts) == 3 and sink.items() == 4
         assert ex.value("tapio_exporter_retries_total", reason=code.name.lower()) == 2
         assert (ex.sent(), ex.failed(), done.reports) == (4, 0, [True])
@@ -386,8 +362,8 @@ async def test_grpc_permanent_codes_drop_and_count(code):
         sink.script(Reply(code=code, message="no"))
         done = Done()
         async with running("grpc", sink, {"sending_queue": {"num_consumers": 1}}) as ex:
-            await ex.send.send(done.watch(log_batch(0, 4)))
-            await ex.send.send(done.watch(log_batch(4, 1)))
+            await ex.send.send(done.watch(log_batch(numbered(4, "s:"))))
+            await ex.send.send(done.watch(log_batch(numbered(1, "s:", 4))))
         assert len(sink.attempts) == 2 and bodies(sink) == ["s:4"]
         assert ex.failed(reason=code.name.lower()) == 4
         assert ex.value("tapio_exporter_retries_total") == 0
@@ -398,7 +374,7 @@ async def test_grpc_resource_exhausted_with_retry_info_waits_the_servers_delay()
     async with open_otlp_sink(http_server=False) as sink:
         sink.script(Reply(code=grpc.StatusCode.RESOURCE_EXHAUSTED, retry_delay=0.6))
         async with running("grpc", sink) as ex:
-            await ex.send.send(log_batch(0, 2))
+            await ex.send.send(log_batch(numbered(2, "s:")))
         first, second = sink.attempts
         assert second.at - first.at >= 0.6  # not the 10ms of the local schedule
         assert ex.value("tapio_exporter_retries_total", reason="resource_exhausted") == 1 and sink.items() == 2
@@ -409,7 +385,7 @@ async def test_http_retryable_statuses_are_retried(status):
     async with open_otlp_sink(grpc_server=False) as sink:
         sink.script(Reply(http_status=status, code=grpc.StatusCode.UNAVAILABLE))
         async with running("http", sink) as ex:
-            await ex.send.send(log_batch(0, 3))
+            await ex.send.send(log_batch(numbered(3, "s:")))
         assert len(sink.attempts) == 2 and sink.items() == 3
         assert ex.value("tapio_exporter_retries_total", reason=f"http_{status}") == 1
 
@@ -420,7 +396,7 @@ async def test_http_permanent_statuses_drop_and_count(status):
         sink.script(Reply(http_status=status, code=grpc.StatusCode.INVALID_ARGUMENT, message="bad"))
         done = Done()
         async with running("http", sink) as ex:
-            await ex.send.send(done.watch(log_batch(0, 3)))
+            await ex.send.send(done.watch(log_batch(numbered(3, "s:"))))
         assert len(sink.attempts) == 1 and sink.items() == 0
         assert ex.failed(reason=f"http_{status}") == 3 and done.reports == [False]
 
@@ -437,7 +413,7 @@ async def test_http_retry_after_is_honoured(header):
             reply, least = Reply(http_status=429, code=grpc.StatusCode.UNAVAILABLE, retry_after=when), 1.5
         sink.script(reply)
         async with running("http", sink) as ex:
-            await ex.send.send(log_batch(0, 1))
+            await ex.send.send(log_batch(numbered(1, "s:")))
         first, second = sink.attempts
         assert second.at - first.at >= least and sink.items() == 1
 
@@ -449,7 +425,7 @@ async def test_partial_success_counts_the_rejected_items(transport, caplog):
         done = Done()
         with caplog.at_level(logging.WARNING, logger="test.otlp_exporter"):
             async with running(transport, sink) as ex:
-                await ex.send.send(done.watch(log_batch(0, 10)))
+                await ex.send.send(done.watch(log_batch(numbered(10, "s:"))))
         assert ex.sent() == 7 and ex.failed(reason="partial_success") == 3
         assert done.reports == [True] and len(sink.attempts) == 1
         assert any("3 records too old" in r.getMessage() for r in caplog.records)
@@ -461,7 +437,7 @@ async def test_gives_up_after_max_elapsed_time(transport):
         sink.default = Reply(code=grpc.StatusCode.UNAVAILABLE)
         done = Done()
         async with running(transport, sink, {"retry_on_failure": {"max_elapsed_time": "200ms"}}) as ex:
-            await ex.send.send(done.watch(log_batch(0, 2)))
+            await ex.send.send(done.watch(log_batch(numbered(2, "s:"))))
         assert ex.failed(reason="retries_exhausted") == 2 and done.reports == [False]
         assert 3 <= len(sink.attempts) <= 25
 
@@ -471,7 +447,7 @@ async def test_retry_disabled_drops_on_the_first_retryable_failure(transport):
     async with open_otlp_sink() as sink:
         sink.script(Reply(code=grpc.StatusCode.UNAVAILABLE))
         async with running(transport, sink, {"retry_on_failure": {"enabled": False}}) as ex:
-            await ex.send.send(log_batch(0, 2))
+            await ex.send.send(log_batch(numbered(2, "s:")))
         assert ex.failed(reason="unavailable" if transport == "grpc" else "http_503") == 2
         assert len(sink.attempts) == 1
 
@@ -481,7 +457,7 @@ async def test_timeout_is_retried(transport):
     async with open_otlp_sink() as sink:
         sink.script(Reply(delay=0.5))  # accepted, but too late: the exporter has given up on it
         async with running(transport, sink, {"timeout": "150ms"}) as ex:
-            await ex.send.send(log_batch(0, 1))
+            await ex.send.send(log_batch(numbered(1, "s:")))
             with trio.fail_after(10):
                 await sink.wait_for_items(2)
         assert ex.value("tapio_exporter_retries_total") == 1
@@ -493,7 +469,7 @@ async def test_connection_refused_is_retried_until_the_backend_appears(transport
     async with open_otlp_sink() as sink:
         await sink.stop()
         async with running(transport, sink) as ex:
-            await ex.send.send(log_batch(0, 3))
+            await ex.send.send(log_batch(numbered(3, "s:")))
             with trio.fail_after(10):
                 while ex.value("tapio_exporter_retries_total") < 2:
                     await trio.sleep(0.01)
@@ -510,7 +486,7 @@ async def test_full_queue_refuses_and_counts(transport):
         done = Done()
         async with running(transport, sink, {"sending_queue": {"queue_size": 1, "num_consumers": 1}}) as ex:
             for i in range(4):  # one in flight, one queued, two refused
-                await ex.send.send(done.watch(log_batch(i, 1)))
+                await ex.send.send(done.watch(log_batch(numbered(1, "s:", i))))
             with trio.fail_after(10):
                 while len(done.reports) < 2:
                     await trio.sleep(0.01)
@@ -524,7 +500,7 @@ async def test_block_on_overflow_waits_instead_of_dropping():
         sink.default = Reply(delay=0.05)
         async with running("grpc", sink, {"sending_queue": {"queue_size": 1, "num_consumers": 1, "block_on_overflow": True}}) as ex:
             for i in range(5):
-                await ex.send.send(log_batch(i, 1))
+                await ex.send.send(log_batch(numbered(1, "s:", i)))
         assert bodies(sink) == [f"s:{i}" for i in range(5)]
         assert ex.value("tapio_exporter_enqueue_failed_log_records_total") == 0
 
@@ -534,7 +510,7 @@ async def test_unqueued_mode_sends_in_order_and_reports_done_after_sending():
         done = Done()
         async with running("grpc", sink, {"sending_queue": {"enabled": False}}) as ex:
             for i in range(3):
-                await ex.send.send(done.watch(log_batch(i, 1)))
+                await ex.send.send(done.watch(log_batch(numbered(1, "s:", i))))
         assert bodies(sink) == ["s:0", "s:1", "s:2"] and done.reports == [True] * 3
 
 
@@ -547,7 +523,7 @@ async def test_in_memory_leftovers_are_dropped_and_counted_on_cancellation():
             async with trio.open_nursery() as nursery:
                 await nursery.start(ex.component.run)
                 for i in range(3):
-                    await ex.send.send(done.watch(log_batch(i, 2)))
+                    await ex.send.send(done.watch(log_batch(numbered(2, "s:", i))))
                 await sink.wait_for_attempts(6)
                 nursery.cancel_scope.cancel()
         assert sorted(done.reports) == [False] * 3
@@ -564,7 +540,7 @@ async def test_unqueued_batch_in_hand_gets_a_last_attempt_within_the_grace_on_ca
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 await nursery.start(ex.component.run)
-                await ex.send.send(done.watch(log_batch(0, 2)))
+                await ex.send.send(done.watch(log_batch(numbered(2, "s:"))))
                 await sink.wait_for_attempts(1)  # failed; the exporter now waits 60 s to retry
                 sink.default = Reply()  # the backend is back
                 nursery.cancel_scope.cancel()
@@ -593,7 +569,7 @@ async def test_storage_queue_reports_done_once_on_disk_and_survives_a_restart(tr
             cfg = {"sending_queue": {"storage": "storage", "num_consumers": 2}}
             async with running(transport, sink, cfg, storage=storage) as ex:
                 for i in range(5):
-                    await ex.send.send(done.watch(log_batch(i * 10, 10)))
+                    await ex.send.send(done.watch(log_batch(numbered(10, "s:", i * 10))))
                 with trio.fail_after(10):
                     while len(done.reports) < 5:
                         await trio.sleep(0.01)
@@ -621,7 +597,7 @@ async def test_storage_queue_full_refuses_and_counts(tmp_path: Path):
             done = Done()
             async with running("grpc", sink, {"sending_queue": {"storage": "storage", "queue_size": 2}}, storage=storage) as ex:
                 for i in range(4):
-                    await ex.send.send(done.watch(log_batch(i, 1)))
+                    await ex.send.send(done.watch(log_batch(numbered(1, "s:", i))))
                 with trio.fail_after(10):
                     while len(done.reports) < 4:
                         await trio.sleep(0.01)
@@ -635,7 +611,7 @@ async def test_corrupt_storage_item_is_counted_and_removed(tmp_path: Path):
     storage = Storage.open(tmp_path / "tapio.db")
     try:
         storage.queue("exporter/otlp/test").put(b"garbage!")
-        storage.queue("exporter/otlp/test").put(encode_item(Signal.LOGS, 1, log_batch(7, 1).to_bytes()))
+        storage.queue("exporter/otlp/test").put(encode_item(Signal.LOGS, 1, log_batch(numbered(1, "s:", 7)).to_bytes()))
         async with open_otlp_sink(http_server=False) as sink:
             async with running("grpc", sink, {"sending_queue": {"storage": "storage"}}, storage=storage) as ex:
                 with trio.fail_after(10):

@@ -20,8 +20,9 @@ import trio
 from tapio.builtin import default_registry
 from tapio.component import Kind, Ports, Settings
 from tapio.config import config_fields, decode_dataclass
-from tapio.pdata import Batch, Signal
+from tapio.pdata import Signal
 from tapio.telemetry import Telemetry
+from tapio.testing.batches import log_batch
 from tapio.testing.sink import RecordingConsumer
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "components"
@@ -53,12 +54,6 @@ def settings_for(factory) -> Settings:
         logger=logging.getLogger(f"test.{factory.type}"),
         shutdown_grace=1.0,
     )
-
-
-def one_log_batch() -> Batch:
-    req = Signal.LOGS.request_class()
-    req.resource_logs.add().scope_logs.add().log_records.add().body.string_value = "hello"
-    return Batch.of(Signal.LOGS, req)
 
 
 @pytest.mark.parametrize("factory", FACTORIES, ids=ids)
@@ -101,7 +96,7 @@ async def test_one_record_passes_and_component_ends_with_its_input(factory, tmp_
     with trio.fail_after(20):
         async with trio.open_nursery() as n:
             await n.start(component.run)
-            await send.send(one_log_batch())
+            await send.send(log_batch(["hello"]))
             await send.aclose()  # end of input: the component must flush and return on its own
     if factory.kind is Kind.PROCESSOR:
         assert sink.item_count == 1

@@ -17,16 +17,9 @@ from tapio.component import ComponentID, Factory, Kind, PipelineID, Refused, Reg
 from tapio.pdata import Batch, Signal
 from tapio.service import ComponentFailedError, ComponentStartError, RuntimeOptions, Service
 from tapio.telemetry import Telemetry
+from tapio.testing.batches import log_batch, numbered
 
 ALL = frozenset(Signal)
-
-
-def log_batch(n: int, tag: str = "x") -> Batch:
-    req = Signal.LOGS.request_class()
-    sl = req.resource_logs.add().scope_logs.add()
-    for i in range(n):
-        sl.log_records.add().body.string_value = f"{tag}{i}"
-    return Batch.of(Signal.LOGS, req)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,8 +191,8 @@ async def test_fan_out_fan_in_and_counters(nursery):
     })
     await nursery.start(svc.run)
     for i in range(5):
-        await world.sources["src"].send(log_batch(10, f"a{i}"))
-    await world.sources["src/2"].send(log_batch(3))
+        await world.sources["src"].send(log_batch(numbered(10, f"a{i}")))
+    await world.sources["src/2"].send(log_batch(numbered(3, "x")))
     # src feeds 2 pipelines -> rec gets 5 twice; src/2 feeds logs/copy only -> rec and rec/2 get it.
     await world.wait_until(lambda: sum(b.count for b in world.exported.get("rec", [])) == 103
                            and sum(b.count for b in world.exported.get("rec/2", [])) == 53)
@@ -218,7 +211,7 @@ async def test_shutdown_drains_buffered_batches_in_order():
     async with trio.open_nursery() as n:
         await n.start(svc.run)
         for i in range(20):
-            await world.sources["src"].send(log_batch(1, f"r{i}"))
+            await world.sources["src"].send(log_batch(numbered(1, f"r{i}")))
         await world.wait_until(lambda: svc.telemetry.value("tapio_processor_incoming_items_total", processor="hoard") == 20)
         assert "rec" not in world.exported  # still hoarded
         svc.shutdown()
@@ -238,7 +231,7 @@ async def test_shutdown_timeout_bounds_a_stuck_exporter(autojump_clock, caplog, 
     with caplog.at_level("WARNING", logger="tapio.service"), trio.fail_after(timeout + 60):
         async with trio.open_nursery() as n:
             await n.start(svc.run)
-            await world.sources["src"].send(log_batch(1))
+            await world.sources["src"].send(log_batch(numbered(1, "x")))
             await world.wait_until(lambda: svc.telemetry.value("tapio_processor_outgoing_items_total", processor="pass") == 1)
             await trio.testing.wait_all_tasks_blocked()
             began = trio.current_time()
@@ -258,7 +251,7 @@ async def test_shutdown_without_a_stuck_stage_does_not_wait_for_the_deadline(aut
     with caplog.at_level("WARNING", logger="tapio.service"):
         async with trio.open_nursery() as n:
             await n.start(svc.run)
-            await world.sources["src"].send(log_batch(1))
+            await world.sources["src"].send(log_batch(numbered(1, "x")))
             began = trio.current_time()
             svc.shutdown()
         elapsed = trio.current_time() - began
@@ -291,7 +284,7 @@ async def test_component_failing_while_running_is_restarted(nursery, autojump_cl
     await nursery.start(svc.run)
     world.fail_after["pass"] = 2
     for i in range(4):
-        await world.sources["src"].send(log_batch(1))
+        await world.sources["src"].send(log_batch(numbered(1, "x")))
     await world.wait_until(lambda: world.runs.get("pass") == 2 and len(world.exported.get("rec", [])) >= 3, timeout=30)
     assert svc.telemetry.value("tapio_component_restarts_total", processor="pass") == 1
     assert svc.failing() == []
@@ -309,7 +302,7 @@ async def test_failure_policy_stop():
         async with trio.open_nursery() as n:
             await n.start(svc.run)
             world.fail_after["pass"] = 1
-            await world.sources["src"].send(log_batch(1))
+            await world.sources["src"].send(log_batch(numbered(1, "x")))
 
 
 async def test_backpressure_and_refusal_are_counted(nursery):
@@ -318,7 +311,7 @@ async def test_backpressure_and_refusal_are_counted(nursery):
     svc = make_service(world, {"logs": (["src"], [], ["rec"])})
     await nursery.start(svc.run)
     for _ in range(40):
-        await world.sources["src"].send(("nowait", log_batch(2)))
+        await world.sources["src"].send(("nowait", log_batch(numbered(2, "x"))))
     await world.wait_until(lambda: world.flushed.count("refused") > 0)
     await trio.testing.wait_all_tasks_blocked()
     accepted = svc.telemetry.value("tapio_receiver_accepted_log_records_total", receiver="src")
@@ -340,7 +333,7 @@ async def test_mutating_pipeline_gets_a_copy(nursery):
     })
     await nursery.start(svc.run)
     done: list[bool] = []
-    b = log_batch(1)
+    b = log_batch(numbered(1, "x"))
     b.on_done.append(done.append)
     await world.sources["src"].send(b)
     await world.wait_until(lambda: all(world.exported.get(e) for e in ("rec", "rec/2", "rec/3")))
@@ -425,7 +418,7 @@ async def test_refusal_by_a_processor_reaches_the_receiver_before_any_pipeline_g
     recv = svc.instances["receiver:src"].ports.output
     world.admitting = False
     done: list[bool] = []
-    b = log_batch(3)
+    b = log_batch(numbered(3, "x"))
     b.on_done.append(done.append)
     with pytest.raises(Refused):
         await recv.send(b)
@@ -434,13 +427,13 @@ async def test_refusal_by_a_processor_reaches_the_receiver_before_any_pipeline_g
     assert svc.telemetry.value("tapio_processor_incoming_items_total") == 0
     assert svc.telemetry.value("tapio_receiver_refused_log_records_total", receiver="src") == 3
     world.admitting = True
-    await recv.send(log_batch(2))
+    await recv.send(log_batch(numbered(2, "x")))
     await world.wait_until(lambda: len(world.exported.get("rec", [])) == 1 and len(world.exported.get("rec/2", [])) == 1)
     assert svc.telemetry.value("tapio_receiver_accepted_log_records_total", receiver="src") == 2
     # deeper in a pipeline a refusal drops the batch (its sources told) without failing the processor before it
     world.admitting = False
     late: list[bool] = []
-    b = log_batch(4)
+    b = log_batch(numbered(4, "x"))
     b.on_done.append(late.append)
     await world.sources["src/2"].send(b)
     await world.wait_until(lambda: late == [False])
@@ -452,7 +445,7 @@ async def test_arrival_bytes_pass_through_unless_a_processor_changes_records(nur
     world = World()
     svc = make_service(world, {"logs/a": (["src"], ["mutate"], ["rec"]), "logs/b": (["src"], ["pass"], ["rec/2"])})
     await nursery.start(svc.run)
-    data = log_batch(2).to_bytes()
+    data = log_batch(numbered(2, "x")).to_bytes()
     await world.sources["src"].send(Batch.from_bytes(Signal.LOGS, data))
     await world.wait_until(lambda: world.exported.get("rec") and world.exported.get("rec/2"))
     untouched, changed = world.exported["rec/2"][0], world.exported["rec"][0]
@@ -465,9 +458,9 @@ async def test_arrival_bytes_pass_through_unless_a_processor_changes_records(nur
 def test_batch_keeps_arrival_bytes_through_concat_share_and_split():
     from tapio.processors.batch import split_batch
 
-    a, b = log_batch(3, "a"), log_batch(2, "b")
+    a, b = log_batch(numbered(3, "a")), log_batch(numbered(2, "b"))
     ba, bb = Batch.from_bytes(Signal.LOGS, a.to_bytes()), Batch.from_bytes(Signal.LOGS, b.to_bytes())
-    joined = Batch.concat([ba, Batch.of(Signal.LOGS, log_batch(1, "c").requests[0]), bb])
+    joined = Batch.concat([ba, Batch.of(Signal.LOGS, log_batch(numbered(1, "c")).requests[0]), bb])
     assert joined.raw[0] is ba.raw[0] and joined.raw[1] is None and joined.raw[2] is bb.raw[0]
     assert Signal.LOGS.request_class.FromString(joined.to_bytes()) == joined.merged()
     parts = split_batch(joined, [3, 1, 2])
@@ -479,7 +472,7 @@ def test_batch_keeps_arrival_bytes_through_concat_share_and_split():
         return [lr.body.string_value for rl in req.resource_logs for sl in rl.scope_logs for lr in sl.log_records]
 
     assert bodies(b"".join(p.to_bytes() for p in cut)) == bodies(joined.to_bytes()) == ["a0", "a1", "a2", "c0", "b0", "b1"]
-    joined.requests.append(log_batch(1).requests[0])  # out of step: arrival bytes no longer trusted
+    joined.requests.append(log_batch(numbered(1, "x")).requests[0])  # out of step: arrival bytes no longer trusted
     assert Signal.LOGS.request_class.FromString(joined.to_bytes()) == joined.merged()
 
 
@@ -494,7 +487,7 @@ async def test_a_fan_out_cut_short_still_reports_done_exactly_once(autojump_cloc
     send_b, recv_b = trio.open_memory_channel(0)  # nobody receives: this share never gets in
     fan = FanoutConsumer([ChannelConsumer(send_a, sig), ChannelConsumer(send_b, sig)], sig)
     done: list[bool] = []
-    b = log_batch(2)
+    b = log_batch(numbered(2, "x"))
     b.on_done.append(done.append)
     with trio.move_on_after(1) as scope:
         await fan.send(b)
@@ -509,9 +502,9 @@ async def test_a_fan_out_cut_short_still_reports_done_exactly_once(autojump_cloc
 
 def test_a_shared_batch_grows_without_changing_the_original():
     # fan-out hands read-only consumers shares of one batch; adding to one share must not reach the others
-    original = Batch.from_bytes(Signal.LOGS, log_batch(2, "a").to_bytes())
+    original = Batch.from_bytes(Signal.LOGS, log_batch(numbered(2, "a")).to_bytes())
     share = original.share()
-    extra = log_batch(1, "b")
+    extra = log_batch(numbered(1, "b"))
     share.append(extra.requests[0])
     share.count += extra.count
     assert len(original.requests) == 1 and len(original.raw) == 1 and original.count == 2
