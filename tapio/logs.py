@@ -21,7 +21,7 @@ _SECRET_HINTS = ("authorization", "token", "password", "secret", "api_key", "api
 
 
 def _component(name: str) -> str:
-    # tapio.receiver.otlp/2 -> receiver/otlp/2 ; tapio.service -> service
+    # tapio.receiver.otlp/2 -> receiver:otlp/2 ; tapio.service -> service
     parts = name.split(".", 2)
     if parts[0] != "tapio":
         return name

@@ -315,7 +315,7 @@ class Service:
         return self._ready and not self._stopping
 
     def failing(self) -> list[str]:
-        """Ids of components that are failing (restarting or failed), as ``kind/id`` strings."""
+        """The components that are failing (restarting or failed), as ``kind:id`` (``kind:id@pipeline`` for processors)."""
         return [
             f"{i.node.kind.value}:{i.node.id}{'@' + str(i.node.pipeline) if i.node.pipeline else ''}"
             for i in self.instances.values()

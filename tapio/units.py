@@ -1,10 +1,12 @@
-"""Value types for config fields that users write as text: durations and byte sizes.
+"""Values that users write as text in config files: durations, byte sizes and listen addresses.
 
 A config dataclass field annotated `Duration` or `ByteSize` accepts a number
 (seconds, bytes) or a string (``"200ms"``, ``"1m30s"``, ``"64MiB"``); the
 config decoder calls `parse` and reports the `ValueError` message with the
 file, line and key. Both are plain float/int subclasses, so code using them
-does arithmetic without unwrapping.
+does arithmetic without unwrapping. Listen addresses (`parse_listen_address`)
+are ``host:port`` or ``[v6]:port`` with a port from 0 to 65535, 0 picking a
+free one.
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ def parse_listen_address(text: object, *, example: str = "127.0.0.1:4317") -> tu
         raise ValueError(f"port {port_text!r} is not a number")
     port = int(port_text)
     if port > 65535:
-        raise ValueError(f"port {port} is out of range (1-65535)")
+        raise ValueError(f"port {port} is out of range (0-65535; 0 picks a free port)")
     if any(c.isspace() for c in host):
         raise ValueError(f"host {host!r} contains spaces")
     if bracketed:

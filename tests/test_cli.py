@@ -48,7 +48,7 @@ CASES = [
     ("unknown key", ("  debug: {}", "  debug: {verbosty: basic}"), r"pipelines.yaml:8:11: exporters.debug.verbosty: unknown key 'verbosty'; did you mean 'verbosity'?"),
     ("bad duration", ("  batch: {}", "  batch: {timeout: 5x}"), r"pipelines.yaml:6:20: processors.batch.timeout: invalid duration '5x': expected a number with a unit"),
     ("negative size", ("  batch: {}", "  batch: {send_batch_size: -5}"), r"pipelines.yaml:6:28: processors.batch.send_batch_size: must be >= 0, got -5"),
-    ("port out of range", ('"127.0.0.1:4318"', '"127.0.0.1:70000"'), r"pipelines.yaml:4:24: receivers.otlp.protocols.http.endpoint: port 70000 is out of range (1-65535)"),
+    ("port out of range", ('"127.0.0.1:4318"', '"127.0.0.1:70000"'), r"pipelines.yaml:4:24: receivers.otlp.protocols.http.endpoint: port 70000 is out of range (0-65535; 0 picks a free port)"),
     ("bad host", ('"127.0.0.1:4318"', '"a$b:4318"'), r"pipelines.yaml:4:24: receivers.otlp.protocols.http.endpoint: host 'a$b' is neither an IP address nor a valid host name"),
     ("undefined component", ("exporters: [debug]}", "exporters: [debgu]}"), r"pipelines.yaml:11:64: service.pipelines.logs.exporters[0]: exporter 'debgu' is not defined in exporters; did you mean 'debug'?"),
     ("signal not supported", ("  debug: {}", "  debug: {}\n  prometheus: {}"), None),

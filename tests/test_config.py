@@ -77,7 +77,7 @@ class OtlpConfig:
         if not port.isdigit():
             return [f"protocols.grpc.endpoint: expected host:port, got {grpc.endpoint!r}"]
         if not 1 <= int(port) <= 65535:
-            return [f"protocols.grpc.endpoint: port {port} is out of range (1-65535)"]
+            return [f"protocols.grpc.endpoint: port {port} is out of range (0-65535; 0 picks a free port)"]
         return []
 
 
@@ -243,7 +243,7 @@ def test_hostile_config_reports_every_problem_with_its_location():
     path = str(CONFIGS / "hostile.yaml")
     expected = [
         "3:3: receivers.otlpp: unknown receiver type 'otlpp'; did you mean 'otlp'? (registered: nop, otlp)",
-        "7:19: receivers.otlp.protocols.grpc.endpoint: port 70000 is out of range (1-65535)",
+        "7:19: receivers.otlp.protocols.grpc.endpoint: port 70000 is out of range (0-65535; 0 picks a free port)",
         "8:3: receivers['Bad Id']: invalid component type 'Bad Id' in 'Bad Id': use lowercase letters, digits, '_' or '-'",
         "10:12: receivers.nop.count: expected an integer, got 'abc'",
         "11:12: receivers.nop.ratio: must be between 0 and 1, got 2.5",
@@ -432,7 +432,7 @@ def test_listen_address_hosts_that_are_rejected(text, message):
         ("service:\n  pipelines: {logs: {receivers: [nop], exporters: [nop]}}\n  extensions: storage", "5:15: service.extensions: expected a list of extension ids like [otlp, otlp/2], got 'storage'"),
         ("service:\n  pipelines: {logs: {receivers: [nop], exporters: [nop]}}\n  telemetry: {logs: {level: verbose}}", "5:29: service.telemetry.logs.level: expected one of 'debug', 'info', 'warn', 'error', got 'verbose'"),
         ("service:\n  pipelines: {logs: {receivers: [nop], exporters: [nop]}}\n  telemetry: {metrics: {address: localhost}}", "5:34: service.telemetry.metrics.address: 'localhost' has no port: write host:port, e.g. 127.0.0.1:8888 (or '' to disable)"),
-        ("service:\n  pipelines: {logs: {receivers: [nop], exporters: [nop]}}\n  telemetry: {metrics: {address: ':70000'}}", "5:34: service.telemetry.metrics.address: port 70000 is out of range (1-65535)"),
+        ("service:\n  pipelines: {logs: {receivers: [nop], exporters: [nop]}}\n  telemetry: {metrics: {address: ':70000'}}", "5:34: service.telemetry.metrics.address: port 70000 is out of range (0-65535; 0 picks a free port)"),
         ("service:\n  pipelines: {logs: {receivers: [nop], exporters: [nop]}}\n  telemetry: {metrics: {address: 'a$b:1'}}", "5:34: service.telemetry.metrics.address: host 'a$b' is neither an IP address nor a valid host name"),
         ("service:\n  pipelines: {logs: {receivers: [nop], exporters: [nop]}}\n  restart_backoff: {initial: 10s, max: 1s}", "5:40: service.restart_backoff.max: must be at least initial (10s)"),
         ("service:\n  pipelines: {logs: {receivers: [nop], exporters: [nop]}}\n  restart_backoff: {initial: 0s}", "5:30: service.restart_backoff.initial: must be more than 0s"),

@@ -604,7 +604,7 @@ def test_config_problems_are_all_reported():
         )
     )
     assert config.validate() == [
-        "protocols.grpc.endpoint: port 70000 is out of range (1-65535)",
+        "protocols.grpc.endpoint: port 70000 is out of range (0-65535; 0 picks a free port)",
         "protocols.grpc.max_recv_msg_size_mib: must be at least 1 (got 0)",
         "protocols.http.endpoint: 'localhost' has no port: write host:port, e.g. 127.0.0.1:4317",
         "protocols.http.traces_url_path: must start with '/' (got 'v1/traces')",
@@ -688,7 +688,7 @@ def test_collector_shaped_yaml_decodes_as_documented():
     only_http = decode_dataclass(Config, yaml.safe_load("protocols:\n  http:\n    max_request_body_size: 8MiB\n"))
     assert only_http.protocols.grpc is None and only_http.protocols.http.max_request_body_size == 8 * 1024 * 1024
     assert decode_dataclass(Config, yaml.safe_load("{}")) == Config()
-    with pytest.raises(ConfigError, match=r"protocols\.grpc\.endpoint: port 70000 is out of range \(1-65535\)"):
+    with pytest.raises(ConfigError, match=r"protocols\.grpc\.endpoint: port 70000 is out of range \(0-65535; 0 picks a free port\)"):
         decode_dataclass(Config, yaml.safe_load("protocols:\n  grpc:\n    endpoint: 127.0.0.1:70000\n"))
 
 
