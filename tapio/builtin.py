@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tapio.component import Factory, Registry
+from tapio.connectors.forward import factory as forward_connector
 from tapio.exporters.debug import factory as debug_exporter
 from tapio.exporters.file import factory as file_exporter
 from tapio.exporters.otlp import grpc_factory as otlp_exporter
@@ -27,6 +28,8 @@ FACTORIES: list[Factory] = [
     otlp_exporter,
     otlphttp_exporter,
     prometheus_exporter,
+    # connectors
+    forward_connector,
     # extensions
     storage,
 ]

@@ -32,6 +32,7 @@ class Kind(enum.Enum):
     RECEIVER = "receiver"
     PROCESSOR = "processor"
     EXPORTER = "exporter"
+    CONNECTOR = "connector"
     EXTENSION = "extension"
 
     @property
@@ -273,10 +274,22 @@ class Factory:
     mutates_data: bool = False
     #: a short summary of a running instance's config for `tapio run`'s start banner
     summary: Callable[[Any], str] | None = None
+    #: connectors: the (from, to) signal pairs it joins, from the pipelines it
+    #: exports from to those it receives into (``signals`` are then the ``from`` side)
+    connects: frozenset[tuple[Signal, Signal]] = frozenset()
 
     def __post_init__(self) -> None:
         if not _TYPE_RE.match(self.type):
             raise ValueError(f"invalid component type name {self.type!r}")
+        if (self.kind is Kind.CONNECTOR) != bool(self.connects):
+            raise ValueError(f"{self.type!r}: a connector factory (and only one) declares the signal pairs it connects")
+        if self.connects and self.signals != frozenset(f for f, _ in self.connects):
+            raise ValueError(f"{self.type!r}: a connector's signals are the 'from' sides of its pairs")
+
+    @property
+    def emits(self) -> frozenset[Signal]:
+        """The signals a receiver or connector can hand on (a connector's ``to`` sides)."""
+        return frozenset(t for _, t in self.connects) if self.connects else self.signals
 
 
 class Registry:

@@ -45,6 +45,7 @@ from tapio.decode import (
     did_you_mean,
     type_hints,
 )
+from tapio.pdata import Signal
 from tapio.units import Duration, parse_listen_address
 
 __all__ = [
@@ -145,6 +146,7 @@ class Config:
     receivers: dict[ComponentID, Any] = field(default_factory=dict)
     processors: dict[ComponentID, Any] = field(default_factory=dict)
     exporters: dict[ComponentID, Any] = field(default_factory=dict)
+    connectors: dict[ComponentID, Any] = field(default_factory=dict)
     extensions: dict[ComponentID, Any] = field(default_factory=dict)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     #: the files it was loaded from, in merge order
@@ -158,7 +160,7 @@ class Config:
 
 # --- loading ---------------------------------------------------------------------
 
-_SECTIONS = {k.plural: k for k in (Kind.RECEIVER, Kind.PROCESSOR, Kind.EXPORTER, Kind.EXTENSION)}
+_SECTIONS = {k.plural: k for k in (Kind.RECEIVER, Kind.PROCESSOR, Kind.EXPORTER, Kind.CONNECTOR, Kind.EXTENSION)}
 _TOP_KEYS = (*_SECTIONS, "service")
 _SERVICE_KEYS = tuple(f.name for f in dataclasses.fields(ServiceConfig))
 _PIPELINE_ROLES = (("receivers", Kind.RECEIVER), ("processors", Kind.PROCESSOR), ("exporters", Kind.EXPORTER))
@@ -170,6 +172,17 @@ class _Defined:
     key_loc: Loc
     factory: Factory | None  # None: unknown type (already reported)
     config: Any  # INVALID when it did not decode or validate
+
+
+@dataclass(frozen=True)
+class _ConnectorUse:
+    """A connector listed in a pipeline: as an exporter (its input) or a receiver (its output)."""
+
+    connector: ComponentID
+    pipeline: PipelineID
+    as_exporter: bool
+    loc: Loc
+    path: str
 
 
 def load_config(
@@ -210,10 +223,15 @@ def load_config(
     for section, kind in _SECTIONS.items():
         defined[kind] = _decode_section(kind, merged.entries.get(section), registry, report)
 
+    _check_ambiguous_connectors(defined, report)
     used: dict[Kind, set[ComponentID]] = {kind: set() for kind in _SECTIONS.values()}
-    service = _decode_service(merged, defined, used, report)
+    uses: list[_ConnectorUse] = []
+    service = _decode_service(merged, defined, used, uses, report)
     if service is not None or any(used.values()):
         _warn_unused(defined, used, report)  # not when there is no service section to speak of
+    if service is not None:
+        if not _check_connectors(uses, defined, report):
+            service = None
     if service is not None:
         _check_extension_refs(service, defined, report)
         _warn_acknowledged_but_not_durable(service, defined, report)
@@ -283,7 +301,11 @@ def _decode_section(kind: Kind, entry: Entry | None, registry: Registry, report:
 
 
 def _decode_service(
-    root: Mapping, defined: dict[Kind, dict[ComponentID, _Defined]], used: dict[Kind, set[ComponentID]], report: Problems
+    root: Mapping,
+    defined: dict[Kind, dict[ComponentID, _Defined]],
+    used: dict[Kind, set[ComponentID]],
+    uses: list[_ConnectorUse],
+    report: Problems,
 ) -> ServiceConfig | None:
     entry = root.entries.get("service")
     if entry is None:
@@ -319,9 +341,9 @@ def _decode_service(
                 kwargs[key] = value
 
     extensions = _decode_id_list(
-        node.entries.get("extensions"), "service.extensions", Kind.EXTENSION, None, defined, used, report
+        node.entries.get("extensions"), "service.extensions", Kind.EXTENSION, None, defined, used, uses, report
     )
-    pipelines = _decode_pipelines(node, entry.key_loc, defined, used, report)
+    pipelines = _decode_pipelines(node, entry.key_loc, defined, used, uses, report)
     if not ok or extensions is None or pipelines is None:
         return None
     return ServiceConfig(pipelines=pipelines, extensions=extensions, **kwargs)
@@ -332,6 +354,7 @@ def _decode_pipelines(
     service_loc: Loc,
     defined: dict[Kind, dict[ComponentID, _Defined]],
     used: dict[Kind, set[ComponentID]],
+    uses: list[_ConnectorUse],
     report: Problems,
 ) -> dict[PipelineID, PipelineConfig] | None:
     entry = service.entries.get("pipelines")
@@ -375,7 +398,7 @@ def _decode_pipelines(
         lists: dict[str, list[ComponentID]] = {}
         for role, kind in _PIPELINE_ROLES:
             role_entry = body.entries.get(role)
-            ids = _decode_id_list(role_entry, f"{path}.{role}", kind, pid, defined, used, report)
+            ids = _decode_id_list(role_entry, f"{path}.{role}", kind, pid, defined, used, uses, report)
             if ids is None:
                 ok = False
                 continue
@@ -398,9 +421,14 @@ def _decode_id_list(
     pipeline: PipelineID | None,
     defined: dict[Kind, dict[ComponentID, _Defined]],
     used: dict[Kind, set[ComponentID]],
+    uses: list[_ConnectorUse],
     report: Problems,
 ) -> list[ComponentID] | None:
-    """Component ids listed under ``path``, each checked to be defined (and to support the pipeline's signal)."""
+    """Component ids listed under ``path``, each checked to be defined (and to support the pipeline's signal).
+
+    In a pipeline's receivers and exporters an id may name a connector
+    instead; each such use is appended to ``uses`` for `_check_connectors`.
+    """
     if entry is None or is_null(entry.node):
         return []
     node = entry.node
@@ -428,10 +456,22 @@ def _decode_id_list(
             ok = False
             continue
         first[cid] = i
+        if pipeline is not None and kind in (Kind.RECEIVER, Kind.EXPORTER) and cid not in defined[kind] and cid in defined[Kind.CONNECTOR]:
+            used[Kind.CONNECTOR].add(cid)
+            uses.append(_ConnectorUse(cid, pipeline, kind is Kind.EXPORTER, item.loc, ipath))
+            c = defined[Kind.CONNECTOR][cid]
+            if c.factory is not None and pipeline.signal not in (c.factory.signals if kind is Kind.EXPORTER else c.factory.emits):
+                role_word = "take" if kind is Kind.EXPORTER else "emit"
+                report(item.loc, ipath, f"connector '{cid}' does not {role_word} {pipeline.signal.value} (it connects: {_pairs(c.factory)})")
+                ok = False
+            out.append(cid)
+            continue
         used[kind].add(cid)
         d = defined[kind].get(cid)
         if d is None:
             names = [str(c) for c in defined[kind]]
+            if kind in (Kind.RECEIVER, Kind.EXPORTER):
+                names += [str(c) for c in defined[Kind.CONNECTOR]]
             hint = did_you_mean(str(cid), names) or (f" (defined: {', '.join(names)})" if names else "")
             report(item.loc, ipath, f"{kind.value} '{cid}' is not defined in {kind.plural}{hint}")
             ok = False
@@ -441,6 +481,87 @@ def _decode_id_list(
             ok = False
         out.append(cid)
     return out if ok else None
+
+
+def _pairs(factory: Factory) -> str:
+    order = list(Signal)
+    return ", ".join(f"{a.value} → {b.value}" for a, b in sorted(factory.connects, key=lambda p: (order.index(p[0]), order.index(p[1]))))
+
+
+def _check_ambiguous_connectors(defined: dict[Kind, dict[ComponentID, _Defined]], report: Problems) -> None:
+    """A connector id must not also be a receiver or exporter id: a pipeline list could not say which it means."""
+    for cid, d in defined[Kind.CONNECTOR].items():
+        for kind in (Kind.RECEIVER, Kind.EXPORTER):
+            if cid in defined[kind]:
+                report(d.key_loc, join_path("connectors", d.key), f"'{cid}' is both a connector and {'a receiver' if kind is Kind.RECEIVER else 'an exporter'}: rename one, so pipelines can say which they mean")
+
+
+def _check_connectors(uses: list[_ConnectorUse], defined: dict[Kind, dict[ComponentID, _Defined]], report: Problems) -> bool:
+    """Each connector is used on both sides, joins only signal pairs it supports, and closes no cycle of pipelines."""
+    ok = True
+    by_connector: dict[ComponentID, list[_ConnectorUse]] = {}
+    for use in uses:
+        by_connector.setdefault(use.connector, []).append(use)
+    for cid, cuses in by_connector.items():
+        factory = defined[Kind.CONNECTOR][cid].factory
+        ins = [u for u in cuses if u.as_exporter]
+        outs = [u for u in cuses if not u.as_exporter]
+        if not ins or not outs:
+            u = cuses[0]
+            missing, there = ("receivers", "an exporter") if ins else ("exporters", "a receiver")
+            report(u.loc, u.path, f"connector '{cid}' is used as {there} but not listed under the {missing} of any pipeline: "
+                                  f"a connector joins the end of one pipeline to the start of another")
+            ok = False
+            continue
+        if factory is None:
+            continue
+        for o in outs:
+            for i in ins:
+                if (i.pipeline.signal, o.pipeline.signal) not in factory.connects:
+                    report(o.loc, o.path, f"connector '{cid}' cannot connect {i.pipeline.signal.value} (from pipeline {i.pipeline}) "
+                                          f"to {o.pipeline.signal.value} (it connects: {_pairs(factory)})")
+                    ok = False
+    # pipeline A → pipeline B when A exports to a connector that B receives from
+    follows: dict[PipelineID, set[PipelineID]] = {}
+    via: dict[tuple[PipelineID, PipelineID], _ConnectorUse] = {}
+    for cid, cuses in by_connector.items():
+        for i in (u for u in cuses if u.as_exporter):
+            for o in (u for u in cuses if not u.as_exporter):
+                follows.setdefault(i.pipeline, set()).add(o.pipeline)
+                via.setdefault((i.pipeline, o.pipeline), o)
+    cycle = _find_cycle(follows)
+    if cycle:
+        o = via[(cycle[-2], cycle[-1])]
+        report(o.loc, o.path, f"connectors make a cycle of pipelines: {' → '.join(map(str, cycle))}; data would loop forever")
+        ok = False
+    return ok
+
+
+def _find_cycle(follows: dict[PipelineID, set[PipelineID]]) -> list[PipelineID]:
+    """A cycle as ``[a, b, …, a]``, or [] (depth-first search, nodes in sorted order so the report is stable)."""
+    state: dict[PipelineID, int] = {}  # 1 on the stack, 2 done
+    stack: list[PipelineID] = []
+
+    def visit(p: PipelineID) -> list[PipelineID]:
+        state[p] = 1
+        stack.append(p)
+        for q in sorted(follows.get(p, ())):
+            if state.get(q) == 1:
+                return stack[stack.index(q):] + [q]
+            if q not in state:
+                found = visit(q)
+                if found:
+                    return found
+        stack.pop()
+        state[p] = 2
+        return []
+
+    for p in sorted(follows):
+        if p not in state:
+            found = visit(p)
+            if found:
+                return found
+    return []
 
 
 def _check_extension_refs(service: ServiceConfig, defined: dict[Kind, dict[ComponentID, _Defined]], report: Problems) -> None:

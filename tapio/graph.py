@@ -5,7 +5,11 @@ Invariants (as the OpenTelemetry Collector):
   naming it; its output fans out to every pipeline that names it;
 - one processor instance per (pipeline, processor id), chained in the order
   the pipeline lists them;
-- one running exporter per exporter id, fed by every pipeline naming it.
+- one running exporter per exporter id, fed by every pipeline naming it;
+- one running connector per connector id: fed, like an exporter, by every
+  pipeline listing it under exporters, and handing on, like a receiver, to
+  every pipeline listing it under receivers (config validation has made
+  sure no chain of connectors loops back to where it started).
 Building the graph is pure: `tapio graph` renders it without starting
 anything, and the runtime wires exactly this graph.
 """
@@ -13,6 +17,7 @@ anything, and the runtime wires exactly this graph.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 from tapio.component import ComponentID, Kind, PipelineID
 from tapio.pdata import Signal
@@ -53,6 +58,7 @@ class PipelineGraph:
 class Graph:
     receivers: dict[ComponentID, Node] = field(default_factory=dict)
     exporters: dict[ComponentID, Node] = field(default_factory=dict)
+    connectors: dict[ComponentID, Node] = field(default_factory=dict)
     pipelines: dict[PipelineID, PipelineGraph] = field(default_factory=dict)
 
     def receiver_signals(self, rid: ComponentID) -> frozenset[Signal]:
@@ -77,13 +83,25 @@ class Graph:
         return [(a, b, ",".join(s.value for s in sorted(sigs))) for a, b, sigs in labels.values()]
 
 
-def build_graph(pipelines: dict[PipelineID, object]) -> Graph:
-    """Build the graph from ``service.pipelines`` (values have receivers/processors/exporters id lists)."""
+def build_graph(pipelines: dict[PipelineID, Any], connectors: Iterable[ComponentID] = ()) -> Graph:
+    """Build the graph from ``service.pipelines`` (values have receivers/processors/exporters id lists).
+
+    ``connectors`` are the ids that name connectors (in a pipeline's
+    receivers or exporters list); every other id there is a receiver or an
+    exporter.
+    """
     g = Graph()
+    is_connector = set(connectors)
+
+    def end(cid: ComponentID, kind: Kind, nodes: dict[ComponentID, Node]) -> Node:
+        if cid in is_connector:
+            return g.connectors.setdefault(cid, Node(Kind.CONNECTOR, cid))
+        return nodes.setdefault(cid, Node(kind, cid))
+
     for pid, pcfg in pipelines.items():
-        receivers = [g.receivers.setdefault(rid, Node(Kind.RECEIVER, rid)) for rid in pcfg.receivers]
+        receivers = [end(rid, Kind.RECEIVER, g.receivers) for rid in pcfg.receivers]
         processors = [Node(Kind.PROCESSOR, prid, pid) for prid in pcfg.processors]
-        exporters = [g.exporters.setdefault(eid, Node(Kind.EXPORTER, eid)) for eid in pcfg.exporters]
+        exporters = [end(eid, Kind.EXPORTER, g.exporters) for eid in pcfg.exporters]
         g.pipelines[pid] = PipelineGraph(pid, receivers, processors, exporters)
     return g
 
@@ -124,6 +142,8 @@ def to_mermaid(g: Graph) -> str:
             lines.append("  end")
     for eid, node in sorted(g.exporters.items()):
         lines.append(f'  {mid(node.key)}[/"exporter {_mermaid_text(eid)}"/]')
+    for cid, node in sorted(g.connectors.items()):
+        lines.append(f'  {mid(node.key)}{{{{"connector {_mermaid_text(cid)}"}}}}')
     for a, b, label in g.edges():
         lines.append(f"  {mid(a.key)} -->|{label}| {mid(b.key)}")
     return "\n".join(lines) + "\n"
@@ -148,6 +168,8 @@ def to_dot(g: Graph) -> str:
             lines.append("  }")
     for eid, node in sorted(g.exporters.items()):
         lines.append(f'  "{_dot(node.key)}" [label="exporter\\n{_dot(eid)}", shape=box];')
+    for cid, node in sorted(g.connectors.items()):
+        lines.append(f'  "{_dot(node.key)}" [label="connector\\n{_dot(cid)}", shape=hexagon];')
     for a, b, label in g.edges():
         lines.append(f'  "{_dot(a.key)}" -> "{_dot(b.key)}" [label="{label}"];')
     lines.append("}")

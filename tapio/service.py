@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import signal
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 import trio
 
@@ -206,17 +206,19 @@ class FanoutConsumer:
 
 
 class ReceiverConsumer:
-    """A receiver's output: routes batches by signal to its pipelines; counts accepted and refused items."""
+    """A receiver's (or connector's) output: routes batches by signal to its pipelines; counts accepted and refused items."""
 
-    def __init__(self, routes: dict[Signal, Stage], telemetry: ComponentTelemetry) -> None:
+    def __init__(self, routes: dict[Signal, Stage], telemetry: ComponentTelemetry, accepted: str = "receiver_accepted", refused: str = "receiver_refused") -> None:
         self._routes = routes
         self.signals = frozenset(routes)
         self._tel = telemetry
+        self._accepted = accepted
+        self._refused = refused
 
     def _route(self, batch: Batch) -> Stage:
         route = self._routes.get(batch.signal)
         if route is None:
-            self._tel.signal_add("receiver_refused", batch.signal, batch.count)
+            self._tel.signal_add(self._refused, batch.signal, batch.count)
             raise ValueError(f"no pipeline takes {batch.signal} from this receiver (wired: {', '.join(sorted(s.value for s in self.signals)) or 'none'})")
         return route
 
@@ -226,9 +228,9 @@ class ReceiverConsumer:
             route.admit(batch)
             await route.send(batch)
         except BaseException:
-            self._tel.signal_add("receiver_refused", batch.signal, batch.count)
+            self._tel.signal_add(self._refused, batch.signal, batch.count)
             raise
-        self._tel.signal_add("receiver_accepted", batch.signal, batch.count)
+        self._tel.signal_add(self._accepted, batch.signal, batch.count)
 
     def send_nowait(self, batch: Batch) -> None:
         route = self._route(batch)
@@ -236,12 +238,16 @@ class ReceiverConsumer:
             route.admit(batch)
             route.send_nowait(batch)
         except (trio.WouldBlock, Refused):
-            self._tel.signal_add("receiver_refused", batch.signal, batch.count)
+            self._tel.signal_add(self._refused, batch.signal, batch.count)
             raise
-        self._tel.signal_add("receiver_accepted", batch.signal, batch.count)
+        self._tel.signal_add(self._accepted, batch.signal, batch.count)
 
 
 # ---------------------------------------------------------------- the service
+
+
+class _Closes(Protocol):
+    async def aclose(self) -> None: ...
 
 
 @dataclass
@@ -260,7 +266,7 @@ class _Instance:
     #: its `Admits.admit`, when it declares one
     admit: Callable[[Batch], None] | None = None
     #: closed by the supervisor after the component's run returned normally
-    close_after: list[Stage] = field(default_factory=list)
+    close_after: list[_Closes] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -295,7 +301,7 @@ class Service:
         extensions: Mapping[ComponentID, Any] | None = None,
         logger: logging.Logger = log,
     ) -> None:
-        self.graph: Graph = build_graph(pipelines)
+        self.graph: Graph = build_graph(pipelines, components.get(Kind.CONNECTOR, {}))
         self._components = components
         self._registry = registry
         self.telemetry = telemetry
@@ -306,7 +312,7 @@ class Service:
         self._shutdown = trio.Event()
         self._ready = False
         self._stopping = False
-        self._pipeline_entries: list[Stage] = []
+        self._receiver_fed: list[_Release] = []
 
     # -- health, for /healthz and /readyz
 
@@ -344,27 +350,32 @@ class Service:
             raise LookupError(f"no {node.kind.value} factory for type {node.id.type!r}")
         return factory, self._components[node.kind][node.id]
 
-    def _wire(self) -> tuple[list[_Instance], list[_Instance], list[_Instance]]:
+    def _wire(self) -> tuple[list[_Instance], list[_Instance], list[_Instance], list[_Instance]]:
+        """Instances with their channels: exporters, processors, connectors, receivers (the start order)."""
         exporters: list[_Instance] = []
-        exporter_sends: dict[ComponentID, trio.MemorySendChannel[Batch]] = {}
-        for eid, node in sorted(self.graph.exporters.items()):
-            factory, cfg = self._factory(node)
-            send, recv = trio.open_memory_channel[Batch](CHANNEL_CAPACITY)
-            exporter_sends[eid] = send
-            inst = _Instance(node, factory, cfg, Ports(input=recv))
-            tel = self.telemetry.for_component("exporter", str(eid))
-            tel.gauge("tapio_exporter_queue_size", lambda r=recv: r.statistics().current_buffer_used)
-            tel.gauge("tapio_exporter_queue_capacity", lambda r=recv: r.statistics().max_buffer_size)
-            exporters.append(inst)
+        connectors: list[_Instance] = []
+        inputs: dict[str, trio.MemorySendChannel[Batch]] = {}  # by node key: exporters' and connectors' input channels
+        for group, nodes in ((exporters, self.graph.exporters), (connectors, self.graph.connectors)):
+            for cid, node in sorted(nodes.items()):
+                factory, cfg = self._factory(node)
+                send, recv = trio.open_memory_channel[Batch](CHANNEL_CAPACITY)
+                inputs[node.key] = send
+                group.append(_Instance(node, factory, cfg, Ports(input=recv)))
+                tel = self.telemetry.for_component(node.kind.value, str(cid))
+                if node.kind is Kind.EXPORTER:
+                    tel.gauge("tapio_exporter_queue_size", lambda r=recv: r.statistics().current_buffer_used)
+                    tel.gauge("tapio_exporter_queue_capacity", lambda r=recv: r.statistics().max_buffer_size)
+        tail_mutates = {inst.node.key: inst.factory.mutates_data for inst in connectors}
 
         processors: list[_Instance] = []
-        entries: dict[PipelineID, Stage] = {}
+        entries: dict[PipelineID, _Entry] = {}
         mutating: dict[PipelineID, bool] = {}
         for pid, p in sorted(self.graph.pipelines.items()):
             sig = frozenset({p.signal})
-            # The tail: fan in to each exporter through a clone of its channel.
-            tail_parts = [ChannelConsumer(exporter_sends[e.id].clone(), sig) for e in p.exporters]
-            downstream: Stage = tail_parts[0] if len(tail_parts) == 1 else FanoutConsumer(tail_parts, sig)
+            # The tail: fan in to each exporter (or connector) through a clone of its channel.
+            flags = [tail_mutates.get(e.key, False) for e in p.exporters]
+            tail_parts = [ChannelConsumer(inputs[e.key].clone(), sig, mutating=m) for e, m in zip(p.exporters, flags)]
+            downstream: Stage = tail_parts[0] if len(tail_parts) == 1 else FanoutConsumer(tail_parts, sig, flags)
             pipeline_mutates = False
             for node in reversed(p.processors):
                 factory, cfg = self._factory(node)
@@ -381,27 +392,38 @@ class Service:
                     admit=lambda b, i=inst: _admit(i, b),
                     mutating=factory.mutates_data,
                 )
-            entries[pid] = downstream
+            feeders = int(any(n.kind is Kind.RECEIVER for n in p.receivers)) + sum(n.kind is Kind.CONNECTOR for n in p.receivers)
+            entries[pid] = _Entry(downstream, feeders)
             mutating[pid] = pipeline_mutates
-        for send in exporter_sends.values():
-            send.close()  # only the pipelines' clones keep exporter channels open
+        for send in inputs.values():
+            send.close()  # only the pipelines' clones keep exporter and connector channels open
         processors.reverse()
 
-        receivers: list[_Instance] = []
-        for rid, node in sorted(self.graph.receivers.items()):
-            factory, cfg = self._factory(node)
+        def output_of(node: Node, tel: ComponentTelemetry, counted: tuple[str, str]) -> tuple[ReceiverConsumer, list[_Closes]]:
+            """A receiver's or connector's output: routes by signal to the pipelines that list it under receivers."""
             routes: dict[Signal, Stage] = {}
             by_signal: dict[Signal, list[PipelineID]] = {}
             for pid, p in sorted(self.graph.pipelines.items()):
-                if any(r.id == rid for r in p.receivers):
+                if any(r.key == node.key for r in p.receivers):
                     by_signal.setdefault(p.signal, []).append(pid)
             for sig, pids in by_signal.items():
-                targets = [_Shared(entries[pid]) for pid in pids]
+                targets: list[Stage] = [_Shared(entries[pid]) for pid in pids]
                 routes[sig] = targets[0] if len(targets) == 1 else FanoutConsumer(targets, frozenset({sig}), [mutating[pid] for pid in pids])
+            releases: list[_Closes] = [_Release(entries[pid]) for pids in by_signal.values() for pid in pids]
+            return ReceiverConsumer(routes, tel, *counted), releases
+
+        for inst in connectors:
+            tel = self.telemetry.for_component("connector", str(inst.node.id))
+            inst.ports.output, inst.close_after = output_of(inst.node, tel, ("connector_emitted", "connector_refused"))
+        receivers: list[_Instance] = []
+        for rid, node in sorted(self.graph.receivers.items()):
+            factory, cfg = self._factory(node)
             tel = self.telemetry.for_component("receiver", str(rid))
-            receivers.append(_Instance(node, factory, cfg, Ports(output=ReceiverConsumer(routes, tel))))
-        self._pipeline_entries = list(entries.values())
-        return exporters, processors, receivers
+            out, _ = output_of(node, tel, ("receiver_accepted", "receiver_refused"))
+            receivers.append(_Instance(node, factory, cfg, Ports(output=out)))
+        # what the receivers feed ends once they all stopped: `run` releases their share
+        self._receiver_fed = [_Release(entries[pid]) for pid, p in self.graph.pipelines.items() if any(n.kind is Kind.RECEIVER for n in p.receivers)]
+        return exporters, processors, connectors, receivers
 
     # -- running
 
@@ -412,8 +434,8 @@ class Service:
         already started is stopped first), `ComponentFailedError` if one fails
         while running under the ``stop`` policy.
         """
-        exporters, processors, receivers = self._wire()
-        for inst in (*exporters, *processors, *receivers):
+        exporters, processors, connectors, receivers = self._wire()
+        for inst in (*exporters, *processors, *connectors, *receivers):
             self.instances[inst.node.key] = inst
         # Everything after startup runs under one deadline once shutdown begins.
         drain_scope = trio.CancelScope()
@@ -424,23 +446,28 @@ class Service:
                 async with trio.open_nursery() as processor_nursery:
                     for inst in processors:
                         await self._start(processor_nursery, inst)
-                    try:
-                        async with trio.open_nursery() as receiver_nursery:
-                            for inst in receivers:
-                                await self._start(receiver_nursery, inst)
-                            self._ready = True
-                            task_status.started()
-                            await self._shutdown.wait()
+                    async with trio.open_nursery() as connector_nursery:
+                        for inst in connectors:
+                            await self._start(connector_nursery, inst)
+                        try:
+                            async with trio.open_nursery() as receiver_nursery:
+                                for inst in receivers:
+                                    await self._start(receiver_nursery, inst)
+                                self._ready = True
+                                task_status.started()
+                                await self._shutdown.wait()
+                                self._stopping = True
+                                self._log.info("shutting down: stopping receivers, draining pipelines", extra={"kv": {"deadline_s": self.options.shutdown_timeout}})
+                                drain_scope.deadline = trio.current_time() + self.options.shutdown_timeout
+                                receiver_nursery.cancel_scope.cancel()
+                        finally:
                             self._stopping = True
-                            self._log.info("shutting down: stopping receivers, draining pipelines", extra={"kv": {"deadline_s": self.options.shutdown_timeout}})
-                            drain_scope.deadline = trio.current_time() + self.options.shutdown_timeout
-                            receiver_nursery.cancel_scope.cancel()
-                    finally:
-                        self._stopping = True
-                        # End of stream for every pipeline: processors drain, flush and close their outputs.
-                        with trio.CancelScope(shield=True):
-                            for entry in self._pipeline_entries:
-                                await entry.aclose()
+                            # End of stream from the receivers: processors drain, flush and close their
+                            # outputs; a connector ends when every pipeline feeding it did, and then ends
+                            # the pipelines it feeds (the graph has no cycles, so this terminates).
+                            with trio.CancelScope(shield=True):
+                                for release in self._receiver_fed:
+                                    await release.aclose()
         if drain_scope.cancelled_caught:
             self._log.warning("shutdown deadline of %gs expired; in-flight data may be lost", self.options.shutdown_timeout)
 
@@ -544,6 +571,36 @@ class _Shared:
         return None
 
 
+class _Entry(_Shared):
+    """A pipeline's entry, closed once every one of its ``feeders`` released it.
+
+    The feeders are its receivers (one share for all of them: the service
+    releases it after they stopped) and each connector that hands on into it
+    (released when that connector's run returned).
+    """
+
+    def __init__(self, inner: Stage, feeders: int) -> None:
+        super().__init__(inner)
+        self._open = feeders
+
+    async def release(self) -> None:
+        self._open -= 1
+        if self._open == 0:
+            await self._inner.aclose()
+
+
+class _Release:
+    """One feeder's share of an `_Entry`: ``aclose`` releases it (once)."""
+
+    def __init__(self, entry: _Entry) -> None:
+        self._entry: _Entry | None = entry
+
+    async def aclose(self) -> None:
+        entry, self._entry = self._entry, None
+        if entry is not None:
+            await entry.release()
+
+
 class _CountingConsumer:
     """A processor's output: asks the next stage to admit each batch, hands it on, calls ``count``."""
 
@@ -639,7 +696,7 @@ async def run_config(
             extensions[eid] = await _start_extension(nursery, registry, eid, cfg.extensions[eid], telemetry)
         service = Service(
             pipelines=svc_cfg.pipelines,
-            components={Kind.RECEIVER: cfg.receivers, Kind.PROCESSOR: cfg.processors, Kind.EXPORTER: cfg.exporters},
+            components={Kind.RECEIVER: cfg.receivers, Kind.PROCESSOR: cfg.processors, Kind.EXPORTER: cfg.exporters, Kind.CONNECTOR: cfg.connectors},
             registry=registry,
             telemetry=telemetry,
             options=runtime_options(cfg),

@@ -42,6 +42,8 @@ METRICS: dict[str, MetricInfo] = {
     **_signal_counters("exporter", "sent", "Number of {items} successfully sent to the destination."),
     **_signal_counters("exporter", "send_failed", "Number of {items} the exporter failed to send and dropped."),
     **_signal_counters("exporter", "enqueue_failed", "Number of {items} that could not be added to the exporter's queue."),
+    **_signal_counters("connector", "emitted", "Number of {items} a connector handed on into the pipelines it feeds."),
+    **_signal_counters("connector", "refused", "Number of {items} a connector could not hand on into the pipelines it feeds."),
     "tapio_processor_incoming_items_total": MetricInfo(COUNTER, "Number of items passed to the processor."),
     "tapio_processor_outgoing_items_total": MetricInfo(COUNTER, "Number of items emitted by the processor."),
     "tapio_processor_dropped_items_total": MetricInfo(COUNTER, "Number of items the processor dropped, by reason."),

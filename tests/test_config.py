@@ -583,7 +583,7 @@ def test_anchors_aliases_and_merge_keys(tmp_path):
     )
     # `x-common` is not a known top-level key: an error, as in the OTel Collector.
     assert problems_of([path]) == [
-        f"{path}:1:1: x-common: unknown top-level key 'x-common' (valid keys: receivers, processors, exporters, extensions, service)"
+        f"{path}:1:1: x-common: unknown top-level key 'x-common' (valid keys: receivers, processors, exporters, connectors, extensions, service)"
     ]
     text = Path(path).read_text().replace("x-common: &common {count: 3, tags: [a]}\n", "")
     text = text.replace("  nop: *common", "  nop: &common {count: 3, tags: [a]}")
@@ -607,7 +607,7 @@ def test_alias_bomb_is_cheap(tmp_path):
     started = time.monotonic()
     problems = problems_of([path])
     assert time.monotonic() - started < 5
-    assert problems[0] == f"{path}:1:1: a0: unknown top-level key 'a0' (valid keys: receivers, processors, exporters, extensions, service)"
+    assert problems[0] == f"{path}:1:1: a0: unknown top-level key 'a0' (valid keys: receivers, processors, exporters, connectors, extensions, service)"
 
 
 def test_deep_nesting_is_an_error_not_a_crash(tmp_path):

@@ -29,14 +29,16 @@ from tapio.storage import Storage
 from tapio.testing.otlpsink import OtlpSink, Reply, open_otlp_sink
 from tapio.testing.process import ROOT, free_port, metric_sum, parse_metrics, tapio_command
 
-from .test_otlp_exporter import bodies, log_batch, running
+from tapio.testing.batches import log_batch, numbered
+
+from .test_otlp_exporter import bodies, running
 
 # ---------------------------------------------------------------- outage
 
 
 async def produce(ex, batches: int, size: int, every: float, stream: str = "s") -> None:
     for i in range(batches):
-        await ex.send.send(log_batch(i * size, size, stream))
+        await ex.send.send(log_batch(numbered(size, f"{stream}:", i * size)))
         await trio.sleep(every)
 
 
@@ -285,7 +287,7 @@ async def load(port: int, size: int, acked: list[int], stop: trio.Event) -> None
     try:
         n = 0
         while not stop.is_set():
-            payload = log_batch(n, size).to_bytes()
+            payload = log_batch(numbered(size, "s:", n)).to_bytes()
 
             def call(p=payload) -> bool:
                 try:

@@ -24,7 +24,9 @@ from tapio.pdata import Signal
 from tapio.testing.otlpsink import SinkTLS, open_otlp_sink
 from tapio.testing import prereq
 
-from .test_otlp_exporter import Exporter, log_batch, running
+from tapio.testing.batches import log_batch, numbered
+
+from .test_otlp_exporter import Exporter, running
 
 NO_RETRY = {"enabled": False}
 
@@ -75,7 +77,7 @@ def endpoint(transport: str, sink) -> str:
 async def test_tls_with_the_servers_ca(transport, certs):
     async with tls_sink(certs, mutual=False) as sink:
         async with running(transport, sink, {"endpoint": endpoint(transport, sink), "tls": {"insecure": False, "ca_file": certs.ca_pem}}) as ex:
-            await ex.send.send(log_batch(0, 3))
+            await ex.send.send(log_batch(numbered(3, "s:")))
         assert sink.items() == 3 and ex.sent() == 3
 
 
@@ -84,7 +86,7 @@ async def test_tls_refuses_a_server_signed_by_an_untrusted_ca(transport, certs):
     async with tls_sink(certs, mutual=False) as sink:
         cfg = {"endpoint": endpoint(transport, sink), "tls": {"insecure": False, "ca_file": certs.other_pem}, "retry_on_failure": NO_RETRY}
         async with running(transport, sink, cfg) as ex:
-            await ex.send.send(log_batch(0, 3))
+            await ex.send.send(log_batch(numbered(3, "s:")))
         assert sink.items() == 0 and ex.failed(reason="unavailable" if transport == "grpc" else "connection_error") == 3
 
 
@@ -92,7 +94,7 @@ async def test_http_insecure_skip_verify_accepts_any_certificate(certs):
     async with tls_sink(certs, mutual=False) as sink:
         cfg = {"endpoint": sink.http_url("https"), "tls": {"insecure_skip_verify": True, "min_version": "1.3"}}
         async with running("http", sink, cfg) as ex:
-            await ex.send.send(log_batch(0, 2))
+            await ex.send.send(log_batch(numbered(2, "s:")))
         assert sink.items() == 2 and ex.sent() == 2
 
 
@@ -101,13 +103,13 @@ async def test_mutual_tls(transport, certs):
     async with tls_sink(certs, mutual=True) as sink:
         tls = {"insecure": False, "ca_file": certs.ca_pem, "cert_file": certs.client_pem, "key_file": certs.client_key}
         async with running(transport, sink, {"endpoint": endpoint(transport, sink), "tls": tls}) as ex:
-            await ex.send.send(log_batch(0, 4))
+            await ex.send.send(log_batch(numbered(4, "s:")))
         assert sink.items() == 4 and ex.sent() == 4
 
         # without a client certificate the server refuses the handshake
         cfg = {"endpoint": endpoint(transport, sink), "tls": {"insecure": False, "ca_file": certs.ca_pem}, "retry_on_failure": NO_RETRY}
         async with running(transport, sink, cfg) as ex:
-            await ex.send.send(log_batch(0, 4))
+            await ex.send.send(log_batch(numbered(4, "s:")))
         assert sink.items() == 4 and ex.failed() == 4
 
 
@@ -187,7 +189,7 @@ async def test_grpc_negotiates_tls_1_2_or_1_3_and_nothing_older(certs, server_ma
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
                 await nursery.start(ex.component.run)
-                await ex.send.send(log_batch(0, 1))
+                await ex.send.send(log_batch(numbered(1, "s:")))
                 await first.wait()
                 await ex.send.aclose()
         assert outcomes[0] == negotiated, outcomes
@@ -205,7 +207,7 @@ async def test_http_min_version_refuses_an_older_server(certs, min_version, deli
     async with open_otlp_sink(tls=SinkTLS(certs.server_pem, certs.server_key, max_version="1.2")) as sink:
         tls = {"ca_file": certs.ca_pem, "min_version": min_version}
         async with running("http", sink, {"endpoint": sink.http_url("https"), "tls": tls, "retry_on_failure": NO_RETRY}) as ex:
-            await ex.send.send(log_batch(0, 3))
+            await ex.send.send(log_batch(numbered(3, "s:")))
         if delivered:
             assert sink.items() == 3 and ex.sent() == 3
         else:

@@ -123,7 +123,7 @@ def cmd_graph(args: argparse.Namespace, registry: Registry) -> int:
     cfg = _load(args, registry)
     if cfg is None:
         return 2
-    g = build_graph(cfg.service.pipelines)
+    g = build_graph(cfg.service.pipelines, cfg.connectors)
     sys.stdout.write(to_dot(g) if args.format == "dot" else to_mermaid(g))
     return 0
 
@@ -154,12 +154,18 @@ def banner_lines(cfg: Any, registry: Registry, metrics_port: int | None, running
     """
     running = running or {}
     lines = [f"tapio {__version__} starting with {', '.join(cfg.files)} (pid {os.getpid()})"]
-    kinds = ((Kind.RECEIVER, cfg.receivers), (Kind.PROCESSOR, cfg.processors), (Kind.EXPORTER, cfg.exporters), (Kind.EXTENSION, cfg.extensions))
+    kinds = (
+        (Kind.RECEIVER, cfg.receivers),
+        (Kind.PROCESSOR, cfg.processors),
+        (Kind.EXPORTER, cfg.exporters),
+        (Kind.CONNECTOR, cfg.connectors),
+        (Kind.EXTENSION, cfg.extensions),
+    )
     used: set[tuple[Kind, Any]] = set()
     for p in cfg.service.pipelines.values():
-        used.update((Kind.RECEIVER, r) for r in p.receivers)
+        used.update((Kind.CONNECTOR if r in cfg.connectors else Kind.RECEIVER, r) for r in p.receivers)
         used.update((Kind.PROCESSOR, r) for r in p.processors)
-        used.update((Kind.EXPORTER, r) for r in p.exporters)
+        used.update((Kind.CONNECTOR if r in cfg.connectors else Kind.EXPORTER, r) for r in p.exporters)
     used.update((Kind.EXTENSION, e) for e in cfg.service.extensions)
     for kind, comps in kinds:
         for cid, ccfg in comps.items():
