@@ -1,4 +1,4 @@
-"""The ebpf receiver's direct OTLP wire encoder against the protobuf API, and events → batches.
+"""The direct OTLP wire encoder (tapio.otlpwire) against the protobuf API, and the ebpf receiver's events → batches.
 
 The oracle is the protobuf API filling the same fields one by one (how the
 receiver built its records before it wrote bytes directly): the encoder's
@@ -21,7 +21,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from tapio.component import ComponentID, Kind, Ports, Settings
 from tapio.pdata import Signal
 from tapio.receivers.ebpf import _decode as d
-from tapio.receivers.ebpf import _encode as enc
+from tapio import otlpwire as enc
 from tapio.receivers.ebpf import factory
 from tapio.receivers.ebpf._config import Config
 from tapio.telemetry import Telemetry

@@ -11,7 +11,7 @@ Invariants:
   checkpoint between chunks so that a storm does not stall the event loop. The kernel
   cannot wait, so batches go with ``send_nowait``; a refused batch is counted
   by its items in ``tapio_ebpf_events_dropped_total{reason}``, never retried.
-- Records are written as OTLP bytes (`_encode`) and parsed once into the
+- Records are written as OTLP bytes (`tapio.otlpwire`) and parsed once into the
   batch, which keeps the bytes: exporters send them without re-serializing.
   Attributes shared by one task's events are encoded once and cached.
 - Kernel loss and rate-limit counters are read once a second and added to
@@ -46,7 +46,7 @@ from tapio.pdata import Batch, Signal
 from tapio.telemetry import COUNTER
 
 from . import _decode as d
-from . import _encode as enc
+from tapio import otlpwire as enc
 from ._config import Config
 from ._containers import REASONS, ContainerResolver
 from ._loader import Program, cgroup2_root, open_program
@@ -276,7 +276,7 @@ class EbpfReceiver:
         for reason, n in unresolved.items():
             self._unresolved[reason] += n
             self._telemetry.add("tapio_ebpf_container_unresolved_total", n, reason=reason)
-        # one parse of bytes written directly (see _encode); the batch keeps them for exporters
+        # one parse of bytes written directly (see tapio.otlpwire); the batch keeps them for exporters
         if records:
             self._send(Batch.from_bytes(Signal.LOGS, enc.request(self._resource_blob, self._scope_blob, records)))
         if spans:
@@ -433,7 +433,7 @@ class EbpfReceiver:
             )
 
     def _common_attributes(self, h: d.Header, kind: str, container: Any) -> list[bytes]:
-        """The attributes every event of one task and kind shares, encoded once (`_encode.kv_pieces`; a new list each call)."""
+        """The attributes every event of one task and kind shares, encoded once (`otlpwire.kv_pieces`; a new list each call)."""
         key = (h.pid, h.tid, h.uid, h.comm, h.cgroup_id, kind, container)
         found = self._common_cache.get(key)
         if found is not None:

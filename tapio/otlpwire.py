@@ -1,4 +1,4 @@
-"""Events → OTLP protobuf bytes, written directly on the wire. Pure: no I/O, no clocks.
+"""OTLP protobuf bytes written directly on the wire, for receivers that build records. Pure: no I/O, no clocks.
 
 Why: building a LogRecord field by field through the protobuf API costs
 ~11 µs with a dozen attributes; writing the same message as bytes and
