@@ -191,6 +191,15 @@ class Listens(Protocol):
 
 
 @runtime_checkable
+class DescribesItself(Protocol):
+    """A running component whose start-banner line depends on what it found at start (e.g. the files a tailer watches)."""
+
+    @property
+    def running_summary(self) -> str:
+        """What the banner shows for this instance, instead of its factory's ``summary`` of the config."""
+
+
+@runtime_checkable
 class QueuesDurably(Protocol):
     """An exporter config that can say whether what the exporter accepted survives a crash (kept in storage)."""
 

@@ -21,7 +21,7 @@ import trio
 
 from tapio import __version__
 from tapio.builtin import default_registry
-from tapio.component import Kind, Listens, Registry, describe_signals
+from tapio.component import DescribesItself, Kind, Listens, Registry, describe_signals
 from tapio.units import parse_listen_address
 
 EXAMPLES = """\
@@ -172,8 +172,12 @@ def banner_lines(cfg: Any, registry: Registry, metrics_port: int | None, running
             if (kind, cid) not in used:
                 continue
             f = registry.get(kind, cid.type)
-            shown = with_bound_ports(ccfg, running.get((kind, cid)))
-            detail = f.summary(shown) if f is not None and f.summary is not None else ""
+            component = running.get((kind, cid))
+            shown = with_bound_ports(ccfg, component)
+            if isinstance(component, DescribesItself):
+                detail = component.running_summary
+            else:
+                detail = f.summary(shown) if f is not None and f.summary is not None else ""
             lines.append(f"  {kind.value:9} {str(cid):24} {detail}".rstrip())
     for pid, p in cfg.service.pipelines.items():
         chain = " → ".join(
