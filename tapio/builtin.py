@@ -12,6 +12,7 @@ from tapio.exporters.prometheus import factory as prometheus_exporter
 from tapio.extensions.storage import factory as storage
 from tapio.processors.batch import factory as batch
 from tapio.processors.memory_limiter import factory as memory_limiter
+from tapio.receivers.cni_log import factory as cni_log_receiver
 from tapio.receivers.ebpf import factory as ebpf_receiver
 from tapio.receivers.otlp import factory as otlp_receiver
 
@@ -19,6 +20,7 @@ FACTORIES: list[Factory] = [
     # receivers
     otlp_receiver,
     ebpf_receiver,
+    cni_log_receiver,
     # processors
     batch,
     memory_limiter,

@@ -38,6 +38,7 @@ import calendar
 import datetime as _dt
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -221,10 +222,11 @@ class LineParser:
             ``multus``, ``aws-vpc-cni``, ``kv``…) accepts only lines of that
             style (JSON lines count as any JSON style) and reports the rest as
             ``unparsed``.
-        naive_timezone: the zone of timestamps written without one (Calico's).
+        naive_timezone: the zone of timestamps written without one (Calico's);
+            None reads them in this machine's local time.
     """
 
-    def __init__(self, *, style: str = "auto", naive_timezone: _dt.tzinfo = _dt.timezone.utc) -> None:
+    def __init__(self, *, style: str = "auto", naive_timezone: _dt.tzinfo | None = _dt.timezone.utc) -> None:
         if style != "auto" and style not in STYLES:
             raise ValueError(f"unknown CNI log style {style!r}; one of auto, {', '.join(STYLES)}")
         self.style = style
@@ -385,7 +387,10 @@ class LineParser:
     def _seconds_of(self, m: re.Match[str], zone: str | None) -> int | None:
         y, mo, d, h, mi, s = (int(x) for x in m.group(1, 2, 3, 4, 5, 6))
         try:
-            if zone is None:
+            if zone is None and self._naive_tz is None:
+                _dt.datetime(y, mo, d, h, mi, min(s, 59))  # range check
+                seconds = int(time.mktime((y, mo, d, h, mi, min(s, 59), 0, 0, -1)))
+            elif zone is None:
                 stamp = _dt.datetime(y, mo, d, h, mi, min(s, 59), tzinfo=self._naive_tz).timestamp()
                 seconds = int(stamp)
             else:
