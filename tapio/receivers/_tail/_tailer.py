@@ -359,6 +359,8 @@ class Tailer:
             of = self._open.get(key)
             if of is not None:
                 if of.path != path:
+                    if of.gone_since is None:
+                        self._tel.add("tapio_tail_rotations_total", kind="rename")
                     self._by_path.pop(of.path, None)
                     of.path = path
                     self._by_path[path] = of
@@ -379,6 +381,7 @@ class Tailer:
             if key not in seen and of.gone_since is None:
                 of.gone_since = now
                 of.wanted = True
+                self._tel.add("tapio_tail_rotations_total", kind="rename")
 
     def _adopt(self, path: str, key: tuple[int, int], startup: bool) -> None:
         try:
@@ -652,7 +655,6 @@ class Tailer:
             if size > of.splitter.position and not of.ident.failed:
                 of.wanted = True
                 continue
-            self._tel.add("tapio_tail_rotations_total", kind="rename")
             self._close(of)
             of.ident.detached_at = now
             self._detached.append(of.ident)
