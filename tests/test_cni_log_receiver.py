@@ -332,7 +332,6 @@ async def test_offset_does_not_advance_while_delivery_fails_and_nothing_is_lost_
                 while await storage.run_sync(h.offsets) != [size]:
                     await trio.sleep(0.05)
             n.cancel_scope.cancel()
-    delivered = [s for b, s in zip(sink.batches, [None] * len(sink.batches))]
     got = seqs(sink)
     assert set(got) == set(range(200))  # every line, delivered after the failures
 
