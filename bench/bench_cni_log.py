@@ -1,0 +1,166 @@
+"""cni-log: CNI log lines tailed, parsed and exported to a file, against a bare Python loop over the same file, in one run.
+
+Writes a log of N lines in the styles of tests/data/cni/ (Calico, Cilium,
+Multus, AWS VPC CNI, Azure, key=value; every cycle of the templates gets
+new container ids, pods and times), then:
+
+- the bare loop: this process reads the file in 1 MiB chunks, splits it into
+  lines, decodes them and splits each with one regex (``re.split(r"\\s+")``);
+- tapio: ``tapio run`` as a subprocess with the cni-log receiver, the batch
+  processor and the file exporter. Once tapio is ready (its startup CPU is
+  subtracted) the log is renamed into the watched directory; the run ends
+  when the exporter counted every line.
+
+Both figures are lines per CPU second (user + system; for tapio, its
+process's from /proc, so the worker threads count). The goal is a ratio
+of at least 0.4. Prints one JSON line.
+
+Usage: bench_cni_log.py [--lines N] [--format json|proto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tapio.testing.process import free_port, metric_sum, parse_metrics, tapio_command  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+FIXTURES = ROOT / "tests" / "data" / "cni"
+HEX_ID = re.compile(r"\b[0-9a-f]{64}\b")
+POD = re.compile(r"\b(checkout|ledger|upf|frontend|api)-([0-9a-z]+)")
+
+
+def make_log(path: Path, lines: int) -> int:
+    templates = [line for f in sorted(FIXTURES.glob("*.log")) for line in f.read_text().splitlines()]
+    with open(path, "w") as out:
+        n = cycle = 0
+        while n < lines:
+            cid = f"{cycle * 7919:064x}"
+            for t in templates:
+                if n >= lines:
+                    break
+                line = HEX_ID.sub(cid, t)
+                line = POD.sub(lambda m: f"{m.group(1)}-{cycle % 5000}", line)
+                out.write(line + "\n")
+                n += 1
+            cycle += 1
+    return path.stat().st_size
+
+
+def bare_loop(path: Path) -> tuple[int, float]:
+    """Lines split per CPU second by the plainest loop: read, split lines, decode, regex-split."""
+    split = re.compile(r"\s+").split
+    start = time.process_time()
+    n = 0
+    with open(path, "rb") as f:
+        held = b""
+        while chunk := f.read(1 << 20):
+            parts = (held + chunk).split(b"\n")
+            held = parts.pop()
+            for raw in parts:
+                split(raw.decode("utf-8", "replace"))
+                n += 1
+    return n, time.process_time() - start
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def run_tapio(log: Path, lines: int, fmt: str, work: Path) -> tuple[float, float]:
+    watched = work / "logs"
+    watched.mkdir()
+    metrics = free_port()
+    cfg = work / "pipelines.yaml"
+    cfg.write_text(f"""
+receivers:
+  cni-log: {{include: ["{watched}/*.log"]}}
+processors:
+  batch: {{send_batch_size: 8192, timeout: 200ms}}
+exporters:
+  file: {{path: "{work}/out.{fmt}", format: {fmt}, rotation: {{max_megabytes: 0}}}}
+service:
+  pipelines:
+    logs: {{receivers: [cni-log], processors: [batch], exporters: [file]}}
+  telemetry:
+    logs: {{level: warn}}
+    metrics: {{address: "127.0.0.1:{metrics}"}}
+""")
+    proc = subprocess.Popen([*tapio_command(), "run", "-c", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    url = f"http://127.0.0.1:{metrics}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"tapio did not start: {proc.stderr.read().decode()}")
+            time.sleep(0.05)
+        time.sleep(0.5)
+        cpu0 = cpu_seconds(proc.pid)
+        wall0 = time.monotonic()
+        os.rename(log, watched / "cni.log")  # a new file: read from its beginning
+        while True:
+            m = parse_metrics(httpx.get(url + "/metrics", timeout=5).text)
+            if metric_sum(m, "tapio_exporter_sent_log_records_total") >= lines:
+                break
+            if time.monotonic() - wall0 > 600:
+                raise SystemExit(f"tapio exported {metric_sum(m, 'tapio_exporter_sent_log_records_total')} of {lines} lines")
+            time.sleep(0.05)
+        # the last poll costs a scrape: negligible next to the lines
+        return cpu_seconds(proc.pid) - cpu0, time.monotonic() - wall0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lines", type=int, default=200_000)
+    parser.add_argument("--format", choices=("json", "proto"), default="json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-cni-log-") as tmp:
+        work = Path(tmp)
+        log = work / "cni.log"
+        size = make_log(log, args.lines)
+        bare_lines, bare_cpu = bare_loop(log)
+        assert bare_lines == args.lines
+        tapio_cpu, tapio_wall = run_tapio(log, args.lines, args.format, work)
+    bare_rate = bare_lines / bare_cpu
+    tapio_rate = args.lines / tapio_cpu
+    print(json.dumps({
+        "bench": "cni_log",
+        "lines": args.lines,
+        "bytes": size,
+        "export_format": args.format,
+        "tapio_lines_per_cpu_second": round(tapio_rate),
+        "tapio_cpu_seconds": round(tapio_cpu, 3),
+        "tapio_wall_seconds": round(tapio_wall, 3),
+        "bare_loop_lines_per_cpu_second": round(bare_rate),
+        "ratio_vs_bare_loop": round(tapio_rate / bare_rate, 3),
+        "goal_ratio": 0.4,
+    }))
+
+
+if __name__ == "__main__":
+    main()
