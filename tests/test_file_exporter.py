@@ -405,3 +405,13 @@ async def test_records_written_at_shutdown_are_finished_even_when_fsync_fails():
     assert sent(telemetry, Signal.LOGS) == 6
     assert sent(telemetry, Signal.TRACES) == 2
     assert sent(telemetry, Signal.METRICS) == 5
+
+
+async def test_a_record_cut_off_by_a_killed_process_does_not_swallow_the_next(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"resourceLogs":[]}\n{"resourceLogs":[{"reso')  # SIGKILL in the middle of a write
+    await run_exporter(FileConfig(path=str(path)), [Batch.of(Signal.LOGS, logs_request(2))])
+    lines = path.read_bytes().split(b"\n")
+    assert lines[:2] == [b'{"resourceLogs":[]}', b'{"resourceLogs":[{"reso']
+    assert otlpjson.decode(Signal.LOGS, lines[2]) == logs_request(2)
+    assert lines[3:] == [b""]

@@ -7,7 +7,8 @@ Invariants:
   the OpenTelemetry Collector's fileexporter). With ``compression: gzip``
   each record is its own gzip member, so the file is a valid multi-member
   gzip stream at every record boundary. A write that fails is cut back off
-  the file (best effort), so a later record never follows a partial one.
+  the file (best effort), so a later record never follows a partial one;
+  a JSON line left unfinished by a killed process is ended at open.
 - A batch is counted ``exporter_sent`` and finished as delivered
   (``Batch.done(True)``) when its record has been handed to the operating
   system; ``exporter_send_failed`` and ``done(False)`` when that write
@@ -113,6 +114,13 @@ def _path_problems(path: str) -> list[str]:
     return []
 
 
+def _last_byte(fd: int, size: int) -> bytes | None:
+    try:
+        return os.pread(fd, 1, size - 1)
+    except OSError:  # opened write-only
+        return None
+
+
 class _Writer:
     """The file and its rotation; called only from the worker thread, one call at a time."""
 
@@ -137,10 +145,17 @@ class _Writer:
         except OSError as e:
             raise OSError(e.errno, f"file exporter cannot create the directory {self.directory!r}: {e.strerror}") from None
         try:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:  # read access for the check of the last byte below
+                self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except PermissionError:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise OSError(e.errno, f"file exporter cannot open {self.path!r} for writing: {e.strerror}") from None
         self.size = os.fstat(self.fd).st_size
+        if self.config.format == "json" and self.config.compression != "gzip" and self.size and _last_byte(self.fd, self.size) != b"\n":
+            # a process killed mid-write left half a record: end its line so the next record starts on its own
+            os.write(self.fd, b"\n")
+            self.size += 1
         self.remove_old_backups()
 
     def close(self) -> list[Batch]:
