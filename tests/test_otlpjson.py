@@ -639,3 +639,169 @@ def test_encode_many_is_the_merged_request(reqs):
         merged.MergeFrom(r)
     assert otlpjson.encode_many(reqs) == encode(merged)
     assert decode(Signal.LOGS, otlpjson.encode_many(reqs)) == merged
+
+
+# ----------------------------------------------------------------------------- long documents, decoded in pieces
+
+
+def _in_pieces(cls, data):
+    """Decode as a long document would be, whatever its length: the message, or the error."""
+    try:
+        return otlpjson._decode_in_pieces(getattr(cls, "request_class", cls), data)
+    except OtlpJsonError as e:
+        return e
+
+
+def _whole(cls, data):
+    try:
+        return decode(cls, data)
+    except OtlpJsonError as e:
+        return e
+
+
+def _same_outcome(cls, data) -> None:
+    whole, pieces = _whole(cls, data), _in_pieces(cls, data)
+    if isinstance(whole, OtlpJsonError) or isinstance(pieces, OtlpJsonError):
+        # both refuse; with several problems in one document each may name another one first
+        assert isinstance(whole, OtlpJsonError) and isinstance(pieces, OtlpJsonError), (whole, pieces)
+    else:
+        assert pieces == whole
+
+
+@given(requests, st.sampled_from([None, 2]))
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_pieces_decode_valid_documents_as_a_whole(request, indent):
+    doc = encode(request)
+    assert _in_pieces(type(request), doc) == request
+    spaced = json.dumps(json.loads(doc), indent=indent)  # other whitespace, as str
+    assert _in_pieces(type(request), spaced) == request
+
+
+@given(requests, st.data())
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_pieces_and_whole_agree_on_mutated_documents(request, data):
+    doc = json.loads(encode(request))
+    nodes = []
+
+    def collect(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                nodes.append((node, k))
+                collect(v)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                nodes.append((node, i))
+                collect(v)
+
+    collect(doc)
+    if nodes:
+        parent, key = data.draw(st.sampled_from(nodes))
+        parent[key] = data.draw(json_values)
+    _same_outcome(type(request), json.dumps(doc))
+
+
+@given(st.sampled_from(list(Signal)), json_values)
+@settings(max_examples=300, deadline=None)
+def test_pieces_and_whole_agree_on_arbitrary_json_under_the_request_keys(signal, value):
+    top = {"logs": "resourceLogs", "traces": "resourceSpans", "metrics": "resourceMetrics"}[signal.value]
+    inner = {"logs": "scopeLogs", "traces": "scopeSpans", "metrics": "scopeMetrics"}[signal.value]
+    _same_outcome(signal, json.dumps({top: [{"resource": value, inner: [value, {"scope": value}]}, value]}))
+
+
+@given(st.sampled_from(list(Signal)), st.one_of(st.binary(max_size=200), st.text(max_size=50)))
+@settings(max_examples=300, deadline=None)
+def test_pieces_and_whole_agree_on_arbitrary_bytes_and_text(signal, data):
+    _same_outcome(signal, data)
+
+
+L, M, T = Signal.LOGS, Signal.METRICS, Signal.TRACES
+
+
+@pytest.mark.parametrize(
+    ("signal", "doc"),
+    [
+        # the last of repeated keys counts, as in json.loads; null is "not set"
+        (L, '{"resourceLogs": [{"scopeLogs": [{"logRecords": [{"severityText": "a"}]}]}], "resourceLogs": [{}]}'),
+        (L, '{"resourceLogs": [{"scopeLogs": [{"logRecords": [{}]}], "scopeLogs": null}]}'),
+        (M, '{"resourceMetrics": [{"scopeMetrics": [{"metrics": [{"sum": {"dataPoints": [{}]}, "gauge": {}, "sum": null}]}]}]}'),
+        (M, '{"resourceMetrics": [{"scopeMetrics": [{"metrics": [{"name": "m", "sum": {}, "unit": "s", "metadata": [{"key": "k"}]}]}]}]}'),
+        (T, ' \n{"resourceSpans" : [ {"scopeSpans":[{"spans":[{"name":"s"} , {"name":"t"}]}] } ] }\t'),
+        (L, '{"resourceLogs": [], "unknown": {"deep": [1, 2, {"x": null}]}}'),
+        (L, "{}"),
+    ],
+)
+def test_pieces_follow_json_semantics(signal, doc):
+    whole = decode(signal, doc)
+    assert _in_pieces(signal, doc) == whole
+    assert _in_pieces(signal, doc.encode()) == whole
+
+
+@pytest.mark.parametrize(
+    ("signal", "doc"),
+    [
+        (M, '{"resourceMetrics": [{"scopeMetrics": [{"metrics": [{"sum": {}, "gauge": {}}]}]}]}'),
+        (L, '{"resourceLogs": [{"scopeLogs": [null]}]}'),
+        (L, '{"resourceLogs": {"scopeLogs": []}}'),
+        (L, '{"resourceLogs": [{"scopeLogs": [[]]}]}'),
+        (L, '{"resourceLogs": [{"scopeLogs": [{"logRecords": [{}],}]}]}'),
+        (L, '{"resourceLogs": [{"scopeLogs": [{"logRecords": [{}] "x": 1}]}]}'),
+        (L, '{"resourceLogs": [{"scopeLogs": [{"logRecords" [{}]}]}]}'),
+        (L, '{"resourceLogs": [{"scopeLogs": [{"logRecords": [{} {}]}]}]}'),
+        (L, '{"resourceLogs": [{"scopeLogs": [{"logRecords": [{}]}]}]} {}'),
+        (L, '{"resourceLogs": [{"scopeLogs": [{"logRecords": [{"body": NaN}]}]}]}'),
+        (L, '{"resourceLogs": [{"scopeLogs": [{"logRecords": ['),
+        (L, '\ufeff{"resourceLogs": []}'),
+        (L, "[]"),
+    ],
+)
+def test_pieces_refuse_what_the_whole_decoder_refuses(signal, doc):
+    assert isinstance(_whole(signal, doc), OtlpJsonError)
+    assert isinstance(_in_pieces(signal, doc), OtlpJsonError)
+
+
+@pytest.mark.parametrize(
+    ("record", "path", "reason"),
+    [
+        ({"traceId": "5b8efff798038103d269b633813fc6"}, "traceId", "32 hex digits"),
+        ({"body": {"arrayValue": {"values": [{}, None]}}}, "body.arrayValue.values[1]", "null"),
+        ({"attributes": {"key": "a"}}, "attributes", "expected an array"),
+    ],
+)
+def test_pieces_say_where_and_what_as_the_whole_decoder(record, path, reason):
+    doc = _log_doc(record)
+    assert str(_in_pieces(Signal.LOGS, doc)) == str(_whole(Signal.LOGS, doc))
+    assert _in_pieces(Signal.LOGS, doc).path == "resourceLogs[0].scopeLogs[0].logRecords[0]." + path
+
+
+def test_long_documents_are_decoded_in_pieces(monkeypatch):
+    request = _log_request(400)
+    doc = encode(request)
+    assert len(doc) >= otlpjson.PIECEWISE_MIN_LENGTH
+    calls = []
+    real = otlpjson._decode_in_pieces
+    monkeypatch.setattr(otlpjson, "_decode_in_pieces", lambda cls, data: calls.append(len(data)) or real(cls, data))
+    assert decode(Signal.LOGS, doc) == request
+    assert decode(Signal.LOGS, encode(_log_request(2))) == _log_request(2)
+    assert calls == [len(doc)]  # only the long one
+
+
+def test_a_thread_decoding_a_long_document_lets_others_run():
+    """The GIL changes hands between records: another thread ticking every ms never waits long."""
+    import threading
+
+    doc = encode(_log_request(20_000))  # ~13 MiB, ~0.5 s to decode
+    done = threading.Event()
+    result = []
+    worker = threading.Thread(target=lambda: (result.append(decode(Signal.LOGS, doc)), done.set()))
+    gaps = []
+    last = time.perf_counter()
+    worker.start()
+    while not done.is_set():
+        time.sleep(0.001)
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    worker.join()
+    assert len(result[0].resource_logs[0].scope_logs[0].log_records) == 20_000
+    # json.loads of the whole document would hold the GIL for ~400 ms
+    assert len(gaps) > 20 and max(gaps) < 0.1, f"{len(gaps)} ticks, longest wait {max(gaps) * 1000:.0f} ms"
