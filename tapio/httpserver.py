@@ -1,4 +1,4 @@
-"""A small HTTP/1.1 server on trio and h11, for tapio's listeners (OTLP/HTTP, /metrics).
+"""A small HTTP/1.1 server on trio and h11, for tapio's listeners (OTLP/HTTP, /metrics, self-telemetry).
 
 Invariants:
 - The handler sees a request only once its whole body is read and within
@@ -8,11 +8,25 @@ Invariants:
   buffer (`MAX_HEAD_BYTES`).
 - Every response carries Content-Length. A connection is reused (keep-alive)
   only when h11 says both sides can; after any error response it is closed.
-- Bad input from a peer (malformed HTTP, oversize bodies, timeouts mid-request)
-  is answered 400/413/408 when possible, counted through ``on_bad_request``,
+- A slow client cannot hold a connection for long (`Limits`): a request head
+  must be complete within ``read_header_timeout`` of the connection's start
+  (or of the first byte of a later request), a body must keep up with
+  ``min_body_rate`` after a ``read_body_timeout`` allowance, a response must
+  be taken within `WRITE_TIMEOUT_SECONDS`, and a connection may wait at most
+  ``idle_timeout`` between requests. A request cut for being slow is
+  answered 408 where it can be, and counted as ``timeout``.
+- At most ``max_connections`` connections are open at once. When that many
+  are open and another client is waiting to connect, the connection that
+  has gone longest without sending a complete request head is closed to
+  make room: first those that never completed one, then keep-alive
+  connections waiting between requests. A connection that is receiving a
+  body, being handled or answered is never closed to make room; when all
+  are, new clients wait in the kernel's accept backlog. A connection closed
+  while it had sent part of a request is answered 503 and counted as
+  ``shed``.
+- Bad input from a peer (malformed HTTP, oversize bodies, slowness) is
+  answered 400/413/408 when possible, counted through ``on_bad_request``,
   logged at debug level with the peer address, and never ends the server.
-- At most ``max_connections`` connections are served at once; further
-  clients wait in the kernel's accept backlog.
 - Cancellation (shutdown) closes idle connections at once. A request whose
   handler is cancelled gets a 503 with ``Connection: close`` when there is
   still time to send one (``SHUTDOWN_REPLY_SECONDS``), so the client knows to
@@ -31,10 +45,14 @@ from typing import Awaitable, Callable
 import h11
 import trio
 
+from tapio.units import join_host_port
+
 #: largest request line + headers we buffer (h11's own default)
 MAX_HEAD_BYTES = 16 * 1024
 #: bytes asked of the socket per read
 READ_SIZE = 64 * 1024
+#: how long sending one response may take: Prometheus' default scrape timeout, so a scraper gives up no later than we do
+WRITE_TIMEOUT_SECONDS = 10.0
 #: after refusing a body, how long we keep reading (and discarding) it so the
 #: client sees our response instead of a connection reset
 LINGER_SECONDS = 1.0
@@ -42,10 +60,44 @@ LINGER_SECONDS = 1.0
 LINGER_BYTES = 64 * 1024 * 1024
 #: time left to tell a client "503 shutting down" when its handler is cancelled
 SHUTDOWN_REPLY_SECONDS = 0.5
+#: time given to tell a connection closed to make room "503" (its socket buffer is empty: this is one write)
+SHED_REPLY_SECONDS = 0.1
 #: pause after accept() fails for lack of file descriptors or memory
 ACCEPT_BACKOFF_SECONDS = 0.1
 
 _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """How long and how many: what keeps slow or idle clients from holding a listener.
+
+    The defaults suit a node agent's listeners; see docs/components/otlp-receiver.md
+    ("Slow and idle clients") for the reasoning and the measured cost per connection.
+    """
+
+    #: connections open at once (each costs one file descriptor and ~50 KB; see the docs)
+    max_connections: int = 512
+    #: seconds from a connection's start, or from a later request's first byte, until its head is complete:
+    #: a real client sends a head in one segment, and 5 s still covers two lost segments (TCP retransmits after 1 s, then 2 s)
+    read_header_timeout: float = 5.0
+    #: seconds a body may take before ``min_body_rate`` counts
+    read_body_timeout: float = 10.0
+    #: bytes per second that extend the body's time: it may take ``read_body_timeout`` plus one second per
+    #: this many bytes received; 0: the whole body within ``read_body_timeout``
+    min_body_rate: int = 64 * 1024
+    #: seconds a keep-alive connection may wait for its next request
+    idle_timeout: float = 60.0
+
+    def body_deadline(self, started: float, received: int) -> float:
+        """When a body that began arriving at ``started`` and has brought ``received`` bytes so far is too slow."""
+        allowance = received / self.min_body_rate if self.min_body_rate else 0.0
+        return started + self.read_body_timeout + allowance
+
+
+#: for listeners only scrapers and probes use (the prometheus exporter, self-telemetry): a Prometheus or two keep
+#: one connection each, kubelet probes open one per probe; the rest of the fd budget belongs to OTLP clients
+SCRAPE_LIMITS = Limits(max_connections=64)
 
 
 @dataclass
@@ -83,20 +135,49 @@ Handler = Callable[[Request], Awaitable[Response]]
 BadRequestCallback = Callable[[str], None]
 
 
-async def open_http_listeners(host: str | None, port: int) -> list[trio.SocketListener]:
+class ListenError(OSError):
+    """An address that cannot be bound. ``str()`` is the whole message; ``strerror`` the reason alone, ``errno`` kept."""
+
+    def __init__(self, message: str, errno_: int | None, reason: str) -> None:
+        super().__init__(errno_, reason)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def listen_error(address: str, cause: OSError | str, *, owner: str = "", protocol: str = "") -> ListenError:
+    """The error to raise when ``address`` cannot be bound, e.g. ``otlp: cannot listen on 127.0.0.1:4318 for HTTP: address already in use``.
+
+    Args:
+        address: as the user wrote it (or ``host:port``).
+        cause: the bind's OSError, or the reason as text when the library does not say (grpcio).
+        owner: who wanted it (a component id), put in front.
+        protocol: what for (``HTTP``, ``gRPC``), when one owner listens twice.
+    """
+    if isinstance(cause, OSError):
+        reason = os.strerror(cause.errno).lower() if cause.errno else str(cause)
+        errno_ = cause.errno
+    else:
+        reason, errno_ = cause, None
+    where = f"{address} for {protocol}" if protocol else address
+    return ListenError(f"{owner + ': ' if owner else ''}cannot listen on {where}: {reason}", errno_, reason)
+
+
+async def open_http_listeners(
+    host: str | None, port: int, *, owner: str = "", address: str | None = None, protocol: str = ""
+) -> list[trio.SocketListener]:
     """Bind ``host:port`` for `serve_http_listeners` (``None`` or ``""``: every interface; port 0: a free one).
 
     Raises:
-        OSError: with the address and the reason, e.g.
-            ``cannot listen on 127.0.0.1:4318: address already in use``.
+        ListenError: with the address and the reason (see `listen_error`; ``address``
+            is how to show it, ``host:port`` by default).
     """
     try:
         return await trio.open_tcp_listeners(port, host=host or None)
     except OSError as exc:
-        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-        error = OSError(f"cannot listen on {_peer((host or '*', port))}: {reason}")
-        error.errno = exc.errno  # kept for callers; the message stays free of "[Errno n]"
-        raise error from exc
+        shown = address if address is not None else join_host_port(host or "*", port)
+        raise listen_error(shown, exc, owner=owner, protocol=protocol) from None
 
 
 def bound_port(listeners: list[trio.SocketListener]) -> int:
@@ -112,8 +193,7 @@ async def serve_http(
     max_body_bytes: int,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     logger: logging.Logger | None = None,
-    idle_timeout: float = 60.0,
-    max_connections: int = 256,
+    limits: Limits = Limits(),
     on_bad_request: BadRequestCallback | None = None,
     name: str = "http",
 ) -> None:
@@ -128,15 +208,13 @@ async def serve_http(
         task_status: receives the bound port once the socket listens.
         logger: where connection problems are logged (debug) and handler
             failures (error); defaults to ``tapio.httpserver``.
-        idle_timeout: seconds a connection may wait for a request's head to
-            complete, for each read of a body, and for each write of a response.
-        max_connections: connections served at once.
+        limits: timeouts and the connection limit (see `Limits`).
         on_bad_request: called with a short reason (``malformed``,
-            ``body_too_large``, ``timeout``) for each refused request.
+            ``body_too_large``, ``timeout``, ``shed``) for each refused request.
         name: used in log messages.
 
     Raises:
-        OSError: the address cannot be bound (before ``task_status.started``),
+        ListenError: the address cannot be bound (before ``task_status.started``),
             as from `open_http_listeners`.
     """
     listeners = await open_http_listeners(host, port)
@@ -146,8 +224,7 @@ async def serve_http(
         max_body_bytes=max_body_bytes,
         task_status=task_status,
         logger=logger,
-        idle_timeout=idle_timeout,
-        max_connections=max_connections,
+        limits=limits,
         on_bad_request=on_bad_request,
         name=name,
     )
@@ -160,8 +237,7 @@ async def serve_http_listeners(
     max_body_bytes: int,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     logger: logging.Logger | None = None,
-    idle_timeout: float = 60.0,
-    max_connections: int = 256,
+    limits: Limits = Limits(),
     on_bad_request: BadRequestCallback | None = None,
     name: str = "http",
 ) -> None:
@@ -170,12 +246,11 @@ async def serve_http_listeners(
     Binding first lets a caller report a bind error plainly, outside any nursery.
     """
     log = logger or logging.getLogger(__name__)
-    slots = trio.Semaphore(max_connections)
-    server = _Server(handler, max_body_bytes, idle_timeout, log, on_bad_request or (lambda reason: None), name)
+    server = _Server(handler, max_body_bytes, limits, log, on_bad_request or (lambda reason: None), name)
     try:
         async with trio.open_nursery() as nursery:
             for listener in listeners:
-                nursery.start_soon(server.accept_loop, listener, slots, nursery)
+                nursery.start_soon(server.accept_loop, listener, nursery)
             task_status.started(bound_port(listeners))
     finally:
         with trio.CancelScope(shield=True):
@@ -188,53 +263,80 @@ class _Timeout(Exception):
 
 
 class _Server:
+    """The listeners' shared state: which connections are open, and which may be closed to make room."""
+
     def __init__(
         self,
         handler: Handler,
         max_body_bytes: int,
-        idle_timeout: float,
+        limits: Limits,
         log: logging.Logger,
         on_bad_request: BadRequestCallback,
         name: str,
     ) -> None:
         self.handler = handler
         self.max_body_bytes = max_body_bytes
-        self.idle_timeout = idle_timeout
+        self.limits = limits
         self.log = log
         self.on_bad_request = on_bad_request
         self.name = name
+        #: open connections, not counting those closed to make room
+        self.open: set[_Connection] = set()
+        #: connections that never sent a complete request head, oldest first
+        self.fresh: dict[_Connection, None] = {}
+        #: keep-alive connections waiting for (the head of) their next request, longest waiting first
+        self.between: dict[_Connection, None] = {}
+        #: set when a connection closes or may be closed to make room
+        self._changed = trio.Event()
 
-    async def accept_loop(
-        self, listener: trio.SocketListener, slots: trio.Semaphore, nursery: trio.Nursery
-    ) -> None:
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def forget(self, conn: _Connection) -> None:
+        self.open.discard(conn)
+        self.fresh.pop(conn, None)
+        self.between.pop(conn, None)
+        self.changed()
+
+    def _victim(self) -> _Connection | None:
+        for waiting in (self.fresh, self.between):
+            for conn in waiting:
+                return conn
+        return None
+
+    async def _make_room(self, listener: trio.SocketListener) -> None:
+        """Return once there is room for one more connection, closing one without a complete head if need be."""
+        while len(self.open) >= self.limits.max_connections:
+            if self._victim() is None:
+                await self._changed.wait()  # every connection is busy with a request: new clients wait in the backlog
+                continue
+            # close one only for a client that is actually waiting to connect
+            await trio.lowlevel.wait_readable(listener.socket)
+            victim = self._victim()
+            if len(self.open) >= self.limits.max_connections and victim is not None:
+                victim.shed()
+
+    async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
-            await slots.acquire()
+            await self._make_room(listener)
             try:
                 stream = await listener.accept()
             except OSError as exc:
-                slots.release()
                 if exc.errno in _ACCEPT_RESOURCE_ERRORS:
                     self.log.warning("%s: accept failed (%s); retrying", self.name, exc)
                     await trio.sleep(ACCEPT_BACKOFF_SECONDS)
                     continue
                 raise
-            except BaseException:
-                slots.release()
-                raise
-            nursery.start_soon(self._connection_task, stream, slots)
-
-    async def _connection_task(self, stream: trio.SocketStream, slots: trio.Semaphore) -> None:
-        try:
             try:
                 peer = stream.socket.getpeername()[:2]
             except OSError:  # already reset by the peer
-                return
-            conn = _Connection(self, stream, (str(peer[0]), int(peer[1])))
-            await conn.serve()
-        finally:
-            slots.release()
-            with trio.CancelScope(shield=True):
                 await stream.aclose()
+                continue
+            conn = _Connection(self, stream, (str(peer[0]), int(peer[1])))
+            self.open.add(conn)
+            self.fresh[conn] = None
+            nursery.start_soon(conn.run)
 
 
 class _Connection:
@@ -245,6 +347,38 @@ class _Connection:
         self.stream = stream
         self.client = client
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.started = trio.current_time()
+        self.served = 0
+        #: cancelled to close the connection to make room
+        self.scope = trio.CancelScope()
+        self.is_shed = False
+
+    def shed(self) -> None:
+        """Close this connection (waiting for a request head) to make room for another."""
+        server = self.server
+        self.is_shed = True
+        server.open.discard(self)
+        server.fresh.pop(self, None)
+        server.between.pop(self, None)
+        self.scope.cancel()
+
+    async def run(self) -> None:
+        try:
+            with self.scope:
+                await self.serve()
+            if self.is_shed:
+                await self._after_shed()
+        finally:
+            self.server.forget(self)
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+    async def _after_shed(self) -> None:
+        if self.served == 0 or self._in_request():
+            self._bad("shed", f"closed to make room, {self._head_progress()}")
+        if self._in_request():
+            with trio.move_on_after(SHED_REPLY_SECONDS):
+                await self._send_error(503, "too many connections; retry", retry_after=1)
 
     async def serve(self) -> None:
         try:
@@ -255,18 +389,35 @@ class _Connection:
                 if self.h11.our_state is h11.MUST_CLOSE or self.h11.their_state is not h11.DONE:
                     return
                 self.h11.start_next_cycle()
+                self.served += 1
+                self.server.between[self] = None
+                self.server.changed()
         except (trio.BrokenResourceError, trio.ClosedResourceError, _Timeout):
             return  # the peer went away or stalled; nothing more to say to it
 
     async def _one_request(self) -> bool:
         """Serve one request; False when the connection is to be closed."""
-        server = self.server
+        server, limits = self.server, self.server.limits
         try:
-            with trio.move_on_after(server.idle_timeout) as head_timer:
-                event = await self._next_event()
+            if self.served == 0:
+                head_deadline = self.started + limits.read_header_timeout
+            else:
+                if not self._in_request():
+                    with trio.move_on_after(limits.idle_timeout) as idle_timer:
+                        await self._receive()
+                    if idle_timer.cancelled_caught:
+                        return False  # idle too long between requests: closed without a word, as keep-alive allows
+                head_deadline = trio.current_time() + limits.read_header_timeout
+            try:
+                with trio.move_on_at(head_deadline) as head_timer:
+                    event = await self._next_event()
+            finally:  # from here on it is not closed to make room
+                server.fresh.pop(self, None)
+                server.between.pop(self, None)
             if head_timer.cancelled_caught:
+                if self.served == 0 or self._in_request():
+                    self._bad("timeout", f"no complete request head within {limits.read_header_timeout:g}s, {self._head_progress()}")
                 if self._in_request():
-                    self._bad("timeout", "timed out reading the request head")
                     await self._send_error(408, "request head not received in time")
                 return False
             if isinstance(event, h11.ConnectionClosed):
@@ -292,7 +443,7 @@ class _Connection:
                 )
             raise
         except Exception:
-            server.log.exception("%s: handler failed on %s %s from %s", server.name, request.method, request.target, _peer(self.client))
+            server.log.exception("%s: handler failed on %s %s from %s", server.name, request.method, request.target, join_host_port(*self.client))
             await self._send_error(500, "internal error")
             return False
         await self._send_response(response, close=False)
@@ -302,9 +453,12 @@ class _Connection:
         # h11 has bytes of a request buffered, or a request is under way
         return bool(self.h11.trailing_data[0]) or self.h11.their_state is not h11.IDLE
 
+    def _head_progress(self) -> str:
+        return f"{len(self.h11.trailing_data[0])} bytes of a request head received"
+
     async def _read_body(self, request: h11.Request) -> bytes | None:
         """The request's body, or None after answering 413/408 (the connection then closes)."""
-        server = self.server
+        server, limits = self.server, self.server.limits
         limit = server.max_body_bytes
         length = _content_length(request)
         if length is not None and length > limit:
@@ -315,11 +469,13 @@ class _Connection:
             await self._send(h11.InformationalResponse(status_code=100, headers=[]))
         chunks: list[bytes] = []
         size = 0
+        started = trio.current_time()
         while True:
-            with trio.move_on_after(server.idle_timeout) as timer:
+            with trio.move_on_at(limits.body_deadline(started, size)) as timer:
                 event = await self._next_event()
             if timer.cancelled_caught:
-                self._bad("timeout", "timed out reading the request body")
+                took = trio.current_time() - started
+                self._bad("timeout", f"request body too slow: {size} bytes in {took:.1f}s")
                 await self._send_error(408, "request body not received in time")
                 return None
             if isinstance(event, h11.Data):
@@ -334,21 +490,25 @@ class _Connection:
             elif isinstance(event, h11.ConnectionClosed):  # pragma: no cover - h11 raises first
                 raise trio.BrokenResourceError("peer closed mid-body")
 
+    async def _receive(self) -> None:
+        """Read once from the socket into h11 (an empty read: the peer closed)."""
+        try:
+            data = await self.stream.receive_some(READ_SIZE)
+        except (trio.BrokenResourceError, OSError):
+            data = b""
+        self.h11.receive_data(data)
+
     async def _next_event(self):
         while True:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            try:
-                data = await self.stream.receive_some(READ_SIZE)
-            except (trio.BrokenResourceError, OSError):
-                data = b""
-            self.h11.receive_data(data)
+            await self._receive()
 
     async def _send(self, event) -> None:
         data = self.h11.send(event)
         if data:
-            with trio.move_on_after(self.server.idle_timeout) as timer:
+            with trio.move_on_after(WRITE_TIMEOUT_SECONDS) as timer:
                 await self.stream.send_all(data)
             if timer.cancelled_caught:
                 raise _Timeout()
@@ -367,18 +527,18 @@ class _Connection:
             await self._send(h11.EndOfMessage())
         except h11.LocalProtocolError:
             # e.g. a handler's header h11 refuses; the connection cannot continue
-            self.server.log.exception("%s: invalid response for %s", self.server.name, _peer(self.client))
+            self.server.log.exception("%s: invalid response for %s", self.server.name, join_host_port(*self.client))
             raise trio.BrokenResourceError("invalid response") from None
         except OSError:
             raise trio.BrokenResourceError("peer went away") from None
 
-    async def _send_error(self, status: int, message: str) -> None:
+    async def _send_error(self, status: int, message: str, *, retry_after: int | None = None) -> None:
+        headers = [("content-type", "text/plain; charset=utf-8")]
+        if retry_after is not None:
+            headers.append(("retry-after", str(retry_after)))
         try:
-            await self._send_response(
-                Response(status, [("content-type", "text/plain; charset=utf-8")], (message + "\n").encode()),
-                close=True,
-            )
-        except (trio.BrokenResourceError, trio.ClosedResourceError, _Timeout):
+            await self._send_response(Response(status, headers, (message + "\n").encode()), close=True)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, _Timeout, h11.LocalProtocolError):
             pass
 
     async def _refuse_body(self, status: int, message: str) -> None:
@@ -397,7 +557,7 @@ class _Connection:
                 pass
 
     def _bad(self, reason: str, detail: str) -> None:
-        self.server.log.debug("%s: bad request from %s: %s", self.server.name, _peer(self.client), detail)
+        self.server.log.debug("%s: bad request from %s: %s", self.server.name, join_host_port(*self.client), detail)
         try:
             self.server.on_bad_request(reason)
         except Exception:
@@ -423,8 +583,3 @@ def _make_request(event: h11.Request, body: bytes, client: tuple[str, int]) -> R
         body=body,
         client=client,
     )
-
-
-def _peer(client: tuple[str, int]) -> str:
-    host, port = client
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -8,6 +8,9 @@ Invariants:
 - ``/healthz`` answers 200 while no component is failing and 503 with the
   failing component ids otherwise; ``/readyz`` answers 200 once every
   component started and until shutdown begins.
+- The endpoint is served by `tapio.httpserver` with its timeouts and
+  `SCRAPE_LIMITS`; requests cut or refused there are counted in
+  ``tapio_bad_input_total{listener="self-telemetry"}``.
 """
 
 from __future__ import annotations
@@ -88,14 +91,21 @@ async def serve(
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the endpoints until cancelled; ``task_status.started(bound_port)``."""
-    from tapio.httpserver import serve_http
+    """Serve the endpoints until cancelled; ``task_status.started(bound_port)``.
 
+    Raises:
+        tapio.httpserver.ListenError: ``host:port`` cannot be bound (its ``strerror`` says why).
+    """
+    from tapio.httpserver import SCRAPE_LIMITS, serve_http
+
+    listener = telemetry.for_component("listener", "self-telemetry")
     await serve_http(
         make_handler(telemetry, health),
         host,
         port,
         max_body_bytes=1 << 16,
+        limits=SCRAPE_LIMITS,
+        on_bad_request=lambda reason: listener.bad_input(f"http_{reason}"),
         task_status=task_status,
         logger=logging.getLogger("tapio.selftelemetry"),
         name="self-telemetry",

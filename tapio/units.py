@@ -183,6 +183,11 @@ def parse_listen_address(text: object, *, example: str = "127.0.0.1:4317") -> tu
 def with_port(endpoint: str, port: int) -> str:
     """A listen address ``host:port`` with another port (``[v6addr]:port`` kept bracketed): what was bound for port 0."""
     host, _ = parse_listen_address(endpoint)
+    return join_host_port(host, port)
+
+
+def join_host_port(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address in brackets (``[::1]:4317``), as written in configs and logs."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 

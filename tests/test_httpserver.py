@@ -11,7 +11,7 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tapio.httpserver import Request, Response, serve_http
+from tapio.httpserver import Limits, Request, Response, serve_http
 
 LIMIT = 1024
 
@@ -204,34 +204,178 @@ async def test_handler_failure_is_500_and_not_fatal(nursery, caplog):
     assert "handler failed" in caplog.text
 
 
+async def open_slow(port: int, data: bytes = b"") -> trio.SocketStream:
+    """A connection that sends ``data`` (part of a request, or nothing) and then nothing more."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    if data:
+        await stream.send_all(data)
+    return stream
+
+
+async def read_until_closed(stream: trio.SocketStream) -> bytes:
+    out = bytearray()
+    with trio.fail_after(120):
+        while True:
+            try:
+                chunk = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    return bytes(out)
+
+
+async def wait_until(predicate) -> None:
+    with trio.fail_after(10):
+        while not predicate():
+            await trio.sleep(0.001)
+
+
+HEAD = b"POST /slow HTTP/1.1\r\nhost: a\r\n"
+
+
 async def test_stalled_request_head_times_out_with_408(nursery, autojump_clock):
-    port, rec = await start(nursery, idle_timeout=5)
-    out = await raw_exchange(port, b"POST / HTTP/1.1\r\nhost: a\r\n", eof=False)
+    port, rec = await start(nursery, limits=Limits(read_header_timeout=5, idle_timeout=60))
+    began = trio.current_time()
+    async with await open_slow(port, HEAD) as stream:
+        out = await read_until_closed(stream)
     assert [s for s, _, _ in parse_responses(out)] == [408]
+    assert 5 <= trio.current_time() - began < 6  # the head timeout, not the idle one
     assert rec.bad == ["timeout"]
 
 
-async def test_idle_connection_is_closed_silently(nursery, autojump_clock):
-    port, rec = await start(nursery, idle_timeout=5)
-    start_time = trio.current_time()
-    assert await raw_exchange(port, b"", eof=False) == b""
-    assert trio.current_time() - start_time >= 5
-    assert rec.bad == []
+async def test_a_connection_that_sends_nothing_is_cut_at_the_head_timeout(nursery, autojump_clock):
+    port, rec = await start(nursery, limits=Limits(read_header_timeout=5, idle_timeout=60))
+    began = trio.current_time()
+    async with await open_slow(port) as stream:
+        assert await read_until_closed(stream) == b""  # nothing was asked: nothing is answered
+    assert 5 <= trio.current_time() - began < 6
+    assert rec.bad == ["timeout"]
 
 
-async def test_connections_are_bounded(nursery):
-    port, rec = await start(nursery, max_connections=1)
-    first = await trio.open_tcp_stream("127.0.0.1", port)
+async def test_keep_alive_waits_idle_timeout_then_a_new_head_gets_the_head_timeout(nursery, autojump_clock):
+    port, rec = await start(nursery, limits=Limits(read_header_timeout=5, idle_timeout=60))
+    async with await open_slow(port, b"POST /a HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\n\r\nhi") as stream:
+        first = b""
+        with trio.fail_after(1):
+            while not first.endswith(b"hi"):  # the echoed body ends the response
+                first += await stream.receive_some(65536)
+        assert first.startswith(b"HTTP/1.1 200 ")
+        await trio.sleep(50)  # idle between requests, within idle_timeout: kept open
+        began = trio.current_time()
+        await stream.send_all(HEAD)
+        out = await read_until_closed(stream)
+    assert [s for s, _, _ in parse_responses(out)] == [408]
+    assert 5 <= trio.current_time() - began < 6
+    assert rec.bad == ["timeout"]
+    async with await open_slow(port, b"GET /b HTTP/1.1\r\nhost: a\r\n\r\n") as idle:
+        began = trio.current_time()
+        out = await read_until_closed(idle)
+    assert [s for s, _, _ in parse_responses(out)] == [200]
+    assert 60 <= trio.current_time() - began < 61  # closed after idle_timeout, silently
+    assert rec.bad == ["timeout"]
+
+
+async def send_body_slowly(stream: trio.SocketStream, size: int, chunk: int, every: float) -> None:
+    await stream.send_all(b"POST /up HTTP/1.1\r\nhost: a\r\ncontent-length: %d\r\n\r\n" % size)
+    sent = 0
+    try:
+        while sent < size:
+            await trio.sleep(every)
+            await stream.send_all(b"x" * min(chunk, size - sent))
+            sent += chunk
+    except trio.BrokenResourceError:
+        pass  # cut by the server
+
+
+async def test_a_trickling_body_is_cut_with_408(nursery, autojump_clock):
+    port, rec = await start(nursery, max_body_bytes=100_000, limits=Limits(read_body_timeout=10, min_body_rate=64 * 1024))
+    async with await open_slow(port) as stream:
+        began = trio.current_time()
+        nursery.start_soon(send_body_slowly, stream, 100_000, 1, 1.0)
+        out = await read_until_closed(stream)
+    assert [s for s, _, _ in parse_responses(out)] == [408]
+    assert 10 <= trio.current_time() - began < 11  # ~10 bytes earned no noticeable extension
+    assert rec.bad == ["timeout"] and rec.requests == []
+
+
+@pytest.mark.parametrize(("every", "served"), [(0.9, True), (1.5, False)])
+async def test_a_body_must_keep_up_with_the_minimum_rate(nursery, autojump_clock, every, served):
+    # 1000 bytes/s earn a second each: at 1000 bytes every 0.9 s the 20 s upload goes on; every 1.5 s it falls behind
+    port, rec = await start(nursery, max_body_bytes=100_000, limits=Limits(read_body_timeout=2, min_body_rate=1000))
+    async with await open_slow(port) as stream:
+        began = trio.current_time()
+        nursery.start_soon(send_body_slowly, stream, 20_000, 1000, every)
+        if served:
+            with trio.fail_after(60):
+                while not rec.requests:
+                    await trio.sleep(0.1)
+            assert len(rec.requests[0].body) == 20_000 and rec.bad == []
+            assert trio.current_time() - began >= 18  # far longer than read_body_timeout
+        else:
+            out = await read_until_closed(stream)
+            assert [s for s, _, _ in parse_responses(out)] == [408] and rec.bad == ["timeout"]
+
+
+async def test_at_the_limit_the_oldest_connection_without_a_head_is_closed_for_a_new_client(nursery):
+    port, rec = await start(nursery, limits=Limits(max_connections=3))
+    oldest = await open_slow(port, HEAD)
+    middle = await open_slow(port)
+    newest = await open_slow(port, b"POST /slow HTTP/1.1\r\n")
+    async with oldest, middle, newest:
+        await trio.testing.wait_all_tasks_blocked()
+        async with httpx.AsyncClient() as client:
+            with trio.fail_after(5):
+                r = await client.post(f"http://127.0.0.1:{port}/fine", content=b"ok")
+        assert r.status_code == 200
+        out = await read_until_closed(oldest)
+        assert [(s, h.get(b"retry-after")) for s, h, _ in parse_responses(out)] == [(503, b"1")]
+        assert rec.bad == ["shed"]
+        # the others are still open: no answer, no end of stream
+        for stream in (middle, newest):
+            with trio.move_on_after(0.2) as still_open:
+                await stream.receive_some(1)
+            assert still_open.cancelled_caught
+
+
+async def test_connections_that_never_sent_a_head_go_before_idle_keep_alive_ones(nursery):
+    port, rec = await start(nursery, limits=Limits(max_connections=2))
+    keep_alive = await open_slow(port, b"GET /ka HTTP/1.1\r\nhost: a\r\n\r\n")
+    with trio.fail_after(5):
+        assert (await keep_alive.receive_some(65536)).startswith(b"HTTP/1.1 200 ")
+    silent = await open_slow(port)
+    async with keep_alive, silent:
+        await trio.testing.wait_all_tasks_blocked()
+        async with httpx.AsyncClient() as client:
+            with trio.fail_after(5):
+                assert (await client.get(f"http://127.0.0.1:{port}/one")).status_code == 200
+            assert await read_until_closed(silent) == b""  # closed: it had sent nothing, so it hears nothing
+            assert rec.bad == ["shed"]
+            # now only the idle keep-alive connection (and the client's own) are left: the next newcomer closes the idle one
+            async with httpx.AsyncClient() as other:
+                with trio.fail_after(5):
+                    assert (await other.get(f"http://127.0.0.1:{port}/two")).status_code == 200
+        assert await read_until_closed(keep_alive) == b""
+    assert rec.bad == ["shed"]  # closing an idle keep-alive connection is not a bad request
+
+
+async def test_connections_busy_with_a_request_are_not_closed_to_make_room(nursery):
+    port, rec = await start(nursery, limits=Limits(max_connections=1))
+    busy = await open_slow(port, b"POST /first HTTP/1.1\r\nhost: a\r\ncontent-length: 4\r\n\r\nab")
     second = await trio.open_tcp_stream("127.0.0.1", port)
-    async with first, second:
+    async with busy, second:
         await second.send_all(b"POST /second HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\n\r\n")
         await trio.testing.wait_all_tasks_blocked()
-        assert rec.requests == []  # the second waits in the backlog while the first holds the slot
-        await first.aclose()
+        assert rec.requests == []  # the second waits in the backlog while the first sends its body
+        await busy.send_all(b"cd")
         with trio.fail_after(10):
+            assert (await busy.receive_some(1024)).startswith(b"HTTP/1.1 200 ")
+            await busy.aclose()
             data = await second.receive_some(1024)
     assert data.startswith(b"HTTP/1.1 200 ")
-    assert [r.path for r in rec.requests] == ["/second"]
+    assert [r.path for r in rec.requests] == ["/first", "/second"]
+    assert rec.bad == []
 
 
 async def test_cancellation_answers_in_flight_requests_with_503():

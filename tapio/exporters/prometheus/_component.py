@@ -18,16 +18,15 @@ Invariants:
 from __future__ import annotations
 
 import gzip
-import os
 from typing import Any
 
 import trio
 
 from tapio.component import Ports, Settings
-from tapio.httpserver import Request, Response, bound_port, open_http_listeners, serve_http_listeners
+from tapio.httpserver import SCRAPE_LIMITS, Request, Response, bound_port, open_http_listeners, serve_http_listeners
 from tapio.pdata import Batch, Signal
 from tapio.telemetry import COUNTER, GAUGE
-from tapio.units import with_port
+from tapio.units import join_host_port, with_port
 
 from ._config import Config, parse_endpoint
 from ._render import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, render_openmetrics, render_text
@@ -78,21 +77,16 @@ class PrometheusExporter:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         settings, config = self._settings, self._config
         host, port = parse_endpoint(config.endpoint)
-        try:
-            listeners = await open_http_listeners(host or None, port)
-        except OSError as exc:
-            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-            error = OSError(f"{settings.id}: cannot listen on {config.endpoint}: {reason}")
-            error.errno = exc.errno
-            raise error from None
+        listeners = await open_http_listeners(host or None, port, owner=str(settings.id), address=config.endpoint)
         self.port = bound_port(listeners)
-        settings.logger.info("%s: serving /metrics on %s:%d", settings.id, host or "*", self.port)
+        settings.logger.info("%s: serving /metrics on %s", settings.id, join_host_port(host or "*", self.port))
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 lambda task_status: serve_http_listeners(
                     self._handle,
                     listeners,
                     max_body_bytes=MAX_REQUEST_BODY,
+                    limits=SCRAPE_LIMITS,
                     logger=settings.logger,
                     on_bad_request=lambda reason: settings.telemetry.bad_input(f"http_{reason}"),
                     name=f"{settings.id} /metrics",

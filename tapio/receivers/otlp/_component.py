@@ -11,8 +11,6 @@ Invariants:
 
 from __future__ import annotations
 
-import os
-
 import trio
 
 from tapio.component import Ports, Settings
@@ -69,13 +67,9 @@ class OtlpReceiver:
             listeners = None
             if protocols.http is not None:
                 host, port = parse_endpoint(protocols.http.endpoint)
-                try:
-                    listeners = await open_http_listeners(host, port)
-                except OSError as exc:
-                    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-                    error = OSError(f"{component_id}: cannot listen on {protocols.http.endpoint} for HTTP: {reason}")
-                    error.errno = exc.errno
-                    raise error from None
+                listeners = await open_http_listeners(
+                    host, port, owner=component_id, address=protocols.http.endpoint, protocol="HTTP"
+                )
                 self.http_port = bound_port(listeners)
                 settings.logger.info("%s: OTLP/HTTP on %s", component_id, _shown(protocols.http.endpoint, self.http_port))
             async with trio.open_nursery() as nursery:
@@ -87,8 +81,7 @@ class OtlpReceiver:
                             handler,
                             listeners,
                             max_body_bytes=int(http.max_request_body_size),
-                            idle_timeout=float(http.idle_timeout),
-                            max_connections=http.max_connections,
+                            limits=http.limits(),
                             on_bad_request=handler.on_bad_http,
                             logger=settings.logger,
                             name=f"{component_id} HTTP",

@@ -14,12 +14,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 from tapio.component import setting
+from tapio.httpserver import Limits
 from tapio.units import ByteSize, Duration, parse_listen_address
 
 DEFAULT_GRPC_ENDPOINT = "127.0.0.1:4317"
 DEFAULT_HTTP_ENDPOINT = "127.0.0.1:4318"
 #: the OTel Collector's default for an HTTP server's max_request_body_size
 DEFAULT_MAX_REQUEST_BODY = ByteSize(20 * 1024 * 1024)
+#: tapio.httpserver's default: see docs/components/otlp-receiver.md, "Slow and idle clients"
+DEFAULT_MAX_CONNECTIONS = Limits().max_connections
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
@@ -47,9 +50,29 @@ class GrpcConfig:
         4,
         doc="Threads that run gRPC calls; each waits while the pipeline is full, so this bounds the requests in flight.",
     )
+    handshake_timeout: Duration = setting(
+        Duration(5.0),
+        doc="How long a new connection may take to start HTTP/2 (the client's preface and settings); slower ones are closed.",
+    )
+    max_connection_idle: Duration = setting(
+        Duration(300.0),
+        doc="A connection without calls for this long is closed (with GOAWAY: clients reconnect when they next send). "
+        "0: never.",
+    )
+    max_connection_age: Duration = setting(
+        Duration(0.0),
+        doc="A connection open this long is asked to go away (GOAWAY), and closed `max_connection_age_grace` later "
+        "with whatever call is still unfinished on it. 0: never.",
+    )
+    max_connection_age_grace: Duration = setting(
+        Duration(30.0),
+        doc="How long calls in flight may finish after `max_connection_age` before their connection is closed.",
+    )
 
     def validate(self, prefix: str = "protocols.grpc") -> list[str]:
         problems = _endpoint_problems(f"{prefix}.endpoint", self.endpoint)
+        if self.handshake_timeout <= 0:
+            problems.append(f"{prefix}.handshake_timeout: must be more than 0")
         if self.max_recv_msg_size_mib < 1:
             problems.append(f"{prefix}.max_recv_msg_size_mib: must be at least 1 (got {self.max_recv_msg_size_mib})")
         if self.max_concurrent_streams < 0:
@@ -72,11 +95,40 @@ class HttpConfig:
         DEFAULT_MAX_REQUEST_BODY,
         doc="Largest request body accepted, both as sent and after decompression; larger ones get 413.",
     )
+    read_header_timeout: Duration = setting(
+        Duration(5.0),
+        doc="How long a request head (request line and headers) may take to arrive, from the connection's start or from "
+        "the first byte of a later request on it; a slower one is answered 408 and its connection closed.",
+    )
+    read_body_timeout: Duration = setting(
+        Duration(10.0),
+        doc="How long a request body may take to arrive, plus one second for every `min_body_rate` bytes received; "
+        "a slower one is answered 408 and its connection closed.",
+    )
+    min_body_rate: ByteSize = setting(
+        ByteSize(64 * 1024),
+        doc="Bytes per second a body must keep up on average, beyond `read_body_timeout`. 0: the whole body within "
+        "`read_body_timeout`.",
+    )
     idle_timeout: Duration = setting(
         Duration(60.0),
-        doc="How long a connection may sit between requests, and how long each read or write of a request may take.",
+        doc="How long a keep-alive connection may wait for its next request before it is closed.",
     )
-    max_connections: int = setting(256, doc="Client connections served at once; further clients wait to be accepted.")
+    max_connections: int = setting(
+        DEFAULT_MAX_CONNECTIONS,
+        doc="Connections open at once. When all are taken and another client connects, the one that has waited "
+        "longest without sending a complete request head is closed to make room.",
+    )
+
+    def limits(self) -> Limits:
+        """What these settings ask of the HTTP server."""
+        return Limits(
+            max_connections=self.max_connections,
+            read_header_timeout=float(self.read_header_timeout),
+            read_body_timeout=float(self.read_body_timeout),
+            min_body_rate=int(self.min_body_rate),
+            idle_timeout=float(self.idle_timeout),
+        )
 
     def validate(self, prefix: str = "protocols.http") -> list[str]:
         problems = _endpoint_problems(f"{prefix}.endpoint", self.endpoint)
@@ -95,8 +147,9 @@ class HttpConfig:
             seen.setdefault(path, key)
         if self.max_request_body_size < 1:
             problems.append(f"{prefix}.max_request_body_size: must be at least 1 byte")
-        if self.idle_timeout <= 0:
-            problems.append(f"{prefix}.idle_timeout: must be more than 0")
+        for key in ("read_header_timeout", "read_body_timeout", "idle_timeout"):
+            if getattr(self, key) <= 0:
+                problems.append(f"{prefix}.{key}: must be more than 0")
         if self.max_connections < 1:
             problems.append(f"{prefix}.max_connections: must be at least 1 (got {self.max_connections})")
         return problems

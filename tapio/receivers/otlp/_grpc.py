@@ -17,7 +17,6 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -25,8 +24,10 @@ from typing import Callable
 import grpc
 from google.protobuf.message import DecodeError
 
+from tapio.httpserver import listen_error
 from tapio.pdata import Batch, Signal
 from tapio.telemetry import ComponentTelemetry
+from tapio.units import join_host_port
 
 from ._delivery import REFUSAL_TEXT, Delivery
 from ._config import GrpcConfig, parse_endpoint
@@ -60,9 +61,18 @@ def start_grpc_server(
         ("grpc.max_receive_message_length", config.max_recv_msg_size_mib * 1024 * 1024),
         # without this a second process could bind the same port and share its traffic
         ("grpc.so_reuseport", 0),
+        # covers the TCP accept up to the client's HTTP/2 SETTINGS (grpcio's default: 120 s)
+        ("grpc.server_handshake_timeout_ms", _ms(config.handshake_timeout)),
     ]
+    # No connection limit (grpc.max_allowed_incoming_connections): at its limit grpcio closes every new connection,
+    # which would lock legitimate clients out while slow ones hold the slots; slow ones are cut by the timeouts instead.
     if config.max_concurrent_streams:
         options.append(("grpc.max_concurrent_streams", config.max_concurrent_streams))
+    if config.max_connection_idle:
+        options.append(("grpc.max_connection_idle_ms", _ms(config.max_connection_idle)))
+    if config.max_connection_age:
+        options.append(("grpc.max_connection_age_ms", _ms(config.max_connection_age)))
+        options.append(("grpc.max_connection_age_grace_ms", _ms(config.max_connection_age_grace)))
     executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix=f"{component_id}-grpc")
     server = grpc.server(executor, options=options)
     for signal, service in SERVICES.items():
@@ -78,8 +88,7 @@ def start_grpc_server(
     if not bound:
         server.stop(None)
         executor.shutdown(wait=False)
-        reason = _why_bind_fails(host, port)
-        raise OSError(f"{component_id}: cannot listen on {config.endpoint} for gRPC: {reason}")
+        raise listen_error(config.endpoint, _why_bind_fails(host, port), owner=component_id, protocol="gRPC")
     server.start()
     return server, executor, bound
 
@@ -120,13 +129,16 @@ def _make_export(
     return export
 
 
+def _ms(seconds: float) -> int:
+    """A duration as grpcio's channel arguments take it: whole milliseconds, at least 1."""
+    return max(1, round(seconds * 1000))
+
+
 def _grpc_address(host: str, port: int) -> str:
-    if not host:
-        return f"[::]:{port}"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return join_host_port(host or "::", port)
 
 
-def _why_bind_fails(host: str, port: int) -> str:
+def _why_bind_fails(host: str, port: int) -> OSError | str:
     """grpcio does not say why a bind failed; find out with a plain socket."""
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -138,5 +150,5 @@ def _why_bind_fails(host: str, port: int) -> str:
             try:
                 probe.bind(addr)
             except OSError as exc:
-                return os.strerror(exc.errno).lower() if exc.errno else str(exc)
+                return exc
     return "grpcio could not bind it"
