@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from google.rpc import status_pb2
+from google.rpc import code_pb2, status_pb2
 from hypothesis import given, settings as hsettings, strategies as st
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -34,6 +34,7 @@ from tapio.component import ComponentID, Kind, Ports, Refused, Settings, config_
 from tapio.pdata import Batch, Signal
 from tapio.receivers.otlp import factory
 from tapio.receivers.otlp._config import Config, GrpcConfig, HttpConfig, Protocols, parse_endpoint
+from tapio.receivers.otlp._grpc import SERVICES
 from tapio.receivers.otlp._http import TooLarge, decompress
 from tapio.telemetry import Telemetry
 from tapio.testing.sink import RecordingConsumer
@@ -397,6 +398,119 @@ async def test_http_malformed_http_is_counted(nursery):
     assert receiver.bad_input("http_malformed") == 1
 
 
+def spy_on_decoding(monkeypatch) -> list[bool]:
+    """Record, for each body decoded, whether it was decoded on the event loop's thread."""
+    import threading
+
+    from tapio.receivers.otlp import _http
+
+    on_loop: list[bool] = []
+    real = _http.decode_body
+
+    def recording(*args):
+        on_loop.append(threading.current_thread() is threading.main_thread())
+        return real(*args)
+
+    monkeypatch.setattr(_http, "decode_body", recording)
+    return on_loop
+
+
+async def test_http_decodes_small_bodies_on_the_loop_and_others_in_a_thread(nursery, monkeypatch):
+    from tapio import otlpjson
+    from tapio.receivers.otlp._http import INLINE_JSON_BYTES, INLINE_PROTOBUF_BYTES
+
+    on_loop = spy_on_decoding(monkeypatch)
+    receiver = await start(nursery)
+    small, large = log_request(n=2), log_request(n=2000)
+    assert len(small.SerializeToString()) <= INLINE_PROTOBUF_BYTES < len(large.SerializeToString())
+    assert len(otlpjson.encode(small)) <= INLINE_JSON_BYTES < len(otlpjson.encode(large))
+    proto, js = {"content-type": "application/x-protobuf"}, {"content-type": "application/json"}
+    async with httpx.AsyncClient() as client:
+        for content, headers in [
+            (small.SerializeToString(), proto),
+            (large.SerializeToString(), proto),
+            (otlpjson.encode(small), js),
+            (otlpjson.encode(large), js),
+            (gzip.compress(small.SerializeToString()), {**proto, "content-encoding": "gzip"}),  # may inflate to anything
+        ]:
+            r = await client.post(receiver.http + "/v1/logs", content=content, headers=headers)
+            assert r.status_code == 200, r.content
+    assert on_loop == [True, False, True, False, False]
+    assert receiver.consumer.requests() == [small, large, small, large, small]
+
+
+async def test_http_json_body_of_40k_records_does_not_stall_the_event_loop(nursery):
+    """A task ticking on the loop sees no gap above 100 ms while a 30 MiB OTLP/JSON body is received and decoded.
+
+    Decoded on the loop (or with one json.loads in a thread, which holds the
+    GIL throughout) the body stalls the loop for ~2.5 s.
+    """
+    import gc
+
+    from tapio import otlpjson
+
+    request = log_request(n=40_000)
+    for i, record in enumerate(request.resource_logs[0].scope_logs[0].log_records):
+        record.body.string_value = f"{i:06d} " + "the quick brown fox jumps over the lazy dog " * 14
+        record.attributes.add(key="service.instance.id", value=AnyValue(string_value=f"instance-{i % 97}"))
+    body = otlpjson.encode(request)
+    assert 28 * 2**20 < len(body) < 40 * 2**20
+    receiver = await start(nursery, config=local_config(grpc_on=False, max_request_body_size=64 * 2**20))
+    gaps: list[float] = []
+    done = trio.Event()
+
+    async def ticker() -> None:
+        last = trio.current_time()
+        while not done.is_set():
+            await trio.sleep(0.01)
+            now = trio.current_time()
+            gaps.append(now - last)
+            last = now
+
+    def post() -> int:
+        return httpx.post(receiver.http + "/v1/logs", content=body, headers={"content-type": "application/json"}, timeout=60).status_code
+
+    # the test process holds the whole suite's objects: a full collection over them would be a pause of its own
+    gc.collect()
+    gc.freeze()
+    try:
+        nursery.start_soon(ticker)
+        status = await trio.to_thread.run_sync(post)
+        done.set()
+    finally:
+        gc.unfreeze()
+    assert status == 200
+    assert receiver.consumer.requests() == [request]
+    assert len(gaps) > 10 and max(gaps) < 0.1, f"longest gap between ticks {max(gaps) * 1000:.0f} ms ({len(gaps)} ticks)"
+
+
+async def test_http_decode_that_does_not_get_its_turn_in_time_is_retried(nursery, monkeypatch):
+    import threading
+
+    from tapio.receivers.otlp import _http
+
+    release = threading.Event()
+    real = _http.decode_body
+
+    def slow(*args):
+        release.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(_http, "decode_body", slow)
+    monkeypatch.setattr(_http, "DECODE_DEADLINE_SECONDS", 0.5)
+    receiver = await start(nursery)
+    body = log_request(n=2000).SerializeToString()
+    try:
+        async with httpx.AsyncClient() as client:
+            r = await client.post(receiver.http + "/v1/logs", content=body, headers={"content-type": "application/x-protobuf"})
+    finally:
+        release.set()
+    assert (r.status_code, r.headers["retry-after"]) == (503, "1")
+    status = status_pb2.Status.FromString(r.content)
+    assert status.code == code_pb2.UNAVAILABLE and "busy decoding" in status.message
+    assert receiver.consumer.batches == []  # the late decode is dropped: the client sends it again
+
+
 async def test_http_waits_for_the_pipeline_before_answering(nursery):
     consumer = GatedConsumer()
     consumer.pause()
@@ -551,6 +665,117 @@ async def test_grpc_deadline_passing_on_a_full_pipeline(nursery):
     consumer.resume()
     await trio.testing.wait_all_tasks_blocked()
     assert consumer.batches == []  # the abandoned call never entered the pipeline
+
+
+# ---------------------------------------------------------------- gRPC against slow clients
+# The clients here are raw sockets and the h2 library: grpcio's own client cannot leave a call half sent.
+
+
+def grpc_config(**kw) -> Config:
+    return Config(protocols=Protocols(grpc=GrpcConfig(endpoint="127.0.0.1:0", **kw)))
+
+
+class Http2Client:
+    """A bare HTTP/2 connection (h2), to start gRPC calls and leave them unfinished."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        import h2.config
+        import h2.connection
+        import h2.exceptions
+
+        self.stream = stream
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.events: list = []
+
+    @classmethod
+    async def connect(cls, port: int) -> "Http2Client":
+        client = cls(await trio.open_tcp_stream("127.0.0.1", port))
+        client.h2.initiate_connection()
+        await client.flush()
+        return client
+
+    async def flush(self) -> None:
+        await self.stream.send_all(self.h2.data_to_send())
+
+    async def start_unfinished_export(self, signal: Signal = Signal.LOGS) -> None:
+        """Send a call's headers and the first bytes of a 1000-byte message, never the rest."""
+        stream_id = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(stream_id, [
+            (":method", "POST"), (":scheme", "http"), (":authority", "tapio"),
+            (":path", f"/{SERVICES[signal]}/Export"), ("content-type", "application/grpc"), ("te", "trailers"),
+        ])
+        self.h2.send_data(stream_id, b"\x00" + (1000).to_bytes(4, "big") + b"\x0a" * 10)
+        await self.flush()
+
+    async def wait_closed(self) -> None:
+        """Read (acknowledging settings and pings) until the server closes the connection."""
+        import h2.connection
+
+        while True:
+            try:
+                data = await self.stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                return
+            if not data:
+                return
+            if self.h2.state_machine.state is h2.connection.ConnectionState.CLOSED:
+                continue  # after GOAWAY: only waiting for the end of the stream
+            try:
+                self.events += self.h2.receive_data(data)
+            except h2.exceptions.ProtocolError:
+                continue  # frames the server sent along with its GOAWAY
+            try:
+                await self.flush()
+            except trio.BrokenResourceError:
+                return
+
+
+async def test_grpc_closes_connections_that_do_not_start_http2(nursery):
+    receiver = await start(nursery, config=grpc_config(handshake_timeout=0.5))
+    silent = await trio.open_tcp_stream("127.0.0.1", receiver.component.grpc_port)
+    partial = await trio.open_tcp_stream("127.0.0.1", receiver.component.grpc_port)
+    await partial.send_all(b"PRI * HTTP/2.0\r\n")
+    began = trio.current_time()
+    async with silent, partial:
+        with trio.fail_after(10):
+            for stream in (silent, partial):
+                while True:
+                    try:
+                        if not await stream.receive_some(65536):
+                            break
+                    except trio.BrokenResourceError:
+                        break
+    assert trio.current_time() - began >= 0.4
+
+
+async def test_grpc_closes_idle_connections_and_clients_come_back(nursery):
+    receiver = await start(nursery, config=grpc_config(max_connection_idle=0.5))
+    client = await Http2Client.connect(receiver.component.grpc_port)
+    async with client.stream:
+        with trio.fail_after(10):
+            await client.wait_closed()
+    import h2.events
+
+    assert any(isinstance(e, h2.events.ConnectionTerminated) for e in client.events)  # GOAWAY first
+    result = await trio.to_thread.run_sync(lambda: raw_grpc_call(receiver.grpc, Signal.LOGS, log_request().SerializeToString()))
+    assert result == b""
+
+
+async def test_grpc_calls_whose_message_never_completes_hold_no_worker_and_end_with_the_connection(nursery):
+    receiver = await start(nursery, config=grpc_config(workers=1, max_connection_age=1.0, max_connection_age_grace=0.5))
+    slow = [await Http2Client.connect(receiver.component.grpc_port) for _ in range(3)]
+    for client in slow:
+        await client.start_unfinished_export()
+    began = trio.current_time()
+    # the only worker thread is free for a real call
+    result = await trio.to_thread.run_sync(lambda: raw_grpc_call(receiver.grpc, Signal.LOGS, log_request().SerializeToString(), timeout=5))
+    assert result == b""
+    with trio.fail_after(10):
+        for client in slow:
+            async with client.stream:
+                await client.wait_closed()
+    assert trio.current_time() - began >= 1.0  # at max_connection_age (less grpcio's jitter of up to 10%) plus grace
+    assert receiver.consumer.item_count == 1  # the unfinished calls never reached the pipeline
 
 
 # ---------------------------------------------------------------- startup

@@ -19,7 +19,7 @@ from tapio.units import with_port
 
 from ._config import Config, parse_endpoint
 from ._delivery import Delivery
-from ._grpc import start_grpc_server, stop_grpc_server
+from ._grpc import GrpcServer
 from ._http import OtlpHttpHandler
 
 
@@ -55,7 +55,7 @@ class OtlpReceiver:
         grpc_server = None
         try:
             if protocols.grpc is not None:
-                grpc_server, executor, self.grpc_port = start_grpc_server(
+                grpc_server = GrpcServer(
                     protocols.grpc,
                     delivery=delivery,
                     wired=self._output.signals,
@@ -63,6 +63,7 @@ class OtlpReceiver:
                     logger=settings.logger,
                     component_id=component_id,
                 )
+                self.grpc_port = await grpc_server.start()
                 settings.logger.info("%s: OTLP/gRPC on %s", component_id, _shown(protocols.grpc.endpoint, self.grpc_port))
             listeners = None
             if protocols.http is not None:
@@ -94,9 +95,7 @@ class OtlpReceiver:
             delivery.close()
             if grpc_server is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(settings.shutdown_grace):
-                    await trio.to_thread.run_sync(
-                        stop_grpc_server, grpc_server, executor, settings.shutdown_grace, abandon_on_cancel=True
-                    )
+                    await grpc_server.stop(settings.shutdown_grace)
 
 
 def _shown(endpoint: str, port: int) -> str:

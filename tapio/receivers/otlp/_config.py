@@ -48,7 +48,7 @@ class GrpcConfig:
     max_concurrent_streams: int = setting(0, doc="Concurrent calls per HTTP/2 connection; 0 leaves grpcio's default (no limit).")
     workers: int = setting(
         4,
-        doc="Threads that run gRPC calls; each waits while the pipeline is full, so this bounds the requests in flight.",
+        doc="Threads that hand received gRPC requests into the pipeline; each waits while the pipeline is full, so this bounds the requests in flight (a call still receiving its message takes none).",
     )
     handshake_timeout: Duration = setting(
         Duration(5.0),
