@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tapio.component import Factory, Registry
+from tapio.connectors.correlate import factory as correlate_connector
 from tapio.connectors.forward import factory as forward_connector
 from tapio.exporters.debug import factory as debug_exporter
 from tapio.exporters.file import factory as file_exporter
@@ -31,6 +32,7 @@ FACTORIES: list[Factory] = [
     otlphttp_exporter,
     prometheus_exporter,
     # connectors
+    correlate_connector,
     forward_connector,
     # extensions
     storage,
