@@ -281,6 +281,9 @@ class Factory:
     description: str
     #: True if the component changes records in place (fan-out then hands it a copy)
     mutates_data: bool = False
+    #: with mutates_data: the component keeps ``Batch.raw`` in step with every change it
+    #: makes, so the runtime leaves the arrival bytes alone (exporters still send them)
+    keeps_raw: bool = False
     #: a short summary of a running instance's config for `tapio run`'s start banner
     summary: Callable[[Any], str] | None = None
     #: connectors: the (from, to) signal pairs it joins, from the pipelines it

@@ -390,7 +390,7 @@ class Service:
                     sig,
                     lambda b, t=ptel: t.add("tapio_processor_incoming_items_total", b.count),
                     admit=lambda b, i=inst: _admit(i, b),
-                    mutating=factory.mutates_data,
+                    mutating=factory.mutates_data and not factory.keeps_raw,
                 )
             feeders = int(any(n.kind is Kind.RECEIVER for n in p.receivers)) + sum(n.kind is Kind.CONNECTOR for n in p.receivers)
             entries[pid] = _Entry(downstream, feeders)
