@@ -104,6 +104,9 @@ class Batch:
     #: the bytes each request arrived as (None: unknown), so pass-through never
     #: re-serializes; only trusted while parallel to ``requests`` (see `append`)
     raw: list[bytes | None] = field(default_factory=list)
+    #: the IP address of the client that sent these records, where the receiver knows it
+    #: ("" otherwise); kept by share/copy, and by concat only when every part agrees
+    client_address: str = ""
 
     @classmethod
     def of(cls, signal: Signal, *requests: Request) -> "Batch":
@@ -140,6 +143,8 @@ class Batch:
             raise ValueError("concat needs at least one batch")
         signal = batches[0].signal
         out = cls(signal, [], 0)
+        addresses = {b.client_address for b in batches}
+        out.client_address = addresses.pop() if len(addresses) == 1 else ""
         for b in batches:
             if b.signal is not signal:
                 raise ValueError(f"cannot concatenate {b.signal} onto {signal}")
@@ -169,12 +174,12 @@ class Batch:
 
         The lists are its own: adding to a share leaves the original as it was.
         """
-        return Batch(self.signal, list(self.requests), self.count, raw=list(self._raw_list()))
+        return Batch(self.signal, list(self.requests), self.count, raw=list(self._raw_list()), client_address=self.client_address)
 
     def copy(self) -> "Batch":
         """A deep copy, for fan-out to a consumer that mutates records."""
         data = self.request_bytes()
-        return Batch(self.signal, [self.signal.request_class.FromString(d) for d in data], self.count, raw=data)
+        return Batch(self.signal, [self.signal.request_class.FromString(d) for d in data], self.count, raw=data, client_address=self.client_address)
 
     def done(self, delivered: bool) -> None:
         """Tell the batch's sources it left the pipeline; call exactly once per batch."""

@@ -225,6 +225,7 @@ def _make_export(
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot decode {request_class.__name__}: {exc}")
         if batch.count == 0:
             return _EMPTY_RESPONSE  # nothing to deliver
+        batch.client_address = peer_address(context.peer())
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         refused = await asyncio.get_running_loop().run_in_executor(executor, deliver, batch, deadline)
@@ -240,6 +241,16 @@ def _make_export(
 def _ms(seconds: float) -> int:
     """A duration as grpcio's channel arguments take it: whole milliseconds, at least 1."""
     return max(1, round(seconds * 1000))
+
+
+def peer_address(peer: str) -> str:
+    """The IP address in a grpcio peer string (``ipv4:10.0.0.5:4711``, ``ipv6:[::1]:4711``); "" for others (unix sockets)."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return ""
 
 
 def _why_bind_fails(host: str, port: int) -> OSError | str:

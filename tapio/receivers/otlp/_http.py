@@ -195,6 +195,7 @@ class OtlpHttpHandler:
             self._log.debug("OTLP/HTTP request from %s waited %gs to be decoded; asked to retry", join_host_port(*request.client), DECODE_DEADLINE_SECONDS)
             return _retry_later("the receiver is busy decoding other requests", as_json)
 
+        batch.client_address = request.client[0]
         if batch.count:
             refused = await self._delivery.deliver(batch)
             if refused is not None:
