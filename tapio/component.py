@@ -123,13 +123,17 @@ class StorageRef(ExtensionRef):
     extension_type: ClassVar[str] = "storage"
 
 
-def setting(default: Any = dataclasses.MISSING, *, doc: str, default_factory: Any = dataclasses.MISSING, secret: bool = False) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING, *, doc: str, default_factory: Any = dataclasses.MISSING, secret: bool = False, key: str = ""
+) -> Any:
     """A config dataclass field with its user documentation (shown in docs/components/).
 
     ``secret`` fields (credentials, auth headers) are left out of the config's
-    repr, so a logged or printed config never shows them.
+    repr, so a logged or printed config never shows them. ``key`` is the key
+    written in YAML when it cannot be the field's name (a Python keyword:
+    ``from_`` is written ``from``).
     """
-    meta = {"doc": doc, "secret": secret}
+    meta = {"doc": doc, "secret": secret, "key": key}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta, repr=not secret)
     return field(default=default, metadata=meta, repr=not secret)

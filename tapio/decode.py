@@ -126,7 +126,8 @@ _HINTS: dict[type, dict[str, Any]] = {}
 
 
 def _init_fields(cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+    """The settings of ``cls`` by the key written in YAML (the field name, or the ``key`` given to `setting`, e.g. ``from``)."""
+    return {f.metadata.get("key") or f.name: f for f in dataclasses.fields(cls) if f.init}
 
 
 def _accepts_none(tp: Any) -> bool:
@@ -281,16 +282,16 @@ def _decode_fields(cls: type, node: Node, path: str, report: Problems) -> tuple[
                 report(entry.key_loc, kpath, f"unknown key {key!r}{hint}")
             bad.add(key)
             continue
-        tp = hints[key]
+        tp = hints[fields[key].name]
         if is_null(entry.node) and not _accepts_none(tp):
             continue  # `key:` or `key: null` keeps the default, as an empty component body does
         value = decode_node(tp, entry.node, kpath, report)
         if value is INVALID:
             bad.add(key)
         else:
-            kwargs[key] = value
+            kwargs[fields[key].name] = value
     for name, f in fields.items():
-        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             if name not in entries:
                 report(node.loc, join_path(path, name), "missing (this setting has no default)")
             bad.add(name)
@@ -360,14 +361,15 @@ def _decode_partial(cls: type, node: Node, prefix: str) -> tuple[Any, set[str]] 
     kwargs, bad = fields
     entries = node.entries if isinstance(node, Mapping) else {}
     hints = type_hints(cls)
+    names = {key: f.name for key, f in _init_fields(cls).items()}
     bad_keys: set[str] = set()
     for key in bad:
-        group = _group_type(hints[key]) if key in hints else None
+        group = _group_type(hints[names[key]]) if key in names else None
         entry = entries.get(key)
         if group is not None and entry is not None:
             inner = _decode_partial(group, entry.node, f"{prefix}{key}.")
             if inner is not None:
-                kwargs[key], inner_bad = inner
+                kwargs[names[key]], inner_bad = inner
                 bad_keys |= inner_bad
                 continue
         bad_keys.add(prefix + key)
@@ -428,7 +430,7 @@ def config_fields(cls: type) -> list[tuple[str, Any, Any, str]]:
 def _collect_fields(cls: type, prefix: str, instance: Any, out: list[tuple[str, Any, Any, str]]) -> None:
     hints = type_hints(cls)
     for name, f in _init_fields(cls).items():
-        tp = hints[name]
+        tp = hints[f.name]
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
@@ -436,7 +438,7 @@ def _collect_fields(cls: type, prefix: str, instance: Any, out: list[tuple[str, 
         else:
             default = dataclasses.MISSING
         if instance is not dataclasses.MISSING and instance is not None:
-            default = getattr(instance, name, default)
+            default = getattr(instance, f.name, default)
         group = _group_type(tp)
         if group is not None:
             _collect_fields(group, f"{prefix}{name}.", default if dataclasses.is_dataclass(default) else dataclasses.MISSING, out)
