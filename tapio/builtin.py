@@ -12,6 +12,7 @@ from tapio.exporters.otlp import http_factory as otlphttp_exporter
 from tapio.exporters.prometheus import factory as prometheus_exporter
 from tapio.extensions.storage import factory as storage
 from tapio.processors.batch import factory as batch
+from tapio.processors.k8sattributes import factory as k8sattributes
 from tapio.processors.memory_limiter import factory as memory_limiter
 from tapio.receivers.cni_log import factory as cni_log_receiver
 from tapio.receivers.ebpf import factory as ebpf_receiver
@@ -24,6 +25,7 @@ FACTORIES: list[Factory] = [
     cni_log_receiver,
     # processors
     batch,
+    k8sattributes,
     memory_limiter,
     # exporters
     debug_exporter,

@@ -32,7 +32,14 @@ FACTORIES = REGISTRY.all()
 
 def minimal_config(factory, tmp_path: Path) -> dict:
     """Settings a component cannot do without (everything else stays default)."""
+    # Kubernetes components: a kubeconfig naming a server that refuses connections (they start, retry, stop)
+    kubeconfig = tmp_path / "kubeconfig"
+    if not kubeconfig.exists():
+        kubeconfig.write_text(KUBECONFIG_NOWHERE)
+    kube = {"auth_type": "kubeConfig", "kube_config_path": str(kubeconfig)}
     return {
+        (Kind.PROCESSOR, "k8sattributes"): kube,
+        (Kind.RECEIVER, "kubeapi"): kube,
         (Kind.EXPORTER, "file"): {"path": str(tmp_path / "out.jsonl")},
         (Kind.RECEIVER, "otlp"): {"protocols": {"grpc": {"endpoint": "127.0.0.1:0"}, "http": {"endpoint": "127.0.0.1:0"}}},
         (Kind.EXTENSION, "storage"): {"path": str(tmp_path / "tapio.db")},
@@ -40,6 +47,15 @@ def minimal_config(factory, tmp_path: Path) -> dict:
         (Kind.EXPORTER, "otlp"): {"endpoint": "127.0.0.1:1", "retry_on_failure": {"enabled": False}},
         (Kind.EXPORTER, "otlphttp"): {"endpoint": "http://127.0.0.1:1", "retry_on_failure": {"enabled": False}},
     }.get((factory.kind, factory.type), {})
+
+
+KUBECONFIG_NOWHERE = """apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "http://127.0.0.1:1"}}]
+users: [{name: u, user: {}}]
+contexts: [{name: c, context: {cluster: c, user: u}}]
+current-context: c
+"""
 
 
 def ids(f) -> str:
