@@ -180,7 +180,10 @@ class FakeKube:
             return self._rv
 
     def apply(self, resource: str, obj: dict) -> dict:
-        """Create or replace an object (ADDED or MODIFIED); returns the stored copy with its resourceVersion."""
+        """Create or replace an object (ADDED or MODIFIED); returns the stored copy with its resourceVersion.
+
+        Replacing keeps the stored object's uid and creationTimestamp, as an update does.
+        """
         prefix, kind, namespaced = RESOURCES[resource]
         obj = copy.deepcopy(obj)
         obj.setdefault("apiVersion", _API_VERSION[prefix])
@@ -191,8 +194,11 @@ class FakeKube:
         key = (meta.get("namespace", ""), meta["name"])
         with self._lock:
             old = self._objects[resource].get(key)
-            meta.setdefault("uid", old["metadata"]["uid"] if old else str(uuid.uuid4()))
-            meta.setdefault("creationTimestamp", old["metadata"]["creationTimestamp"] if old else _now())
+            if old is not None:  # uid and creation time are immutable: an update keeps them
+                meta["uid"] = old["metadata"]["uid"]
+                meta["creationTimestamp"] = old["metadata"]["creationTimestamp"]
+            meta.setdefault("uid", str(uuid.uuid4()))
+            meta.setdefault("creationTimestamp", _now())
             self._rv += 1
             meta["resourceVersion"] = str(self._rv)
             self._objects[resource][key] = obj
