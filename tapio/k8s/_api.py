@@ -269,7 +269,7 @@ async def get_object(connection: Connection, client: httpx.AsyncClient, resource
     try:
         response = await client.get(path, headers=await connection.authorization())
     except httpx.HTTPError as exc:
-        raise KubeApiError(0, f"GET {connection.host}{path}: {type(exc).__name__}: {exc}") from None
+        raise KubeApiError(0, f"GET {connection.host}{path}: {http_error_text(exc)}") from None
     if response.status_code == 404:
         return None
     if response.status_code != 200:
@@ -278,6 +278,18 @@ async def get_object(connection: Connection, client: httpx.AsyncClient, resource
         return response.json()
     except ValueError as exc:
         raise KubeApiError(response.status_code, f"GET {connection.host}{path}: not JSON: {exc}") from None
+
+
+def http_error_text(exc: BaseException) -> str:
+    """An httpx error with what caused it (a ConnectError's own text is often empty; the TLS or socket error is its cause)."""
+    parts = []
+    cur: BaseException | None = exc
+    while cur is not None and len(parts) < 4:
+        text = str(cur)
+        if text and text not in parts:
+            parts.append(text)
+        cur = cur.__cause__ or cur.__context__
+    return f"{type(exc).__name__}: {'; '.join(parts) or 'no detail'}"
 
 
 def status_message(body: bytes) -> str:

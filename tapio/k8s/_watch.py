@@ -43,7 +43,7 @@ import trio
 
 from tapio.telemetry import COUNTER, GAUGE, Telemetry
 
-from ._api import Connection, KubeApiError, collection_path, status_message
+from ._api import Connection, KubeApiError, collection_path, http_error_text, status_message
 
 #: objects per list page (the API server's own default chunking is 500 too)
 LIST_PAGE_SIZE = 500
@@ -252,7 +252,7 @@ class SharedWatch:
         try:
             response = await client.get(path, params=params, headers=await self.connection.authorization())
         except httpx.HTTPError as exc:
-            raise KubeApiError(0, f"GET {self.connection.host}{path}: {type(exc).__name__}: {exc}") from None
+            raise KubeApiError(0, f"GET {self.connection.host}{path}: {http_error_text(exc)}") from None
         if response.status_code == 410:
             raise _Expired()
         if response.status_code != 200:
@@ -314,6 +314,7 @@ class SharedWatch:
         headers = await self.connection.authorization()
         self._tel.add("tapio_kube_watches_total", 1, self._labels)
         read_timeout = httpx.Timeout(30.0, read=timeout + READ_SLACK_SECONDS)
+        failure: Exception | None = None
         try:
             async with client.stream("GET", path, params=params, headers=headers, timeout=read_timeout) as response:
                 if response.status_code == 410:
@@ -321,11 +322,21 @@ class SharedWatch:
                 if response.status_code != 200:
                     body = await response.aread()
                     raise KubeApiError(response.status_code, f"watch {self.connection.host}{path}: HTTP {response.status_code}: {status_message(body)}")
+                # httpx's line iterator nests async generators that only finish when the
+                # stream does: on a bad event close the response and let the iteration end
+                # (with an error from the closed stream), instead of abandoning it mid-way.
                 async for line in response.aiter_lines():
-                    if line.strip():
-                        await self._on_line(line)
-        except httpx.HTTPError as exc:
-            raise KubeApiError(0, f"watch {self.connection.host}{path}: {type(exc).__name__}: {exc}") from None
+                    if failure is None and line.strip():
+                        try:
+                            await self._on_line(line)
+                        except (_Expired, _Broken, KubeApiError) as exc:
+                            failure = exc
+                            await response.aclose()
+        except (httpx.HTTPError, httpx.StreamError) as exc:
+            if failure is None:
+                raise KubeApiError(0, f"watch {self.connection.host}{path}: {http_error_text(exc)}") from None
+        if failure is not None:
+            raise failure
 
     async def _on_line(self, line: str) -> None:
         try:

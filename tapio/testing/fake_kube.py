@@ -23,7 +23,8 @@ protocol that clients of list and watch rely on, as the real server does:
   watched object that stops matching is sent as DELETED, one that starts
   matching as ADDED, as the real server does.
 - With ``token`` set, requests without ``Authorization: Bearer <token>``
-  get 401; with ``tls`` (a certificate and key file) it serves HTTPS.
+  get 401; with ``tls`` (a certificate and key file) it serves HTTPS; with
+  `FakeKube.outage` set every request gets 503.
 
 Every request is recorded in `FakeKube.requests`, so tests can count lists
 and watches. Resource versions are one counter across all resources (the
@@ -113,6 +114,8 @@ class FakeKube:
         self.requests: list[RecordedRequest] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        #: while set, every request is answered 503 (an API server that is down behind its load balancer)
+        self.outage = False
 
     # -- lifecycle
 
@@ -249,6 +252,13 @@ class FakeKube:
                     w.queue.append({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": _API_VERSION[prefix], "metadata": {"resourceVersion": str(self._rv)}}})
             self._lock.notify_all()
             return self._rv
+
+    def inject_line(self, text: str) -> None:
+        """Send ``text`` as a line to every open watch (to test how clients take a malformed event)."""
+        with self._lock:
+            for w in self._watches:
+                w.queue.append(text)
+            self._lock.notify_all()
 
     def end_watches(self) -> None:
         """Close every open watch (clients see the stream end, as when the server times it out)."""
@@ -405,6 +415,8 @@ class _Handler(BaseHTTPRequestHandler):
         auth = self.headers.get("Authorization", "")
         with kube._lock:
             kube.requests.append(RecordedRequest("GET", url.path, query, auth))
+        if kube.outage:
+            return self._status(503, "ServiceUnavailable", "the API server is down")
         if kube.token and auth != f"Bearer {kube.token}":
             return self._status(401, "Unauthorized", "no or wrong bearer token")
         route = _route(url.path)
@@ -464,7 +476,7 @@ class _Handler(BaseHTTPRequestHandler):
         deadline = None if timeout is None else _monotonic() + timeout
         try:
             for ev in _drain(kube, w, deadline):
-                line = json.dumps(ev).encode() + b"\n"
+                line = (ev.encode() if isinstance(ev, str) else json.dumps(ev).encode()) + b"\n"
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
                 self.wfile.flush()
             self.wfile.write(b"0\r\n\r\n")
