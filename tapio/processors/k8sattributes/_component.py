@@ -155,18 +155,22 @@ class K8sAttributesProcessor:
             if "k8s.cluster.uid" in config.extract.metadata:
                 nursery.start_soon(self._cluster_uid, connection)
             nursery.start_soon(self._sweeper)
+            failure = None
             if config.wait_for_metadata:
                 with trio.move_on_after(float(config.wait_for_metadata_timeout)) as waited:
                     await self._wait_loaded()
                 if waited.cancelled_caught:
-                    raise RuntimeError(
+                    failure = RuntimeError(
                         f"wait_for_metadata: the pods ({pods}) were not loaded from {connection.host} within "
                         f"{config.wait_for_metadata_timeout} ({len(self.cache)} pods, {self.cache.pending_owners} owners pending)"
                     )
-            self._log.info("%s: caching pods from %s (%s)", self._settings.id, connection.host, pods)
-            task_status.started()
-            await self._steady_state()
+            if failure is None:
+                self._log.info("%s: caching pods from %s (%s)", self._settings.id, connection.host, pods)
+                task_status.started()
+                await self._steady_state()
             nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure  # outside the nursery: the start fails with this error, not a group
 
     def _new_synced(self) -> trio.Event:
         event = trio.Event()
