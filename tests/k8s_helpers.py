@@ -94,9 +94,9 @@ class Harness:
 
 
 @asynccontextmanager
-async def running_processor(factory: Any, config: dict, telemetry: Telemetry | None = None) -> AsyncIterator[Harness]:
+async def running_processor(factory: Any, config: dict, telemetry: Telemetry | None = None, capacity: int = 4) -> AsyncIterator[Harness]:
     cfg = decode_dataclass(factory.config_class, config)
-    send, recv = trio.open_memory_channel(4)
+    send, recv = trio.open_memory_channel(capacity)
     sink = RecordingConsumer()
     st = settings(Kind.PROCESSOR, factory.type, telemetry)
     component = factory.create(st, cfg, Ports(input=recv, output=sink))
