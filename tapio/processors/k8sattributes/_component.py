@@ -410,7 +410,7 @@ class K8sAttributesProcessor:
             pod, cid, had = self._associate(values)
             if pod is not None:
                 extra = self.cache.extra(pod, cid)
-                plans.append(extra.without(kv.key for kv in rx.resource.attributes) if extra.keys else b"")
+                plans.append(self.cache.without(extra, (kv.key for kv in rx.resource.attributes)) if extra.keys else b"")
                 counts["associated"] += n
             elif signal in _ATTR_TAG and self._record_level and n:
                 plans.append(("records", values, had))
@@ -488,7 +488,7 @@ class K8sAttributesProcessor:
                         if resource_keys is None:
                             resource_keys = _resource_keys(raw, layout)
                         g = group_of[key] = len(extras)
-                        extras.append(self.cache.extra(pod, cid).without(resource_keys))
+                        extras.append(self.cache.without(self.cache.extra(pod, cid), resource_keys))
                     groups.append(g)
                     counts["associated"] += 1
                     counts["regrouped"] += 1

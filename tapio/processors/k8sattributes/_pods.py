@@ -57,22 +57,20 @@ class Container:
 
 
 class Extra:
-    """What to add to a resource for one (pod, container): Resource bytes, and the keys and values in it."""
+    """What to add to a resource for one (pod, container): the Resource bytes, and the keys in them.
 
-    __slots__ = ("blob", "pairs", "keys", "generation")
+    Only the bytes are kept per pod (the key sets are shared between pods):
+    a resource that has some of the keys already asks `PodCache.without`.
+    """
 
-    def __init__(self, pairs: list[tuple[str, Any]], generation: int) -> None:
-        self.pairs = pairs
-        self.keys = frozenset(k for k, _ in pairs)
-        self.blob = _wire.resource_attributes(pairs)
+    __slots__ = ("blob", "keys", "generation", "pod", "container_id")
+
+    def __init__(self, blob: bytes, keys: frozenset[str], generation: int, pod: "Pod", container_id: str) -> None:
+        self.blob = blob
+        self.keys = keys
         self.generation = generation
-
-    def without(self, present: Iterable[str]) -> bytes:
-        """The Resource bytes less the attributes whose keys are in ``present`` (a resource's own win)."""
-        present = set(present)
-        if not present & self.keys:
-            return self.blob
-        return _wire.resource_attributes([(k, v) for k, v in self.pairs if k not in present])
+        self.pod = pod
+        self.container_id = container_id
 
 
 class Pod:
@@ -184,6 +182,8 @@ class PodCache:
         #: IPs of host-network pods (the nodes' own addresses)
         self.host_ips: set[str] = set()
         self.generation = 0
+        #: the distinct key sets of `Extra`s (most pods share one)
+        self._key_sets: dict[frozenset[str], frozenset[str]] = {}
         self.added = 0
         self.deleted = 0
 
@@ -387,8 +387,18 @@ class PodCache:
         found = pod.extras.get(container_id)
         if found is not None and found.generation == self.generation:
             return found
-        found = pod.extras[container_id] = Extra(self._pairs(pod, container_id), self.generation)
+        pairs = self._pairs(pod, container_id)
+        keys = frozenset(k for k, _ in pairs)
+        keys = self._key_sets.setdefault(keys, keys)
+        found = pod.extras[container_id] = Extra(_wire.resource_attributes(pairs), keys, self.generation, pod, container_id)
         return found
+
+    def without(self, extra: Extra, present: Iterable[str]) -> bytes:
+        """``extra``'s Resource bytes less the attributes whose keys are in ``present`` (a resource's own values win)."""
+        present = set(present)
+        if not present & extra.keys:
+            return extra.blob
+        return _wire.resource_attributes([(k, v) for k, v in self._pairs(extra.pod, extra.container_id) if k not in present])
 
     def invalidate(self, pod: Pod) -> None:
         pod.extras.clear()
