@@ -466,32 +466,24 @@ class K8sAttributesProcessor:
             groups: list[int] = []
             extras: list[bytes] = [b""]
             group_of: dict[tuple[str, str], int] = {}
-            resource_keys: list[str] | None = None
+            resource_keys = _resource_keys(raw, layout)
+            #: the found attributes of an item -> its group, or the reason it has none
+            #: (records of one process and container repeat them)
+            seen: dict[tuple[tuple[bytes, bytes | None], ...], int | str] = {}
             for _, items in layout.scopes:
                 for _, ips, ie in items:
                     found = _wire.find_attributes(raw, ips, ie, tag, prefixes)
-                    if not found:
+                    memo = tuple(found.items())
+                    outcome = seen.get(memo)
+                    if outcome is None:
+                        outcome = seen[memo] = self._group_of(found, resource_values, resource_had, group_of, extras, resource_keys)
+                    if outcome.__class__ is str:
                         groups.append(0)
-                        counts[self._reason(resource_had, resource_values)] += 1
-                        continue
-                    values = dict(resource_values)
-                    for k, v in found.items():
-                        values[k.decode()] = v.decode("utf-8", "replace") if v is not None else ""
-                    pod, cid, had = self._associate(values)
-                    if pod is None:
-                        groups.append(0)
-                        counts[self._reason(had or resource_had, values)] += 1
-                        continue
-                    key = (pod.uid, cid)
-                    g = group_of.get(key)
-                    if g is None:
-                        if resource_keys is None:
-                            resource_keys = _resource_keys(raw, layout)
-                        g = group_of[key] = len(extras)
-                        extras.append(self.cache.without(self.cache.extra(pod, cid), resource_keys))
-                    groups.append(g)
-                    counts["associated"] += 1
-                    counts["regrouped"] += 1
+                        counts[outcome] += 1
+                    else:
+                        groups.append(outcome)
+                        counts["associated"] += 1
+                        counts["regrouped"] += 1
             if len(extras) == 1:
                 parts.append(raw[fs:end])
                 continue
@@ -501,6 +493,31 @@ class K8sAttributesProcessor:
             return request, raw
         new_raw = b"".join(parts)
         return signal.request_class.FromString(new_raw), new_raw
+
+    def _group_of(
+        self,
+        found: dict[bytes, bytes | None],
+        resource_values: dict[str, Any],
+        resource_had: bool,
+        group_of: dict[tuple[str, str], int],
+        extras: list[bytes],
+        resource_keys: list[str],
+    ) -> int | str:
+        """The group (index into ``extras``, added if new) of an item with ``found`` attributes, or why it has no pod."""
+        if not found:
+            return self._reason(resource_had, resource_values)
+        values = dict(resource_values)
+        for k, v in found.items():
+            values[k.decode()] = v.decode("utf-8", "replace") if v is not None else ""
+        pod, cid, had = self._associate(values)
+        if pod is None:
+            return self._reason(had or resource_had, values)
+        key = (pod.uid, cid)
+        g = group_of.get(key)
+        if g is None:
+            g = group_of[key] = len(extras)
+            extras.append(self.cache.without(self.cache.extra(pod, cid), resource_keys))
+        return g
 
 
 def _resource_keys(raw: bytes, layout: _wire.ResourceLayout) -> list[str]:

@@ -144,10 +144,25 @@ def find_attributes(b: bytes, start: int, end: int, attr_tag: int, wanted: tuple
 
     A value that is not a string is None. The first occurrence of a key wins.
     """
+    lengths = _KEY_LENGTHS.get(wanted)
+    if lengths is None:
+        lengths = _KEY_LENGTHS[wanted] = frozenset(p[1] for p in wanted)
     found: dict[bytes, bytes | None] = {}
     i = start
     while i < end:
         tag = b[i]
+        if tag == attr_tag and i + 2 < end and b[i + 1] < 0x80:
+            # the common case, an attribute of fewer than 128 bytes: tag, one length byte, KeyValue
+            j = i + 2
+            k = j + b[i + 1]
+            if k > end:
+                raise WireError("a field runs past its item")
+            if b[j + 1] in lengths and b.startswith(wanted, j):
+                key = b[j + 2 : j + 2 + b[j + 1]]
+                if key not in found:
+                    found[key] = _string_value(b, j + 2 + b[j + 1], k)
+            i = k
+            continue
         if tag < 0x80:
             i += 1
         else:
@@ -183,10 +198,18 @@ def find_attributes(b: bytes, start: int, end: int, attr_tag: int, wanted: tuple
     return found
 
 
+#: the key lengths of each ``wanted`` tuple `find_attributes` was called with (few: one per processor config)
+_KEY_LENGTHS: dict[tuple[bytes, ...], frozenset[int]] = {}
+
+
 def _string_value(b: bytes, i: int, end: int) -> bytes | None:
     """The string of the KeyValue ``value`` field (2) at ``b[i:end]``, if it holds a string_value."""
     if i >= end or b[i] != 0x12:
         return None
+    if end - i < 0x80 and i + 3 < end:
+        # short values (ids, addresses): both lengths are one byte
+        if b[i + 1] == end - i - 2 and b[i + 2] == 0x0A and b[i + 3] == end - i - 4:
+            return b[i + 4 : end]
     n, j = read_varint(b, i + 1)
     if j + n != end or j >= end or b[j] != 0x0A:
         return None
