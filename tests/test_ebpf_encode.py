@@ -229,3 +229,40 @@ async def test_logs_only_wiring_builds_no_spans():
     assert rec.body.string_value == "tcp close 127.0.0.1:80" and not rec.span_id
     states = next(kv.value.array_value for kv in rec.attributes if kv.key == "tapio.ebpf.tcp.states")
     assert [v.string_value for v in states.values] == ["ESTABLISHED", "SYN_SENT", "CLOSE"]
+
+
+async def test_a_batch_has_one_resource_per_container_and_one_for_host_processes(tmp_path):
+    """Events of containers go under a resource naming the container; host events under the host's; records keep theirs."""
+    from tapio.receivers.ebpf._containers import ContainerResolver
+
+    cids = {100: "a" * 64, 200: "b" * 64}
+    for pid, cid in cids.items():
+        (tmp_path / str(pid)).mkdir()
+        pod = f"kubepods-burstable-pod{pid:08d}_1111_2222_3333_444444444444.slice"
+        (tmp_path / str(pid) / "cgroup").write_text(f"0::/kubepods.slice/kubepods-burstable.slice/{pod}/cri-containerd-{cid}.scope\n")
+    (tmp_path / "300").mkdir()
+    (tmp_path / "300" / "cgroup").write_text("0::/system.slice/sshd.service\n")
+    receiver, sink, _ = _receiver([Signal.LOGS])
+    receiver._resolver = ContainerResolver(proc_root=str(tmp_path))
+    tcp = d._TCP.pack(0xFFFF8888, 1, d.TCP_CLOSE, d.AF_INET, 40000, 80, 1, 1, 7, 0b10000110, -1, b"\x7f\0\0\1" + bytes(12), b"\x7f\0\0\1" + bytes(12))
+    pids = [100, 300, 200, 100, 300, 200, 100]
+    receiver.handle([d._HDR.pack(i + 1, 0, d.EV_TCP, pid, pid, 0, b"curl") + tcp for i, pid in enumerate(pids)])
+    (batch,) = sink.batches
+    assert batch.count == len(pids) and batch.to_bytes() == batch.raw[0]
+    groups = []
+    for rl in batch.requests[0].resource_logs:
+        resource = {kv.key: kv.value.string_value for kv in rl.resource.attributes}
+        assert resource["service.name"] == "tapio" and resource["host.name"]
+        records = [r for sl in rl.scope_logs for r in sl.log_records]
+        assert all(sl.scope.name == "tapio.ebpf" for sl in rl.scope_logs)
+        record_pids = [next(kv.value.int_value for kv in r.attributes if kv.key == "process.pid") for r in records]
+        for r in records:
+            attrs = {kv.key: kv.value.string_value for kv in r.attributes}
+            assert attrs.get("container.id", "") == resource.get("container.id", "")
+        groups.append((resource.get("container.id", ""), resource.get("container.runtime.name", ""), resource.get("k8s.pod.uid", ""), record_pids, [r.time_unix_nano for r in records]))
+    assert [(cid, rt, uid, p) for cid, rt, uid, p, _ in groups] == [
+        (cids[100], "containerd", "00000100-1111-2222-3333-444444444444", [100, 100, 100]),
+        ("", "", "", [300, 300]),
+        (cids[200], "containerd", "00000200-1111-2222-3333-444444444444", [200, 200]),
+    ]
+    assert all(ts == sorted(ts) for *_, ts in groups), "each resource keeps its events in arrival order"
