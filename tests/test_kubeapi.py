@@ -88,6 +88,8 @@ async def test_pod_and_container_lifecycle_records(kube, tmp_path):
                                   container_states={"app": {"terminated": {"reason": "OOMKilled", "exitCode": 137, "finishedAt": "2026-01-02T03:04:05Z"}}}))
         a, rec = await r.wait_record(lambda a, _: a.get("k8s.container.status.reason") == "OOMKilled")
         assert a["tapio.kubeapi.container.exit_code"] == 137 and a["k8s.container.restart_count"] == 1 and a["container.id"] == cid
+        assert (a["k8s.object.kind"], a["k8s.object.name"], a["k8s.object.uid"], a["tapio.kubeapi.change"]) == ("Pod", "web-1", "p-1", "modified")
+        assert a["k8s.container.status.state"] == "terminated" and a["k8s.container.name"] == "app" and rec.event_name == "k8s.container.status"
         assert rec.severity_number == 13 and rec.time_unix_nano == parse_time("2026-01-02T03:04:05Z")
         kube.apply("pods", fk.pod("web-1", ip="10.1.0.3", owner=owner, containers={"app": "containerd://" + cid}, restart_counts={"app": 3},
                                   container_states={"app": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}}}))
@@ -120,6 +122,12 @@ async def test_nodes_report_condition_changes_not_heartbeats_and_events_since_st
         a, rec = await r.wait_record(lambda a, _: a.get("k8s.event.reason") == "OOMKilling")
         assert a["k8s.event.count"] == 2 and a["k8s.pod.uid"] == "p-1" and a["k8s.object.kind"] == "Pod" and a["k8s.event.type"] == "Warning"
         assert rec.body.string_value.startswith("Memory cgroup out of memory") and rec.severity_number == 13
+        kube.apply("events", fk.event("sandbox", reason="FailedCreatePodSandBox", type="Warning", message='Failed to create pod sandbox: rpc error: code = Unknown desc = failed to setup network for sandbox "0123"',
+                                      involved={"kind": "Pod", "name": "web-2", "namespace": "shop", "uid": "p-2"}))
+        a, rec = await r.wait_record(lambda a, _: a.get("k8s.event.reason") == "FailedCreatePodSandBox")
+        assert (a["k8s.pod.name"], a["k8s.pod.uid"], a["k8s.namespace.name"], a["k8s.event.count"]) == ("web-2", "p-2", "shop", 1)
+        assert a["k8s.event.source.component"] == "kubelet" and a["k8s.event.source.host"] == "node-1" and rec.event_name == "k8s.event"
+        assert "failed to setup network" in rec.body.string_value and rec.severity_number == 13
         assert not [a for a, _ in r.records("k8s.event") if a["k8s.event.name"] == "old"]
         assert r.settings.telemetry.telemetry.value("tapio_kubeapi_skipped_total", reason="event_before_start") == 1
         # a re-list (410) repeats nothing already emitted

@@ -45,6 +45,9 @@ _OWNER_ATTRIBUTES = {
     "Job": "k8s.job.name",
     "CronJob": "k8s.cronjob.name",
 }
+_CONTAINER_REPEATS = frozenset(
+    {"k8s.object.kind", "k8s.object.name", "k8s.object.uid", "tapio.kubeapi.change", "tapio.kubeapi.listed", "k8s.namespace.name", "k8s.pod.name", "k8s.pod.uid", "k8s.node.name"}
+)
 _KIND = {
     "pods": "Pod",
     "nodes": "Node",
@@ -183,7 +186,8 @@ class Translator:
         severity = SEV_WARN if phase == "Failed" else SEV_INFO
         summary = f"pod {meta.get('namespace', '')}/{name} {change.lower()}: {phase or 'no phase'}"
         records = [Record(ts, severity, _body(obj, self._include, summary), "k8s.pod.change", attrs)]
-        pod_attrs = [a for a in attrs if a[0] in ("k8s.namespace.name", "k8s.pod.name", "k8s.pod.uid", "k8s.node.name")]
+        #: what a container record repeats of its pod's: the object's identity, the change and the pod's names
+        pod_attrs = [a for a in attrs if a[0] in _CONTAINER_REPEATS]
         known = self._containers.get(uid, {})
         now: dict[str, tuple] = {}
         for kind, key in (("init", "initContainerStatuses"), ("regular", "containerStatuses"), ("ephemeral", "ephemeralContainerStatuses")):
@@ -207,7 +211,6 @@ class Translator:
 
     def _container(self, pod_attrs: list, kind: str, cname: str, cs: dict, state: str, reason: str, code: int | None, detail: dict, restarts: int, cid: str, listed: bool) -> Record:
         attrs = list(pod_attrs) + [
-            ("k8s.object.kind", "Pod"),
             ("k8s.container.name", cname),
             ("tapio.kubeapi.container.type", kind),
             ("k8s.container.status.state", state),
@@ -229,8 +232,6 @@ class Translator:
                 attrs.append(("k8s.container.status.last_terminated_reason", str(last["reason"])))
             if isinstance(last.get("exitCode"), int):
                 attrs.append(("tapio.kubeapi.container.last_exit_code", last["exitCode"]))
-        if listed:
-            attrs.append(("tapio.kubeapi.listed", True))
         failed = (state == "terminated" and (reason not in ("Completed", "") or (code or 0) != 0)) or (state == "waiting" and reason in FAILING_WAITING)
         ts = parse_time(detail.get("finishedAt") if state == "terminated" else detail.get("startedAt"))
         message = str(detail.get("message") or "")
