@@ -18,6 +18,7 @@ from ._api import (
     filter_problems,
     get_object,
     label_selector,
+    node_name,
 )
 from ._watch import REGISTRY, Change, Delivery, SharedWatch, Subscription, WatchRegistry, WatchSpec, decode_blob
 
@@ -42,4 +43,5 @@ __all__ = [
     "filter_problems",
     "get_object",
     "label_selector",
+    "node_name",
 ]

@@ -65,6 +65,21 @@ class KubeConfigError(Exception):
     """The configured way of reaching the API does not work here (no kubeconfig, not in a pod ...)."""
 
 
+def node_name(node: str, env_var: str) -> str:
+    """The node a per-node agent keeps to: ``$env_var`` when set (the downward API's spec.nodeName), else ``node``.
+
+    Raises RuntimeError naming the variable when ``env_var`` is given but unset or empty.
+    """
+    if not env_var:
+        return node
+    value = os.environ.get(env_var, "")
+    if not value:
+        raise RuntimeError(
+            f"filter.node_from_env_var: ${env_var} is not set or empty (set it from the downward API: valueFrom.fieldRef.fieldPath: spec.nodeName)"
+        )
+    return value
+
+
 # ---------------------------------------------------------------- settings
 
 

@@ -30,7 +30,6 @@ Invariants:
 from __future__ import annotations
 
 import ipaddress
-import os
 import random
 from collections import deque
 from typing import Any
@@ -125,14 +124,7 @@ class K8sAttributesProcessor:
             task_status.started()
             await self._steady_state()
             return
-        node = config.filter.node
-        if config.filter.node_from_env_var:
-            node = os.environ.get(config.filter.node_from_env_var, "")
-            if not node:
-                raise RuntimeError(
-                    f"filter.node_from_env_var: ${config.filter.node_from_env_var} is not set or empty "
-                    "(set it from the downward API: valueFrom.fieldRef.fieldPath: spec.nodeName)"
-                )
+        node = k8s.node_name(config.filter.node, config.filter.node_from_env_var)
         connection = await k8s.connect(config)
         fields = [f"spec.nodeName={node}"] if node else []
         pods = k8s.WatchSpec(

@@ -15,7 +15,6 @@ Invariants:
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from typing import Any
@@ -83,14 +82,7 @@ class KubeApiReceiver:
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         config = self._config
-        node = config.filter.node
-        if config.filter.node_from_env_var:
-            node = os.environ.get(config.filter.node_from_env_var, "")
-            if not node:
-                raise RuntimeError(
-                    f"filter.node_from_env_var: ${config.filter.node_from_env_var} is not set or empty "
-                    "(set it from the downward API: valueFrom.fieldRef.fieldPath: spec.nodeName)"
-                )
+        node = k8s.node_name(config.filter.node, config.filter.node_from_env_var)
         self._node = node
         connection = await k8s.connect(config)
         specs = self.specs(node)
