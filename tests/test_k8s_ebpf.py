@@ -1,5 +1,8 @@
 """ebpf receiver → k8sattributes: kernel events of a process in a cgroup named like a containerd pod resolve to that pod.
 
+The receiver names the container on the resource, so the processor finds
+the pod there (no regrouping by record).
+
 Needs root, bcc and kernel headers, and cgroup2 at /sys/fs/cgroup/unified
 (CI=true fails without them, elsewhere the test skips and says why). The
 pod exists only in the stand-in API server; the cgroup is real, named as the
@@ -82,6 +85,7 @@ async def test_ebpf_events_in_a_containerd_pod_cgroup_resolve_to_the_pod(tmp_pat
                         await h.sink.wait_until(lambda: {"exec", "open", "exit"} <= {a["tapio.ebpf.event"] for _, a in in_pod()})
                     n.cancel_scope.cancel()
                 host_misses = h.value("tapio_k8sattributes_unassociated_items_total", reason="host_process")
+                regrouped = h.value("tapio_k8sattributes_regrouped_items_total")
     finally:
         for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
             d.rmdir()
@@ -94,3 +98,4 @@ async def test_ebpf_events_in_a_containerd_pod_cgroup_resolve_to_the_pod(tmp_pat
     opens = [r for _, r in in_pod() if r["tapio.ebpf.event"] == "open"]
     assert [r["file.path"] for r in opens] == [str(marker)]
     assert host_misses >= 1, "the shell's own exec, before it entered the cgroup, is a host process"
+    assert regrouped == 0, "the receiver puts each container's events under a resource of their own: nothing to regroup"
