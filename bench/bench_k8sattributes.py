@@ -54,7 +54,7 @@ from tapio.component import ComponentID, Kind, Ports, Settings
 from tapio.k8s._watch import _compress
 from tapio.pdata import Batch, Signal
 from tapio.processors.k8sattributes import factory
-from tapio.receivers.ebpf import _encode as ebpf_enc
+from tapio import otlpwire as ebpf_enc
 from tapio.config import decode_dataclass
 from tapio.telemetry import Telemetry
 from tapio.testing import fake_kube as fk
@@ -216,7 +216,7 @@ def protobuf_peer(proc, req: ExportLogsServiceRequest) -> int:
 def receiver_grouping(pods: list[dict], rnd: random.Random) -> dict:
     """What it costs the ebpf receiver to emit one ResourceLogs per container instead of one for all.
 
-    Both ways use the receiver's own encoder (tapio.receivers.ebpf._encode)
+    Both ways use the receiver's own encoder (tapio.otlpwire)
     on the same encoded records, and include `Batch.from_bytes` (the receiver
     parses what it wrote once): ``flat`` is today's request, ``grouped``
     puts the records of each container under a resource of their own
