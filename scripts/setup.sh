@@ -11,6 +11,8 @@ APT_PACKAGES=(
     bpfcc-tools python3-bpfcc linux-headers-amd64 bpftool   # the ebpf receiver (bcc compiles at start)
     iproute2            # network namespaces and veth pairs in tests
     openssl             # the TLS tests make their CA and certificates with the openssl command
+    python3-systemd     # the journald receiver reads the journal through libsystemd (systemd-python, linked into the venv)
+    systemd             # journald tests run real journald namespace instances and a systemd user manager (systemd-run)
 )
 
 missing=()
@@ -50,6 +52,10 @@ fi
 purelib=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e "$purelib/bcc" ]; then
     ln -sfn /usr/lib/python3/dist-packages/bcc "$purelib/bcc"
+fi
+# systemd-python likewise: Debian's build for its python3 (the venv's interpreter), only that package.
+if [ -d /usr/lib/python3/dist-packages/systemd ] && [ ! -e "$purelib/systemd" ]; then
+    ln -sfn /usr/lib/python3/dist-packages/systemd "$purelib/systemd"
 fi
 
 stamp=.venv/.tapio-installed

@@ -12,8 +12,9 @@ Invariants:
   order and proto3 scalar defaults (0, "", b"") left out, as protobuf itself
   writes them. AnyValue is a oneof, so a 0 or "" attribute value is written.
 - Attribute values: bool → bool_value, int → int_value (int64, two's
-  complement when negative), str → string_value, list of str →
-  array_value of string values (an empty list gives an empty array_value).
+  complement when negative), str → string_value, bytes → bytes_value,
+  list → array_value of its items' values (an empty list gives an empty
+  array_value).
 - Field numbers come from opentelemetry/proto: common/v1 (AnyValue,
   KeyValue, ArrayValue, InstrumentationScope), resource/v1 (Resource),
   logs/v1 (LogRecord, ScopeLogs, ResourceLogs), trace/v1 (Span, Status,
@@ -79,8 +80,10 @@ def any_value(value: Any) -> bytes:
         return b"\x18" + (_SMALL[value] if 0 <= value < 128 else varint(value))
     if t is bool:
         return b"\x10\x01" if value else b"\x10\x00"
+    if t is bytes:
+        return _ld(b"\x3a", value)
     if isinstance(value, (list, tuple)):
-        return _ld(b"\x2a", b"".join(_ld(b"\x0a", _ld(b"\x0a", v.encode())) for v in value))
+        return _ld(b"\x2a", b"".join(_ld(b"\x0a", any_value(v)) for v in value))
     raise TypeError(f"no AnyValue for {t.__name__}")
 
 
@@ -150,13 +153,16 @@ def log_record(
     observed_time_unix_nano: int,
     severity_number: int,
     severity_text: str,
-    body: str,
+    body: str | bytes | None,
     attrs: bytes,
     event_name: str,
     trace_id: bytes = b"",
     span_id: bytes = b"",
 ) -> bytes:
-    """A LogRecord message with a string body; ``attrs`` is `attributes` (T_ATTR_LOG) output."""
+    """A LogRecord message; ``attrs`` is `attributes` (T_ATTR_LOG) output.
+
+    The body is a string value, a bytes value (bytes), or absent (None).
+    """
     parts = [b"\x09" + _FIXED64(time_unix_nano & _MASK64)] if time_unix_nano else []
     head = _SEVERITY.get((severity_number, severity_text))
     if head is None:
@@ -164,7 +170,10 @@ def log_record(
             _ld(b"\x1a", severity_text.encode()) if severity_text else b""
         )
     parts.append(head)
-    parts.append(_ld(b"\x2a", _ld(b"\x0a", body.encode())))
+    if type(body) is str:
+        parts.append(_ld(b"\x2a", _ld(b"\x0a", body.encode())))
+    elif body is not None:
+        parts.append(_ld(b"\x2a", _ld(b"\x3a", body)))
     parts.append(attrs)
     if trace_id:
         parts.append(_ld(b"\x4a", trace_id))
