@@ -16,6 +16,7 @@ from tapio.processors.k8sattributes import factory as k8sattributes
 from tapio.processors.memory_limiter import factory as memory_limiter
 from tapio.receivers.cni_log import factory as cni_log_receiver
 from tapio.receivers.ebpf import factory as ebpf_receiver
+from tapio.receivers.etcd_watch import factory as etcd_watch_receiver
 from tapio.receivers.journald import factory as journald_receiver
 from tapio.receivers.kubeapi import factory as kubeapi_receiver
 from tapio.receivers.otlp import factory as otlp_receiver
@@ -27,6 +28,7 @@ FACTORIES: list[Factory] = [
     cni_log_receiver,
     kubeapi_receiver,
     journald_receiver,
+    etcd_watch_receiver,
     # processors
     batch,
     k8sattributes,
