@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import shutil
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass
@@ -95,17 +95,21 @@ class EtcdMember:
 
     def wait_healthy(self, admin: "EtcdAdmin | None" = None) -> None:
         """Wait until the member answers /health with true (it has a leader and can serve)."""
-        admin = admin or EtcdAdmin(self.url)
+        probe = admin or EtcdAdmin(self.url)
         deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"etcd {self.name} exited with {self.proc.returncode}:\n{self.log_text()}")
-            if admin.healthy():
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"etcd {self.name} not healthy after {START_TIMEOUT}s:\n{self.log_text()}")
-            time.sleep(0.02)
+        try:
+            while True:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"etcd {self.name} exited with {self.proc.returncode}:\n{self.log_text()}")
+                if probe.healthy():
+                    return
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"etcd {self.name} not healthy after {START_TIMEOUT}s:\n{self.log_text()}")
+                time.sleep(0.02)
+        finally:
+            if admin is None:
+                probe.close()
 
     def kill(self) -> None:
         """SIGKILL, as a crash: the member's data stays."""
@@ -132,10 +136,12 @@ class EtcdMember:
 def etcd_member(tmp_path: Path, *, tls: ServerTLS | None = None, admin_tls: dict[str, Any] | None = None) -> Iterator[EtcdMember]:
     """One running member (killed on exit); ``admin_tls`` are the `EtcdAdmin` TLS arguments to check its health."""
     member = EtcdMember(tmp_path / "etcd-m0", tls=tls)
+    probe = EtcdAdmin(member.url, **(admin_tls or {}))
     try:
-        member.start(EtcdAdmin(member.url, **(admin_tls or {})))
+        member.start(probe)
         yield member
     finally:
+        probe.close()
         member.kill()
 
 
@@ -163,18 +169,29 @@ def _b64(data: bytes | str) -> str:
 class EtcdAdmin:
     """Writes to etcd through its JSON gateway (blocking; each call is one request).
 
-    ``verify``/``cert`` are httpx's TLS arguments (a CA file, a (cert, key)
-    pair); with a ``user`` every call authenticates once and sends the token.
+    ``ca_file`` is the CA to trust and ``cert`` a (certificate, key) pair of
+    PEM files for mutual TLS; with a ``user`` every call authenticates once and sends the token.
     """
 
-    def __init__(self, url: str, *, verify: Any = True, cert: Any = None, user: tuple[str, str] | None = None) -> None:
+    def __init__(self, url: str, *, ca_file: str = "", cert: tuple[str, str] | None = None, user: tuple[str, str] | None = None) -> None:
         self.url = url
-        self._client = httpx.Client(verify=verify, cert=cert, timeout=10, trust_env=False)
+        verify: ssl.SSLContext | bool = True
+        if ca_file or cert:
+            verify = ssl.create_default_context(cafile=ca_file or None)
+            if cert:
+                verify.load_cert_chain(*cert)
+        self._client = httpx.Client(verify=verify, timeout=10, trust_env=False)
         self._user = user
         self._token: str | None = None
 
     def close(self) -> None:
         self._client.close()
+
+    def __enter__(self) -> "EtcdAdmin":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         headers = {}
@@ -232,6 +249,3 @@ class EtcdAdmin:
         self.call("/v3/auth/enable", {})
         self._user = ("root", root_password)
 
-
-def has_etcd() -> bool:
-    return shutil.which("etcd") is not None

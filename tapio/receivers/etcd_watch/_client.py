@@ -23,11 +23,12 @@ Invariants:
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import socket
 import ssl
-from typing import Any, Awaitable, Callable, NoReturn
+from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn
 
 import httpx
 import trio
@@ -173,16 +174,13 @@ class EtcdClient:
         headers["grpc-metadata-hasleader"] = "true"
         timeout = httpx.Timeout(connect=float(self._config.dial_timeout), read=None, write=float(self._config.request_timeout), pool=None)
         try:
-            async with self._client.stream(
-                "POST", endpoint + "/v3/watch", content=json.dumps(request).encode(), headers=headers, timeout=timeout
-            ) as response:
+            async with self._send(endpoint + "/v3/watch", request, headers, timeout, stream=True) as response:
                 if response.status_code != 200:
                     data = await _read_some(response)
                     error = _error_of(data, response.status_code)
                     self._token_expired(endpoint, error)
                     raise classify(endpoint, response.status_code, error)
-                async for chunk in response.aiter_raw():
-                    await handle(chunk)
+                await _read_stream(response, handle)
         except httpx.HTTPError as exc:
             raise Unavailable(endpoint, f"watch failed: {_describe(exc)}") from None
         raise Unavailable(endpoint, "the watch stream ended")
@@ -192,20 +190,28 @@ class EtcdClient:
     async def _post(self, endpoint: str, path: str, body: dict[str, Any], headers: dict[str, str]) -> tuple[int, bytes]:
         assert self._client is not None, "call before open"
         timeout = float(self._config.request_timeout)
-        content = json.dumps(body).encode()
         with trio.move_on_after(timeout) as scope:
             try:
-                response = await self._client.post(
-                    endpoint + path,
-                    content=content,
-                    headers=headers,
-                    timeout=httpx.Timeout(timeout, connect=float(self._config.dial_timeout)),
-                )
+                async with self._send(endpoint + path, body, headers, httpx.Timeout(timeout, connect=float(self._config.dial_timeout))) as response:
+                    pass
             except httpx.HTTPError as exc:
                 raise Unavailable(endpoint, f"{path} failed: {_describe(exc)}") from None
             return response.status_code, response.content
         assert scope.cancelled_caught
         raise Unavailable(endpoint, f"{path} took longer than request_timeout ({self._config.request_timeout})")
+
+    @contextlib.asynccontextmanager
+    async def _send(self, url: str, body: dict[str, Any], headers: dict[str, str], timeout: httpx.Timeout, *, stream: bool = False) -> AsyncIterator[httpx.Response]:
+        """POST ``body`` as JSON; the response (its body unread with ``stream``), closed on exit."""
+        assert self._client is not None, "call before open"
+        data = json.dumps(body).encode()
+        request = self._client.build_request("POST", url, content=data, headers=headers, timeout=timeout)
+        request.stream = _Body(data)
+        response = await self._client.send(request, stream=stream)
+        try:
+            yield response
+        finally:
+            await response.aclose()
 
     async def _auth_headers(self, endpoint: str) -> dict[str, str]:
         if not self._config.username:
@@ -232,6 +238,29 @@ class EtcdClient:
         return False
 
 
+class _Body(httpx.AsyncByteStream):
+    """A request body that is an iterator object, not a generator.
+
+    httpx's own body is an async generator: a send that fails mid-write (a
+    refused TLS handshake) leaves it suspended, and trio warns when it is
+    collected (encode/httpx#3686).
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._sent = False
+
+    def __aiter__(self) -> "_Body":
+        self._sent = False
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._sent:
+            raise StopAsyncIteration
+        self._sent = True
+        return self._data
+
+
 def classify(endpoint: str, status: int, error: StreamError, *, authenticating: bool = False) -> EtcdError:
     """The exception for an error answer (see the module docstring)."""
     message = error.message or f"HTTP {status}"
@@ -253,6 +282,26 @@ def _error_of(data: bytes, status: int) -> StreamError:
         pass
     text = data[:200].decode("utf-8", "replace").strip()
     return StreamError(0, f"HTTP {status}" + (f": {text}" if text else ""))
+
+
+async def _read_stream(response: httpx.Response, handle: Callable[[bytes], Awaitable[None]]) -> None:
+    """Hand ``handle`` each piece of ``response`` until it ends or ``handle`` raises (then raise that).
+
+    httpx reads a body through a chain of async generators. Leaving the loop
+    by an exception of ``handle`` would leave every one of them suspended
+    (trio warns when they are collected); cancelling the next read instead
+    unwinds the chain from its innermost await, so each generator finishes.
+    """
+    failure: BaseException | None = None
+    with trio.CancelScope() as reading:
+        async for chunk in response.aiter_raw():
+            try:
+                await handle(chunk)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, once the read is unwound
+                failure = exc
+                reading.cancel()
+    if failure is not None:
+        raise failure
 
 
 async def _read_some(response: httpx.Response) -> bytes:
