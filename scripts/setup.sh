@@ -14,6 +14,7 @@ APT_PACKAGES=(
     python3-systemd     # the journald receiver reads the journal through libsystemd (systemd-python, linked into the venv)
     systemd             # journald tests run real journald namespace instances and a systemd user manager (systemd-run)
     etcd-server         # the etcd-watch tests and bench run a real etcd 3.4 (started by the tests, on loopback)
+    etcd-client         # etcdctl: the etcd-watch bench measures it watching beside tapio
 )
 
 missing=()

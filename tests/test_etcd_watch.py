@@ -26,12 +26,11 @@ from tapio.receivers.etcd_watch import factory
 from tapio.receivers.etcd_watch._component import CHECKPOINT_KEY
 from tapio.storage import Storage
 from tapio.telemetry import Telemetry
-from tapio.testing.etcd import EtcdAdmin, EtcdMember, ServerTLS, etcd_cluster, etcd_member
+from tapio.testing.etcd import EtcdAdmin, EtcdMember, ServerTLS, etcd_cluster, etcd_member, k8s_object
 from tapio.testing.otlpsink import Reply, open_otlp_sink
 from tapio.testing.process import TapioProcess, free_port
 from tapio.testing.sink import RecordingConsumer
 
-from .test_etcd_watch_decode import k8s_object
 from .test_otlp_exporter_tls import Certs, _openssl, certs  # noqa: F401 - the certs fixture
 
 #: generous: each wait ends as soon as its condition holds

@@ -34,50 +34,9 @@ from tapio.receivers.etcd_watch._progress import DeliveryProgress
 from tapio.receivers.etcd_watch._records import RecordBuilder
 from tapio.receivers.etcd_watch._gateway import Event, KeyValue
 from tapio.receivers.etcd_watch._values import ProtoError, ProtoReader, decode_value, parse_key
+from tapio.testing.etcd import k8s_object, ld, varint, vi
 
-# ---------------------------------------------------------------- protobuf, written from the wire format
-
-
-def varint(n: int) -> bytes:
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def ld(field: int, payload: bytes | str) -> bytes:
-    data = payload.encode() if isinstance(payload, str) else payload
-    return varint(field << 3 | 2) + varint(len(data)) + data
-
-
-def vi(field: int, n: int) -> bytes:
-    return varint(field << 3) + varint(n)
-
-
-def k8s_object(api_version: str, kind: str, *, name: str, namespace: str = "", uid: str = "", labels: dict[str, str] | None = None,
-               created: int = 0, owners: list[dict] | None = None, generation: int = 0, spec: bytes = b"") -> bytes:
-    """A Kubernetes protobuf value: magic, runtime.Unknown{typeMeta, raw = object{metadata = ObjectMeta, spec}}."""
-    meta = ld(1, name)
-    if namespace:
-        meta += ld(3, namespace)
-    if uid:
-        meta += ld(5, uid)
-    meta += ld(6, "12345")  # resourceVersion
-    if generation:
-        meta += vi(7, generation)
-    if created:
-        meta += ld(8, vi(1, created))  # Time{seconds}
-    for k, v in (labels or {}).items():
-        meta += ld(11, ld(1, k) + ld(2, v))  # map entry
-    for o in owners or []:
-        meta += ld(13, ld(1, o["kind"]) + ld(3, o["name"]) + ld(4, o["uid"]) + ld(5, o["apiVersion"]) + vi(6, 1))
-    raw = ld(1, meta) + (ld(2, spec) if spec else b"")
-    unknown = ld(1, ld(1, api_version) + ld(2, kind)) + ld(2, raw) + ld(4, "application/vnd.kubernetes.protobuf")
-    return b"k8s\x00" + unknown
+# ---------------------------------------------------------------- protobuf, written from the wire format (tapio.testing.etcd)
 
 
 POD = k8s_object(

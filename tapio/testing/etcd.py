@@ -6,7 +6,8 @@ answers ``/health``, `kill` is a SIGKILL (a crash), `stop` a SIGTERM, and
 `start` again brings the same member back with its data. `etcd_cluster`
 starts several members of one cluster. `EtcdAdmin` writes, deletes,
 compacts and sets up authentication through the v3 JSON gateway, the way
-an operator's etcdctl would.
+an operator's etcdctl would. `k8s_object` builds a Kubernetes protobuf value
+as the API server stores it.
 
 Every process is killed on exit of its context manager, so a failing test
 leaves nothing running.
@@ -249,3 +250,52 @@ class EtcdAdmin:
         self.call("/v3/auth/enable", {})
         self._user = ("root", root_password)
 
+
+# ---------------------------------------------------------------- Kubernetes protobuf values, from the published wire format
+# (k8s.io/apimachinery runtime.Unknown and meta/v1 ObjectMeta field numbers), written
+# independently of the receiver's decoder so tests check one against the other.
+
+
+def varint(n: int) -> bytes:
+    """A protobuf base-128 varint (negative numbers as their 64-bit two's complement)."""
+    n &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def ld(field: int, payload: bytes | str) -> bytes:
+    """A length-delimited field."""
+    data = payload.encode() if isinstance(payload, str) else payload
+    return varint(field << 3 | 2) + varint(len(data)) + data
+
+
+def vi(field: int, n: int) -> bytes:
+    """A varint field."""
+    return varint(field << 3) + varint(n)
+
+
+def k8s_object(api_version: str, kind: str, *, name: str, namespace: str = "", uid: str = "", labels: dict[str, str] | None = None,
+               created: int = 0, owners: list[dict[str, str]] | None = None, generation: int = 0, spec: bytes = b"") -> bytes:
+    """A value as the API server stores it in protobuf: the ``k8s\\x00`` magic, then runtime.Unknown{typeMeta, raw = object{metadata, spec}}."""
+    meta = ld(1, name)
+    if namespace:
+        meta += ld(3, namespace)
+    if uid:
+        meta += ld(5, uid)
+    meta += ld(6, "12345")  # resourceVersion
+    if generation:
+        meta += vi(7, generation)
+    if created:
+        meta += ld(8, vi(1, created))  # Time{seconds}
+    for k, v in (labels or {}).items():
+        meta += ld(11, ld(1, k) + ld(2, v))  # map entry
+    for o in owners or []:
+        meta += ld(13, ld(1, o["kind"]) + ld(3, o["name"]) + ld(4, o["uid"]) + ld(5, o["apiVersion"]) + vi(6, 1))
+    raw = ld(1, meta) + (ld(2, spec) if spec else b"")
+    unknown = ld(1, ld(1, api_version) + ld(2, kind)) + ld(2, raw) + ld(4, "application/vnd.kubernetes.protobuf")
+    return b"k8s\x00" + unknown
