@@ -199,11 +199,17 @@ async def test_a_kubernetes_protobuf_value_decodes(etcd, admin):
 async def test_a_value_that_is_not_what_it_claims_is_counted_and_kept_raw(etcd, admin, caplog):
     async with running({"endpoints": [etcd.url], "start_revision": 1}) as r:
         admin.put("/registry/configmaps/shop/broken", b"k8s\x00\x0a\xff")
+        admin.put("/registry/example.com/widgets/shop/cut", '{"apiVersion": "example.com/v1", "kind":')
         admin.put("/registry/configmaps/shop/fine", "{}")
-        got = await r.wait_changes(2)
-    assert got[0].attrs["tapio.etcd.value"] == b"k8s\x00\x0a\xff" and got[0].body == b"k8s\x00\x0a\xff"
+        got = await r.wait_changes(3)
+    broken, cut, fine = got
+    assert broken.attrs["tapio.etcd.value"] == b"k8s\x00\x0a\xff" and broken.body == b"k8s\x00\x0a\xff"
+    assert cut.attrs["tapio.etcd.value"].startswith(b'{"apiVersion"') and cut.body.startswith('{"apiVersion"')
+    assert cut.attrs["k8s.resource"] == "widgets.example.com" and fine.body == {}
     assert r.metric("tapio_bad_input_total", reason="value_invalid_protobuf") == 1
-    assert "/registry/configmaps/shop/broken" in caplog.text
+    assert r.metric("tapio_bad_input_total", reason="value_invalid_json") == 1
+    # the first of each reason is a warning naming the key
+    assert "/registry/configmaps/shop/broken" in caplog.text and "/registry/example.com/widgets/shop/cut" in caplog.text
 
 
 async def test_starts_now_without_a_checkpoint_or_from_start_revision(etcd, admin):
