@@ -19,6 +19,7 @@ from tapio.receivers.ebpf import factory as ebpf_receiver
 from tapio.receivers.etcd_watch import factory as etcd_watch_receiver
 from tapio.receivers.journald import factory as journald_receiver
 from tapio.receivers.kubeapi import factory as kubeapi_receiver
+from tapio.receivers.netflow import factory as netflow_receiver
 from tapio.receivers.otlp import factory as otlp_receiver
 
 FACTORIES: list[Factory] = [
@@ -29,6 +30,7 @@ FACTORIES: list[Factory] = [
     kubeapi_receiver,
     journald_receiver,
     etcd_watch_receiver,
+    netflow_receiver,
     # processors
     batch,
     k8sattributes,
