@@ -200,8 +200,9 @@ def compile_template(layout: Any, output: Output) -> Compiled:
         expr = value_expr(i, numeric)
         if sparse:
             name = f"p{len(g.pieces)}"
+            absent = g.const(enc.attribute(attr, 0)) if attr in _ZERO_WHEN_ABSENT else "b''"
             body.append(f"    v = {expr}")
-            body.append(f"    {name} = {cache}[v] if v is not None else b''")
+            body.append(f"    {name} = {cache}[v] if v is not None else {absent}")
             g.pieces.append(name)
         else:
             g.pieces.append(f"{cache}[{expr}]")
@@ -340,6 +341,8 @@ def _mapping_convert(kind: str, column: Any) -> tuple[Callable[[Any], Any] | Non
             return as_int, True
         if column.kind == _ie.FLOAT:
             return float, False
+        if column.kind == _ie.OCTETS and column.length in (1, 2, 4, 8) and (column.pen or column.id not in _ie.BY_ID):
+            return as_int, False  # enterprise and unknown elements of a number's length
         return _CONVERT.get(column.kind, bytes), False
     if kind == "unsigned":
         return as_int, not column.is_int
