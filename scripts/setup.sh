@@ -15,6 +15,8 @@ APT_PACKAGES=(
     systemd             # journald tests run real journald namespace instances and a systemd user manager (systemd-run)
     etcd-server         # the etcd-watch tests and bench run a real etcd 3.4 (started by the tests, on loopback)
     etcd-client         # etcdctl: the etcd-watch bench measures it watching beside tapio
+    softflowd nfdump    # the netflow receiver's tests: real exporters (softflowd; nfcapd + nfreplay)
+    pmacct              # bench_netflow_udp: nfacctd is the C collector the receiver is measured against
 )
 
 missing=()

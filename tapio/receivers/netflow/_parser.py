@@ -16,10 +16,12 @@ Invariants:
   once as `UnknownTemplate` when it arrives and, if never decoded, once as
   `HeldDropped`.
 - Sequence numbers: v5 counts flows, v9 export packets, IPFIX data records
-  (RFC 7011 §3.1). A number ahead of the one expected is a `SequenceGap`
-  with the count of what went missing; one behind it (reordering, an
-  exporter restart) only resets the expectation. An IPFIX message with sets
-  that could not be counted (unknown templates) resets it too.
+  (RFC 7011 §3.1; exporters that count only flow records, or count the
+  message's own records too, as softflowd does, are recognised). A number
+  ahead of the one expected is a `SequenceGap` with the count of what went
+  missing; one behind it (reordering, an exporter restart) only resets the
+  expectation. An IPFIX message with sets that could not be counted
+  (unknown templates) resets it too.
 - Template ids below 256, zero-length fields, empty templates (v9), option
   scopes that do not fit, and set or header lengths beyond the datagram are
   malformed.
@@ -114,6 +116,10 @@ class Session:
     #: IPFIX: unix ms of the exporter's init time (systemInitTimeMilliseconds), for sysUpTime fields
     system_init_ms: int | None = None
     next_sequence: int | None = None
+    #: IPFIX: (sequence, data records, flow records) of the last message whose records could all be counted
+    last_ipfix: tuple[int, int, int] | None = None
+    #: IPFIX: which counting the exporter's sequence numbers follow (see `Collector._ipfix_sequence`)
+    ipfix_convention: int = 0
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -315,14 +321,34 @@ class Collector:
         try:
             self._sets(data, _IPFIX_HEADER.size, length, session, export, now, events)
         finally:
-            records = 0
+            records = flows = 0
             countable = True
             for ev in events[before:]:
                 if type(ev) is DataRecords:
                     records += len(ev.rows)
+                    flows += 0 if ev.template.options else len(ev.rows)
                 elif type(ev) is UnknownTemplate:
                     countable = False
-            self._sequence(session, sequence, records, events, countable=countable)
+            self._ipfix_sequence(session, sequence, records, flows, countable, events)
+
+    def _ipfix_sequence(self, session: Session, sequence: int, records: int, flows: int, countable: bool, events: list[Event]) -> None:
+        """RFC 7011 counts all data records before this message; some exporters (softflowd) count
+        only flow records, or include this message's own: any of those steps is in order, and the
+        one an exporter uses is remembered to size a gap."""
+        last = session.last_ipfix
+        session.last_ipfix = (sequence, records, flows) if countable else None
+        if last is None:
+            return
+        last_sequence, last_records, last_flows = last
+        steps = (last_records, last_flows, records, flows)
+        step = (sequence - last_sequence) % _MOD32
+        if step in steps:
+            session.ipfix_convention = steps.index(step)
+            return
+        expected = (last_sequence + steps[session.ipfix_convention]) % _MOD32
+        ahead = (sequence - expected) % _MOD32
+        if ahead < _HALF32:
+            events.append(SequenceGap(session, expected, sequence, ahead))
 
     def _sequence(self, session: Session, sequence: int, advance: int, events: list[Event], *, countable: bool = True) -> None:
         expected = session.next_sequence
