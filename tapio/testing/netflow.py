@@ -214,3 +214,42 @@ def _wait_udp_bound(port: int, proc: subprocess.Popen, timeout: float) -> None:
             return
         time.sleep(0.02)
     raise TimeoutError(f"nothing bound UDP port {port} within {timeout}s")
+
+
+# -- load for benches
+
+#: softflowd's IPv4 flow template (element, length): what the benches send
+SOFTFLOWD_V4_TEMPLATE: tuple[FieldSpec, ...] = (
+    (8, 4), (12, 4), (22, 4), (21, 4), (1, 4), (2, 4), (10, 4), (14, 4), (61, 1), (136, 1), (7, 2), (11, 2), (4, 1), (6, 1), (60, 1), (5, 1),
+)
+_SOFTFLOWD_V4 = struct.Struct("!4s4sIIIIIIBBHHBBBB")
+
+
+def blast(version: int, datagrams: int, *, records: int = 30, hosts: int = 256, seed: int = 1) -> list[bytes]:
+    """``datagrams`` NetFlow v9 (9) or IPFIX (10) export packets of ``records`` flows each, the template in the first.
+
+    Flows are between ``hosts`` addresses with random ports, TCP and UDP, so
+    repeated values (addresses, protocols) repeat as on a real network.
+    Sequence numbers follow the spec (v9: packets, IPFIX: data records).
+    """
+    import random
+
+    rng = random.Random(seed)
+    addrs = [socket.inet_aton(f"10.{i >> 8 & 255}.{i & 255}.1") for i in range(hosts)]
+    ipfix = version == 10
+    out = []
+    sequence = 0
+    for n in range(datagrams):
+        body = b"".join(
+            _SOFTFLOWD_V4.pack(rng.choice(addrs), rng.choice(addrs), 1000 + n, 2000 + n, rng.randrange(40, 1500 * 20), rng.randrange(1, 20),
+                               1, 2, 0, 1, rng.randrange(1024, 65535), rng.choice((80, 443, 53, 22, 8080)), rng.choice((6, 6, 6, 17)), 0x18, 4, 0)
+            for _ in range(records)
+        )
+        sets = [template_set([(1024, SOFTFLOWD_V4_TEMPLATE)], ipfix=ipfix)] if n == 0 else []
+        sets.append(flow_set(1024, body, pad_to=1 if ipfix else 4))
+        if ipfix:
+            out.append(ipfix_message(sets, sequence=sequence, export_time=1_700_000_000 + n // 1000))
+            sequence += records
+        else:
+            out.append(v9_datagram(sets, sequence=n, uptime_ms=100_000 + n, unix_secs=1_700_000_000 + n // 1000))
+    return out

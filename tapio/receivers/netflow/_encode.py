@@ -26,7 +26,7 @@ _DOUBLE = struct.Struct("<d").pack
 #: exact varints of 0 .. 16383 (one or two bytes), the common case of counts, ports and lengths
 SHORT_VARINTS: list[bytes] = [bytes([n]) if n < 128 else bytes((n & 0x7F | 0x80, n >> 7)) for n in range(1 << 14)]
 #: 14 bits as two varint bytes, both with the continuation bit
-_PAIRS: list[bytes] = [bytes((n & 0x7F | 0x80, (n >> 7) | 0x80)) for n in range(1 << 14)]
+VARINT_PAIRS: list[bytes] = [bytes((n & 0x7F | 0x80, (n >> 7) | 0x80)) for n in range(1 << 14)]
 _NS_LOW, _NS_HIGH = 1 << 56, 1 << 63
 
 T_ATTRIBUTE = b"\x32"  # LogRecord.attributes
@@ -38,7 +38,7 @@ def varint(n: int) -> bytes:
     if 0 <= n < 16384:
         return SHORT_VARINTS[n]
     if _NS_LOW <= n < _NS_HIGH:  # nanosecond timestamps after 1972: always nine bytes
-        return _PAIRS[n & 0x3FFF] + _PAIRS[(n >> 14) & 0x3FFF] + _PAIRS[(n >> 28) & 0x3FFF] + _PAIRS[(n >> 42) & 0x3FFF] + SHORT_VARINTS[n >> 56]
+        return VARINT_PAIRS[n & 0x3FFF] + VARINT_PAIRS[(n >> 14) & 0x3FFF] + VARINT_PAIRS[(n >> 28) & 0x3FFF] + VARINT_PAIRS[(n >> 42) & 0x3FFF] + SHORT_VARINTS[n >> 56]
     n &= _MASK64
     out = bytearray()
     while n >= 0x80:
@@ -80,6 +80,23 @@ def int_prefixes(key: str) -> list[bytes]:
         kv = kv_key + b"\x12" + SHORT_VARINTS[n + 1] + b"\x18"
         out.append(T_ATTRIBUTE + varint(len(kv) + n) + kv)
     return out
+
+
+class HighVarints(dict):
+    """n >> 28 → the last five bytes of the varint of n, for 2**56 <= n < 2**63 (nanosecond times); emptied when full.
+
+    The top 35 bits of a nanosecond time change every 268 ms, so consecutive
+    flows share them: ``VARINT_PAIRS[n & 16383] + VARINT_PAIRS[n >> 14 & 16383] + cache[n >> 28]``
+    is ``varint(n)``.
+    """
+
+    __slots__ = ()
+
+    def __missing__(self, high: int) -> bytes:
+        if len(self) >= 4096:
+            self.clear()
+        value = self[high] = bytes((high & 0x7F | 0x80, high >> 7 & 0x7F | 0x80, high >> 14 & 0x7F | 0x80, high >> 21 & 0x7F | 0x80, high >> 28))
+        return value
 
 
 class PieceCache(dict):

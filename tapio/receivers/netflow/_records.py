@@ -157,7 +157,10 @@ class _Gen:
     """Collects generated source lines and the constants they name."""
 
     def __init__(self) -> None:
-        self.names: dict[str, Any] = {"FB": int.from_bytes, "V": enc.varint, "SV": enc.SHORT_VARINTS, "item": enc.log_record_item, "ntp": ntp_ns}
+        self.names: dict[str, Any] = {
+            "FB": int.from_bytes, "V": enc.varint, "SV": enc.SHORT_VARINTS, "P2": enc.VARINT_PAIRS, "HI": enc.HighVarints(),
+            "Q": enc.FIXED64, "M64": (1 << 64) - 1, "ntp": ntp_ns,
+        }
         self.lines: list[str] = []
         self.pieces: list[str] = []
         self._n = 0
@@ -195,9 +198,24 @@ def compile_template(layout: Any, output: Output) -> Compiled:
             return f"FB(r[{i}], 'big')"
         return f"r[{i}]"
 
+    def direct_int(attr: str, expr: str, absent: str | None = None) -> None:
+        # ints vary too much to cache (ports, counts): the key's bytes are prebuilt per varint length
+        prefixes = g.const(enc.int_prefixes(attr))
+        name = f"p{len(g.pieces)}"
+        body.append(f"    v = {expr}")
+        piece = f"{prefixes}[len(b := SV[v] if v < 16384 else V(v))] + b"
+        body.append(f"    {name} = ({piece}) if v is not None else {absent}" if absent is not None else f"    {name} = {piece}")
+        g.pieces.append(name)
+
     def cached(attr: str, i: int, convert: Callable[[Any], Any] | None, numeric: bool) -> None:
-        cache = g.const(enc.PieceCache(attr, convert or (lambda v: v)))
         expr = value_expr(i, numeric)
+        if convert is None and numeric:
+            absent = None
+            if sparse:
+                absent = g.const(enc.attribute(attr, 0)) if attr in _ZERO_WHEN_ABSENT else "b''"
+            direct_int(attr, expr, absent)
+            return
+        cache = g.const(enc.PieceCache(attr, convert or (lambda v: v)))
         if sparse:
             name = f"p{len(g.pieces)}"
             absent = g.const(enc.attribute(attr, 0)) if attr in _ZERO_WHEN_ABSENT else "b''"
@@ -247,17 +265,15 @@ def compile_template(layout: Any, output: Output) -> Compiled:
         if i is None:
             zero(attr)
             continue
-        cache = g.const(enc.PieceCache(attr, lambda v: v))
         expr = value_expr(i, True)
         if scale:
             rate = "rate" if per_row_rate else "ctx.rate"
             body.append(f"    {count} = {expr}")
             body.append(f"    {count} = {count} * {rate} if {rate} > 1 else {count}")
             expr = count
-        g.pieces.append(f"{cache}[{expr}]")
+        direct_int(attr, expr)
     if per_row_rate and "flow.sampling_rate" in wanted:
-        cache = g.const(enc.PieceCache("flow.sampling_rate", lambda v: v))
-        g.pieces.append(f"{cache}[rate]")
+        direct_int("flow.sampling_rate", "rate")
 
     # times
     start_expr = _time_expr(columns, find(_START), g, used)
@@ -269,8 +285,10 @@ def compile_template(layout: Any, output: Output) -> Compiled:
     for attr, var in (("flow.start", "t0"), ("flow.end", "t1")):
         if attr in wanted:
             prefixes = g.const(enc.int_prefixes(attr))
-            body.append(f"    {var}v = V({var})")
-            g.pieces.append(f"{prefixes}[len({var}v)] + {var}v")
+            # nanosecond times are nine-byte varints: two 14-bit pairs from a table, the top 35 bits cached
+            body.append(f"    {var}v = P2[{var} & 16383] + P2[{var} >> 14 & 16383] + HI[{var} >> 28] if {var} >= 72057594037927936 else V({var})")
+            g.pieces.append(f"{prefixes}[len({var}v)]")
+            g.pieces.append(f"{var}v")
 
     # extras
     for attr in ("flow.in_if", "flow.out_if", "flow.src_vlan", "flow.dst_vlan", "flow.src_as", "flow.dst_as",
@@ -300,7 +318,7 @@ def compile_template(layout: Any, output: Output) -> Compiled:
             if c.pen and (c.pen, c.id) not in mapped:
                 cached(f"ipfix.{c.pen}.{c.id}", i, bytes, False)
 
-    pieces = " + ".join(g.pieces + ["tail"]) if g.pieces else "tail"
+    pieces = ", ".join(g.pieces + ["tail"])
     encode_src = "\n".join(
         [
             "def encode(rows, out, ctx):",
@@ -308,7 +326,9 @@ def compile_template(layout: Any, output: Output) -> Compiled:
             "  append = out.append",
             "  for r in rows:",
             *["  " + line for line in body],
-            f"      append(item(t0 or ctx.received_ns, {pieces}, observed))",
+            f"      rec = b''.join((b'\\x09', Q((t0 or ctx.received_ns) & M64), {pieces}, observed))",
+            "      n = len(rec)",
+            "      append(b''.join((b'\\x12', SV[n] if n < 16384 else V(n), rec)))",
         ]
     )
     tally_src = _tally_source(find((4,)), find(_ELEMENTS["flow.io.bytes"]), find(_ELEMENTS["flow.io.packets"]), columns, scale, rate_col, sampler_col, sparse)
