@@ -224,6 +224,18 @@ def test_ipfix_ntp_microsecond_times():
     assert int(got["flow.start"]) == 1_700_000_000_500_000_000
 
 
+@pytest.mark.parametrize("ms", [0, 1, 16_383, 72_057_594_037, 1_700_000_000_123, 9_223_372_036_854, 2**63 // 1_000_000 + 1, 2**64 - 1])
+def test_flow_times_of_every_size_encode_as_protobuf_int64(ms):
+    # nanosecond times take a table path between 2**56 and 2**63 and the general varint elsewhere
+    c = Collector()
+    template = nf.template_set([(500, [(8, 4), (152, 8), (153, 8)])], ipfix=True)
+    data = nf.flow_set(500, socket.inet_aton("10.0.0.1") + struct.pack("!QQ", ms, ms), pad_to=1)
+    got = build(c.feed(nf.ipfix_message([template, data]), EXPORTER, 0.0))[0]
+    ns = ms * 1_000_000 & (1 << 64) - 1
+    want = ns - (1 << 64) if ns >= 1 << 63 else ns
+    assert int(got.get("flow.start", 0)) == want and int(got.get("flow.end", 0)) == want
+
+
 def test_v5_records_and_header_sampling():
     c = Collector()
     rec = nf.v5_record("10.0.0.1", "10.0.0.2", sport=1234, dport=443, proto=6, packets=3, octets=300, first_ms=5000, last_ms=6000, src_as=64500, dst_as=64501, next_hop="10.0.0.254")

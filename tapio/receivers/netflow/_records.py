@@ -286,7 +286,7 @@ def compile_template(layout: Any, output: Output) -> Compiled:
         if attr in wanted:
             prefixes = g.const(enc.int_prefixes(attr))
             # nanosecond times are nine-byte varints: two 14-bit pairs from a table, the top 35 bits cached
-            body.append(f"    {var}v = P2[{var} & 16383] + P2[{var} >> 14 & 16383] + HI[{var} >> 28] if {var} >= 72057594037927936 else V({var})")
+            body.append(f"    {var}v = P2[{var} & 16383] + P2[{var} >> 14 & 16383] + HI[{var} >> 28] if 72057594037927936 <= {var} < 9223372036854775808 else V({var})")
             g.pieces.append(f"{prefixes}[len({var}v)]")
             g.pieces.append(f"{var}v")
 
