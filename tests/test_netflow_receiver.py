@@ -244,7 +244,7 @@ async def test_options_template_sampling_is_applied_to_records_and_totals():
     await run_until(receiver, sink, lambda: len(log_records(sink)) >= 1, action)
     (r,) = log_records(sink)
     assert int(r["flow.sampling_rate"]) == 64 and int(r["flow.io.bytes"]) == 6400 and int(r["flow.io.packets"]) == 128
-    assert receiver.totals[("127.0.0.1", 6)] == [6400, 128, 1]
+    assert receiver.totals["127.0.0.1"][6] == [6400, 128, 1]
     metrics = MessageToDict(receiver.metrics_request())
     names = {m["name"]: m for m in metrics["resourceMetrics"][0]["scopeMetrics"][0]["metrics"]}
     point = names["tapio.netflow.bytes"]["sum"]["dataPoints"][0]

@@ -108,8 +108,11 @@ class NetflowReceiver:
         #: storage keys of the templates stored
         self._stored: set[str] = set()
         self._start_ns = time.time_ns()
-        #: (exporter, protocol number) -> [bytes, packets, flows]
-        self.totals: dict[tuple[str, int], list[int]] = {}
+        #: exporter -> protocol number -> [bytes, packets, flows]
+        self.totals: dict[str, dict[int, list[int]]] = {}
+        #: datagrams by exporter and flows by (exporter, version) not yet added to telemetry (see `_flush_counts`)
+        self._datagrams: dict[str, int] = {}
+        self._flows: dict[tuple[str, int], int] = {}
         #: (exporter, reason) -> count, for the metrics signal
         self.errors: dict[tuple[str, str], int] = {}
         self.interfaces: dict[tuple[str, int], InterfaceCounters] = {}
@@ -197,9 +200,10 @@ class NetflowReceiver:
     async def _serve(self, sock: socket.socket) -> None:
         recv = sock.recvfrom
         feed = self.collector.feed
+        handle = self._handle
+        datagrams = self._datagrams
         wired_logs = Signal.LOGS in self._output.signals
         limit = self._config.max_batch_records
-        tel = self._telemetry
         while True:
             await trio.lowlevel.wait_readable(sock)
             items: list[bytes] = []
@@ -215,45 +219,51 @@ class NetflowReceiver:
                         continue
                     now_ns = time.time_ns()
                     exporter = _exporter_text(addr[0])
-                    tel.add("tapio_netflow_datagrams_total", 1, exporter=exporter)
-                    events = feed(data, exporter, now_ns / 1e9)
-                    self._handle(events, items if wired_logs else None, now_ns, len(data))
+                    datagrams[exporter] = datagrams.get(exporter, 0) + 1
+                    handle(feed(data, exporter, now_ns / 1e9), items if wired_logs else None, now_ns, len(data))
                     if len(items) >= limit:
+                        self._flush_counts()
                         await self._send_logs(items)
                         items = []
+                self._flush_counts()
                 if items and (drained or len(items) >= limit // 2):
                     await self._send_logs(items)
                     items = []
                 elif not drained:
                     await trio.lowlevel.checkpoint()
 
+    def _flush_counts(self) -> None:
+        """Add the datagrams and flows counted since the last call to telemetry (once per drain, not per datagram)."""
+        tel = self._telemetry
+        for exporter, n in self._datagrams.items():
+            tel.add("tapio_netflow_datagrams_total", n, exporter=exporter)
+        for (exporter, version), n in self._flows.items():
+            tel.add("tapio_netflow_flows_total", n, exporter=exporter, type=FLOW_TYPES.get(version, "unknown"))
+        self._datagrams.clear()
+        self._flows.clear()
+
     def _handle(self, events: list, items: list[bytes] | None, now_ns: int, size: int) -> None:
         """Turn one datagram's events into records, totals and counters."""
-        tel = self._telemetry
+        builder = self.builder
         observed = None
         for ev in events:
             kind = type(ev)
             if kind is DataRecords:
-                session = ev.session
                 if ev.template.options or not ev.rows:
                     continue
-                compiled = self.builder.compiled(ev.template)
-                if observed is None:
-                    observed = enc.observed_time_field(now_ns)
-                ctx = self.builder.context(ev, now_ns, observed, compiled)
-                per_proto: dict[int, list[int]] = {}
-                compiled.tally(ev.rows, per_proto, ctx)
+                session = ev.session
                 exporter = session.exporter
-                for proto, (b, k, f) in per_proto.items():
-                    t = self.totals.get((exporter, proto))
-                    if t is None:
-                        t = self.totals[(exporter, proto)] = [0, 0, 0]
-                    t[0] += b
-                    t[1] += k
-                    t[2] += f
-                tel.add("tapio_netflow_flows_total", len(ev.rows), exporter=exporter, type=FLOW_TYPES.get(session.version, "unknown"))
+                compiled = builder.compiled(ev.template)
+                totals = self.totals.get(exporter)
+                if totals is None:
+                    totals = self.totals[exporter] = {}
+                compiled.tally(ev.rows, totals, builder.rate(ev), session.sampling)
+                key = (exporter, session.version)
+                self._flows[key] = self._flows.get(key, 0) + len(ev.rows)
                 if items is not None:
-                    compiled.encode(ev.rows, items, ctx)
+                    if observed is None:
+                        observed = enc.observed_time_field(now_ns)
+                    compiled.encode(ev.rows, items, builder.context(ev, now_ns, observed, compiled))
             elif kind is TemplateUpdate:
                 self._mark(template_key(ev.session, ev.template.id), ev.template.to_bytes())
             elif kind is TemplateWithdrawn:
@@ -409,9 +419,10 @@ class NetflowReceiver:
             series("tapio.netflow.packets", "Packets of the flows received, by exporter and protocol.", "{packet}"),
             series("tapio.netflow.flows", "Flow records received, by exporter and protocol.", "{flow}"),
         ]
-        for (exporter, proto), values in sorted(self.totals.items()):
-            for s, v in zip(traffic, values):
-                point(s, v, **{"flow.sampler_address": exporter, "network.transport": protocol_name(proto)})
+        for exporter, by_proto in sorted(self.totals.items()):
+            for proto, values in sorted(by_proto.items()):
+                for s, v in zip(traffic, values):
+                    point(s, v, **{"flow.sampler_address": exporter, "network.transport": protocol_name(proto)})
         if self.errors:
             errors = series("tapio.netflow.errors", "Malformed datagrams, unknown templates, dropped held sets, sequence gaps and misses, by exporter and kind.", "{event}")
             for (exporter, name), v in sorted(self.errors.items()):

@@ -146,8 +146,8 @@ class Compiled:
 
     #: (rows, items out list, Context) -> None: appends one framed log record per row
     encode: Callable[[list, list, Context], None]
-    #: (rows, totals dict proto -> [bytes, packets, flows], Context) -> None
-    tally: Callable[[list, dict, Context], None]
+    #: (rows, totals dict proto -> [bytes, packets, flows], the set's sampling rate, the session's rates by sampler) -> None
+    tally: Callable[[list, dict, int, dict], None]
     #: whether rows carry their own sampling rate (else the Context's is in the tail)
     per_row_rate: bool
     source: str = field(repr=False, default="")
@@ -376,13 +376,13 @@ def _tally_source(proto: int | None, b: int | None, k: int | None, columns: tupl
         expr = f"r[{i}]" if columns[i].is_int else f"FB(r[{i}], 'big')"
         return f"({expr} or 0)" if sparse else expr
 
-    lines = ["def tally(rows, totals, ctx):", "  samplers = ctx.samplers", "  for r in rows:"]
+    lines = ["def tally(rows, totals, set_rate, samplers):", "  for r in rows:"]
     if scale and rate_col is not None:
-        lines.append(f"    rate = {val(rate_col)} or ctx.rate")
+        lines.append(f"    rate = {val(rate_col)} or set_rate")
     elif scale and sampler_col is not None:
-        lines.append(f"    rate = samplers.get({val(sampler_col)}, ctx.rate)")
+        lines.append(f"    rate = samplers.get({val(sampler_col)}, set_rate)")
     elif scale:
-        lines.append("    rate = ctx.rate")
+        lines.append("    rate = set_rate")
     lines.append(f"    t = totals.get({val(proto) if proto is not None else -1})")
     lines.append("    if t is None:")
     lines.append(f"      t = totals[{val(proto) if proto is not None else -1}] = [0, 0, 0]")
@@ -413,6 +413,11 @@ class RecordBuilder:
                 self._compiled.clear()
             found = self._compiled[key] = (layout.decoder, compile_template(layout, self.output))
         return found[1]
+
+    @staticmethod
+    def rate(ev: DataRecords) -> int:
+        """The sampling rate of a data set's records that name no sampler of their own (0: unknown)."""
+        return ev.export.sampling or ev.session.sampling_rate()
 
     def context(self, ev: DataRecords, received_ns: int, observed: bytes, compiled: Compiled) -> Context:
         session, export = ev.session, ev.export
