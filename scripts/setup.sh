@@ -30,6 +30,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     # apt may start daemons on some machines; tests start their own servers.
     $SUDO systemctl stop prometheus >/dev/null 2>&1 || true
+    # nfdump's units run nfcapd on UDP 2055 (the netflow receiver's default port) and pmacct's run nfacctd
+    $SUDO systemctl stop 'nfdump@*' nfacctd >/dev/null 2>&1 || true
 fi
 
 if [ ! -x .venv/bin/python ]; then
