@@ -148,18 +148,22 @@ def assert_flows(records: list[dict], expected: dict, *, ipv6: bool = True, time
     assert got == want
 
 
+async def run_until(receiver, sink, condition, action) -> None:
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(receiver.run)
+            await action()
+            await sink.wait_until(condition)
+            nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("version", [5, 9, 10], ids=["v5", "v9", "ipfix"])
 async def test_softflowd_exports_every_flow_of_the_pcap(flows_pcap, version):
     require("softflowd")
     pcap, expected = flows_pcap
     receiver, sink, settings = make_receiver()
     want = len([k for k in expected if version != 5 or ":" not in k[0]])
-    with trio.fail_after(WAIT):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(receiver.run)
-            await trio.to_thread.run_sync(nf.run_softflowd, pcap, port_of(receiver), version)
-            await sink.wait_until(lambda: len(log_records(sink)) >= want)
-            nursery.cancel_scope.cancel()
+    await run_until(receiver, sink, lambda: len(log_records(sink)) >= want, lambda: trio.to_thread.run_sync(nf.run_softflowd, pcap, port_of(receiver), version))
     records = log_records(sink)
     assert_flows(records, expected, ipv6=version != 5)
     assert {r["flow.type"] for r in records} == {{5: "netflow_v5", 9: "netflow_v9", 10: "ipfix"}[version]}
@@ -186,12 +190,7 @@ async def test_nfreplay_resends_every_flow(flows_pcap, nfcapd_capture, version):
     _, expected = flows_pcap
     receiver, sink, settings = make_receiver()
     want = len([k for k in expected if version != 5 or ":" not in k[0]])
-    with trio.fail_after(WAIT):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(receiver.run)
-            await trio.to_thread.run_sync(nf.run_nfreplay, nfcapd_capture, port_of(receiver), version)
-            await sink.wait_until(lambda: len(log_records(sink)) >= want)
-            nursery.cancel_scope.cancel()
+    await run_until(receiver, sink, lambda: len(log_records(sink)) >= want, lambda: trio.to_thread.run_sync(nf.run_nfreplay, nfcapd_capture, port_of(receiver), version))
     records = log_records(sink)
     # nfreplay (nfdump 1.7.1) writes headers whose export time and uptime do not match the flows' (v5: unix time 3600): times are not compared
     assert_flows(records, expected, ipv6=version != 5, times=False)
@@ -203,15 +202,6 @@ async def test_nfreplay_resends_every_flow(flows_pcap, nfcapd_capture, version):
 
 def softflowd_template(ipfix: bool = False) -> bytes:
     return nf.template_set([(1024, SOFTFLOWD_V4)], ipfix=ipfix)
-
-
-async def run_until(receiver, sink, condition, action) -> None:
-    with trio.fail_after(WAIT):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(receiver.run)
-            await action()
-            await sink.wait_until(condition)
-            nursery.cancel_scope.cancel()
 
 
 async def test_templates_arriving_after_data_release_the_held_records():

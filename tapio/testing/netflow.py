@@ -140,20 +140,22 @@ def run_softflowd(pcap: Path, port: int, version: int, *, timeout: float = 30.0,
     """
     workdir = tempfile.mkdtemp(prefix="sf", dir="/tmp")
     try:
-        proc = subprocess.Popen(
-            [_tool("softflowd"), "-r", str(Path(pcap).resolve()), "-n", f"{host}:{port}", "-v", str(version), "-6", "-a", "-d", "-p", "p", "-c", "c"],
-            cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        try:
-            _, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
-        if proc.returncode != 0:
-            raise RuntimeError(f"softflowd exited with {proc.returncode}: {err.decode(errors='replace')[-500:]}")
+        _run_tool(["softflowd", "-r", str(Path(pcap).resolve()), "-n", f"{host}:{port}", "-v", str(version), "-6", "-a", "-d", "-p", "p", "-c", "c"], timeout, cwd=workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_tool(command: list[str], timeout: float, cwd: str | None = None) -> None:
+    """Run an exporter to completion; killed by its PID past ``timeout``, RuntimeError with its stderr if it fails."""
+    proc = subprocess.Popen([_tool(command[0]), *command[1:]], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"{command[0]} exited with {proc.returncode}: {err.decode(errors='replace')[-500:]}")
 
 
 def capture_with_nfcapd(send, directory: Path, port: int, *, timeout: float = 20.0) -> Path:
@@ -179,16 +181,7 @@ def capture_with_nfcapd(send, directory: Path, port: int, *, timeout: float = 20
 
 def run_nfreplay(capture: Path, port: int, version: int, *, timeout: float = 30.0) -> None:
     """Re-send a capture file's flows as NetFlow v5 or v9 to 127.0.0.1:``port`` with nfreplay."""
-    proc = subprocess.Popen([_tool("nfreplay"), "-r", str(capture), "-H", "127.0.0.1", "-p", str(port), "-v", str(version)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise
-    if proc.returncode != 0:
-        raise RuntimeError(f"nfreplay exited with {proc.returncode}: {err.decode(errors='replace')[-500:]}")
+    _run_tool(["nfreplay", "-r", str(capture), "-H", "127.0.0.1", "-p", str(port), "-v", str(version)], timeout)
 
 
 def udp_port_bound(port: int) -> bool:

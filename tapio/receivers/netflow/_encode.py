@@ -116,12 +116,6 @@ class PieceCache(dict):
         return piece
 
 
-def log_record_item(time_unix_nano: int, attributes: bytes, observed_field: bytes) -> bytes:
-    """A LogRecord framed as ``ScopeLogs.log_records``; ``observed_field`` is `observed_time_field` output."""
-    record = b"\x09" + FIXED64(time_unix_nano & _MASK64) + attributes + observed_field
-    return field(b"\x12", record)
-
-
 def observed_time_field(observed_unix_nano: int) -> bytes:
     return b"\x59" + FIXED64(observed_unix_nano & _MASK64)
 
@@ -136,6 +130,6 @@ def scope(name: str, version: str) -> bytes:
 
 
 def logs_request(resource_message: bytes, scope_message: bytes, items: list[bytes]) -> bytes:
-    """An ExportLogsServiceRequest with one resource and one scope holding ``items`` (from `log_record_item`)."""
+    """An ExportLogsServiceRequest with one resource and one scope holding ``items``: log records framed as ``ScopeLogs.log_records`` (tag 2, length, LogRecord)."""
     scoped = field(b"\x0a", scope_message) + b"".join(items)
     return field(b"\x0a", field(b"\x0a", resource_message) + field(b"\x12", scoped))
