@@ -13,6 +13,13 @@ Protocol, over a SOCK_SEQPACKET unix socket (one message each way):
   "counter_slots", "features": {name: true | "why not"}}`` with the fds in
   SCM_RIGHTS (indices into them), or ``{"error": message}`` and no fds.
 
+A request with ``"programs": {function: program type}`` (bcc's type names,
+e.g. "XDP", "SCHED_CLS") and ``"maps": [name...]`` instead loads those
+functions without attaching them (the agent attaches them itself, e.g. to
+network interfaces) and answers ``{"programs": {function: index}, "maps":
+{name: index}, "map_info": {name: {"max_entries", "key_size",
+"value_size"}}}`` (see `_load_programs`).
+
 A program that fails to load with the optional flags is compiled again
 without them (an older kernel): only a program that fails without them too
 is an error.
@@ -29,6 +36,7 @@ Invariants:
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import socket
@@ -86,11 +94,39 @@ def _build(request: dict) -> tuple[dict, list[int]]:
     return answer, fds
 
 
+def _load_programs(request: dict) -> tuple[dict, list[int]]:
+    """Compile, then load (not attach) the requested functions; hand back their fds and the named maps'."""
+    try:
+        import bcc
+    except ImportError as exc:
+        return {"error": f"bcc is not importable in the compile helper ({exc})"}, []
+    try:
+        bpf = bcc.BPF(text=request["source"].encode(), cflags=request["cflags"])
+    except Exception as exc:
+        return {"error": f"compiling the BPF program failed: {exc}"}, []
+    fds: list[int] = []
+    programs = {}
+    for name, kind in request["programs"].items():
+        try:
+            fn = bpf.load_func(name.encode(), getattr(bcc.BPF, kind))
+        except Exception as exc:
+            return {"error": f"loading the BPF program {name} failed (the kernel's verifier refused it): {exc}"}, []
+        programs[name] = len(fds)
+        fds.append(fn.fd)
+    maps, info = {}, {}
+    for name in request["maps"]:
+        table = bpf[name.encode()]
+        maps[name] = len(fds)
+        fds.append(table.get_fd())
+        info[name] = {"max_entries": int(table.max_entries), "key_size": ctypes.sizeof(table.Key), "value_size": ctypes.sizeof(table.Leaf)}
+    return {"programs": programs, "maps": maps, "map_info": info}, fds
+
+
 def main(sock_fd: int) -> None:
     sock = socket.socket(fileno=sock_fd)
     request = json.loads(sock.recv(1 << 20))
     try:
-        answer, fds = _build(request)
+        answer, fds = _load_programs(request) if "programs" in request else _build(request)
     except Exception as exc:  # a bug here must still reach the agent as a message
         answer, fds = {"error": f"the BPF compile helper failed: {type(exc).__name__}: {exc}"}, []
     if fds:

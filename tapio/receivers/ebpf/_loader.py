@@ -339,13 +339,13 @@ def prepare(config: Config, self_pid: int) -> tuple[dict, list[str], dict[str, s
 MAX_HANDED_FDS = 64
 
 
-async def open_program(config: Config) -> Program:
-    """Check the host, compile and attach in a child process; the caller must `Program.close` it.
+async def run_compile_helper(request: dict, *, max_fds: int = MAX_HANDED_FDS) -> tuple[dict, list[int]]:
+    """Run the compile helper (`_compile`) on one request; returns its answer and the fds it handed over.
 
-    Raises EbpfStartupError. Cancellation kills the child; whatever it had
-    loaded goes with it.
+    The caller owns the fds (close them). Raises EbpfStartupError with the
+    helper's message when it answers an error or dies. Cancellation kills
+    the child; whatever it had loaded goes with it.
     """
-    request, enabled, disabled = prepare(config, os.getpid())
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     fds: list[int] = []
     handed = False
@@ -363,7 +363,7 @@ async def open_program(config: Config) -> Program:
         while True:
             await trio.lowlevel.wait_readable(ours)
             try:
-                msg, fds, flags, _ = socket.recv_fds(ours, 1 << 16, MAX_HANDED_FDS)
+                msg, fds, flags, _ = socket.recv_fds(ours, 1 << 16, max_fds)
             except BlockingIOError:
                 continue
             break
@@ -371,23 +371,12 @@ async def open_program(config: Config) -> Program:
             code = await proc.wait()
             raise EbpfStartupError(f"the BPF compile helper exited ({code}) without an answer; its errors are on stderr")
         if flags & socket.MSG_CTRUNC:
-            raise EbpfStartupError(f"the BPF compile helper handed back more than {MAX_HANDED_FDS} fds")
+            raise EbpfStartupError(f"the BPF compile helper handed back more than {max_fds} fds")
         answer = json.loads(msg)
         if "error" in answer:
             raise EbpfStartupError(answer["error"])
-        program = Program(
-            ring_fd=fds[answer["maps"]["events"]],
-            ring_size=answer["ring_size"],
-            counters_fd=fds[answer["maps"]["counters"]],
-            counter_slots=answer["counter_slots"],
-            link_fds=[fds[i] for i in answer["links"]],
-            enabled=enabled,
-            disabled=disabled,
-            boot_to_unix_ns=_boot_to_unix_ns(),
-            features=answer.get("features", {}),
-        )
         handed = True
-        return program
+        return answer, fds
     finally:
         ours.close()
         if not handed:
@@ -398,3 +387,29 @@ async def open_program(config: Config) -> Program:
                 if proc.returncode is None and not handed:
                     proc.send_signal(signal.SIGKILL)
                 await proc.wait()
+
+
+async def open_program(config: Config) -> Program:
+    """Check the host, compile and attach in a child process; the caller must `Program.close` it.
+
+    Raises EbpfStartupError. Cancellation kills the child; whatever it had
+    loaded goes with it.
+    """
+    request, enabled, disabled = prepare(config, os.getpid())
+    answer, fds = await run_compile_helper(request)
+    try:
+        return Program(
+            ring_fd=fds[answer["maps"]["events"]],
+            ring_size=answer["ring_size"],
+            counters_fd=fds[answer["maps"]["counters"]],
+            counter_slots=answer["counter_slots"],
+            link_fds=[fds[i] for i in answer["links"]],
+            enabled=enabled,
+            disabled=disabled,
+            boot_to_unix_ns=_boot_to_unix_ns(),
+            features=answer.get("features", {}),
+        )
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
