@@ -17,6 +17,7 @@ APT_PACKAGES=(
     etcd-client         # etcdctl: the etcd-watch bench measures it watching beside tapio
     softflowd nfdump    # the netflow receiver's tests: real exporters (softflowd; nfcapd + nfreplay)
     pmacct              # bench_netflow_udp: nfacctd is the C collector the receiver is measured against
+    dnsmasq-base dnsutils   # dns-xdp tests: a real DNS server in a namespace, dig as a client
 )
 
 missing=()

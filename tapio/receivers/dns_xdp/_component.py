@@ -1,0 +1,468 @@
+"""The running dns-xdp receiver: attach, drain the ring buffer, expire unanswered queries, hand OTLP batches on.
+
+Invariants:
+- No threads but the netlink and map-sweep calls (worker threads, one at
+  a time each, with deadlines): the ring buffer is read straight from its
+  memory mapping after `trio.lowlevel.wait_readable` on its fd, and link
+  events are read from a non-blocking netlink socket.
+- Each query is reported at most once: answered (the kernel matched its
+  response and deleted it) or unanswered (the sweeper deleted it after
+  ``query_timeout``); the one whose delete succeeds reports.
+- An unanswered query is reported only where the response path is
+  observed (`Attachments.response_path_observed`); the others are counted
+  (``tapio_dns_xdp_unanswered_total{observed="false"}``) and forgotten.
+- One drain of at most `DRAIN_CHUNK` events → at most one logs batch and
+  one traces batch, handed on with ``send_nowait`` (the kernel cannot
+  wait); a refused batch is counted by its items, never retried. Records
+  are written as OTLP bytes (the ebpf receiver's `_encode`).
+- Kernel counters are read once a second and added to self-telemetry as
+  deltas, so the tapio_* counters equal the kernel's.
+- Shutdown drains the ring a last time and detaches from every interface
+  (XDP and TC attachments outlive the process otherwise), shielded.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+from typing import Any
+
+import trio
+
+from tapio.component import Ports, Refused, Settings
+from tapio.pdata import Batch, Signal
+from tapio.receivers.ebpf import _encode as enc
+from tapio.telemetry import COUNTER, GAUGE
+
+from . import _decode as d
+from . import _netlink as nl
+from ._attach import Attachments
+from ._config import Config
+from ._loader import Program, open_program
+from ._stats import DnsStats
+
+SCOPE = ("tapio.dns_xdp", "0.1.0")
+COUNTER_POLL_SECONDS = 1.0
+DRAIN_CHUNK = 1024
+SEV_INFO, SEV_WARN = 9, 13
+SPAN_KIND_CLIENT = 3
+STATUS_CODE_ERROR = 2
+#: response codes that make a span an error (NXDOMAIN is an answer, not a failure)
+ERROR_RCODES = frozenset({1, 2, 4, 5})
+#: bounded caches of rendered values, emptied when full
+TEXT_CACHE_SIZE = 8192
+
+_RESPONSE_MATCH = (
+    (d.CNT_MATCHED, "matched"),
+    (d.CNT_UNMATCHED, "unmatched"),
+    (d.CNT_DUPLICATE, "duplicate"),
+    (d.CNT_MISMATCHED, "mismatched"),
+    (d.CNT_LATE, "late"),
+)
+
+
+class DnsXdpReceiver:
+    def __init__(self, settings: Settings, config: Config, ports: Ports) -> None:
+        if ports.output is None:
+            raise ValueError("the dns-xdp receiver needs an output")
+        self._settings = settings
+        self._config = config
+        self._output = ports.output
+        self._telemetry = settings.telemetry
+        #: while running (tests read them)
+        self.program: Program | None = None
+        self.attachments: Attachments | None = None
+        self._kernel = [0] * d.CNT_SLOTS
+        self._inflight_now = 0
+        self._dropped: dict[str, int] = {}
+        self._resource_attrs = [("host.name", socket.gethostname()), ("os.type", "linux"), ("service.name", "tapio")]
+        self._resource_blob = enc.attributes(enc.T_ATTR_RESOURCE, self._resource_attrs)
+        self._scope_blob = enc.scope(*SCOPE)
+        self.stats = DnsStats(config.max_servers, time.time_ns())
+        self._names: dict[bytes, str] = {}
+        self._addresses: dict[tuple[int, bytes], str] = {}
+        self._ifnames: dict[int, str] = {}
+        self._common: dict[tuple, list[bytes]] = {}
+        self._ring_open = False
+        self._declare_metrics()
+
+    # -- lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        settings, config = self._settings, self._config
+        program = await open_program(config)
+        self.program = program
+        monitor: socket.socket | None = None
+        attachments = Attachments(config, program, settings.logger, self._count_attach)
+        try:
+            netns = nl.netns_path(config.network_namespace) if config.network_namespace else ""
+            # subscribe before listing, so that no interface appears unseen in between
+            monitor = nl.open_link_monitor(netns)
+            links = await attachments.open()
+            self.attachments = attachments
+            self._ifnames = {link.index: link.name for link in links}
+            self._telemetry.gauge("tapio_dns_xdp_interfaces_attached", lambda: len(attachments.attached))
+            self._telemetry.gauge("tapio_dns_xdp_inflight", lambda: self._inflight_now)
+            program.ring()
+            self._ring_open = True
+            if not attachments.attached:
+                settings.logger.warning("%s: no interface matches %s yet; waiting for one to appear", settings.id, config.interfaces)
+            else:
+                settings.logger.info(
+                    "%s: watching DNS on %s (%s)", settings.id, ", ".join(a.name for a in attachments.attached.values()), attachments._mode_text()
+                )
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._link_loop, monitor, attachments)
+                nursery.start_soon(self._sweep_loop, attachments)
+                nursery.start_soon(self._counter_loop)
+                fd = program.ring_fd
+                while True:
+                    await trio.lowlevel.wait_readable(fd)
+                    if config.flush_interval > 0:
+                        await trio.sleep(config.flush_interval)
+                    while self.drain(DRAIN_CHUNK) == DRAIN_CHUNK:
+                        await trio.lowlevel.checkpoint()
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    if self._ring_open:
+                        self.drain()
+                        self._poll_counters()
+                finally:
+                    self._ring_open = False
+                    try:
+                        with trio.move_on_after(max(settings.shutdown_grace, 5.0)):
+                            await attachments.detach_all()
+                    finally:
+                        self.attachments = None
+                        self.program = None
+                        if monitor is not None:
+                            monitor.close()
+                        program.close()
+
+    def drain(self, limit: int = 1 << 20) -> int:
+        """Read what the ring buffer holds now (at most ``limit`` events) and hand it on; returns the events read."""
+        assert self.program is not None
+        raws = self.program.ring().read(limit)
+        if raws:
+            self.handle(raws)
+        return len(raws)
+
+    async def _link_loop(self, monitor: socket.socket, attachments: Attachments) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(monitor)
+            events: list[nl.LinkEvent] = []
+            resync = False
+            while True:
+                try:
+                    data = monitor.recv(1 << 16)
+                except BlockingIOError:
+                    break
+                except OSError as exc:  # ENOBUFS: the kernel dropped events; list everything again
+                    self._settings.logger.warning("%s: interface events overran (%s); listing interfaces again", self._settings.id, exc.strerror)
+                    resync = True
+                    continue
+                try:
+                    events.extend(nl.parse_link_messages(data))
+                except nl.NetlinkError as exc:
+                    self._telemetry.bad_input("netlink_message")
+                    self._settings.logger.warning("%s: skipped a netlink message: %s", self._settings.id, exc)
+            if resync:
+                links = await attachments.links()
+                self._ifnames = {link.index: link.name for link in links}
+                await attachments.sync(links)
+                continue
+            for ev in events:
+                if ev.present and self._ifnames.get(ev.index) != ev.name:
+                    self._ifnames[ev.index] = ev.name
+                    self._common.clear()  # cached attributes may carry the old name
+                await attachments.on_link(ev)
+
+    async def _sweep_loop(self, attachments: Attachments) -> None:
+        """Expire queries older than query_timeout; report those whose response path is observed."""
+        assert self.program is not None
+        timeout_ns = int(self._config.query_timeout * 1e9)
+        interval = min(1.0, self._config.query_timeout / 4)
+        inflight = self.program.inflight()
+        limiter = trio.CapacityLimiter(1)
+        while True:
+            await trio.sleep(interval)
+            with trio.fail_after(10):
+                items = await trio.to_thread.run_sync(inflight.items, limiter=limiter, abandon_on_cancel=True)
+            self._inflight_now = len(items)
+            now_boot = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+            expired = []
+            for key, value in items:
+                ts, _ = d.QUERY_TS.unpack_from(value)
+                if now_boot - ts >= timeout_ns:
+                    try:
+                        expired.append(d.parse_query(key, value))
+                    except d.DecodeError as exc:
+                        self._telemetry.bad_input("inflight_entry")
+                        self._settings.logger.warning("%s: %s", self._settings.id, exc)
+                        inflight.delete(key)
+            if expired:
+                await self.expire(expired, attachments)
+
+    async def expire(self, queries: list[d.Query], attachments: Attachments) -> None:
+        assert self.program is not None
+        inflight = self.program.inflight()
+        offset = self.program.boot_to_unix_ns
+        observed_now = time.time_ns()
+        records: list[bytes] | None = [] if Signal.LOGS in self._output.signals else None
+        spans: list[bytes] | None = [] if Signal.TRACES in self._output.signals else None
+        timeout_ns = int(self._config.query_timeout * 1e9)
+        for q in queries:
+            if not inflight.delete(q.key):
+                continue  # its response arrived meanwhile: the kernel reports it
+            server = self._address(q.family, q.server)
+            seen = await attachments.response_path_observed(q.ifindex, q.family, q.server, server, trio.current_time())
+            self._telemetry.add("tapio_dns_xdp_unanswered_total", 1, observed="true" if seen else "false")
+            if not seen:
+                continue
+            qtype = d.qtype_text(q.qtype)
+            self.stats.unanswered_query(server, qtype)
+            name = self._name(q.name)
+            start = q.ts + offset
+            pieces = self._common_pieces(q.family, q.client, q.server, q.server_port, q.proto, q.ifindex, 0, q.hook, 0) + enc.kv_pieces(
+                [
+                    ("dns.question.name", name),
+                    ("dns.question.type", qtype),
+                    ("client.port", q.client_port),
+                    ("tapio.dns_xdp.id", q.id),
+                    ("tapio.dns_xdp.status", "unanswered"),
+                    ("error.type", "timeout"),
+                    ("tapio.dns_xdp.question.class", d.qclass_text(q.qclass)),
+                    ("tapio.dns_xdp.query.flags", d.flag_names(q.flags)),
+                    *([("tapio.dns_xdp.vlan.id", q.vlan)] if q.vlan else []),
+                ]
+            )
+            body = f"DNS {qtype} {name}: no response within {self._config.query_timeout:g}s"
+            self._emit(records, spans, pieces, start, start + timeout_ns, observed_now, SEV_WARN, body, f"DNS {qtype}", True, "no response", "tapio.dns_xdp.unanswered")
+        self._send(records, spans)
+        self._telemetry.add("tapio_dns_xdp_events_total", len(queries), kind="unanswered")
+
+    # -- telemetry
+
+    def _declare_metrics(self) -> None:
+        t = self._telemetry
+        t.declare("tapio_dns_xdp_packets_total", COUNTER, "UDP and TCP packets to or from a DNS port that the kernel program parsed.")
+        t.declare("tapio_dns_xdp_queries_total", COUNTER, "Queries the kernel remembered to match with their response; repeated: a query already remembered (a retransmission, or one packet seen twice).")
+        t.declare("tapio_dns_xdp_responses_total", COUNTER, "Responses seen by the kernel program, by how they matched a query.")
+        t.declare("tapio_dns_xdp_events_total", COUNTER, "Events reported, by kind (answered, response_only, unanswered).")
+        t.declare("tapio_dns_xdp_events_lost_total", COUNTER, "Responses lost in the kernel because the ring buffer was full.")
+        t.declare("tapio_dns_xdp_skipped_total", COUNTER, "Packets the kernel program skipped without parsing, by reason (fragment, tcp_segment).")
+        t.declare("tapio_dns_xdp_unanswered_total", COUNTER, "Queries that expired without a response, by whether the response path is observed (only those are reported).")
+        t.declare("tapio_dns_xdp_records_dropped_total", COUNTER, "Records dropped because the pipeline could not take them, by signal and reason.")
+        t.declare("tapio_dns_xdp_attach_total", COUNTER, "Interfaces not attached, by reason (busy, unsupported, link_type, error), and stale attachments removed (stale_removed).")
+        t.declare("tapio_dns_xdp_interfaces_attached", GAUGE, "Interfaces the programs are attached to now.")
+        t.declare("tapio_dns_xdp_inflight", GAUGE, "Queries the kernel waits on for a response, at the last sweep.")
+
+    def _count_attach(self, reason: str, n: int) -> None:
+        self._telemetry.add("tapio_dns_xdp_attach_total", n, reason=reason)
+
+    async def _counter_loop(self) -> None:
+        interval = float(self._config.metrics_interval)
+        next_emit = trio.current_time() + interval if interval > 0 else None
+        while True:
+            await trio.sleep(min(COUNTER_POLL_SECONDS, interval) if interval > 0 else COUNTER_POLL_SECONDS)
+            self._poll_counters()
+            if next_emit is not None and trio.current_time() >= next_emit:
+                next_emit = trio.current_time() + interval
+                if Signal.METRICS in self._output.signals:
+                    self._send_batch(Batch.of(Signal.METRICS, self.stats.request(self._resource_attrs, SCOPE, time.time_ns())))
+
+    def _poll_counters(self) -> None:
+        if self.program is None:
+            return
+        now = self.program.counters()
+        old, self._kernel = self._kernel, now
+        delta = [n - o for n, o in zip(now, old)]
+        t = self._telemetry
+        t.add("tapio_dns_xdp_packets_total", delta[d.CNT_PACKETS])
+        t.add("tapio_dns_xdp_queries_total", delta[d.CNT_QUERIES], outcome="remembered")
+        t.add("tapio_dns_xdp_queries_total", delta[d.CNT_QUERY_REPEATED], outcome="repeated")
+        for slot, match in _RESPONSE_MATCH:
+            t.add("tapio_dns_xdp_responses_total", delta[slot], match=match)
+        t.add("tapio_dns_xdp_events_lost_total", delta[d.CNT_LOST])
+        t.add("tapio_dns_xdp_skipped_total", delta[d.CNT_FRAGMENT], reason="fragment")
+        t.add("tapio_dns_xdp_skipped_total", delta[d.CNT_TCP_SKIPPED], reason="tcp_segment")
+        for i, reason in enumerate(d.BAD_REASONS):
+            if delta[d.CNT_BAD + i] > 0:
+                t.bad_input(reason, delta[d.CNT_BAD + i])
+        self.stats.malformed = {reason: now[d.CNT_BAD + i] for i, reason in enumerate(d.BAD_REASONS) if now[d.CNT_BAD + i]}
+
+    def kernel_counters(self) -> dict[str, int]:
+        """The kernel's cumulative counters as last read, by name (for tests and benchmarks)."""
+        c = self._kernel
+        out = {
+            "packets": c[d.CNT_PACKETS],
+            "queries": c[d.CNT_QUERIES],
+            "queries_repeated": c[d.CNT_QUERY_REPEATED],
+            "responses": c[d.CNT_RESPONSES],
+            "lost": c[d.CNT_LOST],
+            "fragments": c[d.CNT_FRAGMENT],
+            "tcp_skipped": c[d.CNT_TCP_SKIPPED],
+        }
+        out.update({match: c[slot] for slot, match in _RESPONSE_MATCH})
+        out.update({reason: c[d.CNT_BAD + i] for i, reason in enumerate(d.BAD_REASONS)})
+        return out
+
+    # -- events to OTLP
+
+    def _send_batch(self, batch: Batch) -> None:
+        try:
+            self._output.send_nowait(batch)
+        except (trio.WouldBlock, Refused) as exc:
+            reason = "pipeline_full" if isinstance(exc, trio.WouldBlock) else "refused"
+            self._dropped[reason] = self._dropped.get(reason, 0) + batch.count
+            self._telemetry.add("tapio_dns_xdp_records_dropped_total", batch.count, reason=reason, signal=batch.signal.value)
+
+    def _send(self, records: list[bytes] | None, spans: list[bytes] | None) -> None:
+        if records:
+            self._send_batch(Batch.from_bytes(Signal.LOGS, enc.request(self._resource_blob, self._scope_blob, records)))
+        if spans:
+            self._send_batch(Batch.from_bytes(Signal.TRACES, enc.request(self._resource_blob, self._scope_blob, spans)))
+
+    def handle(self, raws: list[bytes]) -> None:
+        """Turn ring-buffer records into at most one logs and one traces batch, and hand them on."""
+        wired = self._output.signals
+        records: list[bytes] | None = [] if Signal.LOGS in wired else None
+        spans: list[bytes] | None = [] if Signal.TRACES in wired else None
+        offset = self.program.boot_to_unix_ns if self.program else 0
+        observed = time.time_ns()
+        answered = response_only = 0
+        stats = self.stats
+        for raw in raws:
+            try:
+                ev = d.parse_event(raw)
+                name = self._name(ev.name)
+            except d.DecodeError as exc:
+                self._telemetry.bad_input("ring_record")
+                self._settings.logger.warning("%s: skipped a ring-buffer record: %s", self._settings.id, exc)
+                continue
+            qtype = d.qtype_text(ev.qtype)
+            rcode = ev.flags & 0x0F
+            rcode_name = d.rcode_text(rcode)
+            server = self._address(ev.family, ev.server)
+            extra: list[tuple[str, Any]] = [
+                ("dns.question.name", name),
+                ("dns.question.type", qtype),
+                ("dns.response_code", rcode_name),
+                ("client.port", ev.client_port),
+                ("tapio.dns_xdp.id", ev.id),
+                ("tapio.dns_xdp.answer_count", ev.ancount),
+                ("tapio.dns_xdp.authority_count", ev.nscount),
+                ("tapio.dns_xdp.additional_count", ev.arcount),
+                ("tapio.dns_xdp.response.flags", d.flag_names(ev.flags)),
+                ("tapio.dns_xdp.response.size", ev.size),
+            ]
+            if ev.qclass != 1:
+                extra.append(("tapio.dns_xdp.question.class", d.qclass_text(ev.qclass)))
+            if ev.opcode:
+                extra.append(("tapio.dns_xdp.opcode", d.opcode_text(ev.opcode)))
+            vlan = ev.query_vlan or ev.response_vlan
+            if vlan:
+                extra.append(("tapio.dns_xdp.vlan.id", vlan))
+            failed = rcode in ERROR_RCODES
+            if failed:
+                extra.append(("error.type", rcode_name))
+            if ev.kind == d.KIND_ANSWERED:
+                answered += 1
+                latency = max(0, ev.response_ts - ev.query_ts)
+                stats.answered(server, qtype, rcode_name, latency)
+                extra += [("tapio.dns_xdp.status", "answered"), ("tapio.dns_xdp.latency_ns", latency)]
+                start = ev.query_ts + offset
+                body = f"DNS {qtype} {name}: {rcode_name} in {latency / 1e6:.3f} ms"
+                pieces = self._common_pieces(ev.family, ev.client, ev.server, ev.server_port, ev.proto, ev.query_ifindex, ev.response_ifindex, ev.query_hook, ev.response_hook)
+                event_name = "tapio.dns_xdp.answered"
+            else:
+                response_only += 1
+                stats.response_only(rcode_name)
+                extra.append(("tapio.dns_xdp.status", "response_only"))
+                start = ev.response_ts + offset
+                body = f"DNS {qtype} {name}: {rcode_name} (query not seen)"
+                pieces = self._common_pieces(ev.family, ev.client, ev.server, ev.server_port, ev.proto, 0, ev.response_ifindex, 0, ev.response_hook)
+                event_name = "tapio.dns_xdp.response"
+            pieces = pieces + enc.kv_pieces(extra)
+            self._emit(
+                records, spans if ev.kind == d.KIND_ANSWERED else None, pieces, start, ev.response_ts + offset, observed,
+                SEV_WARN if failed else SEV_INFO, body, f"DNS {qtype}", failed, rcode_name if failed else "", event_name,
+            )
+        if answered:
+            self._telemetry.add("tapio_dns_xdp_events_total", answered, kind="answered")
+        if response_only:
+            self._telemetry.add("tapio_dns_xdp_events_total", response_only, kind="response_only")
+        self._send(records, spans)
+
+    def _emit(
+        self, records: list[bytes] | None, spans: list[bytes] | None, pieces: list[bytes], start: int, end: int, observed: int,
+        severity: int, body: str, span_name: str, failed: bool, message: str, event_name: str,
+    ) -> None:
+        trace_id = span_id = b""
+        if spans is not None:
+            trace_id, span_id = random.randbytes(16), random.randbytes(8)
+            spans.append(
+                enc.item(
+                    enc.span(
+                        trace_id=trace_id, span_id=span_id, name=span_name, kind=SPAN_KIND_CLIENT,
+                        start_time_unix_nano=start, end_time_unix_nano=max(start, end), attrs=enc.frame(enc.T_ATTR_SPAN, pieces),
+                        status_code=STATUS_CODE_ERROR if failed else 0, status_message=message if failed else "",
+                    )
+                )
+            )
+        if records is not None:
+            records.append(
+                enc.item(
+                    enc.log_record(
+                        time_unix_nano=start, observed_time_unix_nano=observed, severity_number=severity,
+                        severity_text="WARN" if severity == SEV_WARN else "INFO", body=body, attrs=enc.frame(enc.T_ATTR_LOG, pieces),
+                        event_name=event_name, trace_id=trace_id, span_id=span_id,
+                    )
+                )
+            )
+
+    def _common_pieces(
+        self, family: int, client: bytes, server: bytes, server_port: int, proto: int, q_if: int, r_if: int, q_hook: int, r_hook: int
+    ) -> list[bytes]:
+        """The attributes a client/server/interface combination shares, encoded once (a new list each call)."""
+        key = (family, client, server, server_port, proto, q_if, r_if, q_hook, r_hook)
+        found = self._common.get(key)
+        if found is None:
+            pairs: list[tuple[str, Any]] = [
+                ("client.address", self._address(family, client)),
+                ("server.address", self._address(family, server)),
+                ("server.port", server_port),
+                ("network.transport", d.TRANSPORTS.get(proto, str(proto))),
+                ("network.type", "ipv4" if family == 4 else "ipv6"),
+            ]
+            if q_if:
+                pairs += [("network.interface.name", self._ifname(q_if)), ("tapio.dns_xdp.query.hook", d.HOOKS.get(q_hook, str(q_hook)))]
+            if r_if:
+                pairs += [("tapio.dns_xdp.response.interface", self._ifname(r_if)), ("tapio.dns_xdp.response.hook", d.HOOKS.get(r_hook, str(r_hook)))]
+            if len(self._common) >= TEXT_CACHE_SIZE:
+                self._common.clear()
+            found = self._common[key] = enc.kv_pieces(pairs)
+        return list(found)
+
+    def _name(self, wire: bytes) -> str:
+        found = self._names.get(wire)
+        if found is None:
+            if len(self._names) >= TEXT_CACHE_SIZE:
+                self._names.clear()
+            found = self._names[wire] = d.name_text(wire)
+        return found
+
+    def _address(self, family: int, raw: bytes) -> str:
+        key = (family, raw)
+        found = self._addresses.get(key)
+        if found is None:
+            if len(self._addresses) >= TEXT_CACHE_SIZE:
+                self._addresses.clear()
+            found = self._addresses[key] = d.address_text(family, raw)
+        return found
+
+    def _ifname(self, index: int) -> str:
+        return self._ifnames.get(index) or f"if{index}"
