@@ -337,6 +337,7 @@ def _macs(net, client_iface: str = "c0", node_iface: str = "vc") -> tuple[str, s
 
 def _malformed(net) -> dict[str, list[bytes]]:
     from scapy.layers.inet import IP, UDP
+    from scapy.layers.inet6 import IPv6ExtHdrDestOpt
     from scapy.layers.l2 import Ether
 
     c0, vc = _macs(net)
@@ -357,7 +358,19 @@ def _malformed(net) -> dict[str, list[bytes]]:
         "name_too_long": [udp(header + (b"\x3f" + b"x" * 63) * 5 + b"\x00\x00\x01\x00\x01")],
         "no_question": [udp(header[:4] + b"\x00\x00" + header[6:])],
         "bad_udp_length": [bytes(bad_len)],
+        # more IPv6 extension headers than the program follows (six)
+        "bad_ipv6_extension_headers": [bytes(_ipv6_with_headers(c0, vc, "fd77:1::1", [IPv6ExtHdrDestOpt() for _ in range(7)]) / UDP(sport=40000, dport=53) / header)],
     }
+
+
+def _ipv6_with_headers(src_mac: str, dst_mac: str, dst: str, headers: list[Any]) -> Any:
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.l2 import Ether
+
+    pkt = Ether(src=src_mac, dst=dst_mac) / IPv6(src="fd77:1::2", dst=dst)
+    for h in headers:
+        pkt = pkt / h
+    return pkt
 
 
 def _query_and_response(
@@ -412,6 +425,27 @@ async def test_vlan_tagged_queries_are_parsed_and_report_the_outer_vlan(dns, mod
         rec, _ = await live.find(lambda a: a.get("dns.question.name") == name)
         assert rec["tapio.dns_xdp.vlan.id"] == tags[0][1]
         assert rec["tapio.dns_xdp.status"] == "answered" and rec["tapio.dns_xdp.answer_count"] == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_an_ipv6_query_behind_extension_headers_is_matched_with_dnsmasqs_answer(dns, mode):
+    # hop-by-hop, destination options and an atomic fragment header before UDP:
+    # the node forwards it, dnsmasq answers it like any other query
+    from scapy.layers.dns import DNS, DNSQR
+    from scapy.layers.inet import UDP
+    from scapy.layers.inet6 import IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+
+    c0, vc = _macs(dns)
+    name = f"ext6{mode}.example.test"
+    query = _ipv6_with_headers(c0, vc, "fd77:2::2", [IPv6ExtHdrHopByHop(), IPv6ExtHdrDestOpt(), IPv6ExtHdrFragment(offset=0, m=0, id=7)])
+    query = query / UDP(sport=42000, dport=53) / DNS(id=0x6006, rd=1, qd=DNSQR(qname=name, qtype="AAAA"))
+    async with receiver(node_config(dns, mode)) as live:
+        _send_frames(dns, [bytes(query)])
+        rec, _ = await live.find(lambda a: a.get("dns.question.name") == name)
+        assert rec["tapio.dns_xdp.status"] == "answered" and rec["network.type"] == "ipv6"
+        assert (rec["client.address"], rec["client.port"], rec["server.address"]) == ("fd77:1::2", 42000, "fd77:2::2")
+        assert rec["dns.question.type"] == "AAAA" and rec["tapio.dns_xdp.answer_count"] == 1
+        assert rec["tapio.dns_xdp.latency_ns"] > 0
 
 
 async def test_a_response_without_its_query_is_reported_without_latency(dns):
