@@ -34,6 +34,9 @@ from tapio.config import decode_dataclass
 from tapio.pdata import Signal
 from tapio.telemetry import Telemetry
 from tapio.testing import prereq
+from tapio.testing.batches import attributes as attrs
+from tapio.testing.batches import log_records as records
+from tapio.testing.batches import spans
 from tapio.testing.sink import RecordingConsumer
 
 MODES = ["xdp", "tc"]
@@ -77,36 +80,6 @@ def dns(net):
     return net
 
 
-def attrs(item: Any) -> dict[str, Any]:
-    out = {}
-    for kv in item.attributes:
-        kind = kv.value.WhichOneof("value")
-        out[kv.key] = [v.string_value for v in kv.value.array_value.values] if kind == "array_value" else getattr(kv.value, kind)
-    return out
-
-
-def records(sink: RecordingConsumer) -> list[tuple[dict[str, Any], Any]]:
-    out = []
-    for b in sink.batches:
-        if b.signal is Signal.LOGS:
-            for req in b.requests:
-                for rl in req.resource_logs:
-                    for sl in rl.scope_logs:
-                        out.extend((attrs(r), r) for r in sl.log_records)
-    return out
-
-
-def spans(sink: RecordingConsumer) -> list[tuple[dict[str, Any], Any]]:
-    out = []
-    for b in sink.batches:
-        if b.signal is Signal.TRACES:
-            for req in b.requests:
-                for rs in req.resource_spans:
-                    for ss in rs.scope_spans:
-                        out.extend((attrs(s), s) for s in ss.spans)
-    return out
-
-
 class Live:
     def __init__(self, receiver: Any, sink: RecordingConsumer, telemetry: Telemetry) -> None:
         self.receiver, self.sink, self.telemetry = receiver, sink, telemetry
@@ -115,7 +88,7 @@ class Live:
         found: list = []
 
         def ready() -> bool:
-            found[:] = [r for r in records(self.sink) if pick(r[0])]
+            found[:] = [r for r in records(self.sink.batches) if pick(r[0])]
             return bool(found)
 
         with trio.fail_after(timeout):
@@ -224,9 +197,9 @@ async def test_a_aaaa_nxdomain_servfail_and_a_long_name_are_reported_with_rcode_
 
         # each query once, however many hooks saw its packets (tc sees each twice on the node)
         for name in ("a.example.test", "v6.example.test", "nope.nx.test", "x.fail.test", LONG_NAME):
-            assert len([r for r, _ in records(live.sink) if r.get("dns.question.name") == name]) == 1, name
+            assert len([r for r, _ in records(live.sink.batches) if r.get("dns.question.name") == name]) == 1, name
         # a span per answered query, joined to its log record
-        sp, span = next((s for s in spans(live.sink) if s[0].get("dns.question.name") == "x.fail.test"))
+        sp, span = next((s for s in spans(live.sink.batches) if s[0].get("dns.question.name") == "x.fail.test"))
         assert span.name == "DNS A" and span.status.code == 2 and span.trace_id == logsf.trace_id
         assert span.end_time_unix_nano - span.start_time_unix_nano == recsf["tapio.dns_xdp.latency_ns"]
 
@@ -266,6 +239,24 @@ async def test_two_namespaces_joined_by_a_veth_tc_on_the_client(dns):
         assert rec["tapio.dns_xdp.latency_ns"] <= (r.query_ms + 1) * 1_000_000
 
 
+async def test_the_default_loopback_attachment_sees_a_local_resolver_and_its_silence(dns):
+    # the default config (interfaces: [lo], xdp): both halves enter lo, so both are seen
+    await trio.to_thread.run_sync(dns.start_loopback_dns)
+    try:
+        async with receiver({"network_namespace": dns.server_ns, "query_timeout": "1s"}) as live:
+            r = await dig(dns, "local.example.test", "A", server="127.0.0.1", ns=dns.server)
+            assert r.status == "NOERROR"
+            rec, _ = await live.find(lambda a: a.get("dns.question.name") == "local.example.test")
+            assert (rec["client.address"], rec["server.address"], rec["network.interface.name"]) == ("127.0.0.1", "127.0.0.1", "lo")
+            assert rec["tapio.dns_xdp.response.interface"] == "lo" and rec["tapio.dns_xdp.status"] == "answered"
+            dns.stop_dns("loopback")
+            assert (await dig(dns, "silent.example.test", "A", server="127.0.0.1", ns=dns.server)).status == ""
+            rec, _ = await live.find(lambda a: a.get("dns.question.name") == "silent.example.test")
+            assert rec["tapio.dns_xdp.status"] == "unanswered"
+    finally:
+        dns.stop_dns("loopback")
+
+
 @pytest.mark.parametrize("mode", MODES)
 async def test_dns_over_tcp_is_reported(dns, mode):
     async with receiver(node_config(dns, mode)) as live:
@@ -302,7 +293,7 @@ async def test_an_unanswered_query_is_not_reported_where_the_response_path_is_no
         with trio.fail_after(10):
             while live.value("tapio_dns_xdp_unanswered_total", observed="false") < 1:
                 await trio.sleep(0.05)
-        assert not [a for a, _ in records(live.sink) if a.get("dns.question.name") == "unseen.example.test"]
+        assert not [a for a, _ in records(live.sink.batches) if a.get("dns.question.name") == "unseen.example.test"]
 
 
 # ---------------------------------------------------------------- crafted packets
@@ -454,7 +445,7 @@ async def test_a_response_without_its_query_is_reported_without_latency(dns):
         rec, log = await live.find(lambda a: a.get("dns.question.name") == "orphan.example.test")
         assert rec["tapio.dns_xdp.status"] == "response_only" and "tapio.dns_xdp.latency_ns" not in rec
         assert log.event_name == "tapio.dns_xdp.response"
-        assert not [s for s, _ in spans(live.sink) if s.get("dns.question.name") == "orphan.example.test"]
+        assert not [s for s, _ in spans(live.sink.batches) if s.get("dns.question.name") == "orphan.example.test"]
 
 
 # ---------------------------------------------------------------- interfaces

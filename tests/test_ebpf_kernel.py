@@ -33,6 +33,7 @@ from tapio.component import ComponentID, Kind, Ports, Settings
 from tapio.pdata import Batch, Signal
 from tapio.telemetry import Telemetry
 from tapio.testing import prereq
+from tapio.testing.batches import log_records, spans
 from tapio.testing.sink import RecordingConsumer
 
 CGROUP2 = Path("/sys/fs/cgroup/unified")
@@ -53,39 +54,6 @@ def _missing() -> str | None:
 def require(what: str | None) -> None:
     if what is not None:
         prereq.missing(what, "the ebpf kernel tests run as root with bcc and kernel headers (scripts/setup.sh installs them)")
-
-
-def attrs(item: Any) -> dict[str, Any]:
-    out = {}
-    for kv in item.attributes:
-        kind = kv.value.WhichOneof("value")
-        if kind == "array_value":
-            out[kv.key] = [v.string_value for v in kv.value.array_value.values]
-        else:
-            out[kv.key] = getattr(kv.value, kind)
-    return out
-
-
-def log_records(batches: list[Batch]) -> list[tuple[dict[str, Any], Any]]:
-    out = []
-    for b in batches:
-        if b.signal is Signal.LOGS:
-            for req in b.requests:
-                for rl in req.resource_logs:
-                    for sl in rl.scope_logs:
-                        out.extend((attrs(r), r) for r in sl.log_records)
-    return out
-
-
-def spans(batches: list[Batch]) -> list[tuple[dict[str, Any], Any]]:
-    out = []
-    for b in batches:
-        if b.signal is Signal.TRACES:
-            for req in b.requests:
-                for rs in req.resource_spans:
-                    for ss in rs.scope_spans:
-                        out.extend((attrs(s), s) for s in ss.spans)
-    return out
 
 
 def make_settings(telemetry: Telemetry, name: str = "") -> Settings:

@@ -7,11 +7,11 @@ body (`log_bodies`) without caring how a stage regrouped the records.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 from tapio.pdata import Batch, Signal
 
-__all__ = ["log_batch", "log_bodies", "metric_batch", "numbered", "span_batch"]
+__all__ = ["attributes", "log_batch", "log_bodies", "log_records", "metric_batch", "numbered", "span_batch", "spans"]
 
 
 def numbered(n: int, prefix: str = "record ", start: int = 0) -> list[str]:
@@ -56,4 +56,39 @@ def log_bodies(batches: Iterable[Batch]) -> list[str]:
         for rl in req.resource_logs
         for sl in rl.scope_logs
         for lr in sl.log_records
+    ]
+
+
+def attributes(item: Any) -> dict[str, Any]:
+    """A log record's, span's or data point's attributes as a dict (arrays as lists of their string values)."""
+    out: dict[str, Any] = {}
+    for kv in item.attributes:
+        kind = kv.value.WhichOneof("value")
+        out[kv.key] = [v.string_value for v in kv.value.array_value.values] if kind == "array_value" else getattr(kv.value, kind)
+    return out
+
+
+def log_records(batches: Iterable[Batch]) -> list[tuple[dict[str, Any], Any]]:
+    """(attributes, record) for every log record in ``batches`` (other signals skipped), in order."""
+    return [
+        (attributes(lr), lr)
+        for batch in batches
+        if batch.signal is Signal.LOGS
+        for req in batch.requests
+        for rl in req.resource_logs
+        for sl in rl.scope_logs
+        for lr in sl.log_records
+    ]
+
+
+def spans(batches: Iterable[Batch]) -> list[tuple[dict[str, Any], Any]]:
+    """(attributes, span) for every span in ``batches`` (other signals skipped), in order."""
+    return [
+        (attributes(span), span)
+        for batch in batches
+        if batch.signal is Signal.TRACES
+        for req in batch.requests
+        for rs in req.resource_spans
+        for ss in rs.scope_spans
+        for span in ss.spans
     ]

@@ -108,6 +108,10 @@ class DnsNet:
         return f"/var/run/netns/{self.node}"
 
     @property
+    def server_ns(self) -> str:
+        return f"/var/run/netns/{self.server}"
+
+    @property
     def client_ns(self) -> str:
         return f"/var/run/netns/{self.client}"
 
@@ -163,9 +167,23 @@ class DnsNet:
                 raise RuntimeError(f"dnsmasq does not answer: {r.output}")
             time.sleep(0.05)
 
-    def stop_dns(self) -> None:
-        """Stop the server's dnsmasq (queries to it go unanswered)."""
-        proc = self._procs.pop("dnsmasq", None)
+    def start_loopback_dns(self) -> None:
+        """A second dnsmasq in the server namespace, on 127.0.0.1 only (as a node-local resolver); `stop_dns("loopback")` stops it."""
+        s = self.server
+        self._spawn(
+            "loopback", s, "dnsmasq", "--keep-in-foreground", "--no-hosts", "--bind-interfaces", "--user=root", "--pid-file=", "--cache-size=0",
+            "--no-resolv", "--listen-address=127.0.0.1", "--port=53", f"--address=/example.test/{ANSWER4}",
+        )
+        deadline = time.monotonic() + 10
+        while self.dig("ready.example.test", server="127.0.0.1", timeout=1, ns=s).status != "NOERROR":
+            proc = self._procs["loopback"]
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the loopback dnsmasq does not answer (exit code {proc.poll()})")
+            time.sleep(0.05)
+
+    def stop_dns(self, which: str = "dnsmasq") -> None:
+        """Stop the server's dnsmasq (or the loopback one): queries to it go unanswered."""
+        proc = self._procs.pop(which, None)
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(10)
