@@ -18,6 +18,7 @@ APT_PACKAGES=(
     softflowd nfdump    # the netflow receiver's tests: real exporters (softflowd; nfcapd + nfreplay)
     pmacct              # bench_netflow_udp: nfacctd is the C collector the receiver is measured against
     dnsmasq-base dnsutils   # dns-xdp tests: a real DNS server in a namespace, dig as a client
+    dnsperf             # bench/bench_dns_xdp.py: offers DNS queries at fixed rates
 )
 
 missing=()

@@ -362,3 +362,19 @@ def test_any_ring_records_are_reported_or_counted(raws):
         assert len(log_records(sink.batches)) + telemetry.value("tapio_bad_input_total", reason="ring_record") == len(raws)
 
     trio.run(main)
+
+
+@given(st.integers(0, (1 << 40)))
+def test_the_per_record_int_attributes_are_encoded_as_the_general_encoder_does(n):
+    from tapio.receivers.dns_xdp._component import _LATENCY_HEAD, _int_piece
+    from tapio.receivers.ebpf import _encode as enc
+
+    assert _int_piece(_LATENCY_HEAD, n) == enc.kv_pieces([("tapio.dns_xdp.latency_ns", n)])[0]
+
+
+async def test_records_and_spans_are_written_exactly_as_protobuf_writes_them():
+    r, sink, _ = make_receiver()
+    r.handle([event(), event(flags=0x8182, name=wire("x.fail.test")), event(kind=d.KIND_RESPONSE_ONLY, query_ts=0, name=wire("o.test"))])
+    for batch in sink.batches:
+        if batch.signal is not Signal.METRICS:
+            assert batch.raw[0] == batch.requests[0].SerializeToString()

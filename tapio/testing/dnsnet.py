@@ -58,22 +58,37 @@ while True:
 """
 
 
-#: a client that times one query precisely: monotonic ns from just before send to just after receive
+#: a client that times one query by the kernel's own software timestamps of its send and of the
+#: response's arrival (SO_TIMESTAMPING), so that its scheduling does not count
 _TIMED_CLIENT = r"""
-import json, socket, sys, time
+import json, select, socket, struct, sys, time
 import dns.message, dns.rcode
-server, name, qtype = sys.argv[1], sys.argv[2], sys.argv[3]
-family = socket.AF_INET6 if ":" in server else socket.AF_INET
-s = socket.socket(family, socket.SOCK_DGRAM)
-s.settimeout(float(sys.argv[4]))
+SO_TIMESTAMPING = 37
+TX_SOFTWARE, RX_SOFTWARE, SOFTWARE, OPT_TSONLY = 1 << 1, 1 << 3, 1 << 4, 1 << 11
+server, name, qtype, timeout = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+s = socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, TX_SOFTWARE | RX_SOFTWARE | SOFTWARE | OPT_TSONLY)
+s.settimeout(timeout)
 s.connect((server, 53))
-wire = dns.message.make_query(name, qtype).to_wire()
-t0 = time.perf_counter_ns()
-s.send(wire)
-data = s.recv(65535)
-t1 = time.perf_counter_ns()
+def stamp(ancillary):
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPING:
+            sec, nsec = struct.unpack_from("qq", data)
+            return sec * 10**9 + nsec
+    raise SystemExit("no kernel timestamp")
+s.send(dns.message.make_query(name, qtype).to_wire())
+sent = None
+deadline = time.monotonic() + timeout
+while sent is None:
+    try:
+        sent = stamp(s.recvmsg(2048, 1024, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)[1])
+    except BlockingIOError:
+        if time.monotonic() > deadline:
+            raise SystemExit("no transmit timestamp")
+        select.select([], [], [s], 0.01)
+data, ancillary, _, _ = s.recvmsg(65535, 1024)
 r = dns.message.from_wire(data)
-print(json.dumps({"ns": t1 - t0, "rcode": dns.rcode.to_text(r.rcode()), "port": s.getsockname()[1]}))
+print(json.dumps({"ns": stamp(ancillary) - sent, "rcode": dns.rcode.to_text(r.rcode()), "port": s.getsockname()[1]}))
 """
 
 
@@ -199,7 +214,7 @@ class DnsNet:
         return parse_dig(out)
 
     def timed_query_command(self, name: str, qtype: str = "A", *, server: str = SERVER4, timeout: float = 2) -> list[str]:
-        """A dnspython client in the client namespace; prints {"ns", "rcode", "port"} as JSON."""
+        """A dnspython client in the client namespace; prints {"ns" (kernel send to kernel receive), "rcode", "port"} as JSON."""
         return ["ip", "netns", "exec", self.client, sys.executable, "-c", _TIMED_CLIENT, server, name, qtype, str(timeout)]
 
     def close(self) -> None:

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import random
 import socket
+import struct
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -62,6 +64,65 @@ _RESPONSE_MATCH = (
 )
 
 
+_TIMES = struct.Struct("<QQ")
+_FIXED64 = struct.Struct("<Q").pack
+#: field tags: LogRecord.attributes (6), Span.attributes (9), ScopeLogs.log_records / ScopeSpans.spans (2)
+_T_LOG, _T_SPAN, _T_ITEM = enc.T_ATTR_LOG, enc.T_ATTR_SPAN, b"\x12"
+_PORT_ID = struct.Struct("<HxxH")
+
+
+
+
+def _int_head(key: str) -> bytes:
+    """A KeyValue's key field and its value's tag for ``key`` (enc.key_value's output for 0 less AnyValue's 3 bytes)."""
+    return enc.key_value(key, 0)[:-3]
+
+
+_PORT_HEAD, _ID_HEAD, _LATENCY_HEAD = _int_head("client.port"), _int_head("tapio.dns_xdp.id"), _int_head("tapio.dns_xdp.latency_ns")
+
+
+def _int_piece(head: bytes, n: int) -> bytes:
+    """What enc.kv_pieces writes for an int attribute (length, KeyValue), for 0 <= n < 2**35, ~3x faster.
+
+    The per-record ints (client port, DNS id, latency) are the only
+    attributes encoded per record; this is their hot path.
+    """
+    if n < 0x80:
+        v = bytes((n,))
+    elif n < 0x4000:
+        v = bytes((n & 0x7F | 0x80, n >> 7))
+    elif n < 0x200000:
+        v = bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
+    elif n < 0x10000000:
+        v = bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14 & 0x7F | 0x80, n >> 21))
+    else:
+        v = enc.varint(n)
+    kv = head + bytes((len(v) + 1,)) + b"\x18" + v
+    return bytes((len(kv),)) + kv
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """What records that differ only in their times, client port and DNS id share, rendered once."""
+
+    answered: bool
+    failed: bool
+    server: str
+    qtype: str
+    rcode: str
+    event_name: str
+    #: where an answered query's latency is counted (None for a response without its query)
+    histogram: Any
+    #: a LogRecord's fields around the per-record ones (time before, ids and observed time between):
+    #: severity, body and the shared attributes; event name
+    log_head: bytes
+    log_tail: bytes
+    #: a Span's: name and kind; the shared attributes; status
+    span_head: bytes
+    span_attrs: bytes
+    span_tail: bytes
+
+
 class DnsXdpReceiver:
     def __init__(self, settings: Settings, config: Config, ports: Ports) -> None:
         if ports.output is None:
@@ -84,6 +145,7 @@ class DnsXdpReceiver:
         self._addresses: dict[tuple[int, bytes], str] = {}
         self._ifnames: dict[int, str] = {}
         self._common: dict[tuple, list[bytes]] = {}
+        self._shapes: dict[bytes, _Shape] = {}
         self._ring_open = False
         self._declare_metrics()
 
@@ -177,7 +239,9 @@ class DnsXdpReceiver:
             for ev in events:
                 if ev.present and self._ifnames.get(ev.index) != ev.name:
                     self._ifnames[ev.index] = ev.name
-                    self._common.clear()  # cached attributes may carry the old name
+                    # rendered attributes may carry the old name
+                    self._common.clear()
+                    self._shapes.clear()
                 await attachments.on_link(ev)
 
     async def _sweep_loop(self, attachments: Attachments) -> None:
@@ -327,75 +391,130 @@ class DnsXdpReceiver:
             self._send_batch(Batch.from_bytes(Signal.TRACES, enc.request(self._resource_blob, self._scope_blob, spans)))
 
     def handle(self, raws: list[bytes]) -> None:
-        """Turn ring-buffer records into at most one logs and one traces batch, and hand them on."""
+        """Turn ring-buffer records into at most one logs and one traces batch, and hand them on.
+
+        Hot path. Everything a record says but its two times, client port and
+        DNS id (names, addresses, codes, counts, interfaces) repeats from query
+        to query of a client, so it is rendered once into a `_Shape` (text and
+        encoded attributes) cached by those bytes of the record; per record only
+        the varying four are encoded.
+        """
         wired = self._output.signals
         records: list[bytes] | None = [] if Signal.LOGS in wired else None
         spans: list[bytes] | None = [] if Signal.TRACES in wired else None
         offset = self.program.boot_to_unix_ns if self.program else 0
-        observed = time.time_ns()
+        observed_field = b"\x59" + _FIXED64(time.time_ns())
         answered = response_only = 0
         stats = self.stats
+        shapes = self._shapes
+        size = d.EVENT.size
         for raw in raws:
-            try:
-                ev = d.parse_event(raw)
-                name = self._name(ev.name)
-            except d.DecodeError as exc:
-                self._telemetry.bad_input("ring_record")
-                self._settings.logger.warning("%s: skipped a ring-buffer record: %s", self._settings.id, exc)
-                continue
-            qtype = d.qtype_text(ev.qtype)
-            rcode = ev.flags & 0x0F
-            rcode_name = d.rcode_text(rcode)
-            server = self._address(ev.family, ev.server)
-            extra: list[tuple[str, Any]] = [
-                ("dns.question.name", name),
-                ("dns.question.type", qtype),
-                ("dns.response_code", rcode_name),
-                ("client.port", ev.client_port),
-                ("tapio.dns_xdp.id", ev.id),
-                ("tapio.dns_xdp.answer_count", ev.ancount),
-                ("tapio.dns_xdp.authority_count", ev.nscount),
-                ("tapio.dns_xdp.additional_count", ev.arcount),
-                ("tapio.dns_xdp.response.flags", d.flag_names(ev.flags)),
-                ("tapio.dns_xdp.response.size", ev.size),
-            ]
-            if ev.qclass != 1:
-                extra.append(("tapio.dns_xdp.question.class", d.qclass_text(ev.qclass)))
-            if ev.opcode:
-                extra.append(("tapio.dns_xdp.opcode", d.opcode_text(ev.opcode)))
-            vlan = ev.query_vlan or ev.response_vlan
-            if vlan:
-                extra.append(("tapio.dns_xdp.vlan.id", vlan))
-            failed = rcode in ERROR_RCODES
-            if failed:
-                extra.append(("error.type", rcode_name))
-            if ev.kind == d.KIND_ANSWERED:
+            key = raw[16:56] + raw[58:60] + raw[62:] if len(raw) == size else None
+            shape = shapes.get(key) if key is not None else None
+            if shape is None:
+                try:
+                    shape = self._shape(raw)
+                except d.DecodeError as exc:
+                    self._telemetry.bad_input("ring_record")
+                    self._settings.logger.warning("%s: skipped a ring-buffer record: %s", self._settings.id, exc)
+                    continue
+                if len(shapes) >= TEXT_CACHE_SIZE:
+                    shapes.clear()
+                shapes[key] = shape
+            query_ts, response_ts = _TIMES.unpack_from(raw)
+            client_port, dns_id = _PORT_ID.unpack_from(raw, 56)
+            end = response_ts + offset
+            if shape.answered:
                 answered += 1
-                latency = max(0, ev.response_ts - ev.query_ts)
-                stats.answered(server, qtype, rcode_name, latency)
-                extra += [("tapio.dns_xdp.status", "answered"), ("tapio.dns_xdp.latency_ns", latency)]
-                start = ev.query_ts + offset
-                body = f"DNS {qtype} {name}: {rcode_name} in {latency / 1e6:.3f} ms"
-                pieces = self._common_pieces(ev.family, ev.client, ev.server, ev.server_port, ev.proto, ev.query_ifindex, ev.response_ifindex, ev.query_hook, ev.response_hook)
-                event_name = "tapio.dns_xdp.answered"
+                latency = response_ts - query_ts if response_ts > query_ts else 0
+                shape.histogram.add(latency)
+                varying = (_int_piece(_PORT_HEAD, client_port), _int_piece(_ID_HEAD, dns_id), _int_piece(_LATENCY_HEAD, latency))
+                start = query_ts + offset
             else:
                 response_only += 1
-                stats.response_only(rcode_name)
-                extra.append(("tapio.dns_xdp.status", "response_only"))
-                start = ev.response_ts + offset
-                body = f"DNS {qtype} {name}: {rcode_name} (query not seen)"
-                pieces = self._common_pieces(ev.family, ev.client, ev.server, ev.server_port, ev.proto, 0, ev.response_ifindex, 0, ev.response_hook)
-                event_name = "tapio.dns_xdp.response"
-            pieces = pieces + enc.kv_pieces(extra)
-            self._emit(
-                records, spans if ev.kind == d.KIND_ANSWERED else None, pieces, start, ev.response_ts + offset, observed,
-                SEV_WARN if failed else SEV_INFO, body, f"DNS {qtype}", failed, rcode_name if failed else "", event_name,
-            )
+                stats.response_only(shape.rcode)
+                varying = (_int_piece(_PORT_HEAD, client_port), _int_piece(_ID_HEAD, dns_id))
+                start = end
+            ids = b""
+            if spans is not None and shape.answered:
+                ids = random.randbytes(24)
+                span = b"".join(
+                    (b"\x0a\x10", ids[:16], b"\x12\x08", ids[16:], shape.span_head, b"\x39", _FIXED64(start), b"\x41", _FIXED64(end if end > start else start),
+                     shape.span_attrs, _T_SPAN, _T_SPAN.join(varying), shape.span_tail)
+                )
+                spans.append(_T_ITEM + enc.varint(len(span)) + span)
+            if records is not None:
+                record = b"".join(
+                    (b"\x09", _FIXED64(start), shape.log_head, _T_LOG, _T_LOG.join(varying),
+                     b"\x4a\x10" + ids[:16] + b"\x52\x08" + ids[16:] if ids else b"", observed_field, shape.log_tail)
+                )
+                records.append(_T_ITEM + enc.varint(len(record)) + record)
         if answered:
             self._telemetry.add("tapio_dns_xdp_events_total", answered, kind="answered")
         if response_only:
             self._telemetry.add("tapio_dns_xdp_events_total", response_only, kind="response_only")
         self._send(records, spans)
+
+    def _shape(self, raw: bytes) -> "_Shape":
+        """Decode a record and render what it shares with other queries of its kind (raises DecodeError)."""
+        ev = d.parse_event(raw)
+        name = self._name(ev.name)
+        qtype = d.qtype_text(ev.qtype)
+        rcode = ev.flags & 0x0F
+        rcode_name = d.rcode_text(rcode)
+        answered = ev.kind == d.KIND_ANSWERED
+        failed = rcode in ERROR_RCODES
+        extra: list[tuple[str, Any]] = [
+            ("dns.question.name", name),
+            ("dns.question.type", qtype),
+            ("dns.response_code", rcode_name),
+            ("tapio.dns_xdp.answer_count", ev.ancount),
+            ("tapio.dns_xdp.authority_count", ev.nscount),
+            ("tapio.dns_xdp.additional_count", ev.arcount),
+            ("tapio.dns_xdp.response.flags", d.flag_names(ev.flags)),
+            ("tapio.dns_xdp.response.size", ev.size),
+            ("tapio.dns_xdp.status", "answered" if answered else "response_only"),
+        ]
+        if failed:
+            extra.append(("error.type", rcode_name))
+        if ev.qclass != 1:
+            extra.append(("tapio.dns_xdp.question.class", d.qclass_text(ev.qclass)))
+        if ev.opcode:
+            extra.append(("tapio.dns_xdp.opcode", d.opcode_text(ev.opcode)))
+        vlan = ev.query_vlan or ev.response_vlan
+        if vlan:
+            extra.append(("tapio.dns_xdp.vlan.id", vlan))
+        if answered:
+            common = self._common_pieces(
+                ev.family, ev.client, ev.server, ev.server_port, ev.proto, ev.query_ifindex, ev.response_ifindex, ev.query_hook, ev.response_hook
+            )
+            body = f"DNS {qtype} {name}: {rcode_name}"
+        else:
+            common = self._common_pieces(ev.family, ev.client, ev.server, ev.server_port, ev.proto, 0, ev.response_ifindex, 0, ev.response_hook)
+            body = f"DNS {qtype} {name}: {rcode_name} (query not seen)"
+        pieces = common + enc.kv_pieces(extra)
+        severity = SEV_WARN if failed else SEV_INFO
+        event_name = "tapio.dns_xdp.answered" if answered else "tapio.dns_xdp.response"
+        return _Shape(
+            answered=answered,
+            failed=failed,
+            server=self._address(ev.family, ev.server),
+            qtype=qtype,
+            rcode=rcode_name,
+            event_name=event_name,
+            histogram=self.stats.histogram(self._address(ev.family, ev.server), qtype, rcode_name) if answered else None,
+            log_head=enc.log_record(
+                time_unix_nano=0, observed_time_unix_nano=0, severity_number=severity, severity_text="WARN" if failed else "INFO", body=body,
+                attrs=enc.frame(enc.T_ATTR_LOG, pieces), event_name="",
+            ),
+            log_tail=b"\x62" + enc.varint(len(event_name.encode())) + event_name.encode(),
+            span_head=enc.span(trace_id=b"", span_id=b"", name=f"DNS {qtype}", kind=SPAN_KIND_CLIENT, start_time_unix_nano=0, end_time_unix_nano=0, attrs=b""),
+            span_attrs=enc.frame(enc.T_ATTR_SPAN, pieces),
+            span_tail=enc.span(
+                trace_id=b"", span_id=b"", name="", kind=0, start_time_unix_nano=0, end_time_unix_nano=0, attrs=b"",
+                status_code=STATUS_CODE_ERROR if failed else 0, status_message=rcode_name if failed else "",
+            ),
+        )
 
     def _emit(
         self, records: list[bytes] | None, spans: list[bytes] | None, pieces: list[bytes], start: int, end: int, observed: int,

@@ -35,6 +35,13 @@ class _Histogram:
         self.min_ns = 1 << 63
         self.max_ns = 0
 
+    def merge(self, other: "_Histogram") -> None:
+        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
+        self.count += other.count
+        self.sum_ns += other.sum_ns
+        self.min_ns = min(self.min_ns, other.min_ns)
+        self.max_ns = max(self.max_ns, other.max_ns)
+
     def add(self, ns: int) -> None:
         self.counts[bisect_left(_BOUNDS_NS, ns)] += 1
         self.count += 1
@@ -46,16 +53,20 @@ class _Histogram:
 
 
 class DnsStats:
+    """Counts and latencies since start. Answered queries are kept per (server, rcode, qtype) so that
+    the hot path is one `histogram` lookup (cached by the caller) and one `_Histogram.add`; the series
+    emitted (latency by server and rcode, queries by type, responses by rcode) are sums over them."""
+
     def __init__(self, max_servers: int, start_unix_ns: int) -> None:
         self._max_servers = max_servers
         self._servers: set[str] = set()
         self.start_unix_ns = start_unix_ns
-        #: (server, rcode) -> latency histogram of answered queries
-        self.latency: dict[tuple[str, str], _Histogram] = {}
-        #: query type -> queries whose outcome is known (answered or unanswered)
-        self.queries: dict[str, int] = {}
-        #: rcode -> responses (with or without their query)
-        self.responses: dict[str, int] = {}
+        #: (server, rcode, qtype) -> latency histogram of answered queries
+        self._answered: dict[tuple[str, str, str], _Histogram] = {}
+        #: qtype -> unanswered queries
+        self._unanswered_by_type: dict[str, int] = {}
+        #: rcode -> responses whose query was not seen
+        self._response_only: dict[str, int] = {}
         #: server -> queries reported unanswered
         self.unanswered: dict[str, int] = {}
         #: malformed packets by reason, as the kernel counted them (set by the receiver)
@@ -69,22 +80,51 @@ class DnsStats:
             return server
         return OTHER
 
-    def answered(self, server: str, qtype: str, rcode: str, latency_ns: int) -> None:
-        key = (self.server_label(server), rcode)
-        h = self.latency.get(key)
+    def histogram(self, server: str, qtype: str, rcode: str) -> _Histogram:
+        """The histogram an answered query of this kind adds its latency (ns) to; the same object every time."""
+        key = (self.server_label(server), rcode, qtype)
+        h = self._answered.get(key)
         if h is None:
-            h = self.latency[key] = _Histogram()
-        h.add(latency_ns)
-        self.queries[qtype] = self.queries.get(qtype, 0) + 1
-        self.responses[rcode] = self.responses.get(rcode, 0) + 1
+            h = self._answered[key] = _Histogram()
+        return h
+
+    def answered(self, server: str, qtype: str, rcode: str, latency_ns: int) -> None:
+        self.histogram(server, qtype, rcode).add(latency_ns)
 
     def response_only(self, rcode: str) -> None:
-        self.responses[rcode] = self.responses.get(rcode, 0) + 1
+        self._response_only[rcode] = self._response_only.get(rcode, 0) + 1
 
     def unanswered_query(self, server: str, qtype: str) -> None:
         label = self.server_label(server)
         self.unanswered[label] = self.unanswered.get(label, 0) + 1
-        self.queries[qtype] = self.queries.get(qtype, 0) + 1
+        self._unanswered_by_type[qtype] = self._unanswered_by_type.get(qtype, 0) + 1
+
+    @property
+    def latency(self) -> dict[tuple[str, str], _Histogram]:
+        """Latency histograms by (server, rcode), summed over question types."""
+        out: dict[tuple[str, str], _Histogram] = {}
+        for (server, rcode, _), h in self._answered.items():
+            total = out.get((server, rcode))
+            if total is None:
+                total = out[(server, rcode)] = _Histogram()
+            total.merge(h)
+        return out
+
+    @property
+    def queries(self) -> dict[str, int]:
+        """Queries whose outcome is known (answered or unanswered), by question type."""
+        out = dict(self._unanswered_by_type)
+        for (_, _, qtype), h in self._answered.items():
+            out[qtype] = out.get(qtype, 0) + h.count
+        return out
+
+    @property
+    def responses(self) -> dict[str, int]:
+        """Responses (with or without their query), by rcode."""
+        out = dict(self._response_only)
+        for (_, rcode, _), h in self._answered.items():
+            out[rcode] = out.get(rcode, 0) + h.count
+        return out
 
     def request(self, resource_attrs: list[tuple[str, Any]], scope: tuple[str, str], now_unix_ns: int) -> ExportMetricsServiceRequest:
         """Every series as one export request (cumulative since start)."""
@@ -97,7 +137,7 @@ class DnsStats:
         start = self.start_unix_ns
         m = sm.metrics.add(name="tapio.dns_xdp.latency", unit="s", description="Time from a query to its response as the kernel saw them, by server and response code.")
         m.histogram.aggregation_temporality = CUMULATIVE
-        for (server, rcode), h in sorted(self.latency.items()):
+        for (server, rcode), h in sorted(self.latency.items()):  # one pass over a few hundred series at most
             p = m.histogram.data_points.add(start_time_unix_nano=start, time_unix_nano=now_unix_ns, count=h.count, sum=h.sum_ns / 1e9)
             p.bucket_counts.extend(h.counts)
             p.explicit_bounds.extend(LATENCY_BOUNDS)
