@@ -367,7 +367,7 @@ def test_any_ring_records_are_reported_or_counted(raws):
 @given(st.integers(0, (1 << 40)))
 def test_the_per_record_int_attributes_are_encoded_as_the_general_encoder_does(n):
     from tapio.receivers.dns_xdp._component import _LATENCY_HEAD, _int_piece
-    from tapio.receivers.ebpf import _encode as enc
+    from tapio import otlpwire as enc
 
     assert _int_piece(_LATENCY_HEAD, n) == enc.kv_pieces([("tapio.dns_xdp.latency_ns", n)])[0]
 

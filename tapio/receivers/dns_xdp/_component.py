@@ -14,7 +14,7 @@ Invariants:
 - One drain of at most `DRAIN_CHUNK` events → at most one logs batch and
   one traces batch, handed on with ``send_nowait`` (the kernel cannot
   wait); a refused batch is counted by its items, never retried. Records
-  are written as OTLP bytes (the ebpf receiver's `_encode`).
+  are written as OTLP bytes (`tapio.otlpwire`).
 - Kernel counters are read once a second and added to self-telemetry as
   deltas, so the tapio_* counters equal the kernel's.
 - Shutdown drains the ring a last time and detaches from every interface
@@ -34,7 +34,7 @@ import trio
 
 from tapio.component import Ports, Refused, Settings
 from tapio.pdata import Batch, Signal
-from tapio.receivers.ebpf import _encode as enc
+from tapio import otlpwire as enc
 from tapio.telemetry import COUNTER, GAUGE
 
 from . import _decode as d
