@@ -19,6 +19,11 @@ APT_PACKAGES=(
     pmacct              # bench_netflow_udp: nfacctd is the C collector the receiver is measured against
     dnsmasq-base dnsutils   # dns-xdp tests: a real DNS server in a namespace, dig as a client
     dnsperf             # bench/bench_dns_xdp.py: offers DNS queries at fixed rates
+    # the cri receiver's tests run a real containerd (1.7, fetched below) over CRI:
+    runc                # the OCI runtime containerd starts containers with (bookworm's; trixie's needs glibc 2.38)
+    containernetworking-plugins   # CNI bridge/host-local/loopback/portmap in /usr/lib/cni: pod sandboxes get a netns and an IP
+    busybox-static      # /bin/busybox: the tests build their pause and busybox OCI images from it (no registry is reachable)
+    iptables            # the CNI portmap plugin
 )
 
 missing=()
@@ -34,6 +39,29 @@ if [ ${#missing[@]} -gt 0 ]; then
     $SUDO systemctl stop prometheus >/dev/null 2>&1 || true
     # nfdump's units run nfcapd on UDP 2055 (the netflow receiver's default port) and pmacct's run nfacctd
     $SUDO systemctl stop 'nfdump@*' nfacctd >/dev/null 2>&1 || true
+fi
+
+# containerd 1.7 for the cri receiver's tests: GetContainerEvents (the CRI event stream) needs
+# 1.7; bookworm ships 1.6.20, which answers UNIMPLEMENTED. The .deb comes from Debian trixie
+# through a private apt configuration (its own sources.list, lists and cache under $CTRD_CACHE:
+# the system's apt state is not touched) and is unpacked, not installed. Only containerd, ctr
+# and the runc shim are used; its runc stays unused (bookworm's /usr/sbin/runc is configured).
+CTRD_HOME=${TAPIO_CONTAINERD_HOME:-/opt/tapio/containerd-1.7}
+if [ ! -x "$CTRD_HOME/usr/bin/containerd" ]; then
+    echo "setup: fetching containerd 1.7 (Debian trixie) into $CTRD_HOME" >&2
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    CTRD_CACHE=$(mktemp -d); chmod 755 "$CTRD_CACHE"   # apt downloads as _apt
+    mkdir -p "$CTRD_CACHE"/lists/partial "$CTRD_CACHE"/cache/archives/partial "$CTRD_CACHE"/debs
+    uri=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+    [ -n "$uri" ] || uri=$(awk '$1=="deb"{print $2; exit}' /etc/apt/sources.list)
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri trixie main" > "$CTRD_CACHE/sources.list"
+    apt_private=(-o Dir::Etc::SourceList="$CTRD_CACHE/sources.list" -o Dir::Etc::SourceParts=/dev/null
+                 -o Dir::State::Lists="$CTRD_CACHE/lists" -o Dir::Cache="$CTRD_CACHE/cache")
+    apt-get "${apt_private[@]}" update -qq
+    (cd "$CTRD_CACHE/debs" && apt-get "${apt_private[@]}" download containerd >/dev/null)
+    $SUDO mkdir -p "$CTRD_HOME"
+    $SUDO dpkg-deb -x "$CTRD_CACHE"/debs/containerd_1.7*.deb "$CTRD_HOME"
+    rm -rf "$CTRD_CACHE"
 fi
 
 if [ ! -x .venv/bin/python ]; then
