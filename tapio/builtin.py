@@ -15,6 +15,7 @@ from tapio.processors.batch import factory as batch
 from tapio.processors.k8sattributes import factory as k8sattributes
 from tapio.processors.memory_limiter import factory as memory_limiter
 from tapio.receivers.cni_log import factory as cni_log_receiver
+from tapio.receivers.cri import factory as cri_receiver
 from tapio.receivers.dns_xdp import factory as dns_xdp_receiver
 from tapio.receivers.ebpf import factory as ebpf_receiver
 from tapio.receivers.etcd_watch import factory as etcd_watch_receiver
@@ -33,6 +34,7 @@ FACTORIES: list[Factory] = [
     etcd_watch_receiver,
     netflow_receiver,
     dns_xdp_receiver,
+    cri_receiver,
     # processors
     batch,
     k8sattributes,

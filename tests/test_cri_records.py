@@ -1,0 +1,85 @@
+"""The cri receiver's lifecycle tracker and records, from CRI messages alone (no runtime)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings, strategies as st
+
+from tapio.receivers.cri._proto import api_pb2 as pb
+from tapio.receivers.cri._records import RANK, Tracker, image_name_tag, record
+
+POD = "p" * 64
+EVENT = {"created": pb.CONTAINER_CREATED_EVENT, "started": pb.CONTAINER_STARTED_EVENT,
+         "stopped": pb.CONTAINER_STOPPED_EVENT, "deleted": pb.CONTAINER_DELETED_EVENT}
+STATE = {"created": pb.CONTAINER_CREATED, "started": pb.CONTAINER_RUNNING, "stopped": pb.CONTAINER_EXITED}
+
+
+def sandbox_status(pid: str = POD) -> pb.PodSandboxStatus:
+    return pb.PodSandboxStatus(id=pid, metadata=pb.PodSandboxMetadata(name="web", namespace="shop", uid="u-1"), state=pb.SANDBOX_READY)
+
+
+def event(cid: str, stage: str, pid: str = POD) -> pb.ContainerEventResponse:
+    ev = pb.ContainerEventResponse(container_id=cid, container_event_type=EVENT[stage], created_at=1)
+    if not (cid == pid and stage == "deleted"):  # a sandbox's DELETED event has no status, as containerd sends it
+        ev.pod_sandbox_status.CopyFrom(sandbox_status(pid))
+    return ev
+
+
+def listed(cid: str, stage: str) -> pb.Container:
+    return pb.Container(id=cid, pod_sandbox_id=POD, state=STATE[stage], metadata=pb.ContainerMetadata(name="app"))
+
+
+def test_events_name_container_or_sandbox_and_carry_the_pod():
+    t = Tracker()
+    obs = t.event(event(POD, "created"))
+    assert (obs.kind, obs.stage, obs.pod.name) == ("pod_sandbox", "created", "web")
+    obs = t.event(event("c" * 64, "started"))
+    assert (obs.kind, obs.pod.uid, obs.sandbox_id) == ("container", "u-1", POD)
+    obs = t.event(event(POD, "deleted"))  # no status: known as a sandbox by its id
+    assert (obs.kind, obs.stage, obs.pod.namespace) == ("pod_sandbox", "deleted", "shop")
+
+
+def test_a_list_reports_what_moved_and_what_is_gone():
+    t = Tracker()
+    t.event(event("a", "started"))
+    t.event(event("b", "started"))
+    out = t.relist([pb.PodSandbox(id=POD, state=pb.SANDBOX_READY, metadata=sandbox_status().metadata)], [listed("a", "stopped"), listed("c", "created")])
+    assert [(o.kind, o.id, o.stage, o.source) for o in out] == [
+        ("pod_sandbox", POD, "started", "list"), ("container", "a", "stopped", "list"),
+        ("container", "c", "created", "list"), ("container", "b", "deleted", "list"),
+    ]
+    assert t.event(event("b", "deleted")) is None  # the late event about what the list reported gone is stale
+    assert t.relist([], [], silent=True) == [] and t.stages == {}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from(list(EVENT)), st.booleans()), max_size=40))
+def test_no_stage_is_reported_twice_or_after_a_later_one(steps):
+    """Events and lists in any order: per id, the reported stages strictly rise."""
+    t = Tracker()
+    seen: dict[str, list[str]] = {}
+    for cid, stage, as_list in steps:
+        if as_list:
+            out = t.relist([], [listed(cid, stage)] if stage != "deleted" else [])
+        else:
+            one = t.event(event(cid, stage))
+            out = [one] if one else []
+        for o in out:
+            seen.setdefault(o.id, []).append(o.stage)
+    for stages in seen.values():
+        ranks = [RANK[s] for s in stages]
+        assert ranks == sorted(set(ranks))
+
+
+def test_image_names_and_tags():
+    assert image_name_tag("registry:5000/team/app:1.2@sha256:ab") == ("registry:5000/team/app", "1.2")
+    assert image_name_tag("registry:5000/app") == ("registry:5000/app", "")
+
+
+def test_a_stopped_record_without_a_status_still_names_the_container():
+    t = Tracker()
+    obs = t.event(event("c" * 64, "stopped"))
+    rec = record(obs, observed_unix_nano=5, runtime=("containerd", "1.7"), labels=True)
+    keys = {kv.key: kv.value for kv in rec.attributes}
+    assert rec.event_name == "tapio.cri.container.stopped" and keys["container.id"].string_value == "c" * 64
+    assert keys["k8s.pod.name"].string_value == "web" and "tapio.cri.container.exit_code" not in keys
+    assert rec.time_unix_nano == 1 and rec.observed_time_unix_nano == 5
