@@ -21,6 +21,7 @@ from tapio.receivers.ebpf import factory as ebpf_receiver
 from tapio.receivers.etcd_watch import factory as etcd_watch_receiver
 from tapio.receivers.journald import factory as journald_receiver
 from tapio.receivers.kubeapi import factory as kubeapi_receiver
+from tapio.receivers.kubeletstats import factory as kubeletstats_receiver
 from tapio.receivers.netflow import factory as netflow_receiver
 from tapio.receivers.otlp import factory as otlp_receiver
 
@@ -35,6 +36,7 @@ FACTORIES: list[Factory] = [
     netflow_receiver,
     dns_xdp_receiver,
     cri_receiver,
+    kubeletstats_receiver,
     # processors
     batch,
     k8sattributes,

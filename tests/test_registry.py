@@ -43,6 +43,7 @@ def minimal_config(factory, tmp_path: Path) -> dict:
         (Kind.EXPORTER, "file"): {"path": str(tmp_path / "out.jsonl")},
         (Kind.RECEIVER, "otlp"): {"protocols": {"grpc": {"endpoint": "127.0.0.1:0"}, "http": {"endpoint": "127.0.0.1:0"}}},
         (Kind.EXTENSION, "storage"): {"path": str(tmp_path / "tapio.db")},
+        (Kind.RECEIVER, "kubeletstats"): {"endpoint": "https://127.0.0.1:1", "auth_type": "none"},
         (Kind.EXPORTER, "prometheus"): {"endpoint": "127.0.0.1:0"},
         (Kind.RECEIVER, "netflow"): {"protocols": {"netflow": {"endpoint": "127.0.0.1:0"}, "sflow": {"endpoint": "127.0.0.1:0"}}},
         (Kind.EXPORTER, "otlp"): {"endpoint": "127.0.0.1:1", "retry_on_failure": {"enabled": False}},
