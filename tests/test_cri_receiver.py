@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+import grpc
 import pytest
 import trio
 
@@ -303,5 +304,43 @@ async def test_the_oom_kill_names_the_same_container_in_the_ebpf_receiver(contai
     assert attrs(runtime)["k8s.container.status.reason"] == "OOMKilled"
     # the kernel marks the victim before the runtime sees its exit
     assert kernel.time_unix_nano <= runtime.time_unix_nano
+    await in_thread(cri.stop_pod, pod)
+    await in_thread(cri.remove_pod, pod)
+
+
+async def test_events_taken_by_another_subscriber_are_found_by_the_resync_list(containerd, cri):
+    """containerd 1.7 gives each event to one subscriber: a second client of the stream takes some from the receiver."""
+    import threading
+
+    receiver, sink, telemetry = make(containerd.endpoint, resync_interval="300ms")
+    other = cri.runtime.GetContainerEvents(pb.GetEventsRequest())
+    taken = []
+    def read() -> None:
+        try:
+            for e in other:
+                taken.append(e.container_id)
+        except grpc.RpcError:
+            pass  # cancelled below
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        async with trio.open_nursery() as n:
+            await n.start(receiver.run)
+            with trio.fail_after(DEADLINE):
+                await receiver.listed.wait()
+                pod = await in_thread(cri.run_pod, "shared")
+                cids = [await in_thread(cri.run_container, pod, f"c{i}", f"exit {i}") for i in range(6)]
+                await sink.wait_until(lambda: all(records(sink, event="tapio.cri.container.stopped", **{"container.id": c}) for c in cids))
+            n.cancel_scope.cancel()
+    finally:
+        other.cancel()
+        reader.join(timeout=5)
+    assert taken, "the other subscriber got no events: containerd would broadcast, and this test shows nothing"
+    if set(taken) & set(cids):  # it took events of ours: what they said came from a list
+        assert telemetry.value("tapio_cri_records_total", kind="container", source="list") >= 1
+    for i, c in enumerate(cids):
+        (stopped,) = records(sink, event="tapio.cri.container.stopped", **{"container.id": c})
+        assert attrs(stopped)["tapio.cri.container.exit_code"] == i
     await in_thread(cri.stop_pod, pod)
     await in_thread(cri.remove_pod, pod)

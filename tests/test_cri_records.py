@@ -83,3 +83,17 @@ def test_a_stopped_record_without_a_status_still_names_the_container():
     assert rec.event_name == "tapio.cri.container.stopped" and keys["container.id"].string_value == "c" * 64
     assert keys["k8s.pod.name"].string_value == "web" and "tapio.cri.container.exit_code" not in keys
     assert rec.time_unix_nano == 1 and rec.observed_time_unix_nano == 5
+
+
+def test_an_event_older_than_the_last_list_about_an_id_it_did_not_show_is_stale():
+    t = Tracker()
+    t.relist([], [listed("a", "started")], asked_at=100)
+    old = event("gone", "created")
+    old.created_at = 50  # queued by the runtime before we listed: the list did not show it, so it is gone
+    assert t.event(old) is None
+    old_known = event("a", "stopped")
+    old_known.created_at = 50  # about a listed id: still news
+    assert t.event(old_known).stage == "stopped"
+    new = event("fresh", "created")
+    new.created_at = 150
+    assert t.event(new).stage == "created"

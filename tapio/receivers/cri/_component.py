@@ -2,9 +2,12 @@
 
 Invariants:
 - A session subscribes to the event stream first and lists sandboxes and
-  containers after, and once more `SETTLE_SECONDS` later, so an event the
-  runtime emitted before it registered the subscription is found by a list;
-  `Tracker` makes each stage of each id reported once (see `_records`).
+  containers after, once more `SETTLE_SECONDS` later (an event the runtime
+  emitted before it registered the subscription is found by a list), and
+  then every ``resync_interval``: containerd 1.7 hands each event to one
+  subscriber only, so another client of the stream takes events from us,
+  and only a list finds what they were about. `Tracker` makes each stage of
+  each id reported once (see `_records`).
 - Events and lists are handled by one task, in order: a list is never
   compared with a state that events are changing under it.
 - A stopped container is reported with its `ContainerStatus` (exit code,
@@ -154,10 +157,11 @@ class CriReceiver:
 
             nursery.start_soon(reader)
             await self._relist(client)
-            settle_at = trio.current_time() + SETTLE_SECONDS
+            resync = float(self._config.resync_interval)
+            relist_at = trio.current_time() + SETTLE_SECONDS
             while True:
                 events: list[pb.ContainerEventResponse] = []
-                with trio.move_on_at(settle_at if settle_at is not None else float("inf")):
+                with trio.move_on_at(relist_at):
                     try:
                         events.append(await receive.receive())
                     except trio.EndOfChannel:
@@ -169,9 +173,9 @@ class CriReceiver:
                             break
                 if events:
                     await self._handle_events(client, events)
-                elif settle_at is not None:
-                    settle_at = None
+                elif trio.current_time() >= relist_at:
                     await self._relist(client)
+                    relist_at = trio.current_time() + resync if resync > 0 else float("inf")
             nursery.cancel_scope.cancel()
         if failed:
             raise failed[0]
@@ -183,11 +187,12 @@ class CriReceiver:
             await trio.sleep(float(self._config.poll_interval))
 
     async def _relist(self, client: RuntimeClient) -> None:
+        asked_at = time.time_ns()
         sandboxes = await client.list_sandboxes()
         containers = await client.list_containers()
         silent = self._first_list and not self._config.report_existing
         self._first_list = False
-        observations = self.tracker.relist(sandboxes, containers, silent=silent)
+        observations = self.tracker.relist(sandboxes, containers, silent=silent, asked_at=asked_at)
         await self._report(client, observations)
         self.listed.set()
 

@@ -35,6 +35,10 @@ class Config:
         True,
         doc="Follow GetContainerEvents. false (or a runtime without it, such as containerd 1.6) lists sandboxes and containers every poll_interval instead.",
     )
+    resync_interval: Duration = setting(
+        Duration(30.0),
+        doc="With the event stream, also list sandboxes and containers this often, to find what events did not tell (containerd 1.7 gives each event to one subscriber only: another client of the stream takes some). 0 lists only at connect.",
+    )
     poll_interval: Duration = setting(
         Duration(10.0),
         doc="How often to list sandboxes and containers when there is no event stream (see event_stream).",
@@ -56,6 +60,8 @@ class Config:
             problems.append(f"endpoint: expected unix:///path/to/socket, got {self.endpoint!r}")
         if self.timeout <= 0:
             problems.append(f"timeout: must be more than 0, got {self.timeout}")
+        if self.resync_interval < 0:
+            problems.append(f"resync_interval: must be 0 (only at connect) or more, got {self.resync_interval}")
         if self.poll_interval <= 0:
             problems.append(f"poll_interval: must be more than 0, got {self.poll_interval}")
         r = self.reconnect

@@ -5,6 +5,10 @@ Invariants:
   stopped < deleted; each is reported at most once per id, and never after
   a later one (`Tracker` keeps the last stage reported per id). An event or
   list entry that does not move an id forward is stale and skipped.
+- An event older than the last list (by the runtime's clock) about an id
+  that list did not show is stale: the id was gone by then. (containerd 1.7
+  queues events while nobody subscribes and hands them to the next
+  subscriber, so a new stream can start with old news.)
 - Deleted ids are forgotten, but the most recent `TOMBSTONES` are
   remembered, so an event that arrives after a list already reported the
   deletion does not bring the id back.
@@ -92,6 +96,8 @@ class Tracker:
     #: key ("c/<id>" or "s/<id>") → stage last reported
     stages: dict[str, str] = field(default_factory=dict)
     pods: dict[str, PodIdentity] = field(default_factory=dict)
+    #: when the last list was asked for (unix ns), 0 before the first
+    listed_at: int = 0
     _deleted: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     def _advance(self, key: str, stage: str) -> bool:
@@ -124,6 +130,8 @@ class Tracker:
             self.pods[sandbox.id] = pod
         elif is_sandbox:
             pod = self.pods.get(ev.container_id)
+        if key not in self.stages and ev.created_at and ev.created_at < self.listed_at:
+            return None  # older than the list, which did not show it: gone since
         if not self._advance(key, stage):
             return None
         detail: Any = sandbox if is_sandbox else next((c for c in ev.containers_statuses if c.id == ev.container_id), None)
@@ -131,11 +139,13 @@ class Tracker:
             self.pods.pop(ev.container_id, None)
         return Observation(kind, ev.container_id, stage, "event", ev.created_at, pod, detail, sandbox.id)
 
-    def relist(self, sandboxes: Iterable[Any], containers: Iterable[Any], *, silent: bool = False) -> list[Observation]:
+    def relist(self, sandboxes: Iterable[Any], containers: Iterable[Any], *, silent: bool = False, asked_at: int = 0) -> list[Observation]:
         """What moved since the last report, from a full list of sandboxes (`pb.PodSandbox`) and containers (`pb.Container`).
 
-        Sandboxes come first (a pod is reported before its containers), deletions last.
+        ``asked_at`` is when the list was asked for (unix ns). Sandboxes come
+        first (a pod is reported before its containers), deletions last.
         """
+        self.listed_at = max(self.listed_at, asked_at)
         out: list[Observation] = []
         listed: set[str] = set()
         for s in sandboxes:

@@ -1,0 +1,167 @@
+"""cri receiver benchmark against a real containerd 1.7, with a bare grpcio event reader as the peer, same run.
+
+Run: ``.venv/bin/python bench/bench_cri.py [PODS]`` (default 110, the
+kubelet's default pod limit; root, after scripts/setup.sh). It starts a
+containerd (tapio.testing.containerd), runs the cri receiver and, beside it,
+a plain grpcio reader of GetContainerEvents (what any CRI client must at
+least do), then drives PODS pods through their whole life over CRI (sandbox
+and one container each: created, started, stopped, deleted). Reported:
+
+- ``runtime_events_per_s``: the events the bare reader saw per second, the
+  rate containerd produced them at;
+- ``receiver_records_per_s`` and ``lag_ms``: the records the receiver
+  reported (each event once, stopped containers with their ContainerStatus)
+  and how long after the bare reader's last event the receiver's last record
+  came: whether it keeps up with the runtime;
+- ``replay``: the events recorded in the run, each with its own ids, pushed
+  through the receiver's tracker and record building alone, in events per
+  CPU second, against the bare cost of parsing the same messages from bytes.
+
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import trio
+
+from tapio.component import ComponentID, Kind, Ports, Settings
+from tapio.decode import decode_dataclass
+from tapio.receivers.cri import factory
+from tapio.receivers.cri._proto import api_pb2 as pb
+from tapio.receivers.cri._proto import api_pb2_grpc as pb_grpc
+from tapio.receivers.cri._records import Tracker, record
+from tapio.telemetry import Telemetry
+from tapio.testing.containerd import Containerd
+from tapio.testing.sink import RecordingConsumer
+
+STAGES_PER_POD = 8  # sandbox and container: created, started, stopped, deleted
+REPLAY_EVENTS = 20_000
+
+
+class BareReader:
+    """The peer: GetContainerEvents read in a thread with grpcio, nothing else done."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.channel = grpc.insecure_channel(endpoint)
+        grpc.channel_ready_future(self.channel).result(timeout=10)
+        self.call = pb_grpc.RuntimeServiceStub(self.channel).GetContainerEvents(pb.GetEventsRequest())
+        self.events: list[tuple[float, bytes]] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            for ev in self.call:
+                self.events.append((time.monotonic(), ev.SerializeToString()))
+        except grpc.RpcError:
+            pass
+
+    def close(self) -> None:
+        self.call.cancel()
+        self.thread.join(timeout=5)
+        self.channel.close()
+
+
+def drive(containerd: Containerd, pods: int) -> float:
+    """Every pod through its life, two at a time; returns the wall time taken."""
+
+    def one(i: int) -> None:
+        with containerd.client() as cri:
+            pod = cri.run_pod(f"bench-{i}", "bench")
+            cid = cri.run_container(pod, "app", "exit 0")
+            cri.wait_exited(cid)
+            cri.stop_pod(pod)
+            cri.remove_pod(pod)
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(one, range(pods)))
+    return time.monotonic() - t0
+
+
+def replay(raw_events: list[bytes]) -> dict:
+    events = [pb.ContainerEventResponse.FromString(b) for b in raw_events]
+    copies = []
+    for i in range(REPLAY_EVENTS):
+        ev = pb.ContainerEventResponse()
+        ev.CopyFrom(events[i % len(events)])
+        suffix = f"{i // len(events):08x}"
+        if ev.pod_sandbox_status.id == ev.container_id:
+            ev.pod_sandbox_status.id = ev.container_id = ev.container_id[:-8] + suffix
+        else:
+            ev.container_id = ev.container_id[:-8] + suffix
+            if ev.pod_sandbox_status.id:
+                ev.pod_sandbox_status.id = ev.pod_sandbox_status.id[:-8] + suffix
+        copies.append(ev)
+    data = [e.SerializeToString() for e in copies]
+    t0 = time.process_time()
+    for b in data:
+        pb.ContainerEventResponse.FromString(b)
+    parse = time.process_time() - t0
+    tracker = Tracker()
+    t0 = time.process_time()
+    n = 0
+    for b in data:
+        obs = tracker.event(pb.ContainerEventResponse.FromString(b))
+        if obs is not None:
+            record(obs, observed_unix_nano=1, runtime=("containerd", "1.7"), labels=True)
+            n += 1
+    ours = time.process_time() - t0
+    return {
+        "events": len(data),
+        "records": n,
+        "receiver_events_per_cpu_s": round(len(data) / ours),
+        "protobuf_parse_events_per_cpu_s": round(len(data) / parse),
+        "cost_vs_parse": round(ours / parse, 1),
+    }
+
+
+async def main(pods: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="tapio-bench-cri-") as base, Containerd(Path(base)) as containerd:
+        telemetry = Telemetry()
+        settings = Settings(id=ComponentID("cri"), kind=Kind.RECEIVER, telemetry=telemetry.for_component("receiver", "cri"),
+                            logger=logging.getLogger("bench.cri"))
+        sink = RecordingConsumer(ack=True)
+        receiver = factory.create(settings, decode_dataclass(factory.config_class, {"endpoint": containerd.endpoint}), Ports(output=sink))
+        bare = BareReader(containerd.endpoint)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(receiver.run)
+            await receiver.listed.wait()
+            t0 = time.monotonic()
+            wall = await trio.to_thread.run_sync(drive, containerd, pods)
+            want = pods * STAGES_PER_POD
+            with trio.move_on_after(20):
+                await sink.wait_for_count(want)
+                while len(bare.events) < want:
+                    await trio.sleep(0.01)
+            receiver_done = time.monotonic()
+            print("DEBUG", sink.item_count, len(bare.events), want, dict(telemetry.telemetry._values) if hasattr(telemetry, "telemetry") else {k: v for k, v in telemetry._values.items() if "cri" in k}, file=sys.stderr)
+            nursery.cancel_scope.cancel()
+        bare.close()
+    last_bare = bare.events[-1][0]
+    return {
+        "bench": "cri",
+        "pods": pods,
+        "python": sys.version.split()[0],
+        "runtime_events": len(bare.events),
+        "runtime_events_per_s": round(len(bare.events) / (last_bare - t0), 1),
+        "receiver_records": sink.item_count,
+        "receiver_records_per_s": round(sink.item_count / (receiver_done - t0), 1),
+        "lag_ms": round((receiver_done - last_bare) * 1e3, 1),
+        "drive_s": round(wall, 2),
+        "replay": replay([b for _, b in bare.events]),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(trio.run(main, int(sys.argv[1]) if len(sys.argv) > 1 else 110)), flush=True)
