@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import ssl
@@ -75,6 +76,8 @@ class KubeletStatsReceiver:
         #: completed scrapes (tests and benches wait on it)
         self.scrapes = 0
         self.scraped = trio.Event()
+        #: trio times at which the latest scrapes started
+        self.started_at: collections.deque[float] = collections.deque(maxlen=64)
         for name, help_text in (
             ("tapio_kubeletstats_scrapes_total", "Scrapes of the kubelet's /stats/summary, by outcome (ok or the failure's reason)."),
             ("tapio_kubeletstats_points_skipped_total", "Summary values left out because they were missing or of the wrong type."),
@@ -141,6 +144,7 @@ class KubeletStatsReceiver:
     async def scrape(self, client: httpx.AsyncClient, headers: dict[str, str]) -> None:
         """One scrape: fetch, parse, convert, hand on; failures are counted, never raised."""
         config = self._config
+        self.started_at.append(trio.current_time())
         try:
             try:
                 summary_bytes = await self._get(client, "/stats/summary", headers)

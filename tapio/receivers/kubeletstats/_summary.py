@@ -19,6 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
+import calendar
 import json
 import math
 import re
@@ -175,11 +176,23 @@ def parse_time(text: Any) -> int:
     """An RFC 3339 time (as the kubelet writes them, to the nanosecond) in unix ns; 0 when it is not one."""
     if not isinstance(text, str):
         return 0
+    found = _TIMES.get(text)
+    if found is None:
+        if len(_TIMES) >= TIME_CACHE_SIZE:
+            _TIMES.clear()
+        found = _TIMES[text] = _parse_time(text)
+    return found
+
+
+#: a summary repeats its few sample times in every block: each is parsed once (bounded; emptied when full)
+_TIMES: dict[str, int] = {}
+TIME_CACHE_SIZE = 4096
+
+
+def _parse_time(text: str) -> int:
     m = _TIME.match(text)
     if m is None:
         return 0
-    import calendar
-
     year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
     if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 61):
         return 0
@@ -231,7 +244,7 @@ class Build:
         self._metrics = sm.metrics
 
     def _point(self, name: str, unit: str, value: Any, time_ns: int, *, as_int: bool, start_ns: int = 0,
-               attributes: Iterable[tuple[str, str]] = (), cumulative: bool = False, description: str = "") -> None:
+               attributes: tuple[tuple[str, str], ...] = (), cumulative: bool = False, description: str = "") -> None:
         value = _number(value)
         if value is None:
             self.skipped += 1
@@ -250,14 +263,15 @@ class Build:
             p.as_int = int(value)
         else:
             p.as_double = float(value)
-        p.attributes.extend(KeyValue(key=k, value={"string_value": v}) for k, v in attributes)
+        if attributes:
+            p.attributes.extend(KeyValue(key=k, value={"string_value": v}) for k, v in attributes)
         self.points += 1
 
     def gauge(self, name: str, unit: str, value: Any, time_ns: int, *, as_int: bool = True, description: str = "") -> None:
         self._point(name, unit, value, time_ns, as_int=as_int, description=description)
 
     def sum(self, name: str, unit: str, value: Any, time_ns: int, start_ns: int, *, as_int: bool = True,
-            attributes: Iterable[tuple[str, str]] = (), description: str = "") -> None:
+            attributes: tuple[tuple[str, str], ...] = (), description: str = "") -> None:
         self._point(name, unit, value, time_ns, as_int=as_int, start_ns=start_ns, attributes=attributes, cumulative=True, description=description)
 
 
