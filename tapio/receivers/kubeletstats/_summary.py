@@ -319,12 +319,7 @@ def _network(b: Build, prefix: str, net: dict, start: int) -> None:
     interfaces = net.get("interfaces")
     if not isinstance(interfaces, list) or not interfaces:
         interfaces = [net] if "name" in net else []
-    for iface in interfaces:
-        iface = _dict(iface)
-        name = iface.get("name")
-        if not isinstance(name, str):
-            b.skipped += 1
-            continue
+    for iface, name in _named(b, interfaces):
         for key, metric, direction in (("rxBytes", "io", "receive"), ("txBytes", "io", "transmit"), ("rxErrors", "errors", "receive"), ("txErrors", "errors", "transmit")):
             if key in iface:
                 b.sum(f"{prefix}.network.{metric}", "By" if metric == "io" else "1", iface[key], t, start,
@@ -347,6 +342,17 @@ def _utilization(b: Build, prefix: str, resources: Resources | None, working_set
     ):
         if value is not None and bound:
             b.gauge(f"{prefix}.{name}", "1", value / bound, t, as_int=False)
+
+
+def _named(b: Build, items: Any) -> Iterable[tuple[dict, str]]:
+    """The objects of a list that have a string ``name``, with it; the others are counted as skipped."""
+    for item in items if isinstance(items, list) else []:
+        item = _dict(item)
+        name = item.get("name")
+        if isinstance(name, str):
+            yield item, name
+        else:
+            b.skipped += 1
 
 
 def metrics_request(summary: dict, *, groups: Iterable[str], now_ns: int, specs: PodSpecs | None = None) -> Build:
@@ -383,13 +389,7 @@ def metrics_request(summary: dict, *, groups: Iterable[str], now_ns: int, specs:
             if specs is not None:
                 _utilization(b, "k8s.pod", specs.pods.get(uid), ws, cores, parse_time(memory.get("time")))
         if "container" in groups:
-            containers = pod.get("containers")
-            for c in containers if isinstance(containers, list) else []:
-                c = _dict(c)
-                cname = c.get("name")
-                if not isinstance(cname, str):
-                    b.skipped += 1
-                    continue
+            for c, cname in _named(b, pod.get("containers")):
                 cstart = parse_time(c.get("startTime"))
                 b.resource(pod_attrs + [("k8s.container.name", cname)])
                 memory = _dict(c.get("memory"))
@@ -400,13 +400,7 @@ def metrics_request(summary: dict, *, groups: Iterable[str], now_ns: int, specs:
                 if specs is not None:
                     _utilization(b, "k8s.container", specs.containers.get((uid, cname)), ws, cores, parse_time(memory.get("time")))
         if "volume" in groups:
-            volumes = pod.get("volume")
-            for v in volumes if isinstance(volumes, list) else []:
-                v = _dict(v)
-                vname = v.get("name")
-                if not isinstance(vname, str):
-                    b.skipped += 1
-                    continue
+            for v, vname in _named(b, pod.get("volume")):
                 kind, claim = specs.volumes.get((uid, vname), ("", "")) if specs is not None else ("", "")
                 pvc = _dict(v.get("pvcRef"))
                 if isinstance(pvc.get("name"), str):
