@@ -42,7 +42,7 @@ def cri(containerd):
         yield client
 
 
-def make(endpoint: str, storage: Storage | None = None, **overrides):
+def make(endpoint: str, storage: Storage | None = None, sink: RecordingConsumer | None = None, **overrides):
     config = {"endpoint": endpoint, "reconnect": {"initial_interval": "100ms", "max_interval": "500ms"}, **overrides}
     extensions = {}
     if storage is not None:
@@ -53,7 +53,7 @@ def make(endpoint: str, storage: Storage | None = None, **overrides):
         id=ComponentID("cri"), kind=Kind.RECEIVER, telemetry=telemetry.for_component("receiver", "cri"),
         logger=logging.getLogger("test.cri"), extensions=extensions, shutdown_grace=2.0,
     )
-    sink = RecordingConsumer(ack=True)
+    sink = sink or RecordingConsumer(ack=True)
     receiver = factory.create(settings, decode_dataclass(factory.config_class, config), Ports(output=sink))
     return receiver, sink, telemetry
 
@@ -342,5 +342,32 @@ async def test_events_taken_by_another_subscriber_are_found_by_the_resync_list(c
     for i, c in enumerate(cids):
         (stopped,) = records(sink, event="tapio.cri.container.stopped", **{"container.id": c})
         assert attrs(stopped)["tapio.cri.container.exit_code"] == i
+    await in_thread(cri.stop_pod, pod)
+    await in_thread(cri.remove_pod, pod)
+
+
+async def test_refused_batches_are_offered_again_and_nothing_is_lost(containerd, cri):
+    from tapio.component import Refused
+
+    class Refusing(RecordingConsumer):
+        refusals = 2
+
+        async def send(self, batch):
+            if self.refusals:
+                self.refusals -= 1
+                batch.done(False)  # as the runtime does for a refused batch
+                raise Refused("over the memory limit")
+            await super().send(batch)
+
+    receiver, sink, telemetry = make(containerd.endpoint, sink=Refusing(ack=True))
+    async with trio.open_nursery() as n:
+        await n.start(receiver.run)
+        with trio.fail_after(DEADLINE):
+            pod = await in_thread(cri.run_pod, "refused")
+            cid = await in_thread(cri.run_container, pod, "app", "exit 2")
+            await sink.wait_until(lambda: records(sink, event="tapio.cri.container.stopped", **{"container.id": cid}))
+        n.cancel_scope.cancel()
+    assert telemetry.value("tapio_cri_refused_total") == 2
+    assert stages_of(sink, "container.id", cid) == [f"tapio.cri.container.{s}" for s in ("created", "started", "stopped")]
     await in_thread(cri.stop_pod, pod)
     await in_thread(cri.remove_pod, pod)
