@@ -24,9 +24,10 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import math
 import signal
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import trio
 
@@ -104,7 +105,7 @@ class ChannelConsumer:
         self.signals = signals
         self._on_enter = on_enter
         self._admit = admit
-        self._mutating = mutating
+        self.mutating = mutating
 
     def admit(self, batch: Batch) -> None:
         if self._admit is not None:
@@ -115,14 +116,14 @@ class ChannelConsumer:
         return st.current_buffer_used < st.max_buffer_size or st.tasks_waiting_receive > 0
 
     async def send(self, batch: Batch) -> None:
-        if self._mutating:
+        if self.mutating:
             batch.forget_raw()  # the next stage changes records: their arrival bytes go stale
         await self._send.send(batch)
         if self._on_enter is not None:
             self._on_enter(batch)
 
     def send_nowait(self, batch: Batch) -> None:
-        if self._mutating:
+        if self.mutating:
             batch.forget_raw()
         self._send.send_nowait(batch)
         if self._on_enter is not None:
@@ -243,362 +244,107 @@ class ReceiverConsumer:
         self._tel.signal_add(self._accepted, batch.signal, batch.count)
 
 
-# ---------------------------------------------------------------- the service
+# ---------------------------------------------------------------- links: what a stage sends into
 
 
-class _Closes(Protocol):
-    async def aclose(self) -> None: ...
+class _Inlet:
+    """The input channel of one processor, exporter or connector instance.
 
+    Every link that may send into it holds it; the channel closes (end of
+    stream for its instance) when the last holder lets go. A link takes its
+    holds before it lets go of old ones, so re-pointing links never closes
+    an inlet that stays in the graph.
+    """
 
-@dataclass
-class _Instance:
-    """One running component as the supervisor sees it."""
+    def __init__(self, stage: ChannelConsumer, send: trio.MemorySendChannel[Batch]) -> None:
+        self.stage = stage
+        self._send = send
+        self._holders = 0
+        self.closed = False
 
-    node: Node
-    factory: Factory
-    config: Any
-    ports: Ports
-    status: str = "created"  # created | starting | running | restarting | failed | stopped
-    last_error: str = ""
-    restarts: int = 0
-    #: the component object currently running (replaced on restart)
-    component: Any = None
-    #: its `Admits.admit`, when it declares one
-    admit: Callable[[Batch], None] | None = None
-    #: closed by the supervisor after the component's run returned normally
-    close_after: list[_Closes] = field(default_factory=list)
+    def hold(self) -> None:
+        assert not self.closed, "an inlet is held again after it closed"
+        self._holders += 1
+
+    async def release(self) -> None:
+        self._holders -= 1
+        if self._holders == 0:
+            self.closed = True
+            await self._send.aclose()
 
 
 @dataclass(frozen=True)
-class RuntimeOptions:
-    shutdown_timeout: float = 10.0
-    on_component_failure: str = "restart"  # restart | stop
-    restart_initial: float = 1.0
-    restart_max: float = 30.0
-    #: grace each component gets to flush when cancelled
-    component_grace: float = 5.0
+class _Target:
+    """Where a link sends (one channel, or a fan-out), and the inlets it must hold for that."""
+
+    stage: Stage
+    holds: tuple[_Inlet, ...]
 
 
-class Service:
-    """Runs one pipeline graph until `shutdown` is called; then drains it.
+class _Generation:
+    """One target of a link, with the sends to it still in flight."""
 
-    Args:
-        pipelines: ``service.pipelines`` (PipelineID → object with receivers/processors/exporters lists)
-        components: the validated config of every component by kind and id
-        registry: the factories
-        telemetry: where counters go (and the health state is read from)
-        extensions: the started extensions by id, handed to every component as ``Settings.extensions``
-    """
-
-    def __init__(
-        self,
-        *,
-        pipelines: dict[PipelineID, Any],
-        components: dict[Kind, dict[ComponentID, Any]],
-        registry: Registry,
-        telemetry: Telemetry,
-        options: RuntimeOptions = RuntimeOptions(),
-        extensions: Mapping[ComponentID, Any] | None = None,
-        logger: logging.Logger = log,
-    ) -> None:
-        self.graph: Graph = build_graph(pipelines, components.get(Kind.CONNECTOR, {}))
-        self._components = components
-        self._registry = registry
-        self.telemetry = telemetry
-        self.options = options
-        self._extensions: Mapping[ComponentID, Any] = dict(extensions or {})
-        self._log = logger
-        self.instances: dict[str, _Instance] = {}
-        self._shutdown = trio.Event()
-        self._ready = False
-        self._stopping = False
-        self._receiver_fed: list[_Release] = []
-
-    # -- health, for /healthz and /readyz
-
-    @property
-    def ready(self) -> bool:
-        return self._ready and not self._stopping
-
-    def failing(self) -> list[str]:
-        """The components that are failing (restarting or failed), as ``kind:id`` (``kind:id@pipeline`` for processors)."""
-        return [
-            f"{i.node.kind.value}:{i.node.id}{'@' + str(i.node.pipeline) if i.node.pipeline else ''}"
-            for i in self.instances.values()
-            if i.status in ("restarting", "failed")
-        ]
-
-    def shutdown(self) -> None:
-        """Begin a graceful shutdown: stop receivers, drain the rest."""
-        self._shutdown.set()
-
-    def running(self) -> dict[tuple[Kind, ComponentID], Any]:
-        """The started receivers and exporters by ``(kind, id)`` (for the start banner: the ports they bound)."""
-        out: dict[tuple[Kind, ComponentID], Any] = {}
-        for kind, nodes in ((Kind.RECEIVER, self.graph.receivers), (Kind.EXPORTER, self.graph.exporters)):
-            for cid, node in nodes.items():
-                inst = self.instances.get(node.key)
-                if inst is not None and inst.component is not None:
-                    out[(kind, cid)] = inst.component
-        return out
-
-    # -- wiring
-
-    def _factory(self, node: Node) -> tuple[Factory, Any]:
-        factory = self._registry.get(node.kind, node.id.type)
-        if factory is None:
-            raise LookupError(f"no {node.kind.value} factory for type {node.id.type!r}")
-        return factory, self._components[node.kind][node.id]
-
-    def _wire(self) -> tuple[list[_Instance], list[_Instance], list[_Instance], list[_Instance]]:
-        """Instances with their channels: exporters, processors, connectors, receivers (the start order)."""
-        exporters: list[_Instance] = []
-        connectors: list[_Instance] = []
-        inputs: dict[str, trio.MemorySendChannel[Batch]] = {}  # by node key: exporters' and connectors' input channels
-        for group, nodes in ((exporters, self.graph.exporters), (connectors, self.graph.connectors)):
-            for cid, node in sorted(nodes.items()):
-                factory, cfg = self._factory(node)
-                send, recv = trio.open_memory_channel[Batch](CHANNEL_CAPACITY)
-                inputs[node.key] = send
-                group.append(_Instance(node, factory, cfg, Ports(input=recv)))
-                tel = self.telemetry.for_component(node.kind.value, str(cid))
-                if node.kind is Kind.EXPORTER:
-                    tel.gauge("tapio_exporter_queue_size", lambda r=recv: r.statistics().current_buffer_used)
-                    tel.gauge("tapio_exporter_queue_capacity", lambda r=recv: r.statistics().max_buffer_size)
-        tail_mutates = {inst.node.key: inst.factory.mutates_data for inst in connectors}
-
-        processors: list[_Instance] = []
-        entries: dict[PipelineID, _Entry] = {}
-        mutating: dict[PipelineID, bool] = {}
-        for pid, p in sorted(self.graph.pipelines.items()):
-            sig = frozenset({p.signal})
-            # The tail: fan in to each exporter (or connector) through a clone of its channel.
-            flags = [tail_mutates.get(e.key, False) for e in p.exporters]
-            tail_parts = [ChannelConsumer(inputs[e.key].clone(), sig, mutating=m) for e, m in zip(p.exporters, flags)]
-            downstream: Stage = tail_parts[0] if len(tail_parts) == 1 else FanoutConsumer(tail_parts, sig, flags)
-            pipeline_mutates = False
-            for node in reversed(p.processors):
-                factory, cfg = self._factory(node)
-                pipeline_mutates = pipeline_mutates or factory.mutates_data
-                send, recv = trio.open_memory_channel[Batch](CHANNEL_CAPACITY)
-                ptel = self.telemetry.for_component("processor", str(node.id), pipeline=str(pid), otel_signal=p.signal.value)
-                output = _CountingConsumer(downstream, lambda b, t=ptel: t.add("tapio_processor_outgoing_items_total", b.count))
-                inst = _Instance(node, factory, cfg, Ports(input=recv, output=output), close_after=[output])
-                processors.append(inst)
-                downstream = ChannelConsumer(
-                    send,
-                    sig,
-                    lambda b, t=ptel: t.add("tapio_processor_incoming_items_total", b.count),
-                    admit=lambda b, i=inst: _admit(i, b),
-                    mutating=factory.mutates_data and not factory.keeps_raw,
-                )
-            feeders = int(any(n.kind is Kind.RECEIVER for n in p.receivers)) + sum(n.kind is Kind.CONNECTOR for n in p.receivers)
-            entries[pid] = _Entry(downstream, feeders)
-            mutating[pid] = pipeline_mutates
-        for send in inputs.values():
-            send.close()  # only the pipelines' clones keep exporter and connector channels open
-        processors.reverse()
-
-        def output_of(node: Node, tel: ComponentTelemetry, counted: tuple[str, str]) -> tuple[ReceiverConsumer, list[_Closes]]:
-            """A receiver's or connector's output: routes by signal to the pipelines that list it under receivers."""
-            routes: dict[Signal, Stage] = {}
-            by_signal: dict[Signal, list[PipelineID]] = {}
-            for pid, p in sorted(self.graph.pipelines.items()):
-                if any(r.key == node.key for r in p.receivers):
-                    by_signal.setdefault(p.signal, []).append(pid)
-            for sig, pids in by_signal.items():
-                targets: list[Stage] = [_Shared(entries[pid]) for pid in pids]
-                routes[sig] = targets[0] if len(targets) == 1 else FanoutConsumer(targets, frozenset({sig}), [mutating[pid] for pid in pids])
-            releases: list[_Closes] = [_Release(entries[pid]) for pids in by_signal.values() for pid in pids]
-            return ReceiverConsumer(routes, tel, *counted), releases
-
-        for inst in connectors:
-            tel = self.telemetry.for_component("connector", str(inst.node.id))
-            inst.ports.output, inst.close_after = output_of(inst.node, tel, ("connector_emitted", "connector_refused"))
-        receivers: list[_Instance] = []
-        for rid, node in sorted(self.graph.receivers.items()):
-            factory, cfg = self._factory(node)
-            tel = self.telemetry.for_component("receiver", str(rid))
-            out, _ = output_of(node, tel, ("receiver_accepted", "receiver_refused"))
-            receivers.append(_Instance(node, factory, cfg, Ports(output=out)))
-        # what the receivers feed ends once they all stopped: `run` releases their share
-        self._receiver_fed = [_Release(entries[pid]) for pid, p in self.graph.pipelines.items() if any(n.kind is Kind.RECEIVER for n in p.receivers)]
-        return exporters, processors, connectors, receivers
-
-    # -- running
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start everything, report started, run until `shutdown`, then drain and return.
-
-        Raises `ComponentStartError` if a component fails to start (everything
-        already started is stopped first), `ComponentFailedError` if one fails
-        while running under the ``stop`` policy.
-        """
-        exporters, processors, connectors, receivers = self._wire()
-        for inst in (*exporters, *processors, *connectors, *receivers):
-            self.instances[inst.node.key] = inst
-        # Everything after startup runs under one deadline once shutdown begins.
-        drain_scope = trio.CancelScope()
-        with drain_scope:
-            async with trio.open_nursery() as exporter_nursery:
-                for inst in exporters:
-                    await self._start(exporter_nursery, inst)
-                async with trio.open_nursery() as processor_nursery:
-                    for inst in processors:
-                        await self._start(processor_nursery, inst)
-                    async with trio.open_nursery() as connector_nursery:
-                        for inst in connectors:
-                            await self._start(connector_nursery, inst)
-                        try:
-                            async with trio.open_nursery() as receiver_nursery:
-                                for inst in receivers:
-                                    await self._start(receiver_nursery, inst)
-                                self._ready = True
-                                task_status.started()
-                                await self._shutdown.wait()
-                                self._stopping = True
-                                self._log.info("shutting down: stopping receivers, draining pipelines", extra={"kv": {"deadline_s": self.options.shutdown_timeout}})
-                                drain_scope.deadline = trio.current_time() + self.options.shutdown_timeout
-                                receiver_nursery.cancel_scope.cancel()
-                        finally:
-                            self._stopping = True
-                            # End of stream from the receivers: processors drain, flush and close their
-                            # outputs; a connector ends when every pipeline feeding it did, and then ends
-                            # the pipelines it feeds (the graph has no cycles, so this terminates).
-                            with trio.CancelScope(shield=True):
-                                for release in self._receiver_fed:
-                                    await release.aclose()
-        if drain_scope.cancelled_caught:
-            self._log.warning("shutdown deadline of %gs expired; in-flight data may be lost", self.options.shutdown_timeout)
-
-    async def _start(self, nursery: trio.Nursery, inst: _Instance) -> None:
-        await nursery.start(self._supervise, inst)
-
-    def _settings(self, inst: _Instance) -> Settings:
-        node = inst.node
-        labels: dict[str, str] = {}
-        if node.pipeline is not None:
-            labels = {"pipeline": str(node.pipeline), "otel_signal": node.pipeline.signal.value}
-        tel = self.telemetry.for_component(node.kind.value, str(node.id), **labels)
-        logger = logging.getLogger(f"tapio.{node.kind.value}.{node.id}")
-        return Settings(
-            id=node.id,
-            kind=node.kind,
-            telemetry=tel,
-            logger=logger,
-            pipeline=node.pipeline,
-            extensions=self._extensions,
-            shutdown_grace=self.options.component_grace,
-        )
-
-    async def _supervise(self, inst: _Instance, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        node = inst.node
-        labels = {node.kind.value: str(node.id)}
-        if node.pipeline is not None:
-            labels["pipeline"] = str(node.pipeline)
-        backoff = self.options.restart_initial
-        first = True
-        while True:
-            inst.status = "starting"
-            started_at = trio.current_time()
-            try:
-                component = inst.factory.create(self._settings(inst), inst.config, inst.ports)
-                inst.component = component
-                inst.admit = component.admit if isinstance(component, Admits) else None
-                async with trio.open_nursery() as n:
-                    await n.start(component.run)
-                    inst.status = "running"
-                    if first:
-                        first = False
-                        task_status.started()
-                    started_at = trio.current_time()
-            except Exception as exc:
-                if first:
-                    inst.status = "failed"
-                    raise ComponentStartError(node, exc) from exc
-                inst.status = "restarting" if self.options.on_component_failure == "restart" else "failed"
-                inst.last_error = _describe(exc)
-                self.telemetry.add("tapio_component_failures_total", 1, labels)
-                self._log.error(
-                    "%s %s failed while running: %s", node.kind.value, node.id, inst.last_error,
-                    extra={"kv": {"component": str(node.id), "kind": node.kind.value}},
-                )
-                if self.options.on_component_failure == "stop":
-                    raise ComponentFailedError(node, exc) from exc
-                # Reset the backoff after a long healthy run.
-                if trio.current_time() - started_at > self.options.restart_max:
-                    backoff = self.options.restart_initial
-                self._log.info("restarting %s %s in %gs", node.kind.value, node.id, backoff)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, self.options.restart_max)
-                inst.restarts += 1
-                self.telemetry.add("tapio_component_restarts_total", 1, labels)
-                continue
-            # run returned: end of stream (processors, exporters) or a receiver that finished.
-            inst.status = "stopped"
-            with trio.CancelScope(shield=True):
-                for c in inst.close_after:
-                    await c.aclose()
-            return
-
-
-def _admit(inst: _Instance, batch: Batch) -> None:
-    """Ask the running instance (looked up now, so a restarted one is asked) to admit a batch."""
-    if inst.admit is not None:
-        inst.admit(batch)
-
-
-class _Shared:
-    """A pipeline entry shared by several receivers: never closed by them (the service closes entries)."""
-
-    def __init__(self, inner: Stage) -> None:
-        self._inner = inner
-        self.signals = inner.signals
-
-    def has_room(self) -> bool:
-        return self._inner.has_room()
-
-    def admit(self, batch: Batch) -> None:
-        self._inner.admit(batch)
-
-    async def send(self, batch: Batch) -> None:
-        await self._inner.send(batch)
-
-    def send_nowait(self, batch: Batch) -> None:
-        self._inner.send_nowait(batch)
-
-    async def aclose(self) -> None:
-        return None
-
-
-class _Entry(_Shared):
-    """A pipeline's entry, closed once every one of its ``feeders`` released it.
-
-    The feeders are its receivers (one share for all of them: the service
-    releases it after they stopped) and each connector that hands on into it
-    (released when that connector's run returned).
-    """
-
-    def __init__(self, inner: Stage, feeders: int) -> None:
-        super().__init__(inner)
-        self._open = feeders
+    def __init__(self, target: _Target) -> None:
+        self.target = target
+        self.sending = 0
+        self.retired = False
+        self._held = True
 
     async def release(self) -> None:
-        self._open -= 1
-        if self._open == 0:
-            await self._inner.aclose()
+        if self._held:
+            self._held = False
+            for inlet in self.target.holds:
+                await inlet.release()
 
 
-class _Release:
-    """One feeder's share of an `_Entry`: ``aclose`` releases it (once)."""
+class _Link:
+    """A component's output toward one signal's pipelines; the runtime can re-point it while batches flow.
 
-    def __init__(self, entry: _Entry) -> None:
-        self._entry: _Entry | None = entry
+    A send in flight when the link is re-pointed completes into the old
+    target, whose inlets are released after the last such send finished, so
+    no batch is ever sent into a closed channel.
+    """
+
+    def __init__(self, target: _Target) -> None:
+        for inlet in target.holds:
+            inlet.hold()
+        self._gen = _Generation(target)
+
+    @property
+    def signals(self) -> frozenset[Signal]:
+        return self._gen.target.stage.signals
+
+    def has_room(self) -> bool:
+        return self._gen.target.stage.has_room()
+
+    def admit(self, batch: Batch) -> None:
+        self._gen.target.stage.admit(batch)
+
+    async def send(self, batch: Batch) -> None:
+        gen = self._gen
+        gen.sending += 1
+        try:
+            await gen.target.stage.send(batch)
+        finally:
+            gen.sending -= 1
+            if gen.retired and gen.sending == 0:
+                with trio.CancelScope(shield=True):
+                    await gen.release()
+
+    def send_nowait(self, batch: Batch) -> None:
+        self._gen.target.stage.send_nowait(batch)
+
+    async def retarget(self, target: _Target) -> None:
+        for inlet in target.holds:
+            inlet.hold()
+        old, self._gen = self._gen, _Generation(target)
+        old.retired = True
+        if old.sending == 0:
+            await old.release()
 
     async def aclose(self) -> None:
-        entry, self._entry = self._entry, None
-        if entry is not None:
-            await entry.release()
+        """The owner stopped sending: let go of what it holds (idempotent)."""
+        await self._gen.release()
 
 
 class _CountingConsumer:
@@ -639,6 +385,511 @@ class _CountingConsumer:
         await self._inner.aclose()
 
 
+# ---------------------------------------------------------------- the service
+
+
+@dataclass(eq=False)
+class _Instance:
+    """One running component as the supervisor sees it."""
+
+    node: Node
+    factory: Factory
+    config: Any
+    ports: Ports
+    #: what must be equal for a reload to keep this instance running: its config,
+    #: and for receivers and connectors the signals they hand on
+    identity: tuple[Any, ...] = ()
+    #: its input channel (processors, exporters, connectors)
+    inlet: _Inlet | None = None
+    #: its outputs by signal (receivers, processors, connectors)
+    links: dict[Signal, _Link] = field(default_factory=dict)
+    status: str = "created"  # created | starting | running | restarting | failed | stopped
+    last_error: str = ""
+    restarts: int = 0
+    #: the component object currently running (replaced on restart)
+    component: Any = None
+    #: its `Admits.admit`, when it declares one
+    admit: Callable[[Batch], None] | None = None
+    #: cancelled to stop this instance alone (a receiver a reload removes)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    #: set once it stopped and let go of its links
+    finished: trio.Event = field(default_factory=trio.Event)
+
+    def reusable_as(self, identity: tuple[Any, ...]) -> bool:
+        return self.identity == identity and not self.finished.is_set() and (self.inlet is None or not self.inlet.closed)
+
+    def describe(self) -> str:
+        return f"{self.node.kind.value} {self.node.id}{_in_pipeline(self.node)}"
+
+
+@dataclass
+class _Build:
+    """The instances of one graph: reused ones (to re-point) and new ones (to start)."""
+
+    instances: dict[str, _Instance] = field(default_factory=dict)
+    #: new instances, in start order (exporters, processors, connectors, receivers)
+    added: list[_Instance] = field(default_factory=list)
+    #: reused instances' links and where they must point now
+    retargets: list[tuple[_Link, _Target]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ReloadReport:
+    """What a reload changed, as ``kind id`` (``processor id in pipeline p``) descriptions."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    unchanged: int = 0
+
+    def summary(self) -> str:
+        parts = [f"{what} {', '.join(items)}" for what, items in (("changed", self.changed), ("added", self.added), ("removed", self.removed)) if items]
+        parts.append(f"{self.unchanged} component{'s' if self.unchanged != 1 else ''} unchanged")
+        return "; ".join(parts)
+
+
+class ReloadError(Exception):
+    """A reload was not applied (a new component failed to start); the running graph is unchanged."""
+
+
+@dataclass
+class _ReloadRequest:
+    pipelines: dict[PipelineID, Any]
+    components: dict[Kind, dict[ComponentID, Any]]
+    done: trio.Event = field(default_factory=trio.Event)
+    report: ReloadReport | None = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    shutdown_timeout: float = 10.0
+    on_component_failure: str = "restart"  # restart | stop
+    restart_initial: float = 1.0
+    restart_max: float = 30.0
+    #: grace each component gets to flush when cancelled
+    component_grace: float = 5.0
+
+
+class Service:
+    """Runs one pipeline graph until `shutdown` is called; then drains it. `reload` swaps in another graph.
+
+    Args:
+        pipelines: ``service.pipelines`` (PipelineID → object with receivers/processors/exporters lists)
+        components: the validated config of every component by kind and id
+        registry: the factories
+        telemetry: where counters go (and the health state is read from)
+        extensions: the started extensions by id, handed to every component as ``Settings.extensions``
+    """
+
+    def __init__(
+        self,
+        *,
+        pipelines: dict[PipelineID, Any],
+        components: dict[Kind, dict[ComponentID, Any]],
+        registry: Registry,
+        telemetry: Telemetry,
+        options: RuntimeOptions = RuntimeOptions(),
+        extensions: Mapping[ComponentID, Any] | None = None,
+        logger: logging.Logger = log,
+    ) -> None:
+        self.graph: Graph = build_graph(pipelines, components.get(Kind.CONNECTOR, {}))
+        self._components = components
+        self._registry = registry
+        self.telemetry = telemetry
+        self.options = options
+        self._extensions: Mapping[ComponentID, Any] = dict(extensions or {})
+        self._log = logger
+        #: the instances of the current graph, by node key
+        self.instances: dict[str, _Instance] = {}
+        #: instances a reload removed that are still draining
+        self._draining: list[_Instance] = []
+        self._shutdown = trio.Event()
+        # Reloads and the shutdown request are handled one at a time by `run`.
+        self._requests_send, self._requests = trio.open_memory_channel[_ReloadRequest | None](math.inf)
+        self._nurseries: dict[Kind, trio.Nursery] = {}
+        self._ready = False
+        self._stopping = False
+
+    # -- health, for /healthz and /readyz
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self._stopping
+
+    def failing(self) -> list[str]:
+        """The components that are failing (restarting or failed), as ``kind:id`` (``kind:id@pipeline`` for processors)."""
+        return [
+            f"{i.node.kind.value}:{i.node.id}{'@' + str(i.node.pipeline) if i.node.pipeline else ''}"
+            for i in (*self.instances.values(), *self._draining)
+            if i.status in ("restarting", "failed")
+        ]
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown: stop receivers, drain the rest."""
+        if not self._shutdown.is_set():
+            self._shutdown.set()
+            self._requests_send.send_nowait(None)
+
+    async def reload(self, *, pipelines: dict[PipelineID, Any], components: dict[Kind, dict[ComponentID, Any]]) -> ReloadReport:
+        """Replace the running graph by this one, keeping every component whose identity did not change.
+
+        Call it while `run` runs (from any task). Reused components keep
+        running (receivers keep their sockets) and are re-pointed at the new
+        graph; new ones are started, downstream first; removed receivers are
+        stopped, and removed processors, exporters and connectors drain what
+        they hold and stop once nothing feeds them any more.
+
+        Raises `ReloadError` if a new processor, exporter or connector fails
+        to start: what had started is stopped and the old graph keeps running.
+        A new receiver that fails to start is handled like a component
+        failing while running (``on_component_failure``).
+        """
+        request = _ReloadRequest(pipelines, components)
+        if self._shutdown.is_set():
+            raise ReloadError("tapio is shutting down")
+        self._requests_send.send_nowait(request)
+        await request.done.wait()
+        if request.error is not None:
+            raise request.error
+        assert request.report is not None
+        return request.report
+
+    def running(self) -> dict[tuple[Kind, ComponentID], Any]:
+        """The started receivers and exporters by ``(kind, id)`` (for the start banner: the ports they bound)."""
+        out: dict[tuple[Kind, ComponentID], Any] = {}
+        for kind, nodes in ((Kind.RECEIVER, self.graph.receivers), (Kind.EXPORTER, self.graph.exporters)):
+            for cid, node in nodes.items():
+                inst = self.instances.get(node.key)
+                if inst is not None and inst.component is not None:
+                    out[(kind, cid)] = inst.component
+        return out
+
+    # -- wiring
+
+    def _factory(self, node: Node, components: dict[Kind, dict[ComponentID, Any]]) -> tuple[Factory, Any]:
+        factory = self._registry.get(node.kind, node.id.type)
+        if factory is None:
+            raise LookupError(f"no {node.kind.value} factory for type {node.id.type!r}")
+        return factory, components[node.kind][node.id]
+
+    def _build(self, graph: Graph, components: dict[Kind, dict[ComponentID, Any]], keep: Mapping[str, _Instance]) -> _Build:
+        """The instances for ``graph``: those of ``keep`` whose identity is unchanged, new ones (with new channels) for the rest.
+
+        New instances' links hold their targets from here on; reused
+        instances' links are only listed with their new targets (`retargets`).
+        """
+        build = _Build()
+        new: set[str] = set()
+
+        def instance(node: Node, identity: Callable[[Any], tuple[Any, ...]]) -> _Instance:
+            factory, cfg = self._factory(node, components)
+            ident = identity(cfg)
+            old = keep.get(node.key)
+            if old is not None and old.reusable_as(ident):
+                inst = old
+            else:
+                inst = _Instance(node, factory, cfg, Ports(), ident)
+                new.add(node.key)
+            build.instances[node.key] = inst
+            return inst
+
+        def listing(node: Node, role: str) -> list[PipelineID]:
+            return [pid for pid, p in sorted(graph.pipelines.items()) if any(n.key == node.key for n in getattr(p, role))]
+
+        def emits(node: Node) -> frozenset[Signal]:
+            return frozenset(pid.signal for pid in listing(node, "receivers"))
+
+        def open_inlet(inst: _Instance, signals: frozenset[Signal], **consumer: Any) -> None:
+            send, recv = trio.open_memory_channel[Batch](CHANNEL_CAPACITY)
+            inst.ports.input = recv
+            inst.inlet = _Inlet(ChannelConsumer(send, signals, **consumer), send)
+
+        exporters = [instance(n, lambda cfg: (cfg,)) for _, n in sorted(graph.exporters.items())]
+        connectors = [instance(n, lambda cfg, n=n: (cfg, emits(n))) for _, n in sorted(graph.connectors.items())]
+        for inst in (*exporters, *connectors):
+            if inst.node.key in new:
+                is_connector = inst.node.kind is Kind.CONNECTOR
+                open_inlet(inst, frozenset(pid.signal for pid in listing(inst.node, "exporters")), mutating=is_connector and inst.factory.mutates_data)
+                if not is_connector:
+                    tel = self.telemetry.for_component("exporter", str(inst.node.id))
+                    recv = inst.ports.input
+                    tel.gauge("tapio_exporter_queue_size", lambda r=recv: r.statistics().current_buffer_used)
+                    tel.gauge("tapio_exporter_queue_capacity", lambda r=recv: r.statistics().max_buffer_size)
+
+        def link(inst: _Instance, sig: Signal, target: _Target) -> _Link:
+            """A new instance's link for ``sig``; a reused one's, listed to be re-pointed at ``target``."""
+            if inst.node.key in new:
+                inst.links[sig] = _Link(target)
+            else:
+                build.retargets.append((inst.links[sig], target))
+            return inst.links[sig]
+
+        processors: list[_Instance] = []
+        entries: dict[PipelineID, _Target] = {}
+        mutating: dict[PipelineID, bool] = {}
+        for pid, p in sorted(graph.pipelines.items()):
+            sig = frozenset({p.signal})
+            # The tail: fan in to each exporter (or connector) through its inlet.
+            tail = [build.instances[e.key].inlet for e in p.exporters]
+            stages = [i.stage for i in tail if i is not None]
+            flags = [s.mutating for s in stages]
+            downstream = _Target(stages[0] if len(stages) == 1 else FanoutConsumer(list(stages), sig, flags), tuple(i for i in tail if i is not None))
+            pipeline_mutates = False
+            chain: list[_Instance] = []
+            for node in reversed(p.processors):
+                inst = instance(node, lambda cfg: (cfg,))
+                pipeline_mutates = pipeline_mutates or inst.factory.mutates_data
+                out = link(inst, p.signal, downstream)
+                if inst.node.key in new:
+                    ptel = self.telemetry.for_component("processor", str(node.id), pipeline=str(pid), otel_signal=p.signal.value)
+                    open_inlet(
+                        inst,
+                        sig,
+                        on_enter=lambda b, t=ptel: t.add("tapio_processor_incoming_items_total", b.count),
+                        admit=lambda b, i=inst: _admit(i, b),
+                        mutating=inst.factory.mutates_data and not inst.factory.keeps_raw,
+                    )
+                    inst.ports.output = _CountingConsumer(out, lambda b, t=ptel: t.add("tapio_processor_outgoing_items_total", b.count))
+                chain.append(inst)
+                assert inst.inlet is not None
+                downstream = _Target(inst.inlet.stage, (inst.inlet,))
+            processors.extend(reversed(chain))
+            entries[pid] = downstream
+            mutating[pid] = pipeline_mutates
+
+        def wire_output(inst: _Instance, counted: tuple[str, str]) -> None:
+            """A receiver's or connector's links: by signal, to the entries of the pipelines that list it under receivers."""
+            by_signal: dict[Signal, list[PipelineID]] = {}
+            for pid in listing(inst.node, "receivers"):
+                by_signal.setdefault(pid.signal, []).append(pid)
+            for sig, pids in by_signal.items():
+                stages: list[Stage] = [entries[pid].stage for pid in pids]
+                stage = stages[0] if len(stages) == 1 else FanoutConsumer(stages, frozenset({sig}), [mutating[pid] for pid in pids])
+                link(inst, sig, _Target(stage, tuple(i for pid in pids for i in entries[pid].holds)))
+            if inst.node.key in new:
+                tel = self.telemetry.for_component(inst.node.kind.value, str(inst.node.id))
+                inst.ports.output = ReceiverConsumer(dict(inst.links), tel, *counted)
+
+        for inst in connectors:
+            wire_output(inst, ("connector_emitted", "connector_refused"))
+        receivers = [instance(n, lambda cfg, n=n: (cfg, emits(n))) for _, n in sorted(graph.receivers.items())]
+        for inst in receivers:
+            wire_output(inst, ("receiver_accepted", "receiver_refused"))
+        build.added = [i for i in (*exporters, *processors, *connectors, *receivers) if i.node.key in new]
+        return build
+
+    # -- running
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start everything, report started, run (applying reloads) until `shutdown`, then drain and return.
+
+        Raises `ComponentStartError` if a component fails to start (everything
+        already started is stopped first), `ComponentFailedError` if one fails
+        while running under the ``stop`` policy.
+        """
+        build = self._build(self.graph, self._components, {})
+        self.instances = build.instances
+        # Everything after startup runs under one deadline once shutdown begins.
+        drain_scope = trio.CancelScope()
+        with drain_scope:
+            async with trio.open_nursery() as exporter_nursery:
+                self._nurseries[Kind.EXPORTER] = exporter_nursery
+                async with trio.open_nursery() as processor_nursery:
+                    self._nurseries[Kind.PROCESSOR] = processor_nursery
+                    async with trio.open_nursery() as connector_nursery:
+                        self._nurseries[Kind.CONNECTOR] = connector_nursery
+                        async with trio.open_nursery() as receiver_nursery:
+                            self._nurseries[Kind.RECEIVER] = receiver_nursery
+                            for inst in build.added:
+                                await self._start(inst)
+                            self._ready = True
+                            task_status.started()
+                            async for request in self._requests:
+                                if request is None:
+                                    break
+                                await self._handle(request)
+                            self._stopping = True
+                            self._log.info("shutting down: stopping receivers, draining pipelines", extra={"kv": {"deadline_s": self.options.shutdown_timeout}})
+                            drain_scope.deadline = trio.current_time() + self.options.shutdown_timeout
+                            # End of stream from the receivers: each lets go of its pipelines when it stopped;
+                            # processors drain, flush and close their outputs; a connector ends when every
+                            # pipeline feeding it did, and then ends the pipelines it feeds.
+                            receiver_nursery.cancel_scope.cancel()
+        self._stopping = True
+        while True:  # reloads asked for while shutting down are not applied
+            try:
+                request = self._requests.receive_nowait()
+            except trio.WouldBlock:
+                break
+            if request is not None:
+                request.error = ReloadError("tapio is shutting down")
+                request.done.set()
+        if drain_scope.cancelled_caught:
+            self._log.warning("shutdown deadline of %gs expired; in-flight data may be lost", self.options.shutdown_timeout)
+
+    async def _start(self, inst: _Instance, *, after_failure: BaseException | None = None) -> None:
+        await self._nurseries[inst.node.kind].start(self._run_instance, inst, after_failure)
+
+    async def _run_instance(self, inst: _Instance, after_failure: BaseException | None, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Supervise one instance; however it ends, let go of its links (its end of stream downstream)."""
+        try:
+            with inst.scope:
+                await self._supervise(inst, after_failure, task_status=task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                for out in inst.links.values():
+                    await out.aclose()
+            inst.finished.set()
+            if inst in self._draining:
+                self._draining.remove(inst)
+
+    # -- reloading
+
+    async def _handle(self, request: _ReloadRequest) -> None:
+        try:
+            request.report = await self._apply(request.pipelines, request.components)
+        except ReloadError as exc:
+            request.error = exc
+        finally:
+            request.done.set()
+
+    async def _apply(self, pipelines: dict[PipelineID, Any], components: dict[Kind, dict[ComponentID, Any]]) -> ReloadReport:
+        graph = build_graph(pipelines, components.get(Kind.CONNECTOR, {}))
+        old = self.instances
+        build = self._build(graph, components, old)
+        removed = [i for key, i in old.items() if build.instances.get(key) is not i]
+        # 1. New processors, exporters and connectors start before anything running is touched,
+        #    so a start failure leaves the old graph exactly as it was.
+        started: list[_Instance] = []
+        try:
+            for inst in build.added:
+                if inst.node.kind is not Kind.RECEIVER:
+                    await self._start(inst)
+                    started.append(inst)
+        except ComponentStartError as exc:
+            for inst in started:
+                inst.scope.cancel()
+            for inst in started:
+                await inst.finished.wait()
+            for inst in build.added:
+                for out in inst.links.values():
+                    await out.aclose()
+            raise ReloadError(str(exc)) from exc
+        # 2. What is kept now feeds the new graph; what it fed before is let go once sends in flight finished.
+        self.graph, self._components, self.instances = graph, components, build.instances
+        for out, target in build.retargets:
+            await out.retarget(target)
+        # 3. Removed receivers stop (letting go of what they fed); the other removed
+        #    components drain and stop once nothing feeds them any more.
+        self._draining.extend(i for i in removed if i.node.kind is not Kind.RECEIVER and not i.finished.is_set())
+        for inst in removed:
+            if inst.node.kind is Kind.RECEIVER:
+                inst.scope.cancel()
+                await inst.finished.wait()
+        # 4. New receivers start last, into the new graph (a changed one can bind the port the old one freed).
+        for inst in build.added:
+            if inst.node.kind is Kind.RECEIVER:
+                try:
+                    await self._start(inst)
+                except ComponentStartError as exc:
+                    if self.options.on_component_failure == "stop":
+                        raise ComponentFailedError(inst.node, exc.cause) from exc
+                    await self._start(inst, after_failure=exc.cause)
+        return _report(old, build.instances)
+
+    def _settings(self, inst: _Instance) -> Settings:
+        node = inst.node
+        labels: dict[str, str] = {}
+        if node.pipeline is not None:
+            labels = {"pipeline": str(node.pipeline), "otel_signal": node.pipeline.signal.value}
+        tel = self.telemetry.for_component(node.kind.value, str(node.id), **labels)
+        logger = logging.getLogger(f"tapio.{node.kind.value}.{node.id}")
+        return Settings(
+            id=node.id,
+            kind=node.kind,
+            telemetry=tel,
+            logger=logger,
+            pipeline=node.pipeline,
+            extensions=self._extensions,
+            shutdown_grace=self.options.component_grace,
+        )
+
+    async def _supervise(self, inst: _Instance, after_failure: BaseException | None = None, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the component, re-creating it after a failure (backoff) or stopping the service, by policy.
+
+        ``after_failure``: the component already failed to start (after a
+        reload); supervision begins as after a failure while running.
+        """
+        node = inst.node
+        labels = {node.kind.value: str(node.id)}
+        if node.pipeline is not None:
+            labels["pipeline"] = str(node.pipeline)
+        backoff = self.options.restart_initial
+        first = after_failure is None
+        if not first:
+            task_status.started()
+        failure = after_failure
+        started_at = trio.current_time()
+        while True:
+            if failure is not None:
+                inst.status = "restarting" if self.options.on_component_failure == "restart" else "failed"
+                inst.last_error = _describe(failure)
+                self.telemetry.add("tapio_component_failures_total", 1, labels)
+                self._log.error(
+                    "%s %s failed while running: %s", node.kind.value, node.id, inst.last_error,
+                    extra={"kv": {"component": str(node.id), "kind": node.kind.value}},
+                )
+                if self.options.on_component_failure == "stop":
+                    raise ComponentFailedError(node, failure) from failure
+                # Reset the backoff after a long healthy run.
+                if trio.current_time() - started_at > self.options.restart_max:
+                    backoff = self.options.restart_initial
+                self._log.info("restarting %s %s in %gs", node.kind.value, node.id, backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, self.options.restart_max)
+                inst.restarts += 1
+                self.telemetry.add("tapio_component_restarts_total", 1, labels)
+                failure = None
+            inst.status = "starting"
+            started_at = trio.current_time()
+            try:
+                component = inst.factory.create(self._settings(inst), inst.config, inst.ports)
+                inst.component = component
+                inst.admit = component.admit if isinstance(component, Admits) else None
+                async with trio.open_nursery() as n:
+                    await n.start(component.run)
+                    inst.status = "running"
+                    self.telemetry.add("tapio_component_starts_total", 1, labels)
+                    if first:
+                        first = False
+                        task_status.started()
+                    started_at = trio.current_time()
+            except Exception as exc:
+                if first:
+                    inst.status = "failed"
+                    raise ComponentStartError(node, exc) from exc
+                failure = exc
+                continue
+            # run returned: end of stream (processors, exporters) or a receiver that finished.
+            inst.status = "stopped"
+            return
+
+
+def _report(old: Mapping[str, _Instance], new: Mapping[str, _Instance]) -> ReloadReport:
+    changed = [i.describe() for key, i in new.items() if key in old and old[key] is not i]
+    added = [i.describe() for key, i in new.items() if key not in old]
+    removed = [i.describe() for key, i in old.items() if key not in new]
+    unchanged = sum(1 for key, i in new.items() if old.get(key) is i)
+    return ReloadReport(tuple(added), tuple(removed), tuple(changed), unchanged)
+
+
+def _admit(inst: _Instance, batch: Batch) -> None:
+    """Ask the running instance (looked up now, so a restarted one is asked) to admit a batch."""
+    if inst.admit is not None:
+        inst.admit(batch)
+
+
 # ---------------------------------------------------------------- a whole configuration
 
 
@@ -669,6 +920,8 @@ async def run_config(
     *,
     telemetry: Telemetry | None = None,
     handle_signals: bool = True,
+    reload: Callable[[], "Config"] | None = None,
+    watch: tuple[Sequence[str], float] | None = None,
     task_status: trio.TaskStatus[Started] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a loaded configuration: extensions, the pipelines, self-telemetry; until told to stop.
@@ -681,6 +934,11 @@ async def run_config(
     (receivers stop, pipelines drain) and a second stops at once; cancelling
     this call stops at once too. Returns after the pipelines drained; the
     extensions stop last, so what draining writes to storage still lands.
+
+    ``reload`` re-reads the configuration (blocking; raises `ConfigError`):
+    with it, SIGHUP (when handling signals) and, with ``watch`` (paths, poll
+    interval in seconds), a change to one of those files reload the
+    configuration live (`tapio.reload.Reloader`).
 
     Raises `StartupError` when an extension or the self-telemetry server
     cannot start, and what `Service.run` raises.
@@ -713,6 +971,15 @@ async def run_config(
                 raise StartupError(f"self-telemetry cannot listen on {host}:{port}: {e.strerror or e}") from e
         if handle_signals:
             nursery.start_soon(_watch_signals, service, nursery.cancel_scope)
+        if reload is not None:
+            from tapio.reload import Reloader
+
+            # before the service reports ready, so a SIGHUP from then on reloads
+            reloader = Reloader(service, cfg, reload, telemetry)
+            if handle_signals:
+                await nursery.start(reloader.on_sighup)
+            if watch is not None:
+                nursery.start_soon(reloader.watch, *watch)
         await nursery.start(_run_service, service, nursery.cancel_scope)
         task_status.started(Started(service, extensions, metrics_port))
 

@@ -51,6 +51,8 @@ METRICS: dict[str, MetricInfo] = {
     "tapio_exporter_queue_capacity": MetricInfo(GAUGE, "Capacity of the exporter's queue, in batches."),
     "tapio_component_restarts_total": MetricInfo(COUNTER, "Number of times a component failed while running and was restarted."),
     "tapio_component_failures_total": MetricInfo(COUNTER, "Number of times a component failed while running."),
+    "tapio_component_starts_total": MetricInfo(COUNTER, "Number of times a component started: once at startup, once per restart, and once per reload that replaced it."),
+    "tapio_config_reloads_total": MetricInfo(COUNTER, "Number of configuration reloads, by result: applied, refused (invalid, or a change that needs a restart) or failed (a new component did not start; the old graph kept running)."),
     "tapio_bad_input_total": MetricInfo(COUNTER, "Number of malformed inputs (packets, lines, requests) counted and skipped, by component and reason."),
 }
 

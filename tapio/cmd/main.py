@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import sys
 import textwrap
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import trio
 
@@ -35,6 +36,9 @@ examples:
 """
 
 log = logging.getLogger("tapio.cmd")
+
+#: how often ``tapio run --watch`` looks at the config files, in seconds
+WATCH_INTERVAL = 2.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the pipelines", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     with_config(run)
     run.add_argument("--debug", action="store_true", help="show tracebacks of failures")
+    run.add_argument(
+        "--watch", nargs="?", type=float, const=WATCH_INTERVAL, default=None, metavar="SECONDS",
+        help=f"reload when a config file changes, checking every SECONDS (default {WATCH_INTERVAL:g}); SIGHUP always reloads",
+    )
     val = sub.add_parser("validate", help="check the config and exit (no side effects)")
     with_config(val)
     sub.add_parser("components", help="list the component types tapio knows")
@@ -139,8 +147,11 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
         return 2
     tel = cfg.service.telemetry
     setup_logging(tel.logs.level, tel.logs.encoding)
+    from tapio.config import load_config
+
+    sources = _config_paths(args)
     try:
-        return trio.run(_run, cfg, registry, args.debug)
+        return trio.run(_run, cfg, registry, args.debug, lambda: load_config(sources, registry), args.watch)
     except KeyboardInterrupt:
         return 130
 
@@ -220,12 +231,13 @@ def _replace_path(obj: Any, keys: list[str], value: Any) -> Any:
     return dataclasses.replace(obj, **{head: inner})
 
 
-async def _run(cfg: Any, registry: Registry, debug: bool) -> int:
+async def _run(cfg: Any, registry: Registry, debug: bool, reload: Callable[[], Any], watch: float | None) -> int:
     from tapio.service import run_config
 
+    watched = (cfg.files, watch) if watch else None
     try:
         async with trio.open_nursery() as nursery:
-            started = await nursery.start(run_config, cfg, registry)
+            started = await nursery.start(functools.partial(run_config, cfg, registry, reload=reload, watch=watched))
             # printed once everything listens, so the ports shown are the ones bound
             for line in banner_lines(cfg, registry, started.metrics_port, started.service.running()):
                 print(line, file=sys.stderr, flush=True)
