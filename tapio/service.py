@@ -7,15 +7,26 @@ Invariants:
 - Start order is exporters → processors → receivers, each through
   ``nursery.start``; a component failing before ``started()`` stops the
   service with `ComponentStartError` naming it.
-- Shutdown (`Service.shutdown`) cancels only the receivers. The runtime then
-  closes the pipelines' entry channels; end of stream flows downstream:
-  each processor drains its input, flushes and returns, after which its
-  output is closed; exporters drain and return. Everything left running
-  when ``service.shutdown_timeout`` expires is cancelled (components flush
-  under their own shielded grace).
+- Every link from one stage to the next holds the inlets (input channels)
+  it sends into; an inlet closes, which is its instance's end of stream,
+  when its last holder let go. A receiver lets go when it stops, a
+  processor or connector when its run returned.
+- Shutdown (`Service.shutdown`) cancels only the receivers; end of stream
+  then flows downstream: each processor drains its input, flushes and
+  returns, after which its output lets go; exporters drain and return.
+  Everything left running when ``service.shutdown_timeout`` expires is
+  cancelled (components flush under their own shielded grace).
+- Reload (`Service.reload`): a component's identity is its node (kind, id,
+  pipeline for processors), its config and, for receivers and connectors,
+  the signals it hands on. An instance whose identity is unchanged keeps
+  running and its links are re-pointed at the new graph (new holds are
+  taken before old ones are let go, and a send in flight finishes into its
+  old target first); the others are new instances, started exporters
+  first, or removed ones, which drain like at shutdown. Reloads and
+  shutdown are handled one at a time by the task running the graph.
 - The runtime owns every channel. A component that fails while running is
   re-created on the same channels after a backoff (or stops the service,
-  by config); its failures and restarts are counted per component id.
+  by config); its failures, restarts and starts are counted per component id.
 - Counting: a receiver's accepted/refused items are counted where it hands
   batches on; a processor's incoming items where they enter its channel and
   its outgoing items where they leave it; exporters count what they sent.
