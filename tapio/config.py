@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping as MappingType, Sequence as SequenceType
 
-from tapio._yamlnodes import Entry, Loc, Mapping, Scalar, Sequence, describe, expand_env, is_null, join_path, merge, parse_yaml
+from tapio._yamlnodes import Entry, Loc, Mapping, Node, Scalar, Sequence, describe, expand_env, is_null, join_path, merge, parse_yaml
 from tapio.component import (
     AcknowledgesBeforeDelivery,
     ComponentID,
@@ -186,24 +187,37 @@ class _ConnectorUse:
 
 
 def load_config(
-    paths: SequenceType[str | Path], registry: Registry, env: MappingType[str, str] | None = None
+    paths: SequenceType[str | Path],
+    registry: Registry,
+    env: MappingType[str, str] | None = None,
+    overrides: SequenceType[str] = (),
 ) -> Config:
-    """Read, merge and validate config files (later files override earlier ones).
+    """Read, merge and validate config sources (later ones override earlier ones), then ``overrides``.
 
-    ``env`` is where ``${env:NAME}`` references are looked up (default
-    `os.environ`). Raises `ConfigError` with every problem found; the
-    returned `Config` carries the warnings (unset variables, unused
+    A source is a file path or a URI, as ``--config`` takes them in the
+    OpenTelemetry Collector: ``file:PATH``, ``env:NAME`` (the YAML in an
+    environment variable) or ``yaml:TEXT`` (inline YAML whose keys may
+    name nested keys joined by ``::``). ``overrides`` are ``--set``
+    values, ``key::key=value``, applied after every source. ``env`` is
+    where ``env:`` sources and ``${env:NAME}`` references are looked up
+    (default `os.environ`). Raises `ConfigError` with every problem found;
+    the returned `Config` carries the warnings (unset variables, unused
     components).
     """
     env = os.environ if env is None else env
-    files = [str(p) for p in paths]
+    sources = [str(p) for p in paths]
     report = Problems()
-    if not files:
+    if not sources:
         raise ConfigError([Problem(None, None, None, "", "no config file given")])
 
+    files = [source_name(s) for s in sources] + [f"--set {o}" for o in overrides]
     roots: list[Mapping] = []
-    for file in files:
-        root = _read_file(file, env, report)
+    for source in sources:
+        root = _read_source(source, env, report)
+        if root is not None:
+            roots.append(root)
+    for override in overrides:
+        root = _read_override(override, env, report)
         if root is not None:
             roots.append(root)
     if report.has_errors:
@@ -245,6 +259,98 @@ def load_config(
     )
 
 
+#: the ``--config`` URI schemes tapio reads (the OpenTelemetry Collector's file, env and yaml providers)
+SOURCE_SCHEMES = ("file", "env", "yaml")
+#: schemes the Collector also knows that tapio does not read: named in the error rather than taken for a file name
+_UNSUPPORTED_SCHEMES = ("http", "https", "s3")
+_URI = re.compile(r"([a-z][a-z0-9+.\-]*):(.*)", re.S)
+#: joins nested keys in ``yaml:`` sources and ``--set`` (a ``.`` may be part of a key, as in the Collector)
+KEY_SEPARATOR = "::"
+
+
+def _scheme(source: str) -> tuple[str, str]:
+    """``(scheme, rest)`` of a config source; ``("file", source)`` for a plain path."""
+    m = _URI.fullmatch(source)
+    if m is not None and m.group(1) in (*SOURCE_SCHEMES, *_UNSUPPORTED_SCHEMES):
+        return m.group(1), m.group(2)
+    return "file", source
+
+
+def source_name(source: str) -> str:
+    """What problems in ``source`` are reported against: the file's path, or the URI (``env:NAME``)."""
+    scheme, rest = _scheme(source)
+    return rest if scheme == "file" else source
+
+
+def source_file(source: str) -> str | None:
+    """The file a config source reads, None for ``env:`` and ``yaml:`` sources (for watching files)."""
+    scheme, rest = _scheme(source)
+    return rest if scheme == "file" else None
+
+
+def _read_source(source: str, env: MappingType[str, str], report: Problems) -> Mapping | None:
+    scheme, rest = _scheme(source)
+    if scheme == "file":
+        return _read_file(rest, env, report)
+    if scheme in _UNSUPPORTED_SCHEMES:
+        report(Loc(source), "", f"config source scheme {scheme!r} is not supported; use a file path, file:PATH, env:NAME or yaml:TEXT")
+        return None
+    if scheme == "env":
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", rest):
+            report(Loc(source), "", f"invalid environment variable name {rest!r}: use letters, digits and '_', not starting with a digit")
+            return None
+        if rest not in env:
+            report(Loc(source), "", f"environment variable {rest!r} is not set (it should hold the YAML of a config)")
+            return None
+        return _top_mapping(parse_yaml(env[rest], source, env, report), report)
+    root = _top_mapping(parse_yaml(rest, source, env, report), report)
+    return _nest_keys(root) if root is not None else None
+
+
+def _read_override(text: str, env: MappingType[str, str], report: Problems) -> Mapping | None:
+    """One ``--set key::key=value``: the value read as YAML, placed at that key."""
+    name = f"--set {text}"
+    key, eq, value = text.partition("=")
+    example = "e.g. --set processors::batch::timeout=2s"
+    if not eq or not key.strip():
+        report(Loc(name), "", f"expected key=value, with '::' between nested keys, {example}")
+        return None
+    if KEY_SEPARATOR not in key and "." in key:
+        report(Loc(name), "", f"nested keys are joined with '::', not '.' (as in the OpenTelemetry Collector), {example}")
+        return None
+    keys = [k.strip() for k in key.split(KEY_SEPARATOR)]
+    if not all(keys):
+        report(Loc(name), "", f"empty key in {key!r}, {example}")
+        return None
+    node = parse_yaml(value, name, env, report) if value.strip() else None
+    if node is None:
+        node = Scalar(None, "", Loc(name, 1, 1))
+    for k in reversed(keys):
+        node = Mapping({k: Entry(node.loc, node)}, node.loc)
+    return node  # type: ignore[return-value]
+
+
+def _nest_keys(node: Mapping) -> Mapping:
+    """``a::b: v`` as ``a: {b: v}``, at every level (what ``yaml:`` sources write)."""
+    out: Mapping = Mapping({}, node.loc)
+    for key, e in node.entries.items():
+        value = _nest_keys(e.node) if isinstance(e.node, Mapping) else e.node
+        parts = key.split(KEY_SEPARATOR)
+        for k in reversed(parts[1:]):
+            value = Mapping({k: Entry(e.key_loc, value)}, e.key_loc)
+        out = merge(out, Mapping({parts[0]: Entry(e.key_loc, value)}, node.loc))  # type: ignore[assignment]
+    return out
+
+
+def _top_mapping(root: Node | None, report: Problems) -> Mapping | None:
+    if root is None or is_null(root):
+        return None  # an empty source adds nothing
+    if not isinstance(root, Mapping):
+        report(root.loc, "", f"the top level of a config file must be a mapping (receivers:, exporters:, service: ...), got {describe(root)}")
+        return None
+    return root
+
+
 def _read_file(file: str, env: MappingType[str, str], report: Problems) -> Mapping | None:
     try:
         data = Path(file).read_bytes()
@@ -258,13 +364,7 @@ def _read_file(file: str, env: MappingType[str, str], report: Problems) -> Mappi
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
         report(Loc(file, line, column), "", f"not valid UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8")
         return None
-    root = parse_yaml(text, file, env, report)
-    if root is None or is_null(root):
-        return None  # an empty file adds nothing
-    if not isinstance(root, Mapping):
-        report(root.loc, "", f"the top level of a config file must be a mapping (receivers:, exporters:, service: ...), got {describe(root)}")
-        return None
-    return root
+    return _top_mapping(parse_yaml(text, file, env, report), report)
 
 
 def _decode_section(kind: Kind, entry: Entry | None, registry: Registry, report: Problems) -> dict[ComponentID, _Defined]:

@@ -1,6 +1,6 @@
 """The command line as a user meets it: `tapio validate` / `tapio run` on hostile configs.
 
-Each case runs the real `tapio` executable and checks the exit status (2),
+Each case runs the real `tapio` executable and checks the exit status (1, as the OpenTelemetry Collector),
 the message, and that it names file:line:column and the key path, without
 a traceback.
 """
@@ -65,19 +65,19 @@ def test_hostile_config_is_reported_with_location(tmp_path, what, edit, expected
         text = text.replace("exporters: [debug]}", "exporters: [debug, prometheus]}")
         expected = "pipelines.yaml:12:71: service.pipelines.logs.exporters[1]: exporter 'prometheus' does not support logs"
     res = check_config(tmp_path, text)
-    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.returncode == 1, res.stdout + res.stderr
     assert "Traceback" not in res.stderr
     lines = [line.removeprefix("tapio: ").replace(str(tmp_path) + "/", "") for line in res.stderr.splitlines()]
     assert any(line.startswith(expected) for line in lines), "\n".join(lines)
     # tapio run refuses the same config the same way, starting nothing
     res_run = check_config(tmp_path, text, "run")
-    assert res_run.returncode == 2 and res_run.stderr == res.stderr
+    assert res_run.returncode == 1 and res_run.stderr == res.stderr
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
     bad = GOOD.replace("  batch: {}", "  batch: {timeout: 5x}").replace("exporters: [debug]}", "exporters: [nope]}").replace("  debug: {}", "  debug: {verbosity: loud}")
     res = check_config(tmp_path, bad)
-    assert res.returncode == 2
+    assert res.returncode == 1
     assert "processors.batch.timeout" in res.stderr
     assert "service.pipelines.logs.exporters[0]" in res.stderr
     assert "exporters.debug.verbosity" in res.stderr
@@ -86,9 +86,9 @@ def test_every_problem_is_reported_at_once(tmp_path):
 
 def test_yaml_syntax_error_and_missing_file(tmp_path):
     res = check_config(tmp_path, GOOD + "  oops: [unclosed\n")
-    assert res.returncode == 2 and "pipelines.yaml:" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 1 and "pipelines.yaml:" in res.stderr and "Traceback" not in res.stderr
     res = tapio("validate", "-c", str(tmp_path / "missing.yaml"))
-    assert res.returncode == 2 and "missing.yaml" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 1 and "missing.yaml" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_unused_component_is_a_warning_not_an_error(tmp_path):
@@ -103,7 +103,7 @@ def test_env_expansion_and_merge(tmp_path):
     override = tmp_path / "override.yaml"
     override.write_text("processors:\n  batch:\n    timeout: $${env:NOT_EXPANDED}\n")
     res = tapio("validate", "-c", str(base), "-c", str(override), env={"TEST_PORT": "99999"})
-    assert res.returncode == 2
+    assert res.returncode == 1
     # the escaped $$ became a literal "${env:NOT_EXPANDED}", reported as a bad duration from the second file
     assert "override.yaml:3:14: processors.batch.timeout: invalid duration '${env:NOT_EXPANDED}'" in res.stderr
     assert "base.yaml:4:24: receivers.otlp.protocols.http.endpoint: port 99999 is out of range" in res.stderr
@@ -145,8 +145,68 @@ def test_file_exporter_path_that_cannot_be_created_is_a_config_error(tmp_path):
         "exporters: [debug]}", "exporters: [debug, file]}"
     )
     res = check_config(tmp_path, text)
-    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.returncode == 1, res.stdout + res.stderr
     assert "Traceback" not in res.stderr
     lines = [line.removeprefix("tapio: ").replace(str(tmp_path) + "/", "") for line in res.stderr.splitlines()]
     expected = f"pipelines.yaml:10:11: exporters.file.path: cannot create the directory '{blocker}/out': '{blocker}' is not a directory"
     assert expected.replace(str(tmp_path) + "/", "") in lines, "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the OpenTelemetry Collector's --config URIs and --set
+
+
+def test_config_uris_file_env_and_yaml_merge_in_order_and_set_comes_last(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(GOOD)
+    env = {"TAPIO_TEST_CONFIG": "processors:\n  batch: {timeout: 3s, send_batch_size: 100}\n"}
+    res = tapio(
+        "graph", "-c", f"file:{base}", "-c", "env:TAPIO_TEST_CONFIG",
+        "-c", "yaml:exporters::debug/two::verbosity: detailed",
+        "-c", "yaml:service::pipelines::logs::exporters: [debug, debug/two]",
+        env=env,
+    )
+    assert res.returncode == 0, res.stderr
+    assert 'exporter debug/two' in res.stdout  # the yaml: sources added an exporter and rewired the pipeline
+    # each source is reported by its own name, later sources and then --set win
+    res = tapio(
+        "validate", "-c", str(base), "-c", "env:TAPIO_TEST_CONFIG", "--set", "processors::batch::send_batch_max_size=50",
+        env=env,
+    )
+    assert res.returncode == 1
+    assert "--set processors::batch::send_batch_max_size=50:1:1: processors.batch.send_batch_max_size: must be 0 or >= send_batch_size (100), got 50" in res.stderr
+    res = tapio("validate", "-c", str(base), "-c", "env:TAPIO_TEST_CONFIG", "--set", "processors::batch::send_batch_size=10",
+                "--set", "processors::batch::send_batch_max_size=50", env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"{base}, env:TAPIO_TEST_CONFIG, --set processors::batch::send_batch_size=10, ")
+
+
+def test_a_problem_in_an_env_or_yaml_source_names_it(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(GOOD)
+    res = tapio("validate", "-c", str(base), "-c", "env:TAPIO_TEST_CONFIG", env={"TAPIO_TEST_CONFIG": "exporters:\n  debug: {verbosty: basic}\n"})
+    assert res.returncode == 1
+    assert "env:TAPIO_TEST_CONFIG:2:11: exporters.debug.verbosty: unknown key 'verbosty'; did you mean 'verbosity'?" in res.stderr
+    res = tapio("validate", "-c", str(base), "-c", "yaml:processors::batch::timeout: 5x")
+    assert res.returncode == 1 and "processors.batch.timeout: invalid duration '5x'" in res.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("-c", "env:TAPIO_NOT_SET_ANYWHERE"), "env:TAPIO_NOT_SET_ANYWHERE: environment variable 'TAPIO_NOT_SET_ANYWHERE' is not set"),
+    (("-c", "https://config.example/pipelines.yaml"), "config source scheme 'https' is not supported; use a file path, file:PATH, env:NAME or yaml:TEXT"),
+    (("-c", "file:/nonexistent/pipelines.yaml"), "/nonexistent/pipelines.yaml: cannot read config file: No such file or directory"),
+    (("--set", "processors.batch.timeout=1s"), "nested keys are joined with '::', not '.'"),
+    (("--set", "processors::batch::timeout"), "--set processors::batch::timeout: expected key=value"),
+    (("--set", "processors::batch::timeout=lots"), "processors.batch.timeout: invalid duration 'lots'"),
+])
+def test_a_bad_source_or_set_exits_1_as_the_collector_does(tmp_path, args, message):
+    base = tmp_path / "base.yaml"
+    base.write_text(GOOD)
+    for command in ("validate", "run"):
+        res = tapio(command, "-c", str(base), *args)
+        assert res.returncode == 1, (command, res.stdout, res.stderr)
+        assert message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_usage_errors_exit_2():
+    res = tapio("run", "--no-such-option")
+    assert res.returncode == 2 and "unrecognized arguments: --no-such-option" in res.stderr

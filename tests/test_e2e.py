@@ -440,6 +440,6 @@ service:
     logs: {receivers: [otlp], exporters: [otlphttp]}
 """)
     res = run_cli("validate", "-c", str(cfg))
-    assert res.returncode == 2
+    assert res.returncode == 1
     assert f"{cfg}:6:30: exporters.otlphttp.sending_queue.storage: storage extension 'storagee' is not defined in extensions; did you mean 'storage'?" in res.stderr
     assert "Traceback" not in res.stderr

@@ -201,10 +201,11 @@ def test_an_invalid_reload_is_refused_with_its_file_and_line_and_the_old_graph_k
     assert all(set(client.records(i)) <= a for i in client.acked)
 
 
-def test_a_changed_receiver_moves_to_its_new_port_and_watch_reloads_without_a_signal(tmp_path):
+def test_a_changed_receiver_moves_to_its_new_port_and_watch_reloads_without_a_signal_keeping_set_values(tmp_path):
     http, metrics, new_http = free_port(), free_port(), free_port()
     cfg = write(tmp_path / "pipelines.yaml", http=http, metrics=metrics)
-    with TapioProcess([cfg], metrics_port=metrics, args=["--watch", "0.2"]) as t:
+    # --set is applied again on every reload: batch stays unchanged (30ms, not the file's 50ms)
+    with TapioProcess([cfg], metrics_port=metrics, args=["--watch", "0.2", "--set", "processors::batch::timeout=30ms"]) as t:
         t.wait_ready()
         r = httpx.post(f"http://127.0.0.1:{http}/v1/logs", content=b"", headers={"content-type": "application/x-protobuf"}, timeout=5)
         assert r.status_code == 200

@@ -1,7 +1,8 @@
 """The ``tapio`` command line: run | validate | components | graph.
 
-Exit status: 0 success; 1 a component failed (start or run); 2 a usage or
-configuration error. Only this module unpacks exception groups: each leaf is
+Exit status, as the OpenTelemetry Collector's: 0 success; 1 an invalid
+configuration, or a component that failed (to start or while running); 2 a
+usage error (an unknown command or option). Only this module unpacks exception groups: each leaf is
 reported as one line naming its component, with what to do next; no
 traceback unless ``--debug``.
 """
@@ -29,6 +30,9 @@ EXAMPLES = """\
 examples:
   tapio run                                   run ./pipelines.yaml
   tapio run -c pipelines.yaml -c local.yaml   merge two files (later wins)
+  tapio run -c pipelines.yaml --set processors::batch::timeout=1s
+  tapio run -c env:TAPIO_CONFIG               the config is in an environment variable
+  tapio run -c pipelines.yaml --watch         reload when the file changes (SIGHUP always reloads)
   tapio validate -c pipelines.yaml            check a config without starting anything
   tapio components                            list component types and their signals
   tapio graph | tee graph.mmd                 the pipeline graph as Mermaid
@@ -53,8 +57,14 @@ def _parser() -> argparse.ArgumentParser:
 
     def with_config(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
-            "-c", "--config", action="append", metavar="FILE",
-            help="pipelines file (repeat to merge several, later files win; default: ./pipelines.yaml)",
+            "-c", "--config", action="append", metavar="URI",
+            help="a config file path, file:PATH, env:NAME (YAML in an environment variable) or yaml:TEXT "
+                 "(inline YAML, nested keys joined by ::); repeat to merge several, later ones win (default: ./pipelines.yaml)",
+        )
+        sp.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+            help="set one value after every --config is merged; nested keys joined by :: (processors::batch::timeout=1s); "
+                 "the value is read as YAML; repeatable",
         )
 
     run = sub.add_parser("run", help="run the pipelines", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,7 +105,7 @@ def _load(args: argparse.Namespace, registry: Registry):
     from tapio.config import ConfigError, load_config
 
     try:
-        cfg = load_config(_config_paths(args), registry)
+        cfg = load_config(_config_paths(args), registry, overrides=args.overrides)
     except ConfigError as e:
         for problem in e.problems:
             print(f"tapio: {problem}", file=sys.stderr)
@@ -107,10 +117,14 @@ def _load(args: argparse.Namespace, registry: Registry):
     return cfg
 
 
+#: exit status for an invalid configuration (the OpenTelemetry Collector's)
+BAD_CONFIG = 1
+
+
 def cmd_validate(args: argparse.Namespace, registry: Registry) -> int:
     cfg = _load(args, registry)
     if cfg is None:
-        return 2
+        return BAD_CONFIG
     n = len(cfg.service.pipelines)
     print(f"{', '.join(cfg.files)}: valid ({n} pipeline{'s' if n != 1 else ''}: {', '.join(str(p) for p in cfg.service.pipelines)})")
     return 0
@@ -130,7 +144,7 @@ def cmd_graph(args: argparse.Namespace, registry: Registry) -> int:
 
     cfg = _load(args, registry)
     if cfg is None:
-        return 2
+        return BAD_CONFIG
     g = build_graph(cfg.service.pipelines, cfg.connectors)
     sys.stdout.write(to_dot(g) if args.format == "dot" else to_mermaid(g))
     return 0
@@ -144,14 +158,15 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> int:
 
     cfg = _load(args, registry)
     if cfg is None:
-        return 2
+        return BAD_CONFIG
     tel = cfg.service.telemetry
     setup_logging(tel.logs.level, tel.logs.encoding)
-    from tapio.config import load_config
+    from tapio.config import load_config, source_file
 
-    sources = _config_paths(args)
+    sources, overrides = _config_paths(args), args.overrides
+    watched = ([f for f in map(source_file, sources) if f is not None], args.watch) if args.watch else None
     try:
-        return trio.run(_run, cfg, registry, args.debug, lambda: load_config(sources, registry), args.watch)
+        return trio.run(_run, cfg, registry, args.debug, lambda: load_config(sources, registry, overrides=overrides), watched)
     except KeyboardInterrupt:
         return 130
 
@@ -231,10 +246,9 @@ def _replace_path(obj: Any, keys: list[str], value: Any) -> Any:
     return dataclasses.replace(obj, **{head: inner})
 
 
-async def _run(cfg: Any, registry: Registry, debug: bool, reload: Callable[[], Any], watch: float | None) -> int:
+async def _run(cfg: Any, registry: Registry, debug: bool, reload: Callable[[], Any], watched: tuple[list[str], float] | None) -> int:
     from tapio.service import run_config
 
-    watched = (cfg.files, watch) if watch else None
     try:
         async with trio.open_nursery() as nursery:
             started = await nursery.start(functools.partial(run_config, cfg, registry, reload=reload, watch=watched))
