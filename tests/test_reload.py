@@ -352,3 +352,109 @@ async def test_a_reload_through_a_connector_keeps_it_and_a_failed_start_keeps_th
 
 def _kw(pair) -> dict:
     return {"pipelines": pair[0], "components": pair[1]}
+
+
+# ---------------------------------------------------------------- under ebpf and OTLP load together
+
+
+def _ebpf_missing() -> str | None:
+    import importlib.util
+    import os
+
+    if os.geteuid() != 0:
+        return "root (the ebpf receiver loads BPF programs)"
+    if importlib.util.find_spec("bcc") is None:
+        return "bcc's Python package (run scripts/setup.sh)"
+    headers = Path(f"/lib/modules/{os.uname().release}/build/include")
+    if not headers.is_dir():
+        return f"kernel headers at {headers} (run scripts/setup.sh)"
+    return None
+
+
+def exec_marks(path: Path, name: str) -> set[str]:
+    """The first argument of every exec of ``name`` the ebpf receiver wrote to ``path``."""
+    out: set[str] = set()
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        req = otlpjson.decode(Signal.LOGS, line.encode())
+        for rl in req.resource_logs:
+            for sl in rl.scope_logs:
+                for lr in sl.log_records:
+                    a = {kv.key: kv.value for kv in lr.attributes}
+                    if "process.executable.name" in a and a["process.executable.name"].string_value == name:
+                        args = [v.string_value for v in a["process.command_args"].array_value.values]
+                        if len(args) > 1:
+                            out.add(args[1])
+    return out
+
+
+def test_unchanged_changed_and_broken_reloads_under_ebpf_and_otlp_load(tmp_path):
+    import shutil
+    import subprocess
+
+    from tapio.testing import prereq
+
+    missing = _ebpf_missing()
+    if missing:
+        prereq.missing(missing, "run the tests as root with bcc and kernel headers (scripts/setup.sh installs them)")
+    marker = tmp_path / "tapiomark"
+    shutil.copy("/bin/true", marker)
+    http, metrics = free_port(), free_port()
+    kernel = f"""
+  ebpf:
+    events: {{process: true, file: false, network: false, oom: false, signal: false}}
+    flush_interval: 50ms"""
+    cfg = tmp_path / "pipelines.yaml"
+
+    def config(batch: str) -> None:
+        write(cfg, http=http, metrics=metrics, batch=batch, receiver_extra=kernel)
+        text = cfg.read_text().replace("  file/b:", f'  file/k: {{path: "{tmp_path}/k.jsonl", flush_interval: 0s}}\n  file/b:')
+        cfg.write_text(text.replace("  telemetry:", "    logs/kernel: {receivers: [ebpf], exporters: [file/k]}\n  telemetry:"))
+
+    config("{timeout: 50ms}")
+    execs: list[str] = []
+    stop = threading.Event()
+
+    def exec_load() -> None:
+        i = 0
+        while not stop.is_set():
+            subprocess.run([str(marker), f"m{i}"], check=True)
+            execs.append(f"m{i}")
+            i += 1
+
+    with TapioProcess([cfg], metrics_port=metrics) as t:
+        t.wait_ready(timeout=120)  # bcc compiles the programs
+        load = threading.Thread(target=exec_load, daemon=True)
+        load.start()
+        try:
+            with Sender(http) as client:
+                t.wait_for(lambda: client.acked_count() >= 20 and len(exec_marks(tmp_path / "k.jsonl", "tapiomark")) >= 20, 60, "OTLP and exec events flowing")
+                sighup_and_wait(t, "applied")  # unchanged
+                assert "configuration reloaded: 5 components unchanged" in t.stderr
+                config("{timeout: 30ms}")  # changed: the batch processor of the OTLP pipeline only
+                sighup_and_wait(t, "applied")
+                assert "configuration reloaded: changed processor batch in pipeline logs; 4 components unchanged" in t.stderr
+                cfg.write_text(cfg.read_text().replace("events: {", "events: {proces: true, "))  # broken
+                sighup_and_wait(t, "refused")
+                assert "receivers.ebpf.events.proces: unknown key 'proces'; did you mean 'process'?" in t.stderr
+                after = len(execs)
+                acked_after = client.acked_count()
+                t.wait_for(lambda: client.acked_count() >= acked_after + 20, 30, "OTLP still served after the refused reload")
+                t.wait_for(lambda: {f"m{i}" for i in range(after, after + 20)} <= exec_marks(tmp_path / "k.jsonl", "tapiomark"), 30,
+                           "exec events after the reloads")
+        finally:
+            stop.set()
+            load.join(20)
+        for labels, n in (({"receiver": "ebpf"}, 1), ({"receiver": "otlp"}, 1), ({"exporter": "file/k"}, 1), ({"processor": "batch"}, 2)):
+            assert starts(t, **labels) == n, labels
+        t.signal(signal.SIGTERM)
+        assert t.wait_exit() == 0, t.stderr
+    assert client.failures == []
+    a = bodies(tmp_path / "a.jsonl")
+    assert all(set(client.records(i)) <= a for i in client.acked)
+    # the kernel pipeline lost nothing across the reloads: every exec the receiver saw before stopping is in the file
+    seen = exec_marks(tmp_path / "k.jsonl", "tapiomark")
+    first = min(int(m[1:]) for m in seen)
+    last = max(int(m[1:]) for m in seen)
+    assert {f"m{i}" for i in range(first, last + 1)} <= seen
