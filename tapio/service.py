@@ -739,14 +739,14 @@ class Service:
         if drain_scope.cancelled_caught:
             self._log.warning("shutdown deadline of %gs expired; in-flight data may be lost", self.options.shutdown_timeout)
 
-    async def _start(self, inst: _Instance, *, after_failure: BaseException | None = None) -> None:
-        await self._nurseries[inst.node.kind].start(self._run_instance, inst, after_failure)
+    async def _start(self, inst: _Instance, *, retry_start: bool = False) -> None:
+        await self._nurseries[inst.node.kind].start(self._run_instance, inst, retry_start)
 
-    async def _run_instance(self, inst: _Instance, after_failure: BaseException | None, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _run_instance(self, inst: _Instance, retry_start: bool, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Supervise one instance; however it ends, let go of its links (its end of stream downstream)."""
         try:
             with inst.scope:
-                await self._supervise(inst, after_failure, task_status=task_status)
+                await self._supervise(inst, retry_start, task_status=task_status)
         finally:
             with trio.CancelScope(shield=True):
                 for out in inst.links.values():
@@ -754,6 +754,8 @@ class Service:
             inst.finished.set()
             if inst in self._draining:
                 self._draining.remove(inst)
+                if inst.node.key not in self.instances:  # removed, not replaced: its gauges would report a channel that is gone
+                    self.telemetry.remove_gauges({inst.node.kind.value: str(inst.node.id)})
 
     # -- reloading
 
@@ -762,6 +764,9 @@ class Service:
             request.report = await self._apply(request.pipelines, request.components)
         except ReloadError as exc:
             request.error = exc
+        except BaseException as exc:  # the service stops (a component failed under the stop policy)
+            request.error = ReloadError(f"tapio stopped while reloading: {_describe(exc)}")
+            raise
         finally:
             request.done.set()
 
@@ -799,14 +804,10 @@ class Service:
                 inst.scope.cancel()
                 await inst.finished.wait()
         # 4. New receivers start last, into the new graph (a changed one can bind the port the old one freed).
+        #    One that cannot start is supervised like a component failing while running.
         for inst in build.added:
             if inst.node.kind is Kind.RECEIVER:
-                try:
-                    await self._start(inst)
-                except ComponentStartError as exc:
-                    if self.options.on_component_failure == "stop":
-                        raise ComponentFailedError(inst.node, exc.cause) from exc
-                    await self._start(inst, after_failure=exc.cause)
+                await self._start(inst, retry_start=self.options.on_component_failure == "restart")
         return _report(old, build.instances)
 
     def _settings(self, inst: _Instance) -> Settings:
@@ -826,21 +827,20 @@ class Service:
             shutdown_grace=self.options.component_grace,
         )
 
-    async def _supervise(self, inst: _Instance, after_failure: BaseException | None = None, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _supervise(self, inst: _Instance, retry_start: bool = False, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the component, re-creating it after a failure (backoff) or stopping the service, by policy.
 
-        ``after_failure``: the component already failed to start (after a
-        reload); supervision begins as after a failure while running.
+        A failure before the first ``started()`` raises `ComponentStartError`,
+        unless ``retry_start`` (a receiver a reload added): then it reports
+        started and retries like after a failure while running.
         """
         node = inst.node
         labels = {node.kind.value: str(node.id)}
         if node.pipeline is not None:
             labels["pipeline"] = str(node.pipeline)
         backoff = self.options.restart_initial
-        first = after_failure is None
-        if not first:
-            task_status.started()
-        failure = after_failure
+        first = True
+        failure: BaseException | None = None
         started_at = trio.current_time()
         while True:
             if failure is not None:
@@ -848,7 +848,7 @@ class Service:
                 inst.last_error = _describe(failure)
                 self.telemetry.add("tapio_component_failures_total", 1, labels)
                 self._log.error(
-                    "%s %s failed while running: %s", node.kind.value, node.id, inst.last_error,
+                    "%s %s failed %s: %s", node.kind.value, node.id, "to start" if inst.component is None else "while running", inst.last_error,
                     extra={"kv": {"component": str(node.id), "kind": node.kind.value}},
                 )
                 if self.options.on_component_failure == "stop":
@@ -877,9 +877,13 @@ class Service:
                         task_status.started()
                     started_at = trio.current_time()
             except Exception as exc:
-                if first:
+                if first and not retry_start:
                     inst.status = "failed"
                     raise ComponentStartError(node, exc) from exc
+                if first:
+                    first = False
+                    inst.component = None
+                    task_status.started()
                 failure = exc
                 continue
             # run returned: end of stream (processors, exporters) or a receiver that finished.

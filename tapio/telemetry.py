@@ -95,6 +95,11 @@ class Telemetry:
         self._gauges = [g for g in self._gauges if (g[0], g[1]) != (name, key)]
         self._gauges.append((name, key, read))
 
+    def remove_gauges(self, labels: Mapping[str, str]) -> None:
+        """Stop reporting the gauges whose labels include ``labels`` (a component a reload removed)."""
+        want = set(labels.items())
+        self._gauges = [g for g in self._gauges if not want <= set(g[1])]
+
     def value(self, name: str, **labels: str) -> float:
         """Sum of the series of ``name`` whose labels include ``labels`` (for tests and health)."""
         want = set(labels.items())

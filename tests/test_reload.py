@@ -458,3 +458,22 @@ def test_unchanged_changed_and_broken_reloads_under_ebpf_and_otlp_load(tmp_path)
     first = min(int(m[1:]) for m in seen)
     last = max(int(m[1:]) for m in seen)
     assert {f"m{i}" for i in range(first, last + 1)} <= seen
+
+
+async def test_a_new_receiver_that_cannot_start_is_retried_like_a_failing_one_and_the_rest_is_applied(autojump_clock):
+    world = World()
+    world.fail_start.add("src/2")
+    svc = service(world, {"logs": (["src"], [], ["rec"])})
+    async with trio.open_nursery() as n:
+        await n.start(svc.run)
+        report = await svc.reload(**_kw(graph({"logs": (["src", "src/2"], [], ["rec"])})))
+        assert report.added == ("receiver src/2",)
+        assert svc.failing() == ["receiver:src/2"]
+        await world.sources["src"].send(log_batch(["still served"]))
+        await world.wait_until(lambda: exported(world, "rec") == ["still served"])
+        world.fail_start.discard("src/2")
+        await world.wait_until(lambda: "src/2" in world.sources and svc.failing() == [], timeout=60)
+        await world.sources["src/2"].send(log_batch(["from the retried receiver"]))
+        await world.wait_until(lambda: exported(world, "rec") == ["still served", "from the retried receiver"])
+        assert svc.telemetry.value("tapio_component_failures_total", receiver="src/2") >= 1
+        svc.shutdown()
