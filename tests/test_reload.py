@@ -357,20 +357,6 @@ def _kw(pair) -> dict:
 # ---------------------------------------------------------------- under ebpf and OTLP load together
 
 
-def _ebpf_missing() -> str | None:
-    import importlib.util
-    import os
-
-    if os.geteuid() != 0:
-        return "root (the ebpf receiver loads BPF programs)"
-    if importlib.util.find_spec("bcc") is None:
-        return "bcc's Python package (run scripts/setup.sh)"
-    headers = Path(f"/lib/modules/{os.uname().release}/build/include")
-    if not headers.is_dir():
-        return f"kernel headers at {headers} (run scripts/setup.sh)"
-    return None
-
-
 def exec_marks(path: Path, name: str) -> set[str]:
     """The first argument of every exec of ``name`` the ebpf receiver wrote to ``path``."""
     out: set[str] = set()
@@ -393,11 +379,9 @@ def test_unchanged_changed_and_broken_reloads_under_ebpf_and_otlp_load(tmp_path)
     import shutil
     import subprocess
 
-    from tapio.testing import prereq
+    from tests.test_e2e import require_ebpf
 
-    missing = _ebpf_missing()
-    if missing:
-        prereq.missing(missing, "run the tests as root with bcc and kernel headers (scripts/setup.sh installs them)")
+    require_ebpf()
     marker = tmp_path / "tapiomark"
     shutil.copy("/bin/true", marker)
     http, metrics = free_port(), free_port()
