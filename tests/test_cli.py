@@ -210,3 +210,5 @@ def test_a_bad_source_or_set_exits_1_as_the_collector_does(tmp_path, args, messa
 def test_usage_errors_exit_2():
     res = tapio("run", "--no-such-option")
     assert res.returncode == 2 and "unrecognized arguments: --no-such-option" in res.stderr
+    res = tapio("run", "--watch", "0")
+    assert res.returncode == 2 and "expected between 0.1 and 3600 seconds, got 0" in res.stderr

@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     with_config(run)
     run.add_argument("--debug", action="store_true", help="show tracebacks of failures")
     run.add_argument(
-        "--watch", nargs="?", type=float, const=WATCH_INTERVAL, default=None, metavar="SECONDS",
+        "--watch", nargs="?", type=_seconds, const=WATCH_INTERVAL, default=None, metavar="SECONDS",
         help=f"reload when a config file changes, checking every SECONDS (default {WATCH_INTERVAL:g}); SIGHUP always reloads",
     )
     val = sub.add_parser("validate", help="check the config and exit (no side effects)")
@@ -81,6 +81,16 @@ def _parser() -> argparse.ArgumentParser:
     with_config(graph)
     graph.add_argument("--format", choices=("mermaid", "dot"), default="mermaid")
     return p
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"expected between 0.1 and 3600 seconds, got {text}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
