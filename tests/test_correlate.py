@@ -363,3 +363,19 @@ def test_the_docs_table_names_every_builtin_rule():
     text = (DOCS / "correlate.md").read_text()
     table = {m for m in re.findall(r"^\| `([A-Za-z]+)` \| (?:info|warning|error|critical) \|", text, re.M)}
     assert table == set(rules)
+
+
+@pytest.mark.parametrize(
+    "pattern,matches,misses",
+    [
+        ("k8s.event", ["k8s.event"], ["k8s.events", "k8s.even"]),
+        ("systemd.unit.*", ["systemd.unit.failed", "systemd.unit."], ["systemd.units", "x.systemd.unit.failed"]),
+        ("k8s.container.status | tapio.cri.container.stopped", ["k8s.container.status", "tapio.cri.container.stopped"], ["tapio.cri.container.started", "k8s.container.status | tapio.cri.container.stopped"]),
+        ("tapio.dns_xdp.* | k8s.event", ["tapio.dns_xdp.answered", "k8s.event"], ["k8s.event.x", "tapio.dns"]),
+    ],
+)
+def test_event_patterns_exact_glob_and_alternatives(pattern, matches, misses):
+    from tapio.connectors.correlate._match import glob
+
+    test = glob(pattern)
+    assert all(test(m) for m in matches) and not any(test(m) for m in misses)

@@ -53,8 +53,8 @@ class MemberConfig:
         "holds only if this never arrives within the window; `resolves`: its arrival cancels the incident (or marks an "
         "emitted one resolved).",
     )
-    event: str = setting("", doc="The log record's event name (exact, or a pattern with `*`); empty matches any.")
-    scope: str = setting("", doc="The instrumentation scope name of the record (e.g. `tapio.ebpf`); empty matches any.")
+    event: str = setting("", doc="The log record's event name: exact, a pattern with `*`, or alternatives separated by `|`; empty matches any.")
+    scope: str = setting("", doc="The instrumentation scope name of the record (e.g. `tapio.ebpf`; patterns and `|` as for `event`); empty matches any.")
     attributes: dict[str, Any] = setting(
         default_factory=dict,
         doc="Attribute conditions that must all hold: a value (equality) or a mapping of `equals`, `not_equals`, `in`, "

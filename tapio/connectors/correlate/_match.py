@@ -150,10 +150,14 @@ class AttributeMatch:
 
 
 def glob(pattern: str) -> Callable[[str], bool]:
-    """Exact text, or a shell-style pattern when it holds ``*``, ``?`` or ``[``."""
+    """Exact text, or a shell-style pattern when it holds ``*``, ``?`` or ``[``; ``|`` separates alternatives."""
+    alternatives = [a.strip() for a in pattern.split("|")]
     if not any(c in pattern for c in "*?["):
-        return lambda s: s == pattern
-    rx = re.compile(fnmatch.translate(pattern))
+        if len(alternatives) == 1:
+            return lambda s: s == pattern
+        names = frozenset(alternatives)
+        return lambda s: s in names
+    rx = re.compile("|".join(f"(?:{fnmatch.translate(a)})" for a in alternatives))
     return lambda s: rx.match(s) is not None
 
 
