@@ -379,3 +379,100 @@ def test_event_patterns_exact_glob_and_alternatives(pattern, matches, misses):
 
     test = glob(pattern)
     assert all(test(m) for m in matches) and not any(test(m) for m in misses)
+
+
+# ---------------------------------------------------------------- state kept across a restart (storage)
+
+
+def _feed(engine: Engine, step: dict, t: float, now: float) -> list:
+    out = []
+    for e in events(logs_request([{**step, "time_ns": int(t * S)}]), engine.candidates):
+        out += engine.feed(e, now)[0]
+    return out
+
+
+def test_open_windows_survive_a_dump_and_a_load_into_a_new_engine_on_a_new_clock():
+    from tapio.connectors.correlate import _state
+
+    before = builtin_engine()
+    oom = {"event": "tapio.ebpf.oom", "attrs": {"k8s.pod.uid": "p", "process.pid": 41, "tapio.ebpf.comm": "java"}, "resource": {"host.name": "n1"}}
+    assert _feed(before, oom, 100, now=100.0) == []
+    saved = before.windows["ContainerOOM"][("p",)].joined[0].event
+    saved.attrs["tapio.raw"] = b"\x00\xffbytes"  # a binary attribute (journald keeps them) survives too
+    data = _state.dump(before, now=100.5, wall_now=1_000_000.0)
+
+    after = builtin_engine()
+    restored, dropped = _state.load(after, data, now=5000.0, wall_now=1_000_002.0)  # 2 s down
+    assert dropped == 0 and restored == before.open_windows() == after.open_windows()
+    w = after.windows["ContainerOOM"][("p",)]
+    assert w.opened == pytest.approx(5000.0 - 0.5 - 2.0)  # its end does not move with the restart
+    (kernel,) = w.joined
+    assert kernel.event.attrs["tapio.raw"] == b"\x00\xffbytes" and kernel.event.attrs["process.pid"] == 41
+    assert kernel.event.resource == {"host.name": "n1"}
+    status = {"event": "k8s.container.status", "attrs": {"k8s.pod.uid": "p", "k8s.container.status.reason": "OOMKilled"}}
+    assert _feed(after, status, 101, now=5000.5) == []
+    sent = [o for t in range(5001, 5200) for o in after.tick(float(t))]
+    assert [(o.incident.rule.name, [j.member.name for j in o.incident.members]) for o in sent if isinstance(o, Emitted)] == [
+        ("ContainerOOM", ["kernel_oom_kill", "container_oomkilled"])
+    ], "one incident from the events of both runs; ProcessOOM is ruled out by the status"
+    assert after.stats.get("ruled_out") == 1
+
+
+def test_saved_windows_of_a_changed_or_removed_rule_are_dropped_and_bad_state_is_refused():
+    from tapio.connectors.correlate import _state
+
+    before = builtin_engine()
+    _feed(before, {"event": "tapio.ebpf.oom", "attrs": {"k8s.pod.uid": "p"}}, 100, now=100.0)
+    data = _state.dump(before, now=100.0)
+    rules, _ = load_rules_file(None)
+    changed = rules["ContainerOOM"].__class__(**{**rules["ContainerOOM"].__dict__, "join": ["container.id"]})
+    after = Engine([compile_rule("ContainerOOM", changed)])
+    assert _state.load(after, data, now=1.0) == (0, before.open_windows())
+    assert after.open_windows() == 0
+    for bad in (b"", b"\xff", b"[]", b'{"format": 99}'):
+        with pytest.raises(ValueError):
+            _state.load(builtin_engine(), bad, now=1.0)
+
+
+JOIN_RULE = {
+    "rules": {
+        "Pair": {
+            "join": ["k8s.pod.uid"], "window": "1m", "settle": "0s",
+            "members": {"first": {"event": "test.first"}, "second": {"event": "test.second"}},
+        }
+    },
+    "builtin_rules": False,
+    "storage": "storage",
+    "checkpoint_interval": "100ms",
+}
+
+
+async def test_with_storage_an_incident_begun_before_a_restart_is_completed_after_it(tmp_path):
+    import time
+
+    from tapio.storage import Storage
+
+    with Storage.open(tmp_path / "tapio.db", synchronous="normal") as storage:
+        sinks = []
+        for step in ("test.first", "test.second"):  # one connector run each, the same storage file
+            telemetry = Telemetry()
+            s = Settings(
+                id=ComponentID("correlate"), kind=Kind.CONNECTOR, telemetry=telemetry.for_component("connector", "correlate"),
+                logger=logging.getLogger("tapio.test.correlate"), extensions={ComponentID("storage"): storage}, shutdown_grace=5.0,
+            )
+            send, recv = trio.open_memory_channel(4)
+            sink = RecordingConsumer(ack=True)
+            sinks.append(sink)
+            connector = factory.create(s, decode_dataclass(CorrelateConfig, JOIN_RULE), Ports(input=recv, output=sink))
+            with trio.fail_after(20):
+                async with trio.open_nursery() as n:
+                    await n.start(connector.run)
+                    await send.send(Batch.of(Signal.LOGS, logs_request([{"time_ns": time.time_ns(), "event": step, "attrs": {"k8s.pod.uid": "p"}}])))
+                    if step == "test.second":
+                        await sink.wait_until(lambda: any(b.signal is Signal.TRACES for b in sink.batches))
+                    await send.aclose()
+            assert telemetry.value("tapio_correlate_state_saves_total", result="ok") >= 1
+        first, second = sinks
+    assert not [b for b in first.batches if b.signal is Signal.TRACES], "without its second member nothing is sent: it is saved"
+    spans = [sp for b in second.batches if b.signal is Signal.TRACES for req in b.requests for rs in req.resource_spans for ss in rs.scope_spans for sp in ss.spans]
+    assert sorted(sp.name for sp in spans) == ["Pair", "first: test.first", "second: test.second"]

@@ -10,8 +10,13 @@ Invariants:
 - With a logs pipeline after the connector, every incoming record goes on
   (with the batch's delivery callbacks) followed by a record per incident;
   without one, incoming batches end here as delivered.
-- Windows are decided on a one-second tick; on shutdown every complete
-  incident still open is sent before the outputs close.
+- Windows are decided on a one-second tick. Without storage, on shutdown
+  every complete incident still open is sent before the outputs close.
+  With storage, open windows are saved every ``checkpoint_interval`` and on
+  shutdown (instead of deciding them), and put back at start before the
+  first batch is read (`_state`), so an incident whose events straddle a
+  restart is still one incident. A saved state that cannot be read is
+  logged and counted, and the connector starts empty.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from tapio.component import Ports, Refused, Settings
 from tapio.pdata import Batch, Signal
 from tapio.telemetry import COUNTER, GAUGE
 
-from . import _spans
+from . import _spans, _state
 from ._config import CorrelateConfig
 from ._engine import Appended, Emitted, Engine, Output, compile_rule
 from ._records import events
@@ -52,18 +57,25 @@ class Correlate:
         )
         self._start_ns = time.time_ns()
         self._reported: dict[str, int] = {}
+        self._storage = settings.storage(config.storage) if config.storage is not None else None
+        self._checkpoints = self._storage.checkpoints(f"connector/{settings.id}") if self._storage is not None else None
+        self._checkpoint_s = float(config.checkpoint_interval)
 
     def running_summary(self) -> list[str]:
         outputs = ", ".join(s.value for s in sorted(self._wired)) or "nothing"
-        return [f"{len(self.rules)} rules ({', '.join(r.name for r in self.rules) or 'none'}); incidents to {outputs}"]
+        kept = f"; open windows saved every {self._checkpoint_s:g}s" if self._checkpoints is not None else ""
+        return [f"{len(self.rules)} rules ({', '.join(r.name for r in self.rules) or 'none'}); incidents to {outputs}{kept}"]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         t = self._tel
         t.declare("tapio_correlate_incidents_total", COUNTER, "Incidents sent, by rule and severity.")
         t.declare("tapio_correlate_member_events_total", COUNTER, "Records that joined an incident window, by rule.")
-        t.declare("tapio_correlate_discarded_total", COUNTER, "Windows and member events left out, by reason (evicted, incomplete, ruled_out, resolved, no_join_key, too_late, kept_over_cap).")
+        t.declare("tapio_correlate_discarded_total", COUNTER, "Windows and member events left out, by reason (evicted, incomplete, ruled_out, resolved, no_join_key, too_late, kept_over_cap, restore_dropped, state_unreadable).")
         t.declare("tapio_correlate_open_windows", GAUGE, "Incident windows open now.")
         t.gauge("tapio_correlate_open_windows", lambda: float(self.engine.open_windows()))
+        t.declare("tapio_correlate_state_saves_total", COUNTER, "Saves of the open windows to storage, by result (ok, failed).")
+        if self._checkpoints is not None:
+            await self._restore()
         task_status.started()
         try:
             async with trio.open_nursery() as nursery:
@@ -74,12 +86,46 @@ class Correlate:
         finally:
             with trio.move_on_after(self._grace) as scope:
                 scope.shield = True
-                await self._send(self.engine.flush(trio.current_time()))
+                if self._checkpoints is None:
+                    await self._send(self.engine.flush(trio.current_time()))
+                else:
+                    await self._save()
 
     async def _tick(self) -> None:
+        next_save = trio.current_time() + self._checkpoint_s
         while True:
             await trio.sleep(TICK_S)
             await self._send(self.engine.tick(trio.current_time()))
+            if self._checkpoints is not None and trio.current_time() >= next_save:
+                await self._save()
+                next_save = trio.current_time() + self._checkpoint_s
+
+    async def _restore(self) -> None:
+        assert self._storage is not None and self._checkpoints is not None
+        data = await self._storage.run_sync(self._checkpoints.get, "windows")
+        if data is None:
+            return
+        try:
+            restored, dropped = _state.load(self.engine, data, trio.current_time())
+        except (ValueError, KeyError, TypeError) as e:
+            self._tel.add("tapio_correlate_discarded_total", 1, reason="state_unreadable")
+            self._log.warning("the saved correlation windows cannot be read (%s); starting without them", e)
+            return
+        if dropped:
+            self._tel.add("tapio_correlate_discarded_total", dropped, reason="restore_dropped")
+        self._log.info("restored %d open incident windows from storage (%d left out: their rule changed)", restored, dropped)
+
+    async def _save(self) -> None:
+        assert self._storage is not None and self._checkpoints is not None
+        snap = _state.snapshot(self.engine, trio.current_time())
+        checkpoints = self._checkpoints
+        try:
+            await self._storage.run_sync(lambda: checkpoints.put("windows", _state.encode(snap)))
+        except Exception as e:  # a full disk or a broken file must not stop correlation
+            self._tel.add("tapio_correlate_state_saves_total", 1, result="failed")
+            self._log.warning("saving the open correlation windows failed: %s", e)
+        else:
+            self._tel.add("tapio_correlate_state_saves_total", 1, result="ok")
 
     async def _handle(self, batch: Batch) -> None:
         now = trio.current_time()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tapio._yamlnodes import Loc, parse_yaml
-from tapio.component import setting
+from tapio.component import StorageRef, setting
 from tapio.decode import INVALID, Problems, decode_validated
 from tapio.units import Duration
 
@@ -174,12 +174,23 @@ class CorrelateConfig:
     lateness: Duration = setting(
         Duration(5.0), doc="How long after its window an incident still takes late events (out-of-order arrival)."
     )
+    storage: StorageRef | None = setting(
+        None,
+        doc="A storage extension (e.g. `storage`) where open windows are saved every `checkpoint_interval` and at shutdown, so "
+        "a restart goes on assembling the incidents it had begun. None keeps them in memory only: on shutdown every complete "
+        "incident is sent and the rest is dropped.",
+    )
+    checkpoint_interval: Duration = setting(
+        Duration(10.0), doc="How often open windows are saved to `storage` (a crash loses at most this much of their events)."
+    )
     def validate(self) -> list[str]:
         problems: list[str] = []
         if self.max_keys < 1:
             problems.append(f"max_keys: must be at least 1, got {self.max_keys}")
         if self.max_events_per_member < 1:
             problems.append(f"max_events_per_member: must be at least 1, got {self.max_events_per_member}")
+        if float(self.checkpoint_interval) < 0.1:
+            problems.append(f"checkpoint_interval: must be at least 100ms, got {self.checkpoint_interval}")
         problems += _rules_problems(self.rules)
         loaded, file_problems = self._file_rules()
         problems += file_problems
