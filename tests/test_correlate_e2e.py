@@ -144,9 +144,11 @@ def test_a_container_oom_kill_is_one_incident_of_kernel_runtime_and_api(tmp_path
         by_member.setdefault(m["tapio.incident.member"], []).append(m)
     kernel = by_member["kernel_oom_kill"]
     assert kernel and all(k["container.id"] == cid and k["tapio.ebpf.oom.anon_rss_kb"] > 0 for k in kernel)
+    assert all(k["process.pid"] > 1 and f"pid {k['process.pid']}" in a["tapio.incident.summary"] for k in kernel[:1])
     oomkilled = by_member["container_oomkilled"]
     assert {m["tapio.event.name"] for m in oomkilled} == {"tapio.cri.container.stopped", "k8s.container.status"}, oomkilled
     assert all(m["k8s.container.status.reason"] == "OOMKilled" for m in oomkilled)
+    assert [m["k8s.pod.name"] for m in oomkilled if m["tapio.event.name"] == "k8s.container.status"] == ["hungry-6d5f"]
     assert "of pod shop/hungry-6d5f was OOM-killed" in a["tapio.incident.summary"]
     # the kernel chose the victim before the runtime saw the container exit (the API's times are in seconds)
     def first(event: str) -> int:
