@@ -37,6 +37,20 @@ def test_the_daemonset_gives_the_node_name_the_pipelines_read():
     assert {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["get"]} in rules  # get only: no ReplicaSet watch
 
 
+def test_the_daemonset_gives_cri_its_socket_and_kubeletstats_its_permissions():
+    docs = list(yaml.safe_load_all((EXAMPLES / "node-agent-daemonset.yaml").read_text()))
+    pipelines = yaml.safe_load((EXAMPLES / "node-agent.yaml").read_text())
+    assert "cri" in pipelines["service"]["pipelines"]["logs"]["receivers"]
+    assert pipelines["service"]["pipelines"]["metrics"]["receivers"] == ["kubeletstats"]
+    socket = pipelines["receivers"]["cri"]["endpoint"].removeprefix("unix://")
+    pod = next(d for d in docs if d["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert any(host_paths.get(name) == socket and path == socket for name, path in mounts.items())
+    rules = next(d for d in docs if d["kind"] == "ClusterRole")["rules"]
+    assert any(set(r["resources"]) >= {"nodes/stats", "nodes/proxy"} and "get" in r["verbs"] for r in rules)
+
+
 def test_without_its_environment_the_node_agent_says_what_is_missing():
     env = {k: v for k, v in os.environ.items() if k not in ENV["node-agent.yaml"]}
     res = subprocess.run([*tapio_command(), "validate", "-c", str(EXAMPLES / "node-agent.yaml")], capture_output=True, text=True, env=env, timeout=60)
