@@ -359,3 +359,26 @@ def test_wire_errors_on_truncated_input():
                         _wire.find_attributes(raw[:cut], ips, ie, _wire.LOG_ATTRIBUTES_TAG, (_wire.key_prefix("container.id"),))
         except _wire.WireError:
             continue
+
+
+async def test_owner_chains_name_statefulsets_daemonsets_jobs_and_cronjobs_fetching_only_jobs(kube, tmp_path):
+    cron_uid = "cccccccc-0000-0000-0000-000000000009"
+    job = kube.apply("jobs", fk.job("backup-28930", namespace="shop", cronjob=("backup", cron_uid)))
+    owners = {
+        "10.1.1.1": (fk.owner_ref("StatefulSet", "db", "dddddddd-0000-0000-0000-000000000001"), {"k8s.statefulset.name": "db"}),
+        "10.1.1.2": (fk.owner_ref("DaemonSet", "agent", "dddddddd-0000-0000-0000-000000000002"), {"k8s.daemonset.name": "agent"}),
+        "10.1.1.3": (fk.owner_ref("Job", "backup-28930", job["metadata"]["uid"], "batch/v1"), {"k8s.job.name": "backup-28930", "k8s.cronjob.name": "backup", "k8s.cronjob.uid": cron_uid}),
+    }
+    for i, (ip, (ref, _)) in enumerate(owners.items()):
+        kube.apply("pods", fk.pod(f"owned-{i}", namespace="shop", ip=ip, owner=ref))
+    metadata = ["k8s.pod.name", "k8s.statefulset.name", "k8s.daemonset.name", "k8s.job.name", "k8s.cronjob.name", "k8s.cronjob.uid", "k8s.deployment.name"]
+    async with running_processor(factory, base_config(kube, tmp_path, extract={"metadata": metadata})) as h:
+        for ip, (_, want) in owners.items():
+            out = await h.roundtrip(Batch.of(Signal.LOGS, logs_request([({"k8s.pod.ip": ip}, [{}])])))
+            [(res, _)] = records_by_resource([out])
+            assert {k: v for k, v in res.items() if k in metadata and k != "k8s.pod.name"} == want, (ip, res)
+        # StatefulSets and DaemonSets are the pod's own controller: only the Job (and the fixture's ReplicaSet) was fetched, once each; nothing listed or watched
+        assert h.value("tapio_k8sattributes_owner_lookups_total", result="found") == 2
+    for resource in ("jobs", "statefulsets", "daemonsets", "cronjobs"):
+        assert kube.count(resource, watch=False) == 0 and kube.count(resource, watch=True) == 0
+    assert [r.path for r in kube.requests if "/jobs/" in r.path or "/cronjobs" in r.path] == ["/apis/batch/v1/namespaces/shop/jobs/backup-28930"]
