@@ -295,6 +295,22 @@ async def test_a_restart_between_template_and_data_decodes_with_persisted_templa
     assert log_records(third_sink) == []
 
 
+async def test_a_sequence_gap_is_counted_by_exporter_and_the_flows_after_it_still_arrive():
+    receiver, sink, settings = make_receiver()
+
+    async def action() -> None:
+        port = port_of(receiver)
+        for sequence, src in ((0, "10.0.0.1"), (1, "10.0.0.3"), (5, "10.0.0.5")):  # 2, 3 and 4 never arrive
+            send(port, nf.v9_datagram([softflowd_template(), nf.flow_set(1024, v4_record(src, "10.0.0.2", 1000, 80))], sequence=sequence))
+
+    await run_until(receiver, sink, lambda: len(log_records(sink)) >= 3, action)
+    assert sorted(r["source.address"] for r in log_records(sink)) == ["10.0.0.1", "10.0.0.3", "10.0.0.5"]
+    tel = settings.telemetry.telemetry
+    assert tel.value("tapio_netflow_sequence_gaps_total", exporter="127.0.0.1") == 1
+    assert tel.value("tapio_netflow_sequence_missed_total", exporter="127.0.0.1") == 3
+    assert tel.value("tapio_netflow_malformed_datagrams_total") == 0
+
+
 async def test_malformed_datagrams_are_counted_by_exporter_and_reason_and_reception_goes_on(caplog):
     receiver, sink, settings = make_receiver()
 
