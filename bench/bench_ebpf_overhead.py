@@ -28,9 +28,15 @@ filter that matches nothing): the floor of tracepoint dispatch.
 
 Per-program kernel time comes from one extra round with
 ``kernel.bpf_stats_enabled`` on (it adds timing to every program run, so it
-is off while the slowdown is timed). The agent's CPU per 10k events/s, its
-RSS, and start-to-ready time (compile included) come from the service runs.
+is off while the slowdown is timed). The agent's CPU per event and per 10k
+events/s, its RSS, and start-to-ready time (compile included) come from the
+service runs. The *loss point* runs the workload paced at rising event rates
+(then as fast as it goes), ~3 s each with the default config, and reports the
+first rate at which the kernel dropped events for want of ring-buffer space.
 Prints one JSON line.
+
+``--profile N`` instead runs the service workload once with cProfile on in
+the agent and prints the N functions with the most own time.
 """
 
 from __future__ import annotations
@@ -83,6 +89,11 @@ for tick in range(ticks):
 EVENTS_PER_TICK = 15 + 20 * 4 + 1
 #: the service workload's target rate on one core
 TARGET_EVENTS_PER_S = 10_000
+#: SHA-256 blocks a tick while calibrating: ~10 ms of work, well above a bare tick's ~1 ms
+CALIBRATION_PROBE_BLOCKS = 4000
+#: event rates tried for the ring-buffer loss point (0: as fast as the bare workload goes), each for LOSS_RUN_S
+LOSS_RATES = (20_000, 40_000, 60_000, 80_000, 100_000, 0)
+LOSS_RUN_S = 3.0
 
 
 class CountingConsumer:
@@ -149,6 +160,8 @@ class Agent:
     rss_end_mb: float = 0.0
     rss_anon_end_mb: float = 0.0
     bpf_ns: dict[str, list[int]] = field(default_factory=dict)
+    #: a cProfile.Profile to enable while the workload runs (--profile)
+    profiler: object = None
 
     async def run_with(self, ticks: int, work: int, *, prog_stats: bool = False) -> tuple[float, float]:
         settings = Settings(
@@ -166,8 +179,12 @@ class Agent:
             ev0 = self.telemetry.value("tapio_ebpf_events_total")
             progs0 = bpf_prog_stats() if prog_stats else {}
             cpu0, w0 = time.process_time(), time.perf_counter()
+            if self.profiler is not None:
+                self.profiler.enable()
             result = await run_workload(ticks, work)
             await trio.sleep(0.2)  # the last drain
+            if self.profiler is not None:
+                self.profiler.disable()
             if not prog_stats:
                 self.cpu_s += time.process_time() - cpu0
                 self.seconds += time.perf_counter() - w0
@@ -218,24 +235,97 @@ async def compare(agent: Agent, ticks: int, work: int, rounds: int) -> dict:
     }
 
 
-async def calibrate(ticks: int) -> int:
-    """Application work per tick (SHA-256 blocks) for ~TARGET_EVENTS_PER_S on the workload's core, without the receiver."""
-    _, wall = await run_workload(ticks // 4, 0)
-    bare_tick = wall / (ticks // 4)
-    probe = 200
-    _, wall = await run_workload(ticks // 4, probe)
-    per_block = max((wall / (ticks // 4) - bare_tick) / probe, 1e-9)
-    want_tick = EVENTS_PER_TICK / TARGET_EVENTS_PER_S
-    return max(0, round((want_tick - bare_tick) / per_block))
+@dataclass(frozen=True)
+class Calibration:
+    """The workload's cost on its core without the receiver: a bare tick, and one SHA-256 block of application work."""
+
+    bare_tick_s: float
+    per_block_s: float
+
+    def work_for(self, events_per_s: float) -> int | None:
+        """SHA-256 blocks a tick for that event rate; None above what the bare workload makes."""
+        want_tick = EVENTS_PER_TICK / events_per_s
+        if want_tick < self.bare_tick_s:
+            return None
+        return round((want_tick - self.bare_tick_s) / self.per_block_s)
+
+    def ticks_for(self, events_per_s: float, seconds: float) -> int:
+        return max(20, round(seconds * events_per_s / EVENTS_PER_TICK))
 
 
-async def main(rounds: int, ticks: int) -> None:
+async def calibrate(ticks: int) -> Calibration:
+    """The workload's costs on its core, without the receiver.
+
+    The probe's work is several times the bare tick, so that noise from a busy
+    machine cannot make it look free (which would ask for unbounded work).
+    """
+    n = max(ticks // 4, 20)
+    _, wall = await run_workload(n, 0)
+    bare_tick = wall / n
+    probe = CALIBRATION_PROBE_BLOCKS
+    _, wall = await run_workload(n, probe)
+    per_block = (wall / n - bare_tick) / probe
+    if per_block <= 0:
+        raise RuntimeError(f"calibration failed: {probe} SHA-256 blocks a tick cost nothing measurable ({wall / n * 1e3:.2f} ms a tick, bare {bare_tick * 1e3:.2f} ms)")
+    return Calibration(bare_tick, per_block)
+
+
+async def loss_point(cal: Calibration) -> dict:
+    """The lowest of LOSS_RATES at which the kernel drops events with the default config, each run for LOSS_RUN_S."""
+    runs = []
+    for rate in LOSS_RATES:
+        work = cal.work_for(rate)
+        if work is None:
+            rate, work = 0, 0  # as fast as the workload goes
+        agent = Agent(Config())
+        ticks = cal.ticks_for(rate or 1 / cal.bare_tick_s * EVENTS_PER_TICK, LOSS_RUN_S)
+        _, wall = await agent.run_with(ticks, work)
+        lost = int(agent.telemetry.value("tapio_ebpf_events_lost_total"))
+        made = EVENTS_PER_TICK * ticks / wall
+        runs.append({"target_events_per_s": rate or "max", "events_per_s": round(made), "lost": lost, "agent_cpu_pct": round(100 * agent.cpu_s / agent.seconds, 1)})
+        if lost or not rate:
+            break
+    first = next((r for r in runs if r["lost"]), None)
+    return {
+        "runs": runs,
+        "first_loss_events_per_s": first["events_per_s"] if first else None,
+        "no_loss_up_to_events_per_s": max((r["events_per_s"] for r in runs if not r["lost"]), default=0),
+    }
+
+
+def profile_tops(stats_text: str, lines: int) -> list[str]:
+    body = stats_text.splitlines()
+    head = next((i for i, line in enumerate(body) if line.lstrip().startswith("ncalls")), 0)
+    return [line.rstrip() for line in body[head : head + 1 + lines]]
+
+
+async def profiled(cal: Calibration, ticks: int, lines: int) -> dict:
+    """One service run with cProfile on in the agent: the functions with the most own time."""
+    import cProfile
+    import io
+    import pstats
+
+    agent = Agent(Config())
+    profiler = cProfile.Profile()
+    agent.profiler = profiler
+    await agent.run_with(ticks, cal.work_for(TARGET_EVENTS_PER_S) or 0)
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(lines)
+    return {"events": int(agent.events), "top_by_own_time": profile_tops(out.getvalue(), lines)}
+
+
+async def main(rounds: int, ticks: int, profile: int) -> None:
     if AGENT_CPU >= 0:
         os.sched_setaffinity(0, {AGENT_CPU})
     stats_path = "/proc/sys/kernel/bpf_stats_enabled"
-    work = await calibrate(ticks)
-    service = Agent(Config())
+    cal = await calibrate(ticks)
+    work = cal.work_for(TARGET_EVENTS_PER_S) or 0
     result = {"bench": "ebpf_overhead", "rounds": rounds, "ticks_per_run": ticks, "agent_cpu": AGENT_CPU, "workload_cpu": WORKLOAD_CPU, "goal_slowdown_pct": 2.0}
+    if profile:
+        result["profile"] = await profiled(cal, ticks, profile)
+        print(json.dumps(result))
+        return
+    service = Agent(Config())
     result["service"] = {"sha256_4k_blocks_per_tick": work, **await compare(service, ticks, work, rounds)}
     syscall_bound = Agent(Config())
     result["syscall_bound"] = await compare(syscall_bound, ticks, 0, rounds)
@@ -259,8 +349,10 @@ async def main(rounds: int, ticks: int) -> None:
     eps = service.events / service.seconds
     result["agent"] = {
         "events_per_s": round(eps),
+        "cpu_us_per_event": round(1e6 * service.cpu_s / service.events, 2),
         "cpu_pct": round(100 * service.cpu_s / service.seconds, 2),
         "cpu_pct_per_10k_events_s": round(100 * service.cpu_s / service.seconds * 10_000 / eps, 2),
+        "goal_cpu_us_per_event": 4.0,
         "rss_mb_at_ready": round(service.rss_ready_mb, 1),
         "rss_mb_after_load": round(service.rss_end_mb, 1),
         "rss_anon_mb_after_load": round(service.rss_anon_end_mb, 1),
@@ -269,6 +361,7 @@ async def main(rounds: int, ticks: int) -> None:
         "goal_rss_mb": 100.0,
     }
     result["events_lost"] = service.telemetry.value("tapio_ebpf_events_lost_total") + syscall_bound.telemetry.value("tapio_ebpf_events_lost_total")
+    result["loss_point"] = await loss_point(cal)
     print(json.dumps(result))
 
 
@@ -276,5 +369,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6, help="alternating rounds per workload (default 6)")
     parser.add_argument("--ticks", type=int, default=400, help="workload ticks per run, ~100 events each (default 400)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="instead: one service run under cProfile, printing the N functions with the most own time")
     args = parser.parse_args()
-    trio.run(main, args.rounds, args.ticks)
+    trio.run(main, args.rounds, args.ticks, args.profile)
