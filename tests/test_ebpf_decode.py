@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from tapio.receivers.ebpf import factory
 from tapio.receivers.ebpf import _decode as d
 from tapio.receivers.ebpf._config import Config, FiltersConfig
-from tapio.receivers.ebpf._containers import ContainerResolver, parse_cgroup, parse_cgroup_path
-from tapio.receivers.ebpf._loader import path_filter_source
+from tapio.receivers.ebpf._containers import Container, ContainerResolver, parse_cgroup, parse_cgroup_path, walk_cgroup_tree
+from tapio.receivers.ebpf import EbpfStartupError
+from tapio.receivers.ebpf._loader import PATH_FILTER_PLACEHOLDER, check_layouts, path_filter_source, program_source, splice
 from tapio.units import ByteSize
 
 CID = "0123456789abcdef" * 4
@@ -171,12 +172,17 @@ def test_resolver_finds_a_gone_process_by_walking_the_cgroup_tree(tmp_path):
     leaf.mkdir(parents=True)
     (root / "system.slice").mkdir()
     r = ContainerResolver(proc_root=str(tmp_path / "noproc"), root_cgroup_id=1, cgroup2_root=str(root))
-    found, reason = r.resolve(1234, leaf.stat().st_ino)
-    assert found.id == CID and found.pod_uid == UID and reason == ""
+    cgroup = leaf.stat().st_ino
+    assert r.resolve(1234, cgroup) == (None, "process_gone"), "resolve itself never walks"
+    assert r.wants_walk(cgroup) and not r.wants_walk(1), "the root cgroup says nothing about a container"
+    tree = walk_cgroup_tree(str(root))
+    assert tree == {cgroup: Container(CID, "containerd", UID)}
     miss = (root / "system.slice").stat().st_ino
-    assert r.resolve(1235, miss) == (None, "process_gone")
+    r.learn_walk(tree, {cgroup, miss})
+    assert r.by_cgroup(cgroup).pod_uid == UID
+    assert r.resolve(1235, cgroup) == (Container(CID, "containerd", UID), ""), "known by its cgroup from now on"
+    assert not r.wants_walk(cgroup) and not r.wants_walk(miss), "a cgroup id a walk did not find is not walked for again"
     assert r.resolve(1236, miss) == (None, "process_gone")
-    assert r.scans == 2, "a cgroup id a walk did not find is not walked for again"
 
 
 def test_resolver_is_bounded(tmp_path):
@@ -251,3 +257,65 @@ def test_doc_page_lists_exactly_the_config_fields_with_their_defaults():
     section = page.read_text().split("## Configuration", 1)[1].split("## Example", 1)[0]
     rows = re.findall(r"^\| `([a-z_.]+)` \| `([^`]*)` \|", section, flags=re.M)
     assert dict(rows) == dict(_flatten(Config()))
+
+
+# ---------------------------------------------------------------- layout check, source splice
+
+
+def _reported(layouts=d.UNION_MEMBERS) -> dict:
+    """A layout report as the compile helper sends it, built from our own layouts."""
+    fields = {f"{m}.{name}": list(at) for m, layout in layouts.items() for name, at in layout.offsets.items()}
+    return {"size": max(x.size for x in layouts.values()), "members": {m: x.size for m, x in layouts.items()}, "fields": fields}
+
+
+def test_layouts_agree_with_themselves_and_ignore_implicit_padding():
+    report = _reported()
+    report["fields"]["tcp.__pad_0"] = [126, 2]
+    assert d.layout_problems(report) == []
+
+
+def test_a_swap_of_two_same_size_fields_is_reported_by_name():
+    report = _reported()
+    # the C struct declares dport before sport: same total size, same field sizes
+    report["fields"]["tcp.sport"], report["fields"]["tcp.dport"] = report["fields"]["tcp.dport"], report["fields"]["tcp.sport"]
+    (problem,) = d.layout_problems(report)
+    assert problem == (
+        "struct tcp_event: sport is at offset 72 (2 bytes) in the program, at 70 (2 bytes) here; "
+        "dport is at offset 70 (2 bytes) in the program, at 72 (2 bytes) here"
+    )
+
+
+def test_missing_extra_and_resized_fields_and_members_are_reported():
+    report = _reported()
+    del report["fields"]["exit.ppid"]
+    report["fields"]["open.extra"] = [328, 4]
+    report["members"]["oom"] = 112
+    del report["members"]["sig"]
+    problems = d.layout_problems(report)
+    assert len(problems) == 4
+    assert "struct exit_event: ppid is missing from the program" in problems
+    assert "struct open_event: extra (offset 328) is in the program but not read here" in problems
+    assert "struct oom_event: 112 bytes in the program, 104 here" in problems
+    assert "struct signal_event: the program's union has no member sig" in problems
+
+
+def test_the_loader_refuses_a_program_whose_layout_differs():
+    report = _reported()
+    report["fields"]["exec.argc"], report["fields"]["exec.argv_len"] = report["fields"]["exec.argv_len"], report["fields"]["exec.argc"]
+    with pytest.raises(EbpfStartupError, match=r"differ from what tapio/receivers/ebpf/_decode.py reads .*struct exec_event: argv_len is at offset 60"):
+        check_layouts({"layouts": {"scratch": report}})
+    with pytest.raises(EbpfStartupError, match="did not report the layout"):
+        check_layouts({})
+
+
+def test_the_path_filter_replaces_its_placeholder_line_exactly_once():
+    source = program_source()
+    assert [line.strip() for line in source.splitlines()].count(PATH_FILTER_PLACEHOLDER) == 1
+    spliced = splice(source, PATH_FILTER_PLACEHOLDER, path_filter_source(["/tmp/"], []))
+    assert PATH_FILTER_PLACEHOLDER not in [line.strip() for line in spliced.splitlines()]
+    assert "static __always_inline int path_allowed" in spliced
+    assert spliced.index("path_allowed(const char *p) {") < spliced.index("if (!path_allowed(e->path))")
+    with pytest.raises(ValueError, match="exactly once, found 0"):
+        splice("int x;\n// @PATH_FILTER@ in a comment\n", PATH_FILTER_PLACEHOLDER, "")
+    with pytest.raises(ValueError, match="exactly once, found 2"):
+        splice("@PATH_FILTER@\n@PATH_FILTER@\n", PATH_FILTER_PLACEHOLDER, "")

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
+
+import trio
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -184,7 +187,7 @@ def raw_events(draw):
 @given(st.lists(raw_events(), max_size=12), st.lists(st.binary(max_size=80), max_size=3))
 async def test_any_events_become_parsed_batches_that_keep_their_bytes(events, junk):
     receiver, sink, telemetry = _receiver()
-    receiver.handle(events + junk)
+    await receiver.deliver(events + junk)
     logs = [b for b in sink.batches if b.signal is Signal.LOGS]
     valid = []
     for raw in events:
@@ -221,9 +224,10 @@ async def test_any_events_become_parsed_batches_that_keep_their_bytes(events, ju
 
 async def test_logs_only_wiring_builds_no_spans():
     receiver, sink, _ = _receiver([Signal.LOGS])
-    hdr = d._HDR.pack(5, 0, d.EV_TCP, 1, 1, 0, b"curl")
-    tcp = d._TCP.pack(0xFFFF8888, 1, d.TCP_CLOSE, d.AF_INET, 40000, 80, 1, 1, 7, 0b10000110, -1, b"\x7f\0\0\1" + bytes(12), b"\x7f\0\0\1" + bytes(12))
-    receiver.handle([hdr + tcp])
+    raw = d.TCP.struct.pack(
+        5, 0, d.EV_TCP, 1, 1, 0, b"curl", 0xFFFF8888, 1, d.TCP_CLOSE, d.AF_INET, 40000, 80, 1, 1, 7, 0b10000110, -1, b"\x7f\0\0\1" + bytes(12), b"\x7f\0\0\1" + bytes(12)
+    )
+    await receiver.deliver([raw])
     assert [b.signal for b in sink.batches] == [Signal.LOGS]
     rec = sink.batches[0].requests[0].resource_logs[0].scope_logs[0].log_records[0]
     assert rec.body.string_value == "tcp close 127.0.0.1:80" and not rec.span_id
@@ -266,3 +270,45 @@ async def test_a_batch_has_one_resource_per_container_and_one_for_host_processes
         (cids[200], "containerd", "00000200-1111-2222-3333-444444444444", [200, 200]),
     ]
     assert all(ts == sorted(ts) for *_, ts in groups), "each resource keeps its events in arrival order"
+
+
+async def test_the_cgroup_tree_is_walked_off_the_event_loop(tmp_path, monkeypatch):
+    """A gone process's container is found by walking the cgroup2 tree in a worker thread, the event loop running meanwhile.
+
+    Checked without a clock: the walk waits for a flag that only a task on
+    the event loop sets, so a walk on the loop itself would never see it.
+    """
+    from tapio.receivers.ebpf import _component
+    from tapio.receivers.ebpf._containers import ContainerResolver, walk_cgroup_tree
+
+    cid, pod = "ab" * 32, "3b5f0c1e-8a2d-4f6b-9c7e-1d2e3f4a5b6c"
+    root = tmp_path / "cgroup2"
+    leaf = root / "kubepods.slice" / f"kubepods-pod{pod.replace('-', '_')}.slice" / f"cri-containerd-{cid}.scope"
+    leaf.mkdir(parents=True)
+    for i in range(200):  # other cgroups the walk goes through
+        (root / "system.slice" / f"unit-{i}.service").mkdir(parents=True)
+    walking, loop_ran = threading.Event(), threading.Event()
+
+    def gated_walk(path: str) -> dict:
+        walking.set()
+        assert loop_ran.wait(10), "the event loop did not run while the cgroup tree was walked"
+        return walk_cgroup_tree(path)
+
+    monkeypatch.setattr(_component, "walk_cgroup_tree", gated_walk)
+    receiver, sink, telemetry = _receiver()
+    receiver._resolver = ContainerResolver(proc_root=str(tmp_path / "noproc"), root_cgroup_id=1, cgroup2_root=str(root))
+
+    async def watch() -> None:
+        while not walking.is_set():
+            await trio.sleep(0.001)
+        loop_ran.set()
+
+    gone = d.OPEN.struct.pack(1, leaf.stat().st_ino, d.EV_OPEN, 4242, 4242, 0, b"cat", 3, 0, 0, d.AT_FDCWD, 0, b"/etc/hostname")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        await receiver.deliver([gone, gone])
+    records = sink.batches[0].requests[0].resource_logs[0].scope_logs[0].log_records
+    found = [{kv.key: kv.value.string_value for kv in r.attributes if kv.key in ("container.id", "k8s.pod.uid")} for r in records]
+    assert found == [{"container.id": cid, "k8s.pod.uid": pod}] * 2
+    assert receiver._resolver.walks == 1, "one walk per drain, however many events need it"
+    assert telemetry.value("tapio_ebpf_container_unresolved_total") == 0

@@ -539,12 +539,19 @@ async def test_rate_limit_per_cgroup_caps_a_storm_and_counts_the_rest(tmp_path):
     )
     sink, telemetry = RecordingConsumer(), Telemetry()
     with Cgroup2Leaf() as cg:
+        # two storming processes on two CPUs at once: the cgroup's count is shared between CPUs
         storm = tmp_path / "storm.py"
-        storm.write_text(f"import os, time\nt = time.monotonic()\nfor i in range({storm_opens}):\n    os.close(os.open({str(data / 'storm')!r}, os.O_RDONLY | os.O_CREAT))\nprint(time.monotonic() - t)\n")
+        storm.write_text(
+            "import os, sys, time\n"
+            "cpus = sorted(os.sched_getaffinity(0)); os.sched_setaffinity(0, {cpus[int(sys.argv[1]) % len(cpus)]})\n"
+            f"t = time.monotonic()\nfor i in range({storm_opens // 2}):\n    os.close(os.open({str(data / 'storm')!r}, os.O_RDONLY | os.O_CREAT))\n"
+            "print(time.monotonic() - t)\n"
+        )
         async with trio.open_nursery() as nursery:
             receiver = await _run_receiver(config, sink, telemetry, nursery)
-            done = await trio.run_process(["/bin/sh", "-c", cg.enter + f"exec {sys.executable} {storm}"], capture_stdout=True)
-            storm_seconds = float(done.stdout.decode().strip())
+            both = f"{sys.executable} {storm} 0 & {sys.executable} {storm} 1; wait"
+            done = await trio.run_process(["/bin/sh", "-c", cg.enter + both], capture_stdout=True)
+            storm_seconds = max(float(x) for x in done.stdout.decode().split())
             # another cgroup (this test's) is not limited by the storm's
             calm = data / "calm"
             await trio.run_process([sys.executable, "-c", f"open({str(calm)!r}, 'w')"])
@@ -806,3 +813,76 @@ async def test_draining_a_full_ring_buffer_does_not_stall_the_event_loop(tmp_pat
     assert max(len(b.requests[0].resource_logs[0].scope_logs[0].log_records) for b in sink.batches if b.signal is Signal.LOGS) <= DRAIN_CHUNK
     partial = sorted(c for c in seen_counts if 0 < c < opens)
     assert len(partial) >= 5, f"the event loop ran between only {len(partial)} of the {opens // DRAIN_CHUNK} chunks: {partial}"
+
+async def test_a_field_swap_in_the_bpf_source_stops_the_start_with_both_fields_named(monkeypatch):
+    """Two u16 fields of struct tcp_event declared the other way round: same sizes, so only the offsets tell."""
+    require(_missing())
+    from tapio.receivers.ebpf import EbpfStartupError, _loader
+    from tapio.receivers.ebpf._config import Config
+
+    shipped = _loader.program_source()
+    swapped = shipped.replace("    u16 sport;\n    u16 dport;\n    u16 owner_known;", "    u16 dport;\n    u16 sport;\n    u16 owner_known;", 1)
+    assert swapped != shipped
+    monkeypatch.setattr(_loader, "program_source", lambda: swapped)
+    before = _tapio_prog_ids()
+    with pytest.raises(EbpfStartupError, match=r"struct tcp_event: sport is at offset 72 \(2 bytes\) in the program, at 70 \(2 bytes\) here; dport is at offset 70"):
+        await _loader.open_program(Config())
+    assert not (_tapio_prog_ids() - before), "the refused program's attachments were closed"
+
+
+HANGING_HELPER = """
+import os, sys, time
+sys.path.insert(0, {where!r})
+import _compile
+with open({pid_file!r}, "w") as f:
+    f.write(str(os.getpid()))
+_compile.os._exit = lambda code: time.sleep(3600)   # answers, then never exits
+_compile.main(int(sys.argv[1]))
+"""
+
+
+async def test_a_helper_that_never_exits_after_answering_is_killed_and_the_start_goes_on(tmp_path, monkeypatch):
+    """A test double of the compile helper: the real one, whose exit is replaced by a long sleep."""
+    require(_missing())
+    from importlib import resources
+
+    from tapio.receivers.ebpf import _loader
+    from tapio.receivers.ebpf._config import Config
+
+    real = resources.files("tapio.receivers.ebpf").joinpath("_compile.py")
+    script, pid_file = tmp_path / "hanging_helper.py", tmp_path / "helper.pid"
+    script.write_text(HANGING_HELPER.format(where=str(Path(str(real)).parent), pid_file=str(pid_file)))
+    monkeypatch.setattr(_loader, "helper_path", lambda: str(script))
+    monkeypatch.setattr(_loader, "HELPER_EXIT_SECONDS", 0.5)
+    with trio.fail_after(30):
+        program = await _loader.open_program(Config())
+    try:
+        pid = int(pid_file.read_text())
+        assert not Path(f"/proc/{pid}").exists(), "the helper was killed and reaped"
+        assert len(program.counters()) == program.counter_slots, "the handed-over maps work"
+    finally:
+        program.close()
+
+
+async def test_shutdown_is_bounded_when_detaching_hangs(monkeypatch):
+    """A Program.close that never returns (a stand-in for a kernel that never finishes detaching) cannot hang shutdown."""
+    require(_missing())
+    from tapio.receivers.ebpf import _component
+    from tapio.receivers.ebpf._config import Config
+
+    monkeypatch.setattr(_component, "DETACH_SECONDS", 0.5)
+    release = threading.Event()
+    receiver = None
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                receiver = await _run_receiver(Config(), RecordingConsumer(), Telemetry(), nursery)
+                program = receiver.program
+                real_close = program.close
+                program.close = lambda: release.wait(60)
+                nursery.cancel_scope.cancel()
+        assert receiver.program is None
+    finally:
+        release.set()
+        if receiver is not None:
+            real_close()

@@ -7,11 +7,18 @@ map ~60 MB into a process that imports them and LLVM keeps ~100 MB after a
 compile.
 
 Protocol, over a SOCK_SEQPACKET unix socket (one message each way):
-- request: JSON ``{"source", "cflags", "optional", "cgroup_ids", "comms"}``,
-  where ``optional`` maps a kernel feature's name to the -D flag that uses it;
+- request: JSON ``{"source", "cflags", "optional", "cgroup_ids", "comms",
+  "describe"}``, where ``optional`` maps a kernel feature's name to the -D
+  flag that uses it and ``describe`` (optional) names maps whose value type
+  to report;
 - answer: JSON ``{"maps": {name: index}, "links": [index...], "ring_size",
-  "counter_slots", "features": {name: true | "why not"}}`` with the fds in
+  "counter_slots", "features": {name: true | "why not"}, "layouts": {map:
+  {"size": n, "members": {name: size}, "fields": {"member.field": [offset,
+  size]}}}}`` with the fds in
   SCM_RIGHTS (indices into them), or ``{"error": message}`` and no fds.
+  A layout is the map value's C type as compiled (bcc builds its ctypes
+  description from the compiler's record layout, implicit padding included
+  as ``__pad_*`` fields), nested structs and unions flattened with dots.
 
 A request with ``"programs": {function: program type}`` (bcc's type names,
 e.g. "XDP", "SCHED_CLS") and ``"maps": [name...]`` instead loads those
@@ -44,6 +51,21 @@ import sys
 
 #: the maps the agent needs: the ring buffer and the per-CPU loss counters
 HANDED_MAPS = (b"events", b"counters")
+
+
+def describe(ctype: type, base: int = 0, prefix: str = "") -> dict[str, list[int]]:
+    """Every leaf field of a ctypes struct or union as ``{"a.b": [offset, size]}`` (offsets from the outermost start)."""
+    import ctypes
+
+    out: dict[str, list[int]] = {}
+    for name, ftype, *_ in ctype._fields_:
+        where = getattr(ctype, name)
+        key = prefix + name
+        if isinstance(ftype, type) and issubclass(ftype, (ctypes.Structure, ctypes.Union)):
+            out.update(describe(ftype, base + where.offset, key + "."))
+        else:
+            out[key] = [base + where.offset, where.size]
+    return out
 
 
 def _build(request: dict) -> tuple[dict, list[int]]:
@@ -84,12 +106,22 @@ def _build(request: dict) -> tuple[dict, list[int]]:
     for fd in list(bpf.tracepoint_fds.values()) + list(bpf.raw_tracepoint_fds.values()):
         links.append(len(fds))
         fds.append(fd)
+    import ctypes
+
+    layouts = {}
+    for name in request.get("describe", []):
+        leaf = bpf[name.encode()].Leaf
+        if issubclass(leaf, ctypes.Array):  # a per-CPU map's value: one element per CPU
+            leaf = leaf._type_
+        members = {fname: ctypes.sizeof(ftype) for fname, ftype, *_ in leaf._fields_}
+        layouts[name] = {"size": ctypes.sizeof(leaf), "members": members, "fields": describe(leaf)}
     answer = {
         "maps": maps,
         "links": links,
         "ring_size": int(bpf[b"events"].max_entries),
         "counter_slots": int(bpf[b"counters"].max_entries),
         "features": features,
+        "layouts": layouts,
     }
     return answer, fds
 

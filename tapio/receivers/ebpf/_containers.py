@@ -10,9 +10,12 @@ Invariants:
   events of a process whose /proc entry is gone still resolve. The root
   cgroup's id (shared by every task not placed in a cgroup2 cgroup) is never
   used as a key on its own.
-- When a process is gone before its first event is handled, its cgroup id
-  is looked up by walking the cgroup2 tree, at most once per cgroup id (a
-  miss is remembered), so a storm of short-lived processes in one cgroup
+- `ContainerResolver.resolve` never walks a directory tree: it reads at
+  most one small /proc file. When a process is gone before its first event
+  is handled, `wants_walk` says whether its cgroup id is worth a walk of the
+  cgroup2 tree; the caller runs `walk_cgroup_tree` (blocking: in a worker
+  thread) and hands the result to `learn_walk`. A cgroup id a walk did not
+  find is remembered, so a storm of short-lived processes in one cgroup
   costs one walk.
 - Every lookup that finds no container says why, as one of `REASONS`.
 """
@@ -91,6 +94,27 @@ def parse_cgroup_path(path: str) -> Container | None:
     return Container(cid, runtime, pod_uid)
 
 
+def walk_cgroup_tree(root: str) -> dict[int, Container]:
+    """Every container cgroup under a cgroup2 mount, by cgroup id (the directory's inode).
+
+    Blocking (it lists every cgroup directory): call it from a worker thread.
+    Directories that vanish during the walk are skipped.
+    """
+    root = root.rstrip("/")
+    found: dict[int, Container] = {}
+    for dirpath, dirnames, _ in os.walk(root):
+        for name in dirnames:
+            path = f"{dirpath}/{name}"
+            container = parse_cgroup_path(path[len(root):] + "/")
+            if container is None:
+                continue
+            try:
+                found[os.stat(path).st_ino] = container
+            except OSError:
+                continue
+    return found
+
+
 class ContainerResolver:
     """Resolves (pid, cgroup id) to a container, reading /proc/<pid>/cgroup at most once per pair.
 
@@ -113,11 +137,12 @@ class ContainerResolver:
         cgroup2_root: str | None = None,
     ) -> None:
         self._proc = proc_root.rstrip("/")
-        self._cgroup2 = cgroup2_root
+        #: the cgroup2 mount `walk_cgroup_tree` is run on (None: no walks)
+        self.cgroup2_root = cgroup2_root
         #: cgroup ids a tree walk did not find (not containers, or already gone)
-        self._scan_missed: OrderedDict[int, None] = OrderedDict()
-        #: tree walks done, for tests and benchmarks
-        self.scans = 0
+        self._walk_missed: OrderedDict[int, None] = OrderedDict()
+        #: tree walks learned from, for tests and benchmarks
+        self.walks = 0
         self._max = max_entries
         self._root = root_cgroup_id
         self._by_pid: OrderedDict[tuple[int, int], Container | None] = OrderedDict()
@@ -136,14 +161,36 @@ class ContainerResolver:
                 self._by_cgroup.move_to_end(cgroup_id)
                 return known, ""
         found, reason = self._from_proc(pid)
-        if found is None and reason != "host" and cgroup_id and cgroup_id != self._root:
-            # the process is gone (or never had an entry): look the cgroup up in the tree
-            known = self._scan_for(cgroup_id)
-            if known is not None:
-                return known, ""
         if found is not None or reason == "host":
             self._remember(key, found)
         return found, reason
+
+    def wants_walk(self, cgroup_id: int) -> bool:
+        """Whether a walk of the cgroup2 tree could find this cgroup id (asked after `resolve` found nothing for a gone process)."""
+        return (
+            self.cgroup2_root is not None
+            and bool(cgroup_id)
+            and cgroup_id != self._root
+            and cgroup_id not in self._by_cgroup
+            and cgroup_id not in self._walk_missed
+        )
+
+    def learn_walk(self, found: dict[int, Container], wanted: set[int]) -> None:
+        """Take in a `walk_cgroup_tree` result; the ``wanted`` ids it lacks are not walked for again."""
+        self.walks += 1
+        for cgroup_id, container in found.items():
+            self._by_cgroup[cgroup_id] = container
+            if len(self._by_cgroup) > self._max:
+                self._by_cgroup.popitem(last=False)
+        for cgroup_id in wanted:
+            if cgroup_id not in found:
+                self._walk_missed[cgroup_id] = None
+                if len(self._walk_missed) > self._max:
+                    self._walk_missed.popitem(last=False)
+
+    def by_cgroup(self, cgroup_id: int) -> Container | None:
+        """The container known for a cgroup id (from a process seen in it, or a walk)."""
+        return self._by_cgroup.get(cgroup_id)
 
     def _from_proc(self, pid: int) -> tuple[Container | None, str]:
         if pid <= 0:
@@ -159,32 +206,6 @@ class ContainerResolver:
             return None, "process_gone"  # a reaped zombie reads empty
         found = parse_cgroup(text)
         return found, "" if found is not None else "host"
-
-    def _scan_for(self, cgroup_id: int) -> Container | None:
-        """Walk the cgroup2 tree for container cgroups (once per cgroup id it does not find)."""
-        if self._cgroup2 is None or cgroup_id in self._scan_missed:
-            return None
-        self.scans += 1
-        root = self._cgroup2.rstrip("/")
-        for dirpath, dirnames, _ in os.walk(root):
-            for name in dirnames:
-                path = f"{dirpath}/{name}"
-                found = parse_cgroup_path(path[len(root):] + "/")
-                if found is None:
-                    continue
-                try:
-                    inode = os.stat(path).st_ino
-                except OSError:
-                    continue
-                self._by_cgroup[inode] = found
-                if len(self._by_cgroup) > self._max:
-                    self._by_cgroup.popitem(last=False)
-        found = self._by_cgroup.get(cgroup_id)
-        if found is None:
-            self._scan_missed[cgroup_id] = None
-            if len(self._scan_missed) > self._max:
-                self._scan_missed.popitem(last=False)
-        return found
 
     def forget_pid(self, pid: int, cgroup_id: int) -> None:
         """Drop a process that exited (its pid may be reused); its cgroup stays known."""

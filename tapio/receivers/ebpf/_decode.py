@@ -1,10 +1,12 @@
 """Raw ring-buffer events → typed records. Pure: no I/O, no clocks.
 
 Invariants:
-- The layouts here mirror the structs of tapio/bpf/ebpf_receiver.bpf.c
-  byte for byte (little-endian, natural alignment); `SIZES` is checked
-  against every event, so a layout drift fails loudly as `DecodeError`
-  instead of yielding shifted fields.
+- `LAYOUTS` mirrors the event structs of tapio/bpf/ebpf_receiver.bpf.c field
+  by field (little-endian, natural alignment). The sizes are checked against
+  every event; at start the compile helper reports each field's offset as
+  the compiler laid it out and `layout_problems` compares them, so a drift,
+  even a swap of two fields of one size, stops the start instead of
+  yielding shifted fields.
 - `parse_event` either returns a record or raises `DecodeError`; any byte
   string is a valid input.
 - Strings are cut at their first NUL and decoded as UTF-8 with replacement,
@@ -13,8 +15,10 @@ Invariants:
 
 from __future__ import annotations
 
+import socket
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 
 EV_EXEC, EV_EXIT, EV_OPEN, EV_TCP, EV_OOM, EV_SIGNAL = 1, 2, 3, 4, 5, 6
 KIND_NAMES = {EV_EXEC: "exec", EV_EXIT: "exit", EV_OPEN: "open", EV_TCP: "tcp", EV_OOM: "oom", EV_SIGNAL: "signal"}
@@ -22,28 +26,131 @@ KIND_NAMES = {EV_EXEC: "exec", EV_EXIT: "exit", EV_OPEN: "open", EV_TCP: "tcp", 
 TCP_CONNECT, TCP_ACCEPT, TCP_CLOSE = 1, 2, 3
 TCP_EVENT_NAMES = {TCP_CONNECT: "connect", TCP_ACCEPT: "accept", TCP_CLOSE: "close"}
 #: include/net/tcp_states.h
+TCP_ESTABLISHED, TCP_SYN_SENT, TCP_SYN_RECV, TCP_CLOSED = 1, 2, 3, 7
 TCP_STATES = {
-    1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
-    7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING", 12: "NEW_SYN_RECV",
+    TCP_ESTABLISHED: "ESTABLISHED", TCP_SYN_SENT: "SYN_SENT", TCP_SYN_RECV: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
+    6: "TIME_WAIT", TCP_CLOSED: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING", 12: "NEW_SYN_RECV",
 }
-AF_INET, AF_INET6 = 2, 10
+#: the kernel's address families (Linux numbers, as the socket module has them on Linux)
+AF_INET, AF_INET6 = int(socket.AF_INET), int(socket.AF_INET6)
+#: open(2) flags of x86-64 and arm64 (include/uapi/asm-generic/fcntl.h)
+O_CREAT = 0o100
+#: the dfd of open(2), which is openat(AT_FDCWD, ...) (include/uapi/linux/fcntl.h)
+AT_FDCWD = -100
 
-_HDR = struct.Struct("<QQIIII16s")
-_EXEC = struct.Struct("<IIIIII256s1024s")
-_EXIT = struct.Struct("<QIiiI")
-_OPEN = struct.Struct("<qiIiI256s")
-_TCP = struct.Struct("<QQIHHHHiiIq16s16s")
-_OOM = struct.Struct("<QQQQQQIi")
-_SIGNAL = struct.Struct("<iiiIiI16s")
+#: struct format codes -> (size, alignment); arrays ("16s") align as bytes
+_CODES = {"Q": 8, "q": 8, "I": 4, "i": 4, "H": 2, "h": 2, "B": 1}
 
-SIZES = {
-    EV_EXEC: _HDR.size + _EXEC.size,
-    EV_EXIT: _HDR.size + _EXIT.size,
-    EV_OPEN: _HDR.size + _OPEN.size,
-    EV_TCP: _HDR.size + _TCP.size,
-    EV_OOM: _HDR.size + _OOM.size,
-    EV_SIGNAL: _HDR.size + _SIGNAL.size,
-}
+
+@dataclass(frozen=True)
+class Layout:
+    """A C struct as read here: fields in order as (name, struct code); offsets follow natural alignment.
+
+    A nested struct's fields are named ``member.field`` (``h.pid``), as
+    `layout_problems` compares them.
+    """
+
+    name: str
+    fields: tuple[tuple[str, str], ...]
+
+    @cached_property
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        """Field name -> (offset, size)."""
+        out, off = {}, 0
+        for name, code in self.fields:
+            size, align = _size_align(code)
+            off = (off + align - 1) // align * align
+            out[name] = (off, size)
+            off += size
+        return out
+
+    @cached_property
+    def size(self) -> int:
+        align = max(_size_align(code)[1] for _, code in self.fields)
+        end = max(off + size for off, size in self.offsets.values())
+        return (end + align - 1) // align * align
+
+    @cached_property
+    def struct(self) -> struct.Struct:
+        """All fields in order (padding as ``x``), for one ``unpack_from`` of the whole event."""
+        fmt, at = "<", 0
+        for name, code in self.fields:
+            off, size = self.offsets[name]
+            fmt += "x" * (off - at) + code
+            at = off + size
+        return struct.Struct(fmt + "x" * (self.size - at))
+
+
+def _size_align(code: str) -> tuple[int, int]:
+    if code.endswith("s"):
+        return int(code[:-1] or 1), 1
+    return _CODES[code], _CODES[code]
+
+
+def _nested(member: str, fields: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    return tuple((f"{member}.{name}", code) for name, code in fields)
+
+
+_HDR_FIELDS = (("ts", "Q"), ("cgroup_id", "Q"), ("kind", "I"), ("pid", "I"), ("tid", "I"), ("uid", "I"), ("comm", "16s"))
+HDR = Layout("hdr", _HDR_FIELDS)
+_H = _nested("h", _HDR_FIELDS)
+EXEC = Layout("exec_event", _H + (
+    ("ppid", "I"), ("old_pid", "I"), ("argv_len", "I"), ("argc", "I"), ("args_truncated", "I"), ("pad", "I"),
+    ("filename", "256s"), ("argv", "1024s"),
+))
+EXIT = Layout("exit_event", _H + (("start_ts", "Q"), ("ppid", "I"), ("exit_code", "i"), ("exit_signal", "i"), ("pad", "I")))
+OPEN = Layout("open_event", _H + (("ret", "q"), ("flags", "i"), ("mode", "I"), ("dfd", "i"), ("pad", "I"), ("path", "256s")))
+TCP = Layout("tcp_event", _H + (
+    ("sock", "Q"), ("start_ts", "Q"), ("event", "I"), ("family", "H"), ("sport", "H"), ("dport", "H"), ("owner_known", "H"),
+    ("oldstate", "i"), ("newstate", "i"), ("states_seen", "I"), ("fd", "q"), ("saddr", "16s"), ("daddr", "16s"),
+))
+OOM = Layout("oom_event", _H + (
+    ("mark_ts", "Q"), ("total_vm_kb", "Q"), ("anon_rss_kb", "Q"), ("file_rss_kb", "Q"), ("shmem_rss_kb", "Q"),
+    ("pgtables_kb", "Q"), ("victim_uid", "I"), ("oom_score_adj", "i"),
+))
+SIGNAL = Layout("signal_event", _H + (
+    ("sig", "i"), ("code", "i"), ("result", "i"), ("target_pid", "I"), ("group", "i"), ("pad", "I"), ("target_comm", "16s"),
+))
+
+#: event kind -> its layout
+LAYOUTS = {EV_EXEC: EXEC, EV_EXIT: EXIT, EV_OPEN: OPEN, EV_TCP: TCP, EV_OOM: OOM, EV_SIGNAL: SIGNAL}
+#: the members of the C source's `union any_event` (the leaf of its `scratch` map) -> layout
+UNION_MEMBERS = {"exec": EXEC, "exit": EXIT, "open": OPEN, "tcp": TCP, "oom": OOM, "sig": SIGNAL}
+SIZES = {kind: layout.size for kind, layout in LAYOUTS.items()}
+_HDR = HDR.struct
+_HEADER_SIZE = HDR.size
+
+
+def layout_problems(reported: dict) -> list[str]:
+    """What differs between the compiled program's `union any_event` and `UNION_MEMBERS`; empty when they agree.
+
+    ``reported`` is the compile helper's layout of that union (see
+    _compile's ``describe``): ``members`` maps each member to its size and
+    ``fields`` each field, flattened (``tcp.h.pid``, ``tcp.sport``), to
+    ``[offset, size]`` as the compiler laid it out; fields whose name starts
+    with ``__pad`` are implicit padding and not compared. One message per
+    struct, naming every field that differs.
+    """
+    problems = []
+    fields, sizes = reported.get("fields", {}), reported.get("members", {})
+    for member, layout in UNION_MEMBERS.items():
+        theirs = {k[len(member) + 1:]: tuple(v) for k, v in fields.items() if k.startswith(member + ".") and "__pad" not in k}
+        ours = layout.offsets
+        diffs = []
+        if member not in sizes:
+            diffs.append(f"the program's union has no member {member}")
+        elif sizes[member] != layout.size:
+            diffs.append(f"{sizes[member]} bytes in the program, {layout.size} here")
+        for name, (off, size) in ours.items():
+            got = theirs.get(name)
+            if got is None:
+                diffs.append(f"{name} is missing from the program")
+            elif got != (off, size):
+                diffs.append(f"{name} is at offset {got[0]} ({got[1]} bytes) in the program, at {off} ({size} bytes) here")
+        diffs += [f"{name} (offset {theirs[name][0]}) is in the program but not read here" for name in theirs if name not in ours]
+        if diffs:
+            problems.append(f"struct {layout.name}: " + "; ".join(diffs))
+    return problems
 
 
 class DecodeError(ValueError):
@@ -180,27 +287,27 @@ def parse_argv(raw: bytes, length: int) -> list[str]:
 
 def parse_event(data: bytes) -> Event:
     """One ring-buffer record → an event record (raises DecodeError)."""
-    if len(data) < _HDR.size:
-        raise DecodeError(f"event of {len(data)} bytes is shorter than the {_HDR.size}-byte header")
-    ts, cgroup_id, kind, pid, tid, uid, comm = _HDR.unpack_from(data, 0)
-    want = SIZES.get(kind)
-    if want is None:
+    if len(data) < _HEADER_SIZE:
+        raise DecodeError(f"event of {len(data)} bytes is shorter than the {_HEADER_SIZE}-byte header")
+    kind = _U32.unpack_from(data, 16)[0]
+    layout = LAYOUTS.get(kind)
+    if layout is None:
         raise DecodeError(f"unknown event kind {kind}")
-    if len(data) != want:
-        raise DecodeError(f"{KIND_NAMES[kind]} event of {len(data)} bytes, expected {want}")
+    if len(data) != layout.size:
+        raise DecodeError(f"{KIND_NAMES[kind]} event of {len(data)} bytes, expected {layout.size}")
+    ts, cgroup_id, kind, pid, tid, uid, comm, *rest = layout.struct.unpack_from(data, 0)
     h = Header(ts, cgroup_id, kind, pid, tid, uid, _str(comm))
-    off = _HDR.size
     if kind == EV_OPEN:
-        ret, flags, mode, dfd, _, path = _OPEN.unpack_from(data, off)
+        ret, flags, mode, dfd, _, path = rest
         return OpenEvent(h, ret, flags, mode, dfd, _str(path))
     if kind == EV_EXEC:
-        ppid, old_pid, argv_len, argc, truncated, _, filename, argv = _EXEC.unpack_from(data, off)
+        ppid, old_pid, argv_len, argc, truncated, _, filename, argv = rest
         return ExecEvent(h, ppid, old_pid, _str(filename), parse_argv(argv, argv_len)[:argc] if argc else [], bool(truncated))
     if kind == EV_EXIT:
-        start_ts, ppid, code, sig, _ = _EXIT.unpack_from(data, off)
+        start_ts, ppid, code, sig, _ = rest
         return ExitEvent(h, start_ts, ppid, code, sig)
     if kind == EV_TCP:
-        sock, start_ts, event, family, sport, dport, owner, old, new, states, fd, saddr, daddr = _TCP.unpack_from(data, off)
+        sock, start_ts, event, family, sport, dport, owner, old, new, states, fd, saddr, daddr = rest
         if event not in TCP_EVENT_NAMES:
             raise DecodeError(f"unknown tcp event {event}")
         return TcpEvent(
@@ -208,9 +315,12 @@ def parse_event(data: bytes) -> Event:
             format_address(family, saddr), format_address(family, daddr),
         )
     if kind == EV_OOM:
-        return OomEvent(h, *_OOM.unpack_from(data, off))
-    sig, code, result, target_pid, group, _, target_comm = _SIGNAL.unpack_from(data, off)
+        return OomEvent(h, *rest)
+    sig, code, result, target_pid, group, _, target_comm = rest
     return SignalEvent(h, sig, code, result, target_pid, group, _str(target_comm))
+
+
+_U32 = struct.Struct("<I")
 
 
 def states_list(mask: int) -> list[str]:
@@ -231,7 +341,7 @@ _FLAGS_TEXT: dict[int, str] = {}
 _OPEN_ACCESS = {0: "O_RDONLY", 1: "O_WRONLY", 2: "O_RDWR"}
 _OPEN_FLAGS = [  # composite flags first: O_SYNC includes O_DSYNC, O_TMPFILE includes O_DIRECTORY
     (0o4010000, "O_SYNC"), (0o20200000, "O_TMPFILE"),
-    (0o100, "O_CREAT"), (0o200, "O_EXCL"), (0o400, "O_NOCTTY"), (0o1000, "O_TRUNC"), (0o2000, "O_APPEND"),
+    (O_CREAT, "O_CREAT"), (0o200, "O_EXCL"), (0o400, "O_NOCTTY"), (0o1000, "O_TRUNC"), (0o2000, "O_APPEND"),
     (0o4000, "O_NONBLOCK"), (0o10000, "O_DSYNC"), (0o20000, "O_ASYNC"), (0o40000, "O_DIRECT"),
     (0o100000, "O_LARGEFILE"), (0o200000, "O_DIRECTORY"), (0o400000, "O_NOFOLLOW"), (0o1000000, "O_NOATIME"),
     (0o2000000, "O_CLOEXEC"), (0o10000000, "O_PATH"),

@@ -33,6 +33,7 @@ from importlib import resources
 import trio
 
 from ._config import PAGE_SIZE, Config
+from ._decode import layout_problems
 from ._ringbuf import PerCpuU64Array, RingBuffer
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
@@ -217,6 +218,30 @@ def path_filter_source(include: list[str], exclude: list[str]) -> str:
     )
 
 
+#: the line of the BPF source that `prepare` replaces with `path_filter_source`'s function
+PATH_FILTER_PLACEHOLDER = "@PATH_FILTER@"
+
+
+def program_source() -> str:
+    """The BPF C source as shipped (tapio/bpf/ebpf_receiver.bpf.c), placeholders unfilled."""
+    return resources.files("tapio.bpf").joinpath("ebpf_receiver.bpf.c").read_text()
+
+
+def splice(source: str, placeholder: str, text: str) -> str:
+    """``source`` with the one line that is exactly ``placeholder`` replaced by ``text``.
+
+    Raises ValueError unless there is exactly one such line, so a renamed or
+    duplicated placeholder fails at start instead of compiling a program
+    without its filter.
+    """
+    lines = source.split("\n")
+    at = [i for i, line in enumerate(lines) if line.strip() == placeholder]
+    if len(at) != 1:
+        raise ValueError(f"the BPF source must hold the placeholder line {placeholder!r} exactly once, found {len(at)}")
+    lines[at[0]] = text.rstrip("\n")
+    return "\n".join(lines)
+
+
 def plan(config: Config, tracefs: str) -> tuple[list[str], dict[str, str], list[str]]:
     """Which kinds run, which are off and why, and the -D flags for the kernel's tracepoints."""
     wanted = [k for k in ("process", "file", "network", "oom", "signal") if getattr(config.events, k)]
@@ -324,19 +349,42 @@ def prepare(config: Config, self_pid: int) -> tuple[dict, list[str], dict[str, s
         cflags.append("-DFILTER_CGROUPS")
     if f.comms:
         cflags.append("-DFILTER_COMMS")
-    source = resources.files("tapio.bpf").joinpath("ebpf_receiver.bpf.c").read_text()
-    source = source.replace(
-        "// ---------------------------------------------------------------- file",
-        "// ---------------------------------------------------------------- file\n"
-        + path_filter_source(list(f.path_prefixes), list(f.exclude_path_prefixes)),
-        1,
-    )
-    request = {"source": source, "cflags": cflags, "optional": dict(OPTIONAL_FEATURES), "cgroup_ids": cgroup_ids, "comms": list(f.comms)}
+    source = splice(program_source(), PATH_FILTER_PLACEHOLDER, path_filter_source(list(f.path_prefixes), list(f.exclude_path_prefixes)))
+    request = {
+        "source": source,
+        "cflags": cflags,
+        "optional": dict(OPTIONAL_FEATURES),
+        "cgroup_ids": cgroup_ids,
+        "comms": list(f.comms),
+        "describe": [EVENT_LAYOUT_MAP],
+    }
     return request, enabled, disabled
 
 
 #: the most fds the helper may hand back (two maps and one per tracepoint)
 MAX_HANDED_FDS = 64
+#: the map whose value type is `union any_event`: its layout is checked against _decode's
+EVENT_LAYOUT_MAP = "scratch"
+#: how long the helper may take to exit once it has answered (it exits at once) or been killed
+HELPER_EXIT_SECONDS = 5.0
+
+
+def helper_path() -> str:
+    """The compile helper script (`_compile`), run by file path so that it imports only the standard library and bcc."""
+    return str(resources.files("tapio.receivers.ebpf").joinpath("_compile.py"))
+
+
+def check_layouts(answer: dict) -> None:
+    """Raise EbpfStartupError unless the compiled event structs are laid out as _decode reads them."""
+    layout = answer.get("layouts", {}).get(EVENT_LAYOUT_MAP)
+    if layout is None:
+        raise EbpfStartupError(f"the BPF compile helper did not report the layout of the {EVENT_LAYOUT_MAP} map's events")
+    problems = layout_problems(layout)
+    if problems:
+        raise EbpfStartupError(
+            "the BPF program's event structs differ from what tapio/receivers/ebpf/_decode.py reads "
+            "(keep them equal to tapio/bpf/ebpf_receiver.bpf.c): " + " | ".join(problems)
+        )
 
 
 async def run_compile_helper(request: dict, *, max_fds: int = MAX_HANDED_FDS) -> tuple[dict, list[int]]:
@@ -351,10 +399,9 @@ async def run_compile_helper(request: dict, *, max_fds: int = MAX_HANDED_FDS) ->
     handed = False
     proc = None
     try:
-        helper = resources.files("tapio.receivers.ebpf").joinpath("_compile.py")
         with theirs:
             proc = await trio.lowlevel.open_process(
-                [sys.executable, str(helper), str(theirs.fileno())],
+                [sys.executable, helper_path(), str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
             )
@@ -383,10 +430,7 @@ async def run_compile_helper(request: dict, *, max_fds: int = MAX_HANDED_FDS) ->
             for fd in fds:
                 os.close(fd)
         if proc is not None:
-            with trio.CancelScope(shield=True):
-                if proc.returncode is None and not handed:
-                    proc.send_signal(signal.SIGKILL)
-                await proc.wait()
+            await _reap(proc, kill=not handed)
 
 
 async def open_program(config: Config) -> Program:
@@ -398,6 +442,7 @@ async def open_program(config: Config) -> Program:
     request, enabled, disabled = prepare(config, os.getpid())
     answer, fds = await run_compile_helper(request)
     try:
+        check_layouts(answer)
         return Program(
             ring_fd=fds[answer["maps"]["events"]],
             ring_size=answer["ring_size"],
@@ -413,3 +458,16 @@ async def open_program(config: Config) -> Program:
         for fd in fds:
             os.close(fd)
         raise
+
+
+async def _reap(proc: trio.Process, *, kill: bool) -> None:
+    """Wait for the helper to exit, shielded but bounded: one that has not exited in time is killed and waited for again."""
+    with trio.CancelScope(shield=True):
+        if kill and proc.returncode is None:
+            proc.send_signal(signal.SIGKILL)
+        with trio.move_on_after(HELPER_EXIT_SECONDS):
+            await proc.wait()
+            return
+        proc.send_signal(signal.SIGKILL)
+        with trio.move_on_after(HELPER_EXIT_SECONDS):
+            await proc.wait()
