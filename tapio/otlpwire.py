@@ -41,10 +41,15 @@ _T_ITEM = b"\x12"  # ScopeLogs.log_records = 2, ScopeSpans.spans = 2, ResourceLo
 
 def varint(n: int) -> bytes:
     """Base-128 varint; a negative n is written as its 64-bit two's complement (ten bytes)."""
-    if 0 <= n < 128:
-        return _SMALL[n]
-    if 0 < n < 16384:
+    if n < 0x80:
+        if n >= 0:
+            return _SMALL[n]
+    elif n < 0x4000:
         return bytes((n & 0x7F | 0x80, n >> 7))
+    elif n < 0x200000:
+        return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
+    elif n < 0x10000000:
+        return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14 & 0x7F | 0x80, n >> 21))
     n &= _MASK64
     out = []
     while n >= 0x80:
@@ -130,6 +135,25 @@ def kv_pieces(pairs: Iterable[tuple[str, Any]]) -> list[bytes]:
             found = _PIECES[ck] = varint(len(kv)) + kv
         append(found)
     return out
+
+
+def int_piece_heads(key: str) -> list[bytes]:
+    """For an int attribute under ``key``: by varint length (1 to 10), what precedes the varint in its `kv_pieces` piece.
+
+    ``heads[len(v)] + v`` with ``v = varint(value)`` equals ``kv_pieces([(key, value)])[0]``.
+    """
+    out = [b""]
+    for n in range(1, 11):
+        kv_len = len(_key(key)) + 2 + 1 + n  # key field, value tag and length, AnyValue tag, varint
+        out.append(varint(kv_len) + _key(key) + b"\x12" + _SMALL[1 + n] + b"\x18")
+    return out
+
+
+def str_piece(key: str, text: bytes) -> bytes:
+    """A string attribute's `kv_pieces` piece from its UTF-8 bytes (no cache)."""
+    value = b"\x0a" + varint(len(text)) + text
+    kv = _key(key) + b"\x12" + varint(len(value)) + value
+    return varint(len(kv)) + kv
 
 
 def frame(tag: bytes, pieces: list[bytes]) -> bytes:
@@ -230,6 +254,15 @@ def span(
 def item(message: bytes) -> bytes:
     """A log record or span framed as an item of its scope (field 2), ready for `request`."""
     return _ld(_T_ITEM, message)
+
+
+def request_head(resource_attrs: bytes, scope_message: bytes, items_size: int) -> bytes:
+    """What precedes the items in `request`: ``request_head(r, s, n) + b"".join(items)`` is the request when the items' bytes total ``n``."""
+    scope_field = _ld(b"\x0a", scope_message)
+    scoped = len(scope_field) + items_size
+    resource_field = _ld(b"\x0a", resource_attrs)
+    resourced = len(resource_field) + 1 + len(varint(scoped)) + scoped
+    return b"\x0a" + varint(resourced) + resource_field + b"\x12" + varint(scoped) + scope_field
 
 
 def request(resource_attrs: bytes, scope_message: bytes, items: Sequence[bytes]) -> bytes:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.proto.logs.v1.logs_pb2 import ScopeLogs
 from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans, Span, Status
 
 from tapio.receivers.ebpf import _decode as d
 from tapio.receivers.ebpf._containers import Container
 from tapio.receivers.ebpf._records import RecordWriter
+from tests.ebpf_reference import ReferenceWriter
 
 CID = "0123456789abcdef" * 4
 POD = "3b5f0c1e-8a2d-4f6b-9c7e-1d2e3f4a5b6c"
@@ -49,19 +53,15 @@ def raw_oom(anon_kb: int, **h: Any) -> bytes:
 
 
 def counting_ids():
-    n = 0
-
-    def ids(size: int) -> bytes:
-        nonlocal n
-        n += 1
-        return n.to_bytes(size, "big")
-
-    return ids
+    """A seeded id source: the same ids on every run."""
+    return random.Random(0).randbytes
 
 
 def write(raws: list[bytes], containers: dict | None = None, writer: RecordWriter | None = None):
     writer = writer or RecordWriter(max_pending=16, ppid_of=lambda pid: 4242, ids=counting_ids())
-    drain = writer.write([d.parse_event(r) for r in raws], containers or {}, offset=OFFSET, observed=OBSERVED)
+    events, bad = d.decode_drain(raws)
+    assert not bad
+    drain = writer.write(events, containers or {}, offset=OFFSET, observed=OBSERVED)
     records = ScopeLogs.FromString(b"".join(drain.records)).log_records
     spans = ScopeSpans.FromString(b"".join(drain.spans)).spans
     return drain, list(records), list(spans)
@@ -159,7 +159,109 @@ def test_pending_execs_are_bounded_and_evictions_counted():
 
 def test_logs_only_or_traces_only():
     writer = RecordWriter(max_pending=4, ppid_of=lambda pid: 0)
-    events = [d.parse_event(raw_exit(start_ts=1))]
+    events, _ = d.decode_drain([raw_exit(start_ts=1)])
     assert writer.write(events, {}, offset=0, observed=0, traces=False).spans is None
     only = writer.write(events, {}, offset=0, observed=0, logs=False)
     assert only.records is None and len(only.spans) == 1
+
+
+# -- cached pieces against records built from scratch
+
+
+def same_drains(drains: list[tuple[list[bytes], dict]]) -> list[tuple[list[bytes], list[bytes]]]:
+    """The drains through the receiver's caching writer and the plain reference (`tests.ebpf_reference`, same id source); asserts equal bytes, returns the items."""
+    cached = RecordWriter(max_pending=8, ppid_of=lambda pid: pid + 1, ids=random.Random(1).randbytes)
+    scratch = ReferenceWriter(max_pending=8, ppid_of=lambda pid: pid + 1, ids=random.Random(1).randbytes)
+    out = []
+    for i, (raws, containers) in enumerate(drains):
+        events, _ = d.decode_drain(raws)
+        a = cached.write(events, containers, offset=OFFSET + i, observed=OBSERVED + i)
+        b = scratch.write(raws, containers, offset=OFFSET + i, observed=OBSERVED + i)
+        assert a.records == b.records, f"drain {i}: log records differ"
+        assert a.spans == b.spans, f"drain {i}: spans differ"
+        assert (a.exited, a.evicted) == (b.exited, b.evicted)
+        out.append((a.records, a.spans))
+    return out
+
+
+def test_a_container_that_changes_between_drains_is_not_served_from_the_cache():
+    first, second = Container(CID, "containerd", POD), Container("f" * 64, "cri-o", "")
+    event = raw_open(b"/etc/hosts", 3, pid=10, cgroup=5)
+    drains = [([event, event], {(10, 5): first}), ([event], {(10, 5): second}), ([event], {})]
+    items = same_drains(drains)
+    seen = [[attrs(r).get("container.id") for r in ScopeLogs.FromString(b"".join(records)).log_records] for records, _ in items]
+    assert seen == [[CID, CID], ["f" * 64], [None]]
+    runtime = attrs(ScopeLogs.FromString(b"".join(items[1][0])).log_records[0])
+    assert runtime["container.runtime.name"] == "cri-o" and "k8s.pod.uid" not in runtime
+
+
+def test_a_comm_that_changes_at_exec_is_not_served_from_the_cache():
+    before = raw_open(b"/bin/cat", 3, pid=10, comm=b"sh")
+    exec_ = raw_exec(b"/bin/cat", [b"cat", b"x"], pid=10, comm=b"cat")
+    after = raw_open(b"x", 3, pid=10, comm=b"cat")
+    items = same_drains([([before, exec_, after], {}), ([after, raw_exit(pid=10, comm=b"cat", start_ts=1)], {})])
+    comms = [attrs(r)["tapio.ebpf.comm"] for records, _ in items for r in ScopeLogs.FromString(b"".join(records)).log_records]
+    assert comms == ["sh", "cat", "cat", "cat", "cat"]
+    (span,) = ScopeSpans.FromString(b"".join(items[1][1])).spans
+    assert span.name == "process cat"
+
+
+PIDS = st.sampled_from([10, 11, 12])
+COMMS = st.sampled_from([b"sh", b"cat", b"curl", b"\xff\xfebad"])
+CGROUPS = st.sampled_from([5, 6])
+ADDRESSES = st.sampled_from([LOOPBACK, b"\x0a\0\0\x02" + bytes(12), bytes(15) + b"\1", bytes(10) + b"\xff\xff\x0a\0\0\1"])
+CONTAINERS = st.sampled_from([None, Container(CID, "containerd", POD), Container(CID, "", ""), Container("e" * 64, "docker", POD)])
+
+
+@st.composite
+def hot_events(draw):
+    """Events whose values repeat (as on a node), so that the caches are hit, changed and reused."""
+    h = {"pid": draw(PIDS), "comm": draw(COMMS), "cgroup": draw(CGROUPS), "ts": draw(st.integers(1, 10**12))}
+    h["tid"] = h["pid"] + draw(st.sampled_from([0, 0, 1]))
+    kind = draw(st.sampled_from(["open", "tcp", "tcp", "exec", "exit", "signal", "oom"]))
+    if kind == "open":
+        return raw_open(draw(st.sampled_from([b"/etc/a", b"/tmp/b\0junk", b"\xc3\xa9t\xe9"])), draw(st.sampled_from([3, -2, -13, -999])), flags=draw(st.sampled_from([0, 0o101, 0o2000000])), mode=0o600, **h)
+    if kind == "tcp":
+        family = draw(st.sampled_from([d.AF_INET, d.AF_INET6, 0]))
+        event = draw(st.sampled_from([d.TCP_CONNECT, d.TCP_ACCEPT, d.TCP_CLOSE]))
+        data = bytearray(raw_tcp(event, draw(st.integers(0, 13)), draw(st.integers(0, 13)), draw(st.integers(0, 1 << 13)), sport=draw(st.sampled_from([80, 40000, 65535])), dport=draw(st.sampled_from([80, 443, 1])), start_ts=draw(st.integers(0, 10**12)), fd=draw(st.sampled_from([-1, 4])), sock=draw(st.sampled_from([0, 1, 0xFFFF888812345678, (1 << 64) - 1])), **h))
+        off = d.TCP.offsets
+        data[off["family"][0] : off["family"][0] + 2] = family.to_bytes(2, "little")
+        data[off["saddr"][0] : off["saddr"][0] + 16] = draw(ADDRESSES)
+        data[off["daddr"][0] : off["daddr"][0] + 16] = draw(ADDRESSES)
+        return bytes(data)
+    if kind == "exec":
+        return raw_exec(draw(st.sampled_from([b"/bin/sh", b"/usr/bin/cat"])), draw(st.lists(st.sampled_from([b"-c", b"x", b""]), max_size=3)), ppid=draw(st.sampled_from([0, 1])), **h)
+    if kind == "exit":
+        return raw_exit(code=draw(st.sampled_from([0, 3, -1])), sig=draw(st.sampled_from([0, 0, 9, 15, 64])), start_ts=draw(st.sampled_from([0, 5])), **h)
+    if kind == "signal":
+        return raw_signal(draw(st.sampled_from([15, 17, 64])), draw(PIDS), **h)
+    return raw_oom(draw(st.integers(0, 1 << 40)), **h)
+
+
+@st.composite
+def drains(draw):
+    return [
+        (draw(st.lists(hot_events(), max_size=12)), {(pid, cg): c for pid in (10, 11, 12) for cg in (5, 6) if (c := draw(CONTAINERS)) is not None})
+        for _ in range(draw(st.integers(1, 4)))
+    ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(drains())
+def test_cached_records_equal_records_built_from_scratch(drains):
+    same_drains(drains)
+
+
+@settings(max_examples=300)
+@given(st.lists(hot_events() | st.binary(max_size=200), max_size=8))
+def test_decode_drain_accepts_what_parse_event_accepts(raws):
+    events, bad = d.decode_drain(raws)
+    parsed, reasons = [], {}
+    for raw in raws:
+        try:
+            parsed.append(d.parse_event(raw))
+        except d.DecodeError as exc:
+            reasons[exc.reason] = reasons.get(exc.reason, 0) + 1
+    assert bad == reasons
+    assert [(f[0], f[1], f[2], f[3]) for f in events] == [(e.h.ts, e.h.cgroup_id, e.h.kind, e.h.pid) for e in parsed]

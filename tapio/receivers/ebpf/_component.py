@@ -263,25 +263,21 @@ class EbpfReceiver:
         Containers are resolved once per (pid, cgroup id) of the drain; a
         walk of the cgroup2 tree, when one is needed, runs in a worker thread.
         """
-        events: list[d.Event] = []
-        keys: dict[tuple[int, int], int] = {}
-        kinds = {k: 0 for k in EVENT_KINDS}
-        for raw in raws:
-            try:
-                ev = d.parse_event(raw)
-            except d.DecodeError as exc:
-                self._telemetry.bad_input(str(exc).split(" of ")[0][:40])
-                continue
-            events.append(ev)
-            kinds[d.KIND_NAMES[ev.h.kind]] += 1
-            key = (ev.h.pid, ev.h.cgroup_id)
-            keys[key] = keys.get(key, 0) + 1
-        for k, n in kinds.items():
-            if n:
-                self._events[k] += n
-                self._telemetry.add("tapio_ebpf_events_total", n, kind=k)
+        events, bad = d.decode_drain(raws)
+        for reason, n in bad.items():
+            self._telemetry.bad_input(reason, n)
         if not events:
             return
+        keys: dict[tuple[int, int], int] = {}
+        kinds: dict[int, int] = {}
+        for f in events:
+            key = (f[3], f[1])  # pid, cgroup id
+            keys[key] = keys.get(key, 0) + 1
+            kinds[f[2]] = kinds.get(f[2], 0) + 1
+        for kind, n in kinds.items():
+            name = d.KIND_NAMES[kind]
+            self._events[name] += n
+            self._telemetry.add("tapio_ebpf_events_total", n, kind=name)
         containers = await self._containers(keys)
         wired = self._output.signals
         drain = self._writer.write(
@@ -296,11 +292,17 @@ class EbpfReceiver:
             self._resolver.forget_pid(pid, cgroup_id)
         if drain.evicted:
             self._telemetry.add("tapio_ebpf_spans_evicted_total", drain.evicted)
-        # one parse of bytes written directly (see _encode); the batch keeps them for exporters
+        # one parse of bytes written directly (see _records); the batch keeps them for exporters
         if drain.records:
-            self._send(Batch.from_bytes(Signal.LOGS, enc.request(self._resource_blob, self._scope_blob, drain.records)))
+            self._send(Batch.from_bytes(Signal.LOGS, self._request(drain.records)))
         if drain.spans:
-            self._send(Batch.from_bytes(Signal.TRACES, enc.request(self._resource_blob, self._scope_blob, drain.spans)))
+            self._send(Batch.from_bytes(Signal.TRACES, self._request(drain.spans)))
+
+    def _request(self, items: list[bytes]) -> bytes:
+        """The export request holding ``items`` under the receiver's resource and scope, in one join."""
+        head = enc.request_head(self._resource_blob, self._scope_blob, sum(map(len, items)))
+        items.insert(0, head)
+        return b"".join(items)
 
     async def _containers(self, keys: dict[tuple[int, int], int]) -> dict[tuple[int, int], Container | None]:
         """The container of each (pid, cgroup id), with its events counted by reason when none is found."""

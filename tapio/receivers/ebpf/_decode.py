@@ -154,7 +154,15 @@ def layout_problems(reported: dict) -> list[str]:
 
 
 class DecodeError(ValueError):
-    """Bytes that are not an event of the layout this module knows."""
+    """Bytes that are not an event of the layout this module knows; ``reason`` is one of `BAD_REASONS`."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+#: why a record did not decode (the label of tapio_bad_input_total)
+BAD_REASONS = ("short_event", "unknown_event_kind", "wrong_event_size", "unknown_tcp_event")
 
 
 def _str(raw: bytes) -> str:
@@ -288,13 +296,13 @@ def parse_argv(raw: bytes, length: int) -> list[str]:
 def parse_event(data: bytes) -> Event:
     """One ring-buffer record → an event record (raises DecodeError)."""
     if len(data) < _HEADER_SIZE:
-        raise DecodeError(f"event of {len(data)} bytes is shorter than the {_HEADER_SIZE}-byte header")
+        raise DecodeError(f"event of {len(data)} bytes is shorter than the {_HEADER_SIZE}-byte header", "short_event")
     kind = _U32.unpack_from(data, 16)[0]
     layout = LAYOUTS.get(kind)
     if layout is None:
-        raise DecodeError(f"unknown event kind {kind}")
+        raise DecodeError(f"unknown event kind {kind}", "unknown_event_kind")
     if len(data) != layout.size:
-        raise DecodeError(f"{KIND_NAMES[kind]} event of {len(data)} bytes, expected {layout.size}")
+        raise DecodeError(f"{KIND_NAMES[kind]} event of {len(data)} bytes, expected {layout.size}", "wrong_event_size")
     ts, cgroup_id, kind, pid, tid, uid, comm, *rest = layout.struct.unpack_from(data, 0)
     h = Header(ts, cgroup_id, kind, pid, tid, uid, _str(comm))
     if kind == EV_OPEN:
@@ -309,7 +317,7 @@ def parse_event(data: bytes) -> Event:
     if kind == EV_TCP:
         sock, start_ts, event, family, sport, dport, owner, old, new, states, fd, saddr, daddr = rest
         if event not in TCP_EVENT_NAMES:
-            raise DecodeError(f"unknown tcp event {event}")
+            raise DecodeError(f"unknown tcp event {event}", "unknown_tcp_event")
         return TcpEvent(
             h, sock, start_ts, event, family, sport, dport, bool(owner), old, new, states, fd,
             format_address(family, saddr), format_address(family, daddr),
@@ -321,6 +329,37 @@ def parse_event(data: bytes) -> Event:
 
 
 _U32 = struct.Struct("<I")
+#: event size -> (kind, unpack of its whole layout): every kind has a size of its own
+_BY_SIZE = {layout.size: (kind, layout.struct.unpack) for kind, layout in LAYOUTS.items()}
+assert len(_BY_SIZE) == len(LAYOUTS), "two event kinds of one size: decode_drain needs the kind field first"
+#: where the tcp sub-event is in a tcp event's field tuple
+_TCP_EVENT = [name for name, _ in TCP.fields].index("event")
+
+
+def decode_drain(raws: list[bytes]) -> tuple[list[tuple], dict[str, int]]:
+    """Each record as its layout's field tuple (`LAYOUTS`, header fields first; strings still raw), and the rest counted by reason.
+
+    Accepts exactly what `parse_event` accepts; the fast path of a drain,
+    which leaves string decoding to whoever needs the text.
+    """
+    out: list[tuple] = []
+    bad: dict[str, int] = {}
+    append, by_size = out.append, _BY_SIZE
+    for raw in raws:
+        found = by_size.get(len(raw))
+        if found is not None:
+            kind, unpack = found
+            fields = unpack(raw)
+            if fields[2] == kind and (kind != EV_TCP or fields[_TCP_EVENT] in TCP_EVENT_NAMES):
+                append(fields)
+                continue
+        try:
+            parse_event(raw)
+        except DecodeError as exc:
+            bad[exc.reason] = bad.get(exc.reason, 0) + 1
+        else:  # pragma: no cover - the two decoders accept the same bytes (tested)
+            raise AssertionError("decode_drain refused an event parse_event accepts")
+    return out, bad
 
 
 def states_list(mask: int) -> list[str]:

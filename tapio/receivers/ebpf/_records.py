@@ -2,7 +2,8 @@
 
 What each event kind becomes (attribute keys and values, body, severity,
 the span an event ends) is decided here and nowhere else; the receiver
-hands in the events, their containers and the times, and gets bytes back.
+hands in the events (`_decode.decode_drain` field tuples), their containers
+and the times, and gets the bytes of one drain's items back.
 
 Invariants:
 - `RecordWriter.write` turns one drain into at most one list of log-record
@@ -11,11 +12,17 @@ Invariants:
   (a process exit with a known start, a TCP close or a failed connect).
 - A span and the log record of the event that ends it carry the same
   trace and span ids, drawn from the writer's ``ids`` source.
+- The bytes are what `_encode.log_record` / `_encode.span` write from the
+  same values: fields in field-number order, attributes in the order listed
+  here. Most of a record is concatenated from cached pieces (the attributes
+  one task's events share, an address, a path with its flags, the TCP state
+  names); every input a piece is made from is part of its key, so a record
+  equals one built from scratch (``RecordWriter(cached=False)``, which keeps
+  nothing between events, is how the tests check it).
 - State kept between drains: the executable and exec time of each process
   seen exec'ing, until its exit (at most ``max_pending``, oldest first out,
-  evictions counted), and bounded caches of encoded attributes. Every input
-  of a cached piece is part of its key, so a cached record equals one built
-  from scratch.
+  evictions counted), and the caches, each emptied when it reaches
+  `CACHE_SIZE` entries.
 - I/O the mapping needs (a parent pid the kernel did not see) goes through
   the ``ppid_of`` callable the receiver hands in.
 """
@@ -25,6 +32,7 @@ from __future__ import annotations
 import errno
 import random
 import signal as signal_module
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -39,8 +47,17 @@ from ._containers import Container
 SEV_INFO, SEV_WARN = SeverityNumber.SEVERITY_NUMBER_INFO, SeverityNumber.SEVERITY_NUMBER_WARN
 SPAN_KIND_INTERNAL, SPAN_KIND_SERVER, SPAN_KIND_CLIENT = Span.SPAN_KIND_INTERNAL, Span.SPAN_KIND_SERVER, Span.SPAN_KIND_CLIENT
 STATUS_CODE_ERROR = Status.STATUS_CODE_ERROR
-#: tasks whose shared attributes are kept ready to copy; the cache is dropped when full
-COMMON_CACHE_SIZE = 4096
+#: entries in each cache of encoded pieces; a full cache is emptied (few distinct values repeat: tasks, addresses, paths)
+CACHE_SIZE = 4096
+#: trace id and span id bytes of one span
+_ID_BYTES = 16 + 8
+
+_TL, _TS = enc.T_ATTR_LOG, enc.T_ATTR_SPAN
+_T_ITEM = b"\x12"
+_SMALL = [bytes([i]) for i in range(128)]
+_FIXED64 = struct.Struct("<Q").pack
+_MASK64 = (1 << 64) - 1
+_varint = enc.varint
 
 
 def signal_name(sig: int) -> str:
@@ -56,11 +73,70 @@ def errno_name(err: int) -> str:
     return errno.errorcode.get(err, str(err))
 
 
+def _text(raw: bytes) -> bytes:
+    """A NUL-terminated C string field as the UTF-8 bytes written for it (invalid bytes replaced)."""
+    i = raw.find(b"\0")
+    if i >= 0:
+        raw = raw[:i]
+    if raw.isascii():
+        return raw
+    return raw.decode("utf-8", "replace").encode()
+
+
+def _ld(tag: bytes, payload: bytes) -> bytes:
+    n = len(payload)
+    return tag + (_SMALL[n] if n < 128 else _varint(n)) + payload
+
+
+def _body(text: bytes) -> bytes:
+    """LogRecord.body (field 5) holding AnyValue.string_value ``text``."""
+    return _ld(b"\x2a", _ld(b"\x0a", text))
+
+
+def _heads(key: str) -> list[bytes]:
+    return enc.int_piece_heads(key)
+
+
+# int attributes written per event: their pieces' heads by varint length
+_PID, _TID, _UID, _CGROUP = _heads("process.pid"), _heads("thread.id"), _heads("process.user.id"), _heads("tapio.ebpf.cgroup_id")
+_LPORT, _PPORT = _heads("network.local.port"), _heads("network.peer.port")
+_DURATION, _TCP_FD = _heads("tapio.ebpf.tcp.duration_ns"), _heads("tapio.ebpf.tcp.fd")
+_OPEN_FD, _OPEN_MODE, _OPEN_FLAGS, _OPEN_ERRNO = (
+    _heads("tapio.ebpf.open.fd"), _heads("tapio.ebpf.open.mode"), _heads("tapio.ebpf.open.flags"), _heads("tapio.ebpf.open.errno"),
+)
+_PARENT, _EXIT_CODE, _LIFETIME = _heads("process.parent_pid"), _heads("process.exit.code"), _heads("tapio.ebpf.exit.lifetime_ns")
+_KIND_PIECE = {kind: enc.str_piece("tapio.ebpf.event", name.encode()) for kind, name in d.KIND_NAMES.items()}
+_EVENT_NAME = {kind: _ld(b"\x62", f"tapio.ebpf.{name}".encode()) for kind, name in d.KIND_NAMES.items()}
+#: tapio.ebpf.tcp.socket by text length (a u64 in hex: at most 16 digits)
+_SOCKET = [enc.str_piece("tapio.ebpf.tcp.socket", b"x" * n)[:-n or None] for n in range(17)]
+_TRANSPORT = enc.str_piece("network.transport", b"tcp")
+_NET_TYPE = {d.AF_INET: enc.str_piece("network.type", b"ipv4"), d.AF_INET6: enc.str_piece("network.type", b"ipv6")}
+_NET_TYPE_OTHER = _NET_TYPE[d.AF_INET6]  # as before: anything but AF_INET is reported as ipv6
+_SEVERITY = {
+    SEV_INFO: b"\x10" + _varint(SEV_INFO) + _ld(b"\x1a", b"INFO"),
+    SEV_WARN: b"\x10" + _varint(SEV_WARN) + _ld(b"\x1a", b"WARN"),
+}
+#: "tcp connect " ...: a TCP body up to the peer
+_TCP_EVENT_TEXT = {num: b"tcp %s " % name.encode() for num, name in d.TCP_EVENT_NAMES.items()}
+
+
+def _int(heads: list[bytes], value: int) -> bytes:
+    v = _varint(value)
+    return heads[len(v)] + v
+
+
+class _NoCache(dict):
+    """A cache that keeps nothing: every lookup misses, so every piece is built from scratch."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+
 @dataclass
 class Drain:
     """What `RecordWriter.write` made of one drain."""
 
-    #: log-record items (`_encode.item`), one per event; None when logs are not wanted
+    #: log-record items (`_encode.item` framing), one per event; None when logs are not wanted
     records: list[bytes] | None
     #: span items; None when traces are not wanted
     spans: list[bytes] | None
@@ -77,19 +153,42 @@ class RecordWriter:
         max_pending: processes remembered between exec and exit (0: none).
         ppid_of: the parent pid of a live process (0 if unknown), asked
             only for an exec the kernel saw no fork for.
-        ids: ``randbytes(n)`` for trace and span ids.
+        ids: ``randbytes(n)``, the source of trace and span ids (called
+            once per drain that ends spans).
+        cached: False keeps no piece between events (the from-scratch
+            reference the tests compare the cached records with).
     """
 
-    def __init__(self, *, max_pending: int, ppid_of: Callable[[int], int], ids: Callable[[int], bytes] = random.randbytes) -> None:
+    def __init__(
+        self,
+        *,
+        max_pending: int,
+        ppid_of: Callable[[int], int],
+        ids: Callable[[int], bytes] = random.randbytes,
+        cached: bool = True,
+    ) -> None:
         self._max_pending = max_pending
         self._ppid_of = ppid_of
         self._ids = ids
-        self._pending_exec: OrderedDict[int, tuple[str, int]] = OrderedDict()
-        self._common_cache: dict[tuple, list[bytes]] = {}
+        self._pending_exec: OrderedDict[int, tuple[bytes, int]] = OrderedDict()
+        make = dict if cached else _NoCache
+        #: (pid, tid, uid, comm, cgroup id, kind, container pieces) -> (log attrs, span attrs) of the shared attributes
+        self._common: dict = make()
+        #: Container -> its pieces
+        self._containers: dict = make()
+        #: (family, raw address) -> (network.*.address pieces, text as in a body)
+        self._addresses: dict = make()
+        #: (tcp event, old state, new state, states seen) -> (pieces from tapio.ebpf.tcp.event to .states)
+        self._tcp_states: dict = make()
+        #: (raw path, flags) -> (file.path and flags pieces, path text)
+        self._paths: dict = make()
+        #: port -> (network.local.port piece, network.peer.port piece, text)
+        self._ports: dict = make()
+        self._caches = [self._common, self._containers, self._addresses, self._tcp_states, self._paths, self._ports]
 
     def write(
         self,
-        events: list[d.Event],
+        events: list[tuple],
         containers: dict[tuple[int, int], Container | None],
         *,
         offset: int,
@@ -100,191 +199,267 @@ class RecordWriter:
         """One drain's events → items.
 
         Args:
-            events: decoded events in ring order.
+            events: `_decode.decode_drain` field tuples, in ring order.
             containers: the container of each event's (pid, cgroup id); a
                 missing key means no container.
             offset: added to the kernel's CLOCK_BOOTTIME ns to get unix ns.
             observed: the drain's observed time (unix ns).
         """
-        out = Drain([] if logs else None, [] if traces else None)
-        for ev in events:
-            self._event(ev, containers.get((ev.h.pid, ev.h.cgroup_id)), offset, observed, out)
+        for cache in self._caches:
+            if len(cache) >= CACHE_SIZE:
+                cache.clear()
+        records: list[bytes] | None = [] if logs else None
+        spans: list[bytes] | None = [] if traces else None
+        out = Drain(records, spans)
+        pieces = {key: self._container_pieces(c) for key, c in containers.items() if c is not None}
+        observed_field = b"\x59" + _FIXED64(observed & _MASK64) if observed else b""
+        self._id_pool = b""
+        self._id_at = 0
+        common, tcp, ports = self._common, self._tcp, self._ports
+        sev_info, ev_tcp = _SEVERITY[SEV_INFO], d.EV_TCP
+        tail = {kind: observed_field + name for kind, name in _EVENT_NAME.items()}
+        write_one = {
+            d.EV_OPEN: self._open,
+            d.EV_EXEC: self._exec,
+            d.EV_EXIT: self._exit,
+            d.EV_OOM: self._oom,
+            d.EV_SIGNAL: self._signal,
+        }
+        tl, ts_tag, fixed64, small, varint = _TL, _TS, _FIXED64, _SMALL, _varint
+        for f in events:
+            ts, cgroup_id, kind, pid, tid, uid, comm = f[:7]
+            cont = pieces.get((pid, cgroup_id), ())
+            key = (pid, tid, uid, comm, cgroup_id, kind, cont)
+            shared = common.get(key)
+            if shared is None:
+                shared = common[key] = self._shared(kind, pid, tid, uid, comm, cgroup_id, cont)
+            ts += offset
+            if kind == ev_tcp:
+                # the hot path, written out: most events of a busy node are TCP transitions
+                severity = sev_info
+                body, extra, span = tcp(f, ts, offset, spans is not None)
+            else:
+                severity, body, extra, span = write_one[kind](f, ts, offset, out)
+                severity = _SEVERITY[severity]
+            head = b"\x09" + fixed64(ts & _MASK64) if ts else b""
+            if span is not None and spans is not None:
+                trace_id, span_id = self._next_ids(len(events))
+                span_attrs = shared[1] + ts_tag + ts_tag.join(extra) if extra else shared[1]
+                message = self._span(span, trace_id, span_id, span_attrs)
+                n = len(message)
+                spans.append(b"\x12" + (small[n] if n < 128 else varint(n)) + message)
+                if records is None:
+                    continue
+                rec = b"".join((head, severity, body, shared[0], tl, tl.join(extra), b"\x4a\x10", trace_id, b"\x52\x08", span_id, tail[kind]))
+            elif records is None:
+                continue
+            elif extra:
+                rec = b"".join((head, severity, body, shared[0], tl, tl.join(extra), tail[kind]))
+            else:
+                rec = b"".join((head, severity, body, shared[0], tail[kind]))
+            n = len(rec)
+            records.append(b"\x12" + (small[n] if n < 128 else varint(n)) + rec)
         return out
 
-    def _event(self, ev: d.Event, container: Container | None, offset: int, observed: int, out: Drain) -> None:
-        h = ev.h
-        records, spans = out.records, out.spans
-        kind = d.KIND_NAMES[h.kind]
-        ts = h.ts + offset
-        #: (name, kind, start, end, failed, status message) of the span this event ends
-        span: tuple[str, int, int, int, bool, str] | None = None
-        severity, body = SEV_INFO, kind
-        extra: list[tuple[str, Any]] = []
+    # -- what each kind adds: (severity, body field, extra attribute pieces, span or None)
 
-        if isinstance(ev, d.OpenEvent):
-            extra = [("file.path", ev.path), ("tapio.ebpf.open.flags", ev.flags), ("tapio.ebpf.open.flags_text", d.open_flags_text(ev.flags))]
-            if ev.ret >= 0:
-                extra.append(("tapio.ebpf.open.fd", ev.ret))
-                body = f"open {ev.path}"
-            else:
-                err = errno_name(-ev.ret)
-                extra += [("error.type", err), ("tapio.ebpf.open.errno", -ev.ret)]
-                body = f"open {ev.path}: {err}"
-            if ev.flags & d.O_CREAT:
-                extra.append(("tapio.ebpf.open.mode", ev.mode))
-        elif isinstance(ev, d.ExecEvent):
-            extra = [
-                ("process.parent_pid", ev.ppid or self._ppid_of(h.pid)),
-                ("process.executable.path", ev.filename),
-                ("process.executable.name", ev.filename.rsplit("/", 1)[-1]),
-                ("process.command_args", ev.argv),
-            ]
-            if ev.args_truncated:
-                extra.append(("tapio.ebpf.exec.args_truncated", True))
-            if ev.old_pid != h.pid:
-                extra.append(("tapio.ebpf.exec.old_pid", ev.old_pid))
-            body = f"exec {ev.filename}"
-            out.evicted += self._remember_exec(h.pid, ev.filename, ts)
-        elif isinstance(ev, d.ExitEvent):
-            if ev.ppid:
-                extra.append(("process.parent_pid", ev.ppid))
-            if ev.exit_signal:
-                extra.append(("tapio.ebpf.exit.signal", signal_name(ev.exit_signal)))
-                body = f"exit {h.comm}: killed by {signal_name(ev.exit_signal)}"
-            elif ev.exit_code >= 0:
-                extra.append(("process.exit.code", ev.exit_code))
-                body = f"exit {h.comm}: code {ev.exit_code}"
-            else:
-                body = f"exit {h.comm}"
-            exe, exec_ts = self._pending_exec.pop(h.pid, ("", 0))
-            if exe:
-                extra.append(("process.executable.path", exe))
-            start = ev.start_ts + offset if ev.start_ts else exec_ts
-            if start:
-                extra.append(("tapio.ebpf.exit.lifetime_ns", max(0, ts - start)))
-                if spans is not None:
-                    name = "process " + (exe.rsplit("/", 1)[-1] if exe else h.comm)
-                    failed = bool(ev.exit_signal) or ev.exit_code > 0
-                    span = (name, SPAN_KIND_INTERNAL, start, ts, failed, body if failed else "")
-            out.exited.append((h.pid, h.cgroup_id))
-        elif isinstance(ev, d.TcpEvent):
-            event = d.TCP_EVENT_NAMES[ev.event]
-            extra = [
-                ("network.transport", "tcp"),
-                ("network.type", "ipv4" if ev.family == d.AF_INET else "ipv6"),
-                ("network.local.address", ev.saddr),
-                ("network.local.port", ev.sport),
-                ("network.peer.address", ev.daddr),
-                ("network.peer.port", ev.dport),
-                ("tapio.ebpf.tcp.event", event),
-                ("tapio.ebpf.tcp.old_state", d.TCP_STATES.get(ev.oldstate, str(ev.oldstate))),
-                ("tapio.ebpf.tcp.new_state", d.TCP_STATES.get(ev.newstate, str(ev.newstate))),
-                ("tapio.ebpf.tcp.states", d.states_list(ev.states_seen)),
-                ("tapio.ebpf.tcp.duration_ns", max(0, h.ts - ev.start_ts)),
-                ("tapio.ebpf.tcp.socket", f"{ev.sock:x}"),
-            ]
-            if ev.fd >= 0:
-                extra.append(("tapio.ebpf.tcp.fd", ev.fd))
-            failed = ev.event == d.TCP_CONNECT and ev.newstate == d.TCP_CLOSED
-            peer = f"[{ev.daddr}]:{ev.dport}" if ev.family == d.AF_INET6 else f"{ev.daddr}:{ev.dport}"
-            body = f"tcp {event} {peer}" + (" failed" if failed else "")
-            if spans is not None and (ev.event == d.TCP_CLOSE or failed):
-                outbound = ev.states_seen & (1 << d.TCP_SYN_SENT)  # went through SYN_SENT: we connected
-                span = (
-                    f"tcp {'connect' if outbound else 'accept'} {peer}",
-                    SPAN_KIND_CLIENT if outbound else SPAN_KIND_SERVER,
-                    ev.start_ts + offset,
-                    ts,
-                    failed,
-                    "connection failed" if failed else "",
-                )
-        elif isinstance(ev, d.OomEvent):
-            severity = SEV_WARN
-            extra = [
-                ("tapio.ebpf.oom.total_vm_kb", ev.total_vm_kb),
-                ("tapio.ebpf.oom.anon_rss_kb", ev.anon_rss_kb),
-                ("tapio.ebpf.oom.file_rss_kb", ev.file_rss_kb),
-                ("tapio.ebpf.oom.shmem_rss_kb", ev.shmem_rss_kb),
-                ("tapio.ebpf.oom.pgtables_kb", ev.pgtables_kb),
-                ("tapio.ebpf.oom.score_adj", ev.oom_score_adj),
-                ("tapio.ebpf.oom.victim_uid", ev.victim_uid),
-                ("tapio.ebpf.oom.marked_time_unix_nano", ev.mark_ts + offset),
-            ]
-            body = f"OOM kill of {h.comm} (pid {h.pid}), anon rss {ev.anon_rss_kb} kB"
-        elif isinstance(ev, d.SignalEvent):
-            extra = [
-                ("tapio.ebpf.signal.number", ev.sig),
-                ("tapio.ebpf.signal.name", signal_name(ev.sig)),
-                ("tapio.ebpf.signal.target_pid", ev.target_pid),
-                ("tapio.ebpf.signal.target_comm", ev.target_comm),
-                ("tapio.ebpf.signal.code", ev.code),
-                ("tapio.ebpf.signal.result", ev.result),
-            ]
-            body = f"signal {signal_name(ev.sig)} from {h.pid} to {ev.target_pid}"
-
-        pieces = self._common_attributes(h, kind, container) + enc.kv_pieces(extra)
-        trace_id = span_id = b""
-        if span is not None and spans is not None:
-            name, span_kind, start, end, failed, message = span
-            trace_id, span_id = self._ids(16), self._ids(8)
-            spans.append(
-                enc.item(
-                    enc.span(
-                        trace_id=trace_id,
-                        span_id=span_id,
-                        name=name,
-                        kind=span_kind,
-                        start_time_unix_nano=start,
-                        end_time_unix_nano=max(start, end),
-                        attrs=enc.frame(enc.T_ATTR_SPAN, pieces),
-                        status_code=STATUS_CODE_ERROR if failed else 0,
-                        status_message=message if failed else "",
-                    )
-                )
+    def _tcp(self, f: tuple, ts: int, offset: int, spans: bool) -> tuple:
+        """(body field, extra attribute pieces, span or None) of a TCP event."""
+        (kts, _, _, _, _, _, _, sock, start_ts, event, family, sport, dport, _, old, new, states, fd, saddr, daddr) = f
+        addresses, ports = self._addresses, self._ports
+        local = addresses.get((family, saddr)) or self._address(family, saddr)
+        peer = addresses.get((family, daddr)) or self._address(family, daddr)
+        shape = self._tcp_states.get((event, old, new, states))
+        if shape is None:
+            shape = self._tcp_states[(event, old, new, states)] = _tcp_shape(event, old, new, states)
+        lport = ports.get(sport)
+        if lport is None:
+            lport = ports[sport] = (_int(_LPORT, sport), _int(_PPORT, sport), b"%d" % sport)
+        pport = ports.get(dport)
+        if pport is None:
+            pport = ports[dport] = (_int(_LPORT, dport), _int(_PPORT, dport), b"%d" % dport)
+        sock_text = b"%x" % sock
+        v = _varint(max(0, kts - start_ts))
+        extra = [_TRANSPORT, _NET_TYPE.get(family, _NET_TYPE_OTHER), local[0], lport[0], peer[1], pport[1], *shape, _DURATION[len(v)] + v, _SOCKET[len(sock_text)] + sock_text]
+        if fd >= 0:
+            extra.append(_int(_TCP_FD, fd))
+        failed = event == d.TCP_CONNECT and new == d.TCP_CLOSED
+        peer_text = peer[2] + b":" + pport[2]
+        text = _TCP_EVENT_TEXT[event] + peer_text + b" failed" if failed else _TCP_EVENT_TEXT[event] + peer_text
+        n = len(text)
+        body = b"\x2a" + _SMALL[n + 2] + b"\x0a" + _SMALL[n] + text if n < 126 else _body(text)
+        if spans and (event == d.TCP_CLOSE or failed):
+            outbound = states & (1 << d.TCP_SYN_SENT)  # went through SYN_SENT: we connected
+            span = (
+                (b"tcp connect " if outbound else b"tcp accept ") + peer_text,
+                SPAN_KIND_CLIENT if outbound else SPAN_KIND_SERVER,
+                start_ts + offset,
+                ts,
+                b"connection failed" if failed else b"",
             )
-        if records is not None:
-            records.append(
-                enc.item(
-                    enc.log_record(
-                        time_unix_nano=ts,
-                        observed_time_unix_nano=observed,
-                        severity_number=severity,
-                        severity_text="WARN" if severity == SEV_WARN else "INFO",
-                        body=body,
-                        attrs=enc.frame(enc.T_ATTR_LOG, pieces),
-                        event_name=f"tapio.ebpf.{kind}",
-                        trace_id=trace_id,
-                        span_id=span_id,
-                    )
-                )
-            )
+            return body, extra, span
+        return body, extra, None
 
-    def _common_attributes(self, h: d.Header, kind: str, container: Container | None) -> list[bytes]:
-        """The attributes every event of one task and kind shares, encoded once (`_encode.kv_pieces`; a new list each call)."""
-        key = (h.pid, h.tid, h.uid, h.comm, h.cgroup_id, kind, container)
-        found = self._common_cache.get(key)
-        if found is not None:
-            return list(found)
+    def _open(self, f: tuple, ts: int, offset: int, out: Drain) -> tuple:
+        ret, flags, mode, raw_path = f[7], f[8], f[9], f[12]
+        key = (raw_path, flags)
+        found = self._paths.get(key)
+        if found is None:
+            path = _text(raw_path)
+            found = self._paths[key] = (
+                [enc.str_piece("file.path", path), _int(_OPEN_FLAGS, flags), enc.str_piece("tapio.ebpf.open.flags_text", d.open_flags_text(flags).encode())],
+                path,
+            )
+        extra = list(found[0])
+        if ret >= 0:
+            extra.append(_int(_OPEN_FD, ret))
+            body = _body(b"open " + found[1])
+        else:
+            err = errno_name(-ret)
+            extra += [enc.kv_pieces([("error.type", err)])[0], _int(_OPEN_ERRNO, -ret)]
+            body = _body(b"open %s: %s" % (found[1], err.encode()))
+        if flags & d.O_CREAT:
+            extra.append(_int(_OPEN_MODE, mode))
+        return SEV_INFO, body, extra, None
+
+    def _exec(self, f: tuple, ts: int, offset: int, out: Drain) -> tuple:
+        pid = f[3]
+        ppid, old_pid, argv_len, argc, truncated, filename = f[7], f[8], f[9], f[10], f[11], _text(f[13])
+        argv = d.parse_argv(f[14], argv_len)[:argc] if argc else []
+        name = filename.decode()
         pairs: list[tuple[str, Any]] = [
-            ("tapio.ebpf.event", kind),
-            ("process.pid", h.pid),
-            ("thread.id", h.tid),
-            ("process.user.id", h.uid),
-            ("tapio.ebpf.comm", h.comm),
-            ("tapio.ebpf.cgroup_id", h.cgroup_id),
+            ("process.parent_pid", ppid or self._ppid_of(pid)),
+            ("process.executable.path", name),
+            ("process.executable.name", name.rsplit("/", 1)[-1]),
+            ("process.command_args", argv),
         ]
-        if container is not None:
-            pairs.append(("container.id", container.id))
+        if truncated:
+            pairs.append(("tapio.ebpf.exec.args_truncated", True))
+        if old_pid != pid:
+            pairs.append(("tapio.ebpf.exec.old_pid", old_pid))
+        out.evicted += self._remember_exec(pid, filename, ts)
+        return SEV_INFO, _body(b"exec " + filename), enc.kv_pieces(pairs), None
+
+    def _exit(self, f: tuple, ts: int, offset: int, out: Drain) -> tuple:
+        pid, cgroup_id, comm = f[3], f[1], _text(f[6])
+        start_ts, ppid, code, sig = f[7], f[8], f[9], f[10]
+        extra = []
+        if ppid:
+            extra.append(_int(_PARENT, ppid))
+        if sig:
+            name = signal_name(sig)
+            extra.append(enc.kv_pieces([("tapio.ebpf.exit.signal", name)])[0])
+            text = b"exit %s: killed by %s" % (comm, name.encode())
+        elif code >= 0:
+            extra.append(_int(_EXIT_CODE, code))
+            text = b"exit %s: code %d" % (comm, code)
+        else:
+            text = b"exit " + comm
+        exe, exec_ts = self._pending_exec.pop(pid, (b"", 0))
+        if exe:
+            extra.append(enc.str_piece("process.executable.path", exe))
+        start = start_ts + offset if start_ts else exec_ts
+        span = None
+        if start:
+            extra.append(_int(_LIFETIME, max(0, ts - start)))
+            if out.spans is not None:
+                failed = bool(sig) or code > 0
+                span = (b"process " + (exe.rsplit(b"/", 1)[-1] if exe else comm), SPAN_KIND_INTERNAL, start, ts, text if failed else b"")
+        out.exited.append((pid, cgroup_id))
+        return SEV_INFO, _body(text), extra, span
+
+    def _oom(self, f: tuple, ts: int, offset: int, out: Drain) -> tuple:
+        pid, comm = f[3], _text(f[6])
+        mark_ts, total_vm, anon, file_rss, shmem, pgtables, victim_uid, score_adj = f[7:15]
+        pairs = [
+            ("tapio.ebpf.oom.total_vm_kb", total_vm),
+            ("tapio.ebpf.oom.anon_rss_kb", anon),
+            ("tapio.ebpf.oom.file_rss_kb", file_rss),
+            ("tapio.ebpf.oom.shmem_rss_kb", shmem),
+            ("tapio.ebpf.oom.pgtables_kb", pgtables),
+            ("tapio.ebpf.oom.score_adj", score_adj),
+            ("tapio.ebpf.oom.victim_uid", victim_uid),
+            ("tapio.ebpf.oom.marked_time_unix_nano", mark_ts + offset),
+        ]
+        return SEV_WARN, _body(b"OOM kill of %s (pid %d), anon rss %d kB" % (comm, pid, anon)), enc.kv_pieces(pairs), None
+
+    def _signal(self, f: tuple, ts: int, offset: int, out: Drain) -> tuple:
+        pid = f[3]
+        sig, code, result, target_pid, target_comm = f[7], f[8], f[9], f[10], _text(f[13])
+        name = signal_name(sig)
+        pairs = [
+            ("tapio.ebpf.signal.number", sig),
+            ("tapio.ebpf.signal.name", name),
+            ("tapio.ebpf.signal.target_pid", target_pid),
+            ("tapio.ebpf.signal.target_comm", target_comm.decode()),
+            ("tapio.ebpf.signal.code", code),
+            ("tapio.ebpf.signal.result", result),
+        ]
+        return SEV_INFO, _body(b"signal %s from %d to %d" % (name.encode(), pid, target_pid)), enc.kv_pieces(pairs), None
+
+    # -- shared pieces
+
+    def _shared(self, kind: int, pid: int, tid: int, uid: int, comm: bytes, cgroup_id: int, container: tuple) -> tuple[bytes, bytes]:
+        """The attributes every event of one task and kind shares, framed for a log record and for a span."""
+        pieces = [
+            _KIND_PIECE[kind],
+            _int(_PID, pid),
+            _int(_TID, tid),
+            _int(_UID, uid),
+            enc.str_piece("tapio.ebpf.comm", _text(comm)),
+            _int(_CGROUP, cgroup_id),
+            *container,
+        ]
+        return _TL + _TL.join(pieces), _TS + _TS.join(pieces)
+
+    def _container_pieces(self, container: Container) -> tuple[bytes, ...]:
+        found = self._containers.get(container)
+        if found is None:
+            pairs = [("container.id", container.id)]
             if container.runtime:
                 pairs.append(("container.runtime.name", container.runtime))
             if container.pod_uid:
                 pairs.append(("k8s.pod.uid", container.pod_uid))
-        if len(self._common_cache) >= COMMON_CACHE_SIZE:
-            self._common_cache.clear()
-        found = self._common_cache[key] = enc.kv_pieces(pairs)
-        return list(found)
+            found = self._containers[container] = tuple(enc.str_piece(k, v.encode()) for k, v in pairs)
+        return found
 
-    def _remember_exec(self, pid: int, filename: str, ts: int) -> int:
+    def _address(self, family: int, raw: bytes) -> tuple[bytes, bytes, bytes]:
+        """(network.local.address piece, network.peer.address piece, text as in a body) of a raw address."""
+        key = (family, raw)
+        found = self._addresses.get(key)
+        if found is None:
+            text = d.format_address(family, raw).encode()
+            found = self._addresses[key] = (
+                enc.str_piece("network.local.address", text),
+                enc.str_piece("network.peer.address", text),
+                b"[%s]" % text if family == d.AF_INET6 else text,
+            )
+        return found
+
+    def _next_ids(self, events: int) -> tuple[bytes, bytes]:
+        """A trace id and a span id from a pool drawn once per drain (enough for a span per event)."""
+        at = self._id_at
+        if at + _ID_BYTES > len(self._id_pool):
+            self._id_pool, at = self._ids(_ID_BYTES * events), 0
+        self._id_at = at + _ID_BYTES
+        pool = self._id_pool
+        return pool[at : at + 16], pool[at + 16 : at + _ID_BYTES]
+
+    @staticmethod
+    def _span(span: tuple, trace_id: bytes, span_id: bytes, attrs: bytes) -> bytes:
+        name, kind, start, end, message = span
+        end = max(start, end)
+        parts = [b"\x0a\x10", trace_id, b"\x12\x08", span_id, _ld(b"\x2a", name), b"\x30" + _SMALL[kind]]
+        if start:
+            parts.append(b"\x39" + _FIXED64(start & _MASK64))
+        if end:
+            parts.append(b"\x41" + _FIXED64(end & _MASK64))
+        parts.append(attrs)
+        if message:
+            parts.append(_ld(b"\x7a", _ld(b"\x12", message) + b"\x18" + _SMALL[STATUS_CODE_ERROR]))
+        return b"".join(parts)
+
+    def _remember_exec(self, pid: int, filename: bytes, ts: int) -> int:
         """Remember a process's executable until its exit; returns how many older ones were forgotten."""
         if self._max_pending <= 0:
             return 0
@@ -295,3 +470,21 @@ class RecordWriter:
             self._pending_exec.popitem(last=False)
             evicted += 1
         return evicted
+
+
+def _item(message: bytes) -> bytes:
+    n = len(message)
+    return _T_ITEM + (_SMALL[n] if n < 128 else _varint(n)) + message
+
+
+def _tcp_shape(event: int, old: int, new: int, states: int) -> tuple[bytes, ...]:
+    return tuple(
+        enc.kv_pieces(
+            [
+                ("tapio.ebpf.tcp.event", d.TCP_EVENT_NAMES[event]),
+                ("tapio.ebpf.tcp.old_state", d.TCP_STATES.get(old, str(old))),
+                ("tapio.ebpf.tcp.new_state", d.TCP_STATES.get(new, str(new))),
+                ("tapio.ebpf.tcp.states", d.states_list(states)),
+            ]
+        )
+    )
