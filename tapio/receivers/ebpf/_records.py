@@ -53,7 +53,6 @@ CACHE_SIZE = 4096
 _ID_BYTES = 16 + 8
 
 _TL, _TS = enc.T_ATTR_LOG, enc.T_ATTR_SPAN
-_T_ITEM = b"\x12"
 _SMALL = [bytes([i]) for i in range(128)]
 _FIXED64 = struct.Struct("<Q").pack
 _MASK64 = (1 << 64) - 1
@@ -125,13 +124,6 @@ def _int(heads: list[bytes], value: int) -> bytes:
     return heads[len(v)] + v
 
 
-class _NoCache(dict):
-    """A cache that keeps nothing: every lookup misses, so every piece is built from scratch."""
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        pass
-
-
 @dataclass
 class Drain:
     """What `RecordWriter.write` made of one drain."""
@@ -155,36 +147,28 @@ class RecordWriter:
             only for an exec the kernel saw no fork for.
         ids: ``randbytes(n)``, the source of trace and span ids (called
             once per drain that ends spans).
-        cached: False keeps no piece between events (the from-scratch
-            reference the tests compare the cached records with).
     """
 
-    def __init__(
-        self,
-        *,
-        max_pending: int,
-        ppid_of: Callable[[int], int],
-        ids: Callable[[int], bytes] = random.randbytes,
-        cached: bool = True,
-    ) -> None:
+    def __init__(self, *, max_pending: int, ppid_of: Callable[[int], int], ids: Callable[[int], bytes] = random.randbytes) -> None:
         self._max_pending = max_pending
         self._ppid_of = ppid_of
         self._ids = ids
         self._pending_exec: OrderedDict[int, tuple[bytes, int]] = OrderedDict()
-        make = dict if cached else _NoCache
-        #: (pid, tid, uid, comm, cgroup id, kind, container pieces) -> (log attrs, span attrs) of the shared attributes
-        self._common: dict = make()
+        #: (pid, tid, uid, raw comm, cgroup id, kind, Container or None) -> (log attrs, span attrs) of the attributes one task's events share
+        self._common: dict = {}
         #: Container -> its pieces
-        self._containers: dict = make()
-        #: (family, raw address) -> (network.*.address pieces, text as in a body)
-        self._addresses: dict = make()
-        #: (tcp event, old state, new state, states seen) -> (pieces from tapio.ebpf.tcp.event to .states)
-        self._tcp_states: dict = make()
-        #: (raw path, flags) -> (file.path and flags pieces, path text)
-        self._paths: dict = make()
-        #: port -> (network.local.port piece, network.peer.port piece, text)
-        self._ports: dict = make()
-        self._caches = [self._common, self._containers, self._addresses, self._tcp_states, self._paths, self._ports]
+        self._containers: dict = {}
+        #: (family, raw address) -> (network.local.address piece, network.peer.address piece, text as in a body)
+        self._addresses: dict = {}
+        #: (family, raw local address, local port) -> (log attrs, span attrs) from network.transport to network.local.port
+        self._locals: dict = {}
+        #: (family, raw peer address, peer port) -> (log attrs, span attrs) of network.peer.*, "address:port" as in a body)
+        self._peers: dict = {}
+        #: (tcp event, old state, new state, states seen) -> (log attrs, span attrs) from tapio.ebpf.tcp.event to .states
+        self._tcp_states: dict = {}
+        #: (raw path, flags) -> (log attrs from file.path to the flags text, path text, body when the open succeeded)
+        self._paths: dict = {}
+        self._caches = [self._common, self._containers, self._addresses, self._locals, self._peers, self._tcp_states, self._paths]
 
     def write(
         self,
@@ -211,116 +195,94 @@ class RecordWriter:
         records: list[bytes] | None = [] if logs else None
         spans: list[bytes] | None = [] if traces else None
         out = Drain(records, spans)
-        pieces = {key: self._container_pieces(c) for key, c in containers.items() if c is not None}
         observed_field = b"\x59" + _FIXED64(observed & _MASK64) if observed else b""
         self._id_pool = b""
         self._id_at = 0
-        common, tcp, ports = self._common, self._tcp, self._ports
-        sev_info, ev_tcp = _SEVERITY[SEV_INFO], d.EV_TCP
         tail = {kind: observed_field + name for kind, name in _EVENT_NAME.items()}
-        write_one = {
-            d.EV_OPEN: self._open,
-            d.EV_EXEC: self._exec,
-            d.EV_EXIT: self._exit,
-            d.EV_OOM: self._oom,
-            d.EV_SIGNAL: self._signal,
-        }
-        tl, ts_tag, fixed64, small, varint = _TL, _TS, _FIXED64, _SMALL, _varint
+        write_one = {d.EV_EXEC: self._exec, d.EV_EXIT: self._exit, d.EV_OOM: self._oom, d.EV_SIGNAL: self._signal}
+        # the two kinds most events of a busy node are (TCP transitions, opens) are written out in the loop
+        ev_tcp, ev_open, tcp_close, tcp_connect, tcp_closed, o_creat = d.EV_TCP, d.EV_OPEN, d.TCP_CLOSE, d.TCP_CONNECT, d.TCP_CLOSED, d.O_CREAT
+        common, locals_, peers, shapes, paths = self._common, self._locals, self._peers, self._tcp_states, self._paths
+        container_of = containers.get
+        sev_info, tl, ts_tag, fixed64, small, varint, mask64 = _SEVERITY[SEV_INFO], _TL, _TS, _FIXED64, _SMALL, _varint, _MASK64
+        duration_heads, socket_heads, fd_heads, event_text, open_fd_heads = _DURATION, _SOCKET, _TCP_FD, _TCP_EVENT_TEXT, _OPEN_FD
+        with_spans = spans is not None
         for f in events:
-            ts, cgroup_id, kind, pid, tid, uid, comm = f[:7]
-            cont = pieces.get((pid, cgroup_id), ())
-            key = (pid, tid, uid, comm, cgroup_id, kind, cont)
+            kts, cgroup_id, kind, pid, tid, uid, comm = f[:7]
+            container = container_of((pid, cgroup_id))
+            key = (pid, tid, uid, comm, cgroup_id, kind, container)
             shared = common.get(key)
             if shared is None:
-                shared = common[key] = self._shared(kind, pid, tid, uid, comm, cgroup_id, cont)
-            ts += offset
+                shared = common[key] = self._shared(kind, pid, tid, uid, comm, cgroup_id, container)
+            ts = kts + offset
+            span = None
             if kind == ev_tcp:
-                # the hot path, written out: most events of a busy node are TCP transitions
+                sock, start_ts, event, family, sport, dport, _, old, new, states, fd, saddr, daddr = f[7:]
+                local = locals_.get((family, saddr, sport)) or self._local(family, saddr, sport)
+                peer = peers.get((family, daddr, dport)) or self._peer(family, daddr, dport)
+                shape = shapes.get((event, old, new, states)) or self._tcp_shape(event, old, new, states)
+                duration = kts - start_ts
+                v = varint(duration) if duration > 0 else b"\x00"
+                sock_text = b"%x" % sock
+                numbers = (duration_heads[len(v)] + v, socket_heads[len(sock_text)] + sock_text)
+                if fd >= 0:
+                    v = small[fd] if fd < 128 else varint(fd)
+                    numbers += (fd_heads[len(v)] + v,)
+                failed = event == tcp_connect and new == tcp_closed
+                text = event_text[event] + peer[2] + b" failed" if failed else event_text[event] + peer[2]
+                n = len(text)
+                body = b"\x2a" + small[n + 2] + b"\x0a" + small[n] + text if n < 126 else _body(text)
+                attrs = (shared[0], local[0], peer[0], shape[0], tl, tl.join(numbers))
                 severity = sev_info
-                body, extra, span = tcp(f, ts, offset, spans is not None)
+                if with_spans and (event == tcp_close or failed):
+                    outbound = states & (1 << d.TCP_SYN_SENT)  # went through SYN_SENT: we connected
+                    span = (
+                        (b"tcp connect " if outbound else b"tcp accept ") + peer[2],
+                        SPAN_KIND_CLIENT if outbound else SPAN_KIND_SERVER,
+                        start_ts + offset,
+                        ts,
+                        b"connection failed" if failed else b"",
+                    )
+                    span_attrs = b"".join((shared[1], local[1], peer[1], shape[1], ts_tag, ts_tag.join(numbers)))
+            elif kind == ev_open:
+                ret, flags, mode, raw_path = f[7], f[8], f[9], f[12]
+                found = paths.get((raw_path, flags)) or self._path(raw_path, flags)
+                if ret >= 0:
+                    v = small[ret] if ret < 128 else varint(ret)
+                    numbers = tl + open_fd_heads[len(v)] + v
+                    body = found[2]
+                else:
+                    err = errno_name(-ret)
+                    numbers = tl + enc.str_piece("error.type", err.encode()) + tl + _int(_OPEN_ERRNO, -ret)
+                    body = _body(b"open %s: %s" % (found[1], err.encode()))
+                if flags & o_creat:
+                    numbers += tl + _int(_OPEN_MODE, mode)
+                attrs = (shared[0], found[0], numbers)
+                severity = sev_info
             else:
                 severity, body, extra, span = write_one[kind](f, ts, offset, out)
                 severity = _SEVERITY[severity]
-            head = b"\x09" + fixed64(ts & _MASK64) if ts else b""
-            if span is not None and spans is not None:
+                attrs = (shared[0], tl, tl.join(extra)) if extra else (shared[0],)
+                if span is not None and with_spans:
+                    span_attrs = shared[1] + ts_tag + ts_tag.join(extra) if extra else shared[1]
+            head = b"\x09" + fixed64(ts & mask64) if ts else b""
+            if span is not None and with_spans:
                 trace_id, span_id = self._next_ids(len(events))
-                span_attrs = shared[1] + ts_tag + ts_tag.join(extra) if extra else shared[1]
                 message = self._span(span, trace_id, span_id, span_attrs)
                 n = len(message)
                 spans.append(b"\x12" + (small[n] if n < 128 else varint(n)) + message)
                 if records is None:
                     continue
-                rec = b"".join((head, severity, body, shared[0], tl, tl.join(extra), b"\x4a\x10", trace_id, b"\x52\x08", span_id, tail[kind]))
+                rec = b"".join((head, severity, body, *attrs, b"\x4a\x10", trace_id, b"\x52\x08", span_id, tail[kind]))
             elif records is None:
                 continue
-            elif extra:
-                rec = b"".join((head, severity, body, shared[0], tl, tl.join(extra), tail[kind]))
             else:
-                rec = b"".join((head, severity, body, shared[0], tail[kind]))
+                rec = b"".join((head, severity, body, *attrs, tail[kind]))
             n = len(rec)
             records.append(b"\x12" + (small[n] if n < 128 else varint(n)) + rec)
         return out
 
-    # -- what each kind adds: (severity, body field, extra attribute pieces, span or None)
-
-    def _tcp(self, f: tuple, ts: int, offset: int, spans: bool) -> tuple:
-        """(body field, extra attribute pieces, span or None) of a TCP event."""
-        (kts, _, _, _, _, _, _, sock, start_ts, event, family, sport, dport, _, old, new, states, fd, saddr, daddr) = f
-        addresses, ports = self._addresses, self._ports
-        local = addresses.get((family, saddr)) or self._address(family, saddr)
-        peer = addresses.get((family, daddr)) or self._address(family, daddr)
-        shape = self._tcp_states.get((event, old, new, states))
-        if shape is None:
-            shape = self._tcp_states[(event, old, new, states)] = _tcp_shape(event, old, new, states)
-        lport = ports.get(sport)
-        if lport is None:
-            lport = ports[sport] = (_int(_LPORT, sport), _int(_PPORT, sport), b"%d" % sport)
-        pport = ports.get(dport)
-        if pport is None:
-            pport = ports[dport] = (_int(_LPORT, dport), _int(_PPORT, dport), b"%d" % dport)
-        sock_text = b"%x" % sock
-        v = _varint(max(0, kts - start_ts))
-        extra = [_TRANSPORT, _NET_TYPE.get(family, _NET_TYPE_OTHER), local[0], lport[0], peer[1], pport[1], *shape, _DURATION[len(v)] + v, _SOCKET[len(sock_text)] + sock_text]
-        if fd >= 0:
-            extra.append(_int(_TCP_FD, fd))
-        failed = event == d.TCP_CONNECT and new == d.TCP_CLOSED
-        peer_text = peer[2] + b":" + pport[2]
-        text = _TCP_EVENT_TEXT[event] + peer_text + b" failed" if failed else _TCP_EVENT_TEXT[event] + peer_text
-        n = len(text)
-        body = b"\x2a" + _SMALL[n + 2] + b"\x0a" + _SMALL[n] + text if n < 126 else _body(text)
-        if spans and (event == d.TCP_CLOSE or failed):
-            outbound = states & (1 << d.TCP_SYN_SENT)  # went through SYN_SENT: we connected
-            span = (
-                (b"tcp connect " if outbound else b"tcp accept ") + peer_text,
-                SPAN_KIND_CLIENT if outbound else SPAN_KIND_SERVER,
-                start_ts + offset,
-                ts,
-                b"connection failed" if failed else b"",
-            )
-            return body, extra, span
-        return body, extra, None
-
-    def _open(self, f: tuple, ts: int, offset: int, out: Drain) -> tuple:
-        ret, flags, mode, raw_path = f[7], f[8], f[9], f[12]
-        key = (raw_path, flags)
-        found = self._paths.get(key)
-        if found is None:
-            path = _text(raw_path)
-            found = self._paths[key] = (
-                [enc.str_piece("file.path", path), _int(_OPEN_FLAGS, flags), enc.str_piece("tapio.ebpf.open.flags_text", d.open_flags_text(flags).encode())],
-                path,
-            )
-        extra = list(found[0])
-        if ret >= 0:
-            extra.append(_int(_OPEN_FD, ret))
-            body = _body(b"open " + found[1])
-        else:
-            err = errno_name(-ret)
-            extra += [enc.kv_pieces([("error.type", err)])[0], _int(_OPEN_ERRNO, -ret)]
-            body = _body(b"open %s: %s" % (found[1], err.encode()))
-        if flags & d.O_CREAT:
-            extra.append(_int(_OPEN_MODE, mode))
-        return SEV_INFO, body, extra, None
+    # -- what the rarer kinds add: (severity, body field, extra attribute pieces, span or None)
 
     def _exec(self, f: tuple, ts: int, offset: int, out: Drain) -> tuple:
         pid = f[3]
@@ -399,7 +361,7 @@ class RecordWriter:
 
     # -- shared pieces
 
-    def _shared(self, kind: int, pid: int, tid: int, uid: int, comm: bytes, cgroup_id: int, container: tuple) -> tuple[bytes, bytes]:
+    def _shared(self, kind: int, pid: int, tid: int, uid: int, comm: bytes, cgroup_id: int, container: Container | None) -> tuple[bytes, bytes]:
         """The attributes every event of one task and kind shares, framed for a log record and for a span."""
         pieces = [
             _KIND_PIECE[kind],
@@ -408,9 +370,11 @@ class RecordWriter:
             _int(_UID, uid),
             enc.str_piece("tapio.ebpf.comm", _text(comm)),
             _int(_CGROUP, cgroup_id),
-            *container,
         ]
-        return _TL + _TL.join(pieces), _TS + _TS.join(pieces)
+        if container is not None:
+            pieces += self._container_pieces(container)
+        found = self._common[(pid, tid, uid, comm, cgroup_id, kind, container)] = _framed(pieces)
+        return found
 
     def _container_pieces(self, container: Container) -> tuple[bytes, ...]:
         found = self._containers.get(container)
@@ -434,6 +398,32 @@ class RecordWriter:
                 enc.str_piece("network.peer.address", text),
                 b"[%s]" % text if family == d.AF_INET6 else text,
             )
+        return found
+
+    def _local(self, family: int, raw: bytes, port: int) -> tuple[bytes, bytes]:
+        pieces = [_TRANSPORT, _NET_TYPE.get(family, _NET_TYPE_OTHER), self._address(family, raw)[0], _int(_LPORT, port)]
+        found = self._locals[(family, raw, port)] = _framed(pieces)
+        return found
+
+    def _peer(self, family: int, raw: bytes, port: int) -> tuple[bytes, bytes, bytes]:
+        address = self._address(family, raw)
+        found = self._peers[(family, raw, port)] = (*_framed([address[1], _int(_PPORT, port)]), b"%s:%d" % (address[2], port))
+        return found
+
+    def _tcp_shape(self, event: int, old: int, new: int, states: int) -> tuple[bytes, bytes]:
+        pairs = [
+            ("tapio.ebpf.tcp.event", d.TCP_EVENT_NAMES[event]),
+            ("tapio.ebpf.tcp.old_state", d.TCP_STATES.get(old, str(old))),
+            ("tapio.ebpf.tcp.new_state", d.TCP_STATES.get(new, str(new))),
+            ("tapio.ebpf.tcp.states", d.states_list(states)),
+        ]
+        found = self._tcp_states[(event, old, new, states)] = _framed(enc.kv_pieces(pairs))
+        return found
+
+    def _path(self, raw: bytes, flags: int) -> tuple[bytes, bytes, bytes]:
+        path = _text(raw)
+        pieces = [enc.str_piece("file.path", path), _int(_OPEN_FLAGS, flags), enc.str_piece("tapio.ebpf.open.flags_text", d.open_flags_text(flags).encode())]
+        found = self._paths[(raw, flags)] = (_framed(pieces)[0], path, _body(b"open " + path))
         return found
 
     def _next_ids(self, events: int) -> tuple[bytes, bytes]:
@@ -472,19 +462,6 @@ class RecordWriter:
         return evicted
 
 
-def _item(message: bytes) -> bytes:
-    n = len(message)
-    return _T_ITEM + (_SMALL[n] if n < 128 else _varint(n)) + message
-
-
-def _tcp_shape(event: int, old: int, new: int, states: int) -> tuple[bytes, ...]:
-    return tuple(
-        enc.kv_pieces(
-            [
-                ("tapio.ebpf.tcp.event", d.TCP_EVENT_NAMES[event]),
-                ("tapio.ebpf.tcp.old_state", d.TCP_STATES.get(old, str(old))),
-                ("tapio.ebpf.tcp.new_state", d.TCP_STATES.get(new, str(new))),
-                ("tapio.ebpf.tcp.states", d.states_list(states)),
-            ]
-        )
-    )
+def _framed(pieces: list[bytes]) -> tuple[bytes, bytes]:
+    """Attribute pieces as the repeated attributes field of a log record and of a span."""
+    return _TL + _TL.join(pieces), _TS + _TS.join(pieces)
