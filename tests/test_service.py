@@ -476,6 +476,30 @@ def test_batch_keeps_arrival_bytes_through_concat_share_and_split():
     assert Signal.LOGS.request_class.FromString(joined.to_bytes()) == joined.merged()
 
 
+def test_a_batch_handed_on_unparsed_is_parsed_only_when_its_requests_are_read():
+    from tapio.processors.batch import split_batch
+
+    a, b = log_batch(3, "a").to_bytes(), log_batch(2, "b").to_bytes()
+    ua, ub = Batch.from_bytes(Signal.LOGS, a, 3), Batch.from_bytes(Signal.LOGS, b, 2)
+    joined = Batch.concat([ua, ub])
+    assert joined.unparsed and joined.count == 5 and joined.raw == [a, b]
+    assert joined.to_bytes() == a + b and split_batch(joined, [5]) == [joined]
+    share = joined.share()
+    assert share.unparsed and share.request_bytes() == [a, b]
+    assert joined.unparsed  # nothing above needed the messages
+    assert joined.requests == [Signal.LOGS.request_class.FromString(a), Signal.LOGS.request_class.FromString(b)]
+    assert not joined.unparsed and joined.raw == [a, b] and share.unparsed
+    parts = split_batch(share, [2, 3])  # a cut needs the messages
+    assert [p.count for p in parts] == [2, 3] and not share.unparsed
+    mixed = Batch.concat([Batch.from_bytes(Signal.LOGS, a, 3), Batch.of(Signal.LOGS, log_batch(1, "c").requests[0])])
+    assert not mixed.unparsed and len(mixed.requests) == 2 and mixed.raw == [a, None]
+    forgot = Batch.from_bytes(Signal.LOGS, b, 2)
+    forgot.forget_raw()
+    assert forgot.raw == [] and len(forgot.requests) == 1 and forgot.to_bytes() == b
+    with pytest.raises(AttributeError):
+        forgot.no_such_field  # noqa: B018
+
+
 async def test_a_fan_out_cut_short_still_reports_done_exactly_once(autojump_clock):
     # A sender's deadline (an OTLP client's timeout) or shutdown can cancel a
     # fan-out after some pipelines got their share: the batch's sources must
