@@ -17,8 +17,8 @@ Invariants:
   by its items in ``tapio_ebpf_events_dropped_total{reason}``, never retried.
 - What an event becomes is `_records`' business; containers are resolved
   here, once per (pid, cgroup id) of a drain. Records are written as OTLP
-  bytes and parsed once into the batch, which keeps the bytes: exporters
-  send them without re-serializing.
+  bytes and handed on unparsed (`Batch.from_bytes` with a count): exporters
+  send the bytes as they are, a stage that reads records parses them.
 - Kernel loss and rate-limit counters are read once a second and added to
   self-telemetry as deltas, so the tapio_* counters equal the kernel's.
 - Time: events carry CLOCK_BOOTTIME ns; `Program.boot_to_unix_ns`, measured
@@ -292,17 +292,18 @@ class EbpfReceiver:
             self._resolver.forget_pid(pid, cgroup_id)
         if drain.evicted:
             self._telemetry.add("tapio_ebpf_spans_evicted_total", drain.evicted)
-        # one parse of bytes written directly (see _records); the batch keeps them for exporters
+        # bytes written directly (see _records), handed on unparsed: a stage that reads the records parses them
         if drain.records:
-            self._send(Batch.from_bytes(Signal.LOGS, self._request(drain.records)))
+            self._send(self._batch(Signal.LOGS, drain.records))
         if drain.spans:
-            self._send(Batch.from_bytes(Signal.TRACES, self._request(drain.spans)))
+            self._send(self._batch(Signal.TRACES, drain.spans))
 
-    def _request(self, items: list[bytes]) -> bytes:
-        """The export request holding ``items`` under the receiver's resource and scope, in one join."""
+    def _batch(self, signal: Signal, items: list[bytes]) -> Batch:
+        """A batch of one export request holding ``items`` under the receiver's resource and scope, joined once."""
+        count = len(items)
         head = enc.request_head(self._resource_blob, self._scope_blob, sum(map(len, items)))
         items.insert(0, head)
-        return b"".join(items)
+        return Batch.from_bytes(signal, b"".join(items), count)
 
     async def _containers(self, keys: dict[tuple[int, int], int]) -> dict[tuple[int, int], Container | None]:
         """The container of each (pid, cgroup id), with its events counted by reason when none is found."""
