@@ -2,8 +2,8 @@
 
 This is the mapping before it was optimised (issue 15): each event is
 decoded into its dataclass (`_decode.parse_event`), its attributes listed as
-(key, value) pairs and encoded from scratch (`_encode.kv_pieces`,
-`_encode.log_record`, `_encode.span`), nothing kept between events but the
+(key, value) pairs and encoded from scratch (`otlpwire.kv_pieces`,
+`otlpwire.log_record`, `otlpwire.span`), nothing kept between events but the
 exec state. The receiver's writer concatenates cached pieces instead; the
 tests feed both the same drains and compare bytes. Ids are drawn as the
 writer draws them: one ``ids(24 * events)`` pool per drain, at its first span,
@@ -16,7 +16,7 @@ from collections import OrderedDict
 from typing import Any, Callable
 
 from tapio.receivers.ebpf import _decode as d
-from tapio.receivers.ebpf import _encode as enc
+from tapio import otlpwire as enc
 from tapio.receivers.ebpf._containers import Container
 from tapio.receivers.ebpf._records import SEV_INFO, SEV_WARN, SPAN_KIND_CLIENT, SPAN_KIND_INTERNAL, SPAN_KIND_SERVER, STATUS_CODE_ERROR, Drain, errno_name, signal_name
 

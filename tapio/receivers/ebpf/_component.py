@@ -44,12 +44,12 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 
+from tapio import otlpwire as enc
 from tapio.component import Ports, Refused, Settings
 from tapio.pdata import Batch, Signal
 from tapio.telemetry import COUNTER
 
 from . import _decode as d
-from tapio import otlpwire as enc
 from ._config import Config
 from ._containers import REASONS, Container, ContainerResolver, walk_cgroup_tree
 from ._loader import Program, cgroup2_root, open_program

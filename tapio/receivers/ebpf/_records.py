@@ -7,12 +7,12 @@ and the times, and gets the bytes of one drain's items back.
 
 Invariants:
 - `RecordWriter.write` turns one drain into at most one list of log-record
-  items and one of span items (`_encode.item` framing), in event order, one
+  items and one of span items (`otlpwire.item` framing), in event order, one
   log record per event; a span is written only for an event that ends one
   (a process exit with a known start, a TCP close or a failed connect).
 - A span and the log record of the event that ends it carry the same
   trace and span ids, drawn from the writer's ``ids`` source.
-- The bytes are what `_encode.log_record` / `_encode.span` write from the
+- The bytes are what `otlpwire.log_record` / `otlpwire.span` write from the
   same values: fields in field-number order, attributes in the order listed
   here. Most of a record is concatenated from cached pieces (the attributes
   one task's events share, an address, a path with its flags, the TCP state
@@ -40,8 +40,9 @@ from typing import Any, Callable
 from opentelemetry.proto.logs.v1.logs_pb2 import SeverityNumber
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from . import _decode as d
 from tapio import otlpwire as enc
+
+from . import _decode as d
 from ._containers import Container
 
 SEV_INFO, SEV_WARN = SeverityNumber.SEVERITY_NUMBER_INFO, SeverityNumber.SEVERITY_NUMBER_WARN
@@ -128,7 +129,7 @@ def _int(heads: list[bytes], value: int) -> bytes:
 class Drain:
     """What `RecordWriter.write` made of one drain."""
 
-    #: log-record items (`_encode.item` framing), one per event; None when logs are not wanted
+    #: log-record items (`otlpwire.item` framing), one per event; None when logs are not wanted
     records: list[bytes] | None
     #: span items; None when traces are not wanted
     spans: list[bytes] | None
