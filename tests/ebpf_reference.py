@@ -32,7 +32,7 @@ class ReferenceWriter:
 
     def write(self, raws: list[bytes], containers: dict, *, offset: int, observed: int, logs: bool = True, traces: bool = True) -> Drain:
         events = [d.parse_event(raw) for raw in raws]
-        out = Drain([] if logs else None, [] if traces else None)
+        out = Drain({} if logs else None, {} if traces else None)
         self._pool, self._at, self._events = b"", 0, len(events)
         for ev in events:
             self._event(ev, containers.get((ev.h.pid, ev.h.cgroup_id)), offset, observed, out)
@@ -160,18 +160,20 @@ class ReferenceWriter:
             ("tapio.ebpf.comm", h.comm),
             ("tapio.ebpf.cgroup_id", h.cgroup_id),
         ]
+        boxed: list[tuple[str, Any]] = []
         if container is not None:
-            common.append(("container.id", container.id))
+            boxed.append(("container.id", container.id))
             if container.runtime:
-                common.append(("container.runtime.name", container.runtime))
+                boxed.append(("container.runtime.name", container.runtime))
             if container.pod_uid:
-                common.append(("k8s.pod.uid", container.pod_uid))
-        pieces = enc.kv_pieces(common + extra)
+                boxed.append(("k8s.pod.uid", container.pod_uid))
+        group = tuple(enc.kv_pieces(boxed))  # items are grouped by their container's attributes
+        pieces = enc.kv_pieces(common + boxed + extra)
         trace_id = span_id = b""
         if span is not None and spans is not None:
             name, span_kind, start, end, failed, message = span
             trace_id, span_id = self._next_ids()
-            spans.append(
+            spans.setdefault(group, []).append(
                 enc.item(
                     enc.span(
                         trace_id=trace_id,
@@ -187,7 +189,7 @@ class ReferenceWriter:
                 )
             )
         if records is not None:
-            records.append(
+            records.setdefault(group, []).append(
                 enc.item(
                     enc.log_record(
                         time_unix_nano=ts,

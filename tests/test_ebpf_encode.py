@@ -248,9 +248,9 @@ async def test_a_batch_has_one_resource_per_container_and_one_for_host_processes
     (tmp_path / "300" / "cgroup").write_text("0::/system.slice/sshd.service\n")
     receiver, sink, _ = _receiver([Signal.LOGS])
     receiver._resolver = ContainerResolver(proc_root=str(tmp_path))
-    tcp = d._TCP.pack(0xFFFF8888, 1, d.TCP_CLOSE, d.AF_INET, 40000, 80, 1, 1, 7, 0b10000110, -1, b"\x7f\0\0\1" + bytes(12), b"\x7f\0\0\1" + bytes(12))
+    tcp = (0xFFFF8888, 1, d.TCP_CLOSE, d.AF_INET, 40000, 80, 1, 1, 7, 0b10000110, -1, b"\x7f\0\0\1" + bytes(12), b"\x7f\0\0\1" + bytes(12))
     pids = [100, 300, 200, 100, 300, 200, 100]
-    receiver.handle([d._HDR.pack(i + 1, 0, d.EV_TCP, pid, pid, 0, b"curl") + tcp for i, pid in enumerate(pids)])
+    await receiver.deliver([d.TCP.struct.pack(i + 1, 0, d.EV_TCP, pid, pid, 0, b"curl", *tcp) for i, pid in enumerate(pids)])
     (batch,) = sink.batches
     assert batch.count == len(pids) and batch.to_bytes() == batch.raw[0]
     groups = []

@@ -19,6 +19,10 @@ Invariants:
   here, once per (pid, cgroup id) of a drain. Records are written as OTLP
   bytes and handed on unparsed (`Batch.from_bytes` with a count): exporters
   send the bytes as they are, a stage that reads records parses them.
+- A batch holds one resource per container (the host's attributes plus
+  container.id, container.runtime.name, k8s.pod.uid) and one for host
+  processes, in the order their first event came; each record keeps those
+  attributes too, so k8sattributes finds the pod from the resource.
 - Kernel loss and rate-limit counters are read once a second and added to
   self-telemetry as deltas, so the tapio_* counters equal the kernel's.
 - Time: events carry CLOCK_BOOTTIME ns; `Program.boot_to_unix_ns`, measured
@@ -65,6 +69,8 @@ DRAIN_CHUNK = 1024
 CGROUP_WALK_SECONDS = 2.0
 #: longest wait for the probes to detach on shutdown (normally ~1.5 s)
 DETACH_SECONDS = 10.0
+#: resources kept encoded (one per container seen); emptied when full
+RESOURCE_CACHE_SIZE = 4096
 #: opentelemetry/proto/metrics/v1: AggregationTemporality
 CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
 
@@ -113,6 +119,8 @@ class EbpfReceiver:
         self._start_unix_ns = time.time_ns()
         self._resource_attrs = [("host.name", socket.gethostname()), ("os.type", "linux"), ("service.name", "tapio")]
         self._resource_blob = enc.attributes(enc.T_ATTR_RESOURCE, self._resource_attrs)
+        #: container attribute pieces -> resource attributes
+        self._resources: dict[tuple[bytes, ...], bytes] = {}
         self._scope_blob = enc.scope(SCOPE_NAME, SCOPE_VERSION)
         self._ring_open = False
         self._declare_metrics()
@@ -298,12 +306,26 @@ class EbpfReceiver:
         if drain.spans:
             self._send(self._batch(Signal.TRACES, drain.spans))
 
-    def _batch(self, signal: Signal, items: list[bytes]) -> Batch:
-        """A batch of one export request holding ``items`` under the receiver's resource and scope, joined once."""
-        count = len(items)
-        head = enc.request_head(self._resource_blob, self._scope_blob, sum(map(len, items)))
-        items.insert(0, head)
-        return Batch.from_bytes(signal, b"".join(items), count)
+    def _batch(self, signal: Signal, groups: dict[tuple[bytes, ...], list[bytes]]) -> Batch:
+        """A batch of one export request: a resource per container (the host's attributes and the container's), joined once."""
+        count = 0
+        parts: list[bytes] = []
+        for pieces, items in groups.items():
+            count += len(items)
+            parts.append(enc.request_head(self._resource_of(pieces), self._scope_blob, sum(map(len, items))))
+            parts += items
+        return Batch.from_bytes(signal, b"".join(parts), count)
+
+    def _resource_of(self, pieces: tuple[bytes, ...]) -> bytes:
+        """The resource attributes of a container's events: the host's plus its container.id, .runtime.name, k8s.pod.uid (cached)."""
+        if not pieces:
+            return self._resource_blob
+        found = self._resources.get(pieces)
+        if found is None:
+            if len(self._resources) >= RESOURCE_CACHE_SIZE:
+                self._resources.clear()
+            found = self._resources[pieces] = self._resource_blob + enc.frame(enc.T_ATTR_RESOURCE, list(pieces))
+        return found
 
     async def _containers(self, keys: dict[tuple[int, int], int]) -> dict[tuple[int, int], Container | None]:
         """The container of each (pid, cgroup id), with its events counted by reason when none is found."""

@@ -6,10 +6,13 @@ hands in the events (`_decode.decode_drain` field tuples), their containers
 and the times, and gets the bytes of one drain's items back.
 
 Invariants:
-- `RecordWriter.write` turns one drain into at most one list of log-record
-  items and one of span items (`otlpwire.item` framing), in event order, one
-  log record per event; a span is written only for an event that ends one
-  (a process exit with a known start, a TCP close or a failed connect).
+- `RecordWriter.write` turns one drain into log-record items and span items
+  (`otlpwire.item` framing) grouped by container (its attribute pieces; ``()``
+  for host processes), groups in the order of their first event, items in
+  event order within a group; one log record per event; a span is written
+  only for an event that ends one (a process exit with a known start, a TCP
+  close or a failed connect). The receiver puts each group under a resource
+  of its own.
 - A span and the log record of the event that ends it carry the same
   trace and span ids, drawn from the writer's ``ids`` source.
 - The bytes are what `otlpwire.log_record` / `otlpwire.span` write from the
@@ -17,7 +20,7 @@ Invariants:
   here. Most of a record is concatenated from cached pieces (the attributes
   one task's events share, an address, a path with its flags, the TCP state
   names); every input a piece is made from is part of its key, so a record
-  equals one built from scratch (``RecordWriter(cached=False)``, which keeps
+  equals one built from scratch (tests/ebpf_reference.py, which keeps
   nothing between events, is how the tests check it).
 - State kept between drains: the executable and exec time of each process
   seen exec'ing, until its exit (at most ``max_pending``, oldest first out,
@@ -129,10 +132,12 @@ def _int(heads: list[bytes], value: int) -> bytes:
 class Drain:
     """What `RecordWriter.write` made of one drain."""
 
-    #: log-record items (`otlpwire.item` framing), one per event; None when logs are not wanted
-    records: list[bytes] | None
-    #: span items; None when traces are not wanted
-    spans: list[bytes] | None
+    #: log-record items (`otlpwire.item` framing), one per event, by the container's attribute
+    #: pieces (``()``: host processes) in the order each container's first event came; None when
+    #: logs are not wanted
+    records: dict[tuple[bytes, ...], list[bytes]] | None
+    #: span items, grouped the same way; None when traces are not wanted
+    spans: dict[tuple[bytes, ...], list[bytes]] | None
     #: processes that exited in this drain, as (pid, cgroup id)
     exited: list[tuple[int, int]] = field(default_factory=list)
     #: processes forgotten between exec and exit because ``max_pending`` was reached
@@ -155,7 +160,7 @@ class RecordWriter:
         self._ppid_of = ppid_of
         self._ids = ids
         self._pending_exec: OrderedDict[int, tuple[bytes, int]] = OrderedDict()
-        #: (pid, tid, uid, raw comm, cgroup id, kind, Container or None) -> (log attrs, span attrs) of the attributes one task's events share
+        #: (pid, tid, uid, raw comm, cgroup id, kind, container pieces) -> (log attrs, span attrs) of the attributes one task's events share
         self._common: dict = {}
         #: Container -> its pieces
         self._containers: dict = {}
@@ -193,8 +198,8 @@ class RecordWriter:
         for cache in self._caches:
             if len(cache) >= CACHE_SIZE:
                 cache.clear()
-        records: list[bytes] | None = [] if logs else None
-        spans: list[bytes] | None = [] if traces else None
+        records: dict[tuple[bytes, ...], list[bytes]] | None = {} if logs else None
+        spans: dict[tuple[bytes, ...], list[bytes]] | None = {} if traces else None
         out = Drain(records, spans)
         observed_field = b"\x59" + _FIXED64(observed & _MASK64) if observed else b""
         self._id_pool = b""
@@ -204,13 +209,27 @@ class RecordWriter:
         # the two kinds most events of a busy node are (TCP transitions, opens) are written out in the loop
         ev_tcp, ev_open, tcp_close, tcp_connect, tcp_closed, o_creat = d.EV_TCP, d.EV_OPEN, d.TCP_CLOSE, d.TCP_CONNECT, d.TCP_CLOSED, d.O_CREAT
         common, locals_, peers, shapes, paths = self._common, self._locals, self._peers, self._tcp_states, self._paths
-        container_of = containers.get
+        # a container's pieces, once per (pid, cgroup id) of the drain: they key the shared attributes
+        container_of = {key: self._container_pieces(c) for key, c in containers.items() if c is not None}.get
         sev_info, tl, ts_tag, fixed64, small, varint, mask64 = _SEVERITY[SEV_INFO], _TL, _TS, _FIXED64, _SMALL, _varint, _MASK64
         duration_heads, socket_heads, fd_heads, event_text, open_fd_heads = _DURATION, _SOCKET, _TCP_FD, _TCP_EVENT_TEXT, _OPEN_FD
         with_spans = spans is not None
+        last: tuple[bytes, ...] | None = None
+        append = None
         for f in events:
-            kts, cgroup_id, kind, pid, tid, uid, comm = f[:7]
-            container = container_of((pid, cgroup_id))
+            kind = f[2]
+            if kind == ev_tcp:
+                kts, cgroup_id, _, pid, tid, uid, comm, sock, start_ts, event, family, sport, dport, _, old, new, states, fd, saddr, daddr = f
+            else:
+                kts, cgroup_id, _, pid, tid, uid, comm = f[:7]
+            container = container_of((pid, cgroup_id), ())
+            if container is not last:  # a drain mostly holds runs of one container's events
+                last = container
+                if records is not None:
+                    group = records.get(container)
+                    if group is None:
+                        group = records[container] = []
+                    append = group.append
             key = (pid, tid, uid, comm, cgroup_id, kind, container)
             shared = common.get(key)
             if shared is None:
@@ -218,7 +237,6 @@ class RecordWriter:
             ts = kts + offset
             span = None
             if kind == ev_tcp:
-                sock, start_ts, event, family, sport, dport, _, old, new, states, fd, saddr, daddr = f[7:]
                 local = locals_.get((family, saddr, sport)) or self._local(family, saddr, sport)
                 peer = peers.get((family, daddr, dport)) or self._peer(family, daddr, dport)
                 shape = shapes.get((event, old, new, states)) or self._tcp_shape(event, old, new, states)
@@ -271,7 +289,7 @@ class RecordWriter:
                 trace_id, span_id = self._next_ids(len(events))
                 message = self._span(span, trace_id, span_id, span_attrs)
                 n = len(message)
-                spans.append(b"\x12" + (small[n] if n < 128 else varint(n)) + message)
+                spans.setdefault(container, []).append(b"\x12" + (small[n] if n < 128 else varint(n)) + message)
                 if records is None:
                     continue
                 rec = b"".join((head, severity, body, *attrs, b"\x4a\x10", trace_id, b"\x52\x08", span_id, tail[kind]))
@@ -280,7 +298,7 @@ class RecordWriter:
             else:
                 rec = b"".join((head, severity, body, *attrs, tail[kind]))
             n = len(rec)
-            records.append(b"\x12" + (small[n] if n < 128 else varint(n)) + rec)
+            append(b"\x12" + (small[n] if n < 128 else varint(n)) + rec)
         return out
 
     # -- what the rarer kinds add: (severity, body field, extra attribute pieces, span or None)
@@ -362,7 +380,7 @@ class RecordWriter:
 
     # -- shared pieces
 
-    def _shared(self, kind: int, pid: int, tid: int, uid: int, comm: bytes, cgroup_id: int, container: Container | None) -> tuple[bytes, bytes]:
+    def _shared(self, kind: int, pid: int, tid: int, uid: int, comm: bytes, cgroup_id: int, container: tuple[bytes, ...]) -> tuple[bytes, bytes]:
         """The attributes every event of one task and kind shares, framed for a log record and for a span."""
         pieces = [
             _KIND_PIECE[kind],
@@ -371,9 +389,8 @@ class RecordWriter:
             _int(_UID, uid),
             enc.str_piece("tapio.ebpf.comm", _text(comm)),
             _int(_CGROUP, cgroup_id),
+            *container,
         ]
-        if container is not None:
-            pieces += self._container_pieces(container)
         found = self._common[(pid, tid, uid, comm, cgroup_id, kind, container)] = _framed(pieces)
         return found
 
