@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 
-from tapio.receivers.ebpf._loader import EbpfStartupError, _boot_to_unix_ns, check_bcc, check_headers, run_compile_helper
+from tapio.receivers.ebpf._loader import EbpfStartupError, _boot_to_unix_ns, check_bcc, check_headers, missing_capabilities, run_compile_helper
 from tapio.receivers.ebpf._ringbuf import PerCpuU64Array, RingBuffer
 
 from . import _decode as d
@@ -83,20 +83,13 @@ class Program:
 
 
 def check_privileges() -> None:
-    if os.geteuid() == 0:
-        return
-    cap_eff = 0
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    cap_eff = int(line.split()[1], 16)
-    except OSError:
-        pass
-    CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
-    if cap_eff & (1 << CAP_NET_ADMIN) and cap_eff & ((1 << CAP_SYS_ADMIN) | (1 << CAP_BPF)):
-        return
-    raise DnsXdpStartupError("the dns-xdp receiver needs root or the capabilities CAP_NET_ADMIN and CAP_BPF (or CAP_SYS_ADMIN)")
+    # CAP_PERFMON too: without it the verifier refuses the packet pointer arithmetic ("prohibited for !root")
+    missing = missing_capabilities("CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN")
+    if missing:
+        raise DnsXdpStartupError(
+            f"the dns-xdp receiver needs the capabilities CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (CAP_SYS_ADMIN stands for the first two), "
+            f"and this process lacks {', '.join(missing)}; run as root, or in a pod add them: securityContext.capabilities.add: [BPF, PERFMON, NET_ADMIN]"
+        )
 
 
 def port_filter_source(ports: list[int]) -> str:

@@ -139,21 +139,48 @@ def tracepoint_fields(tracefs: str, name: str) -> set[str] | None:
     return fields
 
 
-def check_privileges() -> None:
-    if os.geteuid() == 0:
-        return
-    cap_eff = 0
+#: capability numbers (linux/capability.h) the BPF receivers check for
+CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
+
+
+def effective_capabilities(status: str = "/proc/self/status") -> set[str] | None:
+    """The names in `CAPABILITIES` this process holds (its CapEff), or None if it cannot be read.
+
+    Checked whatever the uid: in a container uid 0 holds only the
+    capabilities the pod grants (a DaemonSet adds BPF and PERFMON, not all).
+    """
     try:
-        with open("/proc/self/status") as f:
+        with open(status) as f:
             for line in f:
                 if line.startswith("CapEff:"):
-                    cap_eff = int(line.split()[1], 16)
-    except OSError:
+                    mask = int(line.split()[1], 16)
+                    return {name for name, bit in CAPABILITIES.items() if mask >> bit & 1}
+    except (OSError, ValueError, IndexError):
         pass
-    CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
-    if cap_eff & (1 << CAP_SYS_ADMIN) or (cap_eff & (1 << CAP_BPF) and cap_eff & (1 << CAP_PERFMON)):
-        return
-    raise EbpfStartupError("the ebpf receiver needs root or the capabilities CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)")
+    return None
+
+
+def missing_capabilities(*needed: str, status: str = "/proc/self/status") -> list[str]:
+    """Of ``needed`` (CAP_BPF, CAP_PERFMON, ...), those this process lacks; none when it holds CAP_SYS_ADMIN.
+
+    CAP_SYS_ADMIN stands for CAP_BPF and CAP_PERFMON (kernels before 5.8
+    have only it), never for CAP_NET_ADMIN. An unreadable CapEff gives no
+    verdict: the kernel's own answer will say.
+    """
+    held = effective_capabilities(status)
+    if held is None:
+        return []
+    covered = {"CAP_BPF", "CAP_PERFMON"} if "CAP_SYS_ADMIN" in held else set()
+    return [cap for cap in needed if cap not in held and cap not in covered]
+
+
+def check_privileges() -> None:
+    missing = missing_capabilities("CAP_BPF", "CAP_PERFMON")
+    if missing:
+        raise EbpfStartupError(
+            f"the ebpf receiver needs the capabilities CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN), and this process lacks {', '.join(missing)}; "
+            "run as root, or in a pod add them: securityContext.capabilities.add: [BPF, PERFMON]"
+        )
 
 
 def check_headers() -> None:
