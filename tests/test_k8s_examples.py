@@ -15,6 +15,10 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "deploy" / "examples"
 ENV = {
     "node-agent.yaml": {"K8S_NODE_NAME": "node-1", "OTLP_ENDPOINT": "otel-gateway.observability:4317"},
     "sidecar.yaml": {"POD_NAME": "checkout-7d9f-x2x", "POD_NAMESPACE": "shop", "OTLP_ENDPOINT": "otel-gateway.observability:4317"},
+    "tempo.yaml": {"K8S_NODE_NAME": "node-1"},
+    "gateway.yaml": {"K8S_NODE_NAME": "node-1"},
+    "jaeger.yaml": {"K8S_NODE_NAME": "node-1"},
+    "prometheus.yaml": {"K8S_NODE_NAME": "node-1"},
 }
 
 
