@@ -23,9 +23,8 @@ import h2.connection
 import httpx
 import trio
 
-from tapio import otlpjson
-from tapio.pdata import Signal
 from tapio.testing.process import TapioProcess, free_port, metric_sum
+from tests.test_reload import bodies
 
 SLOW_HEADS = 1000
 TRICKLING_BODIES = 200
@@ -241,16 +240,6 @@ class SdkSender:
             time.sleep(0.05)
 
 
-def file_bodies(path: Path) -> set[str]:
-    if not path.exists():
-        return set()
-    out = set()
-    for line in path.read_text().splitlines():
-        req = otlpjson.decode(Signal.LOGS, line.encode())
-        out.update(lr.body.string_value for rl in req.resource_logs for sl in rl.scope_logs for lr in sl.log_records)
-    return out
-
-
 def bad_inputs(t: TapioProcess) -> dict[str, float]:
     return {k: v for k, v in t.metrics().items() if k.startswith("tapio_bad_input_total")}
 
@@ -336,7 +325,7 @@ service:
             assert sender.slowest < EXPORT_TIMEOUT_SECONDS
         assert min(sent_under_attack) >= 50, f"the senders hardly sent under attack: {sent_under_attack}"
         expected = set(http_sender.sent) | set(grpc_sender.sent)
-        t.wait_for(lambda: expected <= file_bodies(out), 20, "every acknowledged record in the file")
+        t.wait_for(lambda: expected <= bodies(out), 20, "every acknowledged record in the file")
         print(f"senders {sent_under_attack} records under attack, slowest export {max(http_sender.slowest, grpc_sender.slowest):.2f}s; "
               f"RSS {baseline} -> {peak} kB; http_timeout {timeouts:g}, http_shed {shed:g}; "
               f"http {http_attack.stats}; grpc {grpc_attack.stats}")
