@@ -479,7 +479,7 @@ def test_batch_keeps_arrival_bytes_through_concat_share_and_split():
 def test_a_batch_handed_on_unparsed_is_parsed_only_when_its_requests_are_read():
     from tapio.processors.batch import split_batch
 
-    a, b = log_batch(3, "a").to_bytes(), log_batch(2, "b").to_bytes()
+    a, b = log_batch(numbered(3, "a")).to_bytes(), log_batch(numbered(2, "b")).to_bytes()
     ua, ub = Batch.from_bytes(Signal.LOGS, a, 3), Batch.from_bytes(Signal.LOGS, b, 2)
     joined = Batch.concat([ua, ub])
     assert joined.unparsed and joined.count == 5 and joined.raw == [a, b]
@@ -491,7 +491,7 @@ def test_a_batch_handed_on_unparsed_is_parsed_only_when_its_requests_are_read():
     assert not joined.unparsed and joined.raw == [a, b] and share.unparsed
     parts = split_batch(share, [2, 3])  # a cut needs the messages
     assert [p.count for p in parts] == [2, 3] and not share.unparsed
-    mixed = Batch.concat([Batch.from_bytes(Signal.LOGS, a, 3), Batch.of(Signal.LOGS, log_batch(1, "c").requests[0])])
+    mixed = Batch.concat([Batch.from_bytes(Signal.LOGS, a, 3), Batch.of(Signal.LOGS, log_batch(numbered(1, "c")).requests[0])])
     assert not mixed.unparsed and len(mixed.requests) == 2 and mixed.raw == [a, None]
     forgot = Batch.from_bytes(Signal.LOGS, b, 2)
     forgot.forget_raw()
