@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -95,7 +96,9 @@ class Attachments:
         self._program = program
         self._logger = logger
         self._count = count
-        self._limiter = trio.CapacityLimiter(1)
+        # pyroute2 keeps its asyncio state per thread (an event loop for each thread that calls it, closed
+        # only in the thread that closes it), so every netlink call runs on this one thread
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dns-xdp netlink")
         self._netlink: nl.Netlink | None = None
         self.attached: dict[int, Attached] = {}
         #: interfaces seen that match but could not be attached: index -> reason
@@ -109,8 +112,10 @@ class Attachments:
         self._routes: dict[tuple[int, bytes], tuple[float, bool, int]] = {}
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the netlink thread; a deadline or cancellation stops the wait, not the call."""
+        future = self._executor.submit(fn, *args)
         with trio.fail_after(NETLINK_TIMEOUT):
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter, abandon_on_cancel=True)
+            return await trio.to_thread.run_sync(future.result, abandon_on_cancel=True)
 
     # -- lifecycle
 
@@ -205,6 +210,7 @@ class Attachments:
             if self._netlink is not None:
                 netlink, self._netlink = self._netlink, None
                 await self._call(netlink.close)
+            self._executor.shutdown(wait=False)
 
     async def links(self) -> list[nl.Link]:
         assert self._netlink is not None
