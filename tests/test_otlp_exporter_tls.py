@@ -18,8 +18,9 @@ import pytest
 import trio
 
 from tapio.config import decode_dataclass
-from tapio.exporters.otlp._config import GrpcExporterConfig, HttpExporterConfig, file_problem
-from tapio.exporters.otlp._http import ssl_context
+from tapio.exporters.otlp._config import GrpcExporterConfig, HttpExporterConfig
+from tapio.tls import client_ssl_context, file_problem
+
 from tapio.pdata import Signal
 from tapio.testing.otlpsink import SinkTLS, open_otlp_sink
 from tapio.testing import prereq
@@ -199,7 +200,7 @@ async def test_grpc_negotiates_tls_1_2_or_1_3_and_nothing_older(certs, server_ma
 def test_http_min_version_is_the_ssl_context_minimum():
     for version, want in (("1.2", ssl.TLSVersion.TLSv1_2), ("1.3", ssl.TLSVersion.TLSv1_3)):
         cfg = decode_dataclass(HttpExporterConfig, {"endpoint": "https://otel:4318", "tls": {"min_version": version}})
-        assert ssl_context(cfg).minimum_version == want
+        assert client_ssl_context(cfg.tls).minimum_version == want
 
 
 @pytest.mark.parametrize("min_version, delivered", [("1.2", True), ("1.3", False)])

@@ -10,13 +10,12 @@ Invariants:
 from __future__ import annotations
 
 import math
-import os
-import stat
 import urllib.parse
 from dataclasses import dataclass
 from typing import Literal
 
 from tapio.component import StorageRef, setting
+from tapio.tls import client_tls_problems
 from tapio.units import Duration
 
 TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
@@ -44,17 +43,7 @@ class TLSConfig:
     )
 
     def validate(self, grpc: bool, prefix: str = "tls") -> list[str]:
-        problems: list[str] = []
-        for key in ("ca_file", "cert_file", "key_file"):
-            path = getattr(self, key)
-            trouble = file_problem(path) if path else None
-            if trouble:
-                problems.append(f"{prefix}.{key}: {path} {trouble}")
-        if bool(self.cert_file) != bool(self.key_file):
-            missing = "key_file" if self.cert_file else "cert_file"
-            problems.append(f"{prefix}.{missing}: cert_file and key_file must be given together for mutual TLS")
-        if self.min_version not in TLS_VERSIONS:
-            problems.append(f"{prefix}.min_version: must be one of {', '.join(TLS_VERSIONS)}, got {self.min_version!r}")
+        problems = client_tls_problems(self, prefix, TLS_VERSIONS)
         if grpc:
             if self.insecure_skip_verify:
                 problems.append(
@@ -75,32 +64,6 @@ class TLSConfig:
         elif self.insecure:
             problems.append(f"{prefix}.insecure: not used by otlphttp; write the endpoint with http:// for plaintext")
         return problems
-
-
-def file_problem(path: str) -> str | None:
-    """Why the file at ``path`` could not be read at start (``"does not exist"`` …), or None.
-
-    Side-effect free: a regular file is opened for reading and closed, nothing
-    is read; anything that is neither a regular file nor a directory (a pipe,
-    a device) is not opened, since opening it could block or consume.
-    Relative paths are relative to the working directory, as at start.
-    """
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "does not exist"
-    except OSError as exc:
-        return f"cannot be read: {exc.strerror or exc}"
-    if stat.S_ISDIR(mode):
-        return "is a directory, not a PEM file"
-    if not stat.S_ISREG(mode):
-        return None
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        return f"cannot be read: {exc.strerror or exc}"
-    return None
 
 
 @dataclass(frozen=True, kw_only=True)

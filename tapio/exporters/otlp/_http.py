@@ -23,6 +23,7 @@ from google.rpc import status_pb2
 
 from tapio import otlpjson
 from tapio.pdata import Signal
+from tapio.tls import client_ssl_context
 
 from ._config import HttpExporterConfig
 from ._retry import RESPONSE_CLASS, Outcome, Verdict, classify_http, partial_success
@@ -35,36 +36,9 @@ THREAD_COMPRESS_BYTES = 64 * 1024
 #: how much of an error response's body we keep for the log message
 MAX_ERROR_TEXT = 300
 
-_TLS_VERSIONS = {
-    "1.0": ssl.TLSVersion.TLSv1,
-    "1.1": ssl.TLSVersion.TLSv1_1,
-    "1.2": ssl.TLSVersion.TLSv1_2,
-    "1.3": ssl.TLSVersion.TLSv1_3,
-}
-
-
 def gzip_compress(data: bytes) -> bytes:
     c = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # wbits 31: gzip framing
     return c.compress(data) + c.flush()
-
-
-def ssl_context(config: HttpExporterConfig) -> ssl.SSLContext:
-    """The client TLS context from the config. Raises OSError naming an unreadable or invalid file."""
-    tls = config.tls
-    try:
-        ctx = ssl.create_default_context(cafile=tls.ca_file or None)
-    except (OSError, ssl.SSLError) as exc:
-        raise OSError(f"cannot load tls.ca_file {tls.ca_file}: {exc}") from exc
-    if tls.insecure_skip_verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    if tls.cert_file:
-        try:
-            ctx.load_cert_chain(tls.cert_file, tls.key_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise OSError(f"cannot load tls.cert_file {tls.cert_file} / tls.key_file {tls.key_file}: {exc}") from exc
-    ctx.minimum_version = _TLS_VERSIONS[tls.min_version]
-    return ctx
 
 
 class HttpSender:
@@ -94,7 +68,7 @@ class HttpSender:
     def open(self) -> None:
         """Create the client (connections open on the first request). Raises OSError for unreadable TLS files."""
         needs_tls = any(url.startswith("https:") for url in self._urls.values())
-        verify: ssl.SSLContext | bool = ssl_context(self._config) if needs_tls else True
+        verify: ssl.SSLContext | bool = client_ssl_context(self._config.tls) if needs_tls else True
         self._client = httpx.AsyncClient(
             verify=verify,
             timeout=httpx.Timeout(float(self._config.timeout)),

@@ -33,6 +33,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn
 import httpx
 import trio
 
+from tapio.tls import client_ssl_context
+
 from ._config import Config
 from ._gateway import (
     CODE_OUT_OF_RANGE,
@@ -51,9 +53,6 @@ KEEPALIVE = ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), (socket.IPPROTO_TCP, s
              (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5), (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3))
 #: the most of an error answer read (its JSON is a few hundred bytes)
 MAX_ERROR_BODY = 64 * 1024
-_TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-
-
 class EtcdError(Exception):
     """etcd answered with an error (``code`` is its gRPC status code, 0 when unknown)."""
 
@@ -74,25 +73,6 @@ class Compacted(EtcdError):
 
 class AuthFailed(EtcdError):
     """etcd refused the username or password (or needs them and none are configured)."""
-
-
-def ssl_context(config: Config) -> ssl.SSLContext:
-    """The client TLS context. Raises OSError naming an unreadable or invalid file."""
-    tls = config.tls
-    try:
-        ctx = ssl.create_default_context(cafile=tls.ca_file or None)
-    except (OSError, ssl.SSLError) as exc:
-        raise OSError(f"cannot load tls.ca_file {tls.ca_file}: {exc}") from exc
-    if tls.insecure_skip_verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    if tls.cert_file:
-        try:
-            ctx.load_cert_chain(tls.cert_file, tls.key_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise OSError(f"cannot load tls.cert_file {tls.cert_file} / tls.key_file {tls.key_file}: {exc}") from exc
-    ctx.minimum_version = _TLS_VERSIONS[tls.min_version]
-    return ctx
 
 
 def b64(data: bytes) -> str:
@@ -117,7 +97,7 @@ class EtcdClient:
 
     def open(self) -> None:
         """Create the pool (connections open on first use). Raises OSError for unreadable TLS files."""
-        verify: ssl.SSLContext | bool = ssl_context(self._config) if self._config.uses_tls else True
+        verify: ssl.SSLContext | bool = client_ssl_context(self._config.tls) if self._config.uses_tls else True
         transport = httpx.AsyncHTTPTransport(
             verify=verify,
             limits=httpx.Limits(max_connections=self._connections, max_keepalive_connections=self._connections),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from tapio.component import StorageRef, setting
-from tapio.exporters.otlp._config import file_problem
+from tapio.tls import client_tls_problems
 from tapio.units import Duration
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
@@ -35,18 +35,7 @@ class TLSConfig:
     min_version: Literal["1.2", "1.3"] = setting("1.2", doc="Oldest TLS version accepted.")
 
     def validate(self, prefix: str = "tls") -> list[str]:
-        problems: list[str] = []
-        for key in ("ca_file", "cert_file", "key_file"):
-            path = getattr(self, key)
-            trouble = file_problem(path) if path else None
-            if trouble:
-                problems.append(f"{prefix}.{key}: {path} {trouble}")
-        if bool(self.cert_file) != bool(self.key_file):
-            missing = "key_file" if self.cert_file else "cert_file"
-            problems.append(f"{prefix}.{missing}: cert_file and key_file must be given together for mutual TLS")
-        if self.min_version not in TLS_VERSIONS:
-            problems.append(f"{prefix}.min_version: must be one of {', '.join(TLS_VERSIONS)}, got {self.min_version!r}")
-        return problems
+        return client_tls_problems(self, prefix, TLS_VERSIONS)
 
 
 @dataclass(frozen=True, kw_only=True)
