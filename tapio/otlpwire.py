@@ -64,6 +64,9 @@ def _ld(tag: bytes, payload: bytes) -> bytes:
     n = len(payload)
     return tag + (_SMALL[n] if n < 128 else varint(n)) + payload
 
+#: a length-delimited field (tag, length, payload), for encoders of other messages built on this module
+field = _ld
+
 
 #: KeyValue.key field (tag 1) for each key seen, ready to prepend
 _KEYS: dict[str, bytes] = {}

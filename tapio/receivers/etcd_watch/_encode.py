@@ -32,34 +32,20 @@ import json
 import struct
 from typing import Any, Iterable, Sequence
 
+from tapio import otlpwire
+from tapio.otlpwire import field as _ld
+from tapio.otlpwire import scope, varint  # noqa: F401 - part of this module's API
+
 #: AnyValue nesting written as such; deeper subtrees become JSON text (a
 #: Kubernetes object is ~10 levels deep; this bounds the encoder's recursion)
 MAX_DEPTH = 48
 
-_SMALL = [bytes([i]) for i in range(128)]
 _DOUBLE = struct.Struct("<d").pack
 _FIXED64 = struct.Struct("<Q").pack
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _MASK64 = (1 << 64) - 1
 
 SEVERITY_INFO, SEVERITY_WARN = 9, 13
-
-
-def varint(n: int) -> bytes:
-    if 0 <= n < 128:
-        return _SMALL[n]
-    n &= _MASK64
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _ld(tag: bytes, payload: bytes) -> bytes:
-    n = len(payload)
-    return tag + (_SMALL[n] if n < 128 else varint(n)) + payload
 
 
 def _utf8(text: str) -> bytes:
@@ -107,11 +93,6 @@ def attributes(pairs: Iterable[tuple[str, Any]], tag: bytes = b"\x32") -> bytes:
     return b"".join([_ld(tag, key_value(k, v)) for k, v in pairs])
 
 
-def scope(name: str, version: str) -> bytes:
-    """An InstrumentationScope message."""
-    return _ld(b"\x0a", name.encode()) + _ld(b"\x12", version.encode())
-
-
 def log_record(*, observed_time_unix_nano: int, severity_number: int, severity_text: str, body: bytes, attrs: bytes, event_name: str) -> bytes:
     """A LogRecord; ``body`` is `any_value` output, ``attrs`` `attributes` output."""
     return b"".join(
@@ -128,5 +109,4 @@ def log_record(*, observed_time_unix_nano: int, severity_number: int, severity_t
 
 def request(resource_attrs: bytes, scope_message: bytes, records: Sequence[bytes]) -> bytes:
     """An ExportLogsServiceRequest: one resource, one scope, ``records`` (`log_record` outputs)."""
-    scoped = _ld(b"\x0a", scope_message) + b"".join([_ld(b"\x12", r) for r in records])
-    return _ld(b"\x0a", _ld(b"\x0a", resource_attrs) + _ld(b"\x12", scoped))
+    return otlpwire.request(resource_attrs, scope_message, [otlpwire.item(r) for r in records])
