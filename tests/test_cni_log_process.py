@@ -12,8 +12,6 @@ import json
 import re
 import signal
 import sqlite3
-import threading
-import time
 from pathlib import Path
 
 import trio
@@ -21,7 +19,7 @@ import trio
 from tapio import otlpjson
 from tapio.pdata import Signal
 from tapio.testing.otlpsink import OK, Reply, open_otlp_sink
-from tapio.testing.process import TapioProcess, free_port, metric_sum
+from tapio.testing.process import PacedWriter, TapioProcess, free_port, metric_sum, sigkill_mid_stream_then_restart
 
 SEQ = re.compile(r'Pod="pod-(\d+)"')
 BATCH_MAX = 200
@@ -88,24 +86,17 @@ def saved_offsets(db: Path) -> list[int]:
     return sorted(json.loads(v)["offset"] for (v,) in rows)
 
 
-class Writer(threading.Thread):
+def writer(path: Path, total: int, per_second: int) -> PacedWriter:
     """Appends numbered Calico lines to a log at a steady pace, as a CNI plugin would."""
+    f = open(path, "a")
 
-    def __init__(self, path: Path, total: int, per_second: int) -> None:
-        super().__init__(daemon=True)
-        self.path, self.total, self.per_second = path, total, per_second
-        self.written = 0
+    def write(i: int) -> None:
+        f.write(calico_line(i) + "\n")
+        f.flush()
+        if i == total - 1:
+            f.close()
 
-    def run(self) -> None:
-        start = time.monotonic()
-        with open(self.path, "a") as f:
-            for i in range(self.total):
-                f.write(calico_line(i) + "\n")
-                f.flush()
-                self.written = i + 1
-                ahead = (i + 1) / self.per_second - (time.monotonic() - start)
-                if ahead > 0:
-                    time.sleep(ahead)
+    return PacedWriter(write, total, per_second)
 
 
 def test_sigkill_while_tailing_then_restart_loses_no_line_and_repeats_at_most_one_batch(tmp_path):
@@ -114,22 +105,10 @@ def test_sigkill_while_tailing_then_restart_loses_no_line_and_repeats_at_most_on
     metrics = free_port()
     cfg = config(tmp_path, metrics, f'  file: {{path: "{out}", flush_interval: 0}}', "file")
     total = 12000
-    writer = Writer(tmp_path / "logs" / "cni.log", total, 4000)
-    with TapioProcess([cfg], metrics_port=metrics) as t:
-        t.wait_ready()
-        writer.start()
-        t.wait_for(lambda: len(output_seqs(out)) >= 3000, 30, "3000 lines exported")
-        t.signal(signal.SIGKILL)
-        t.wait_exit(10)
-    before = output_seqs(out)
-    assert writer.is_alive(), "the writer should still be writing when tapio is killed"
-    with TapioProcess([cfg], metrics_port=metrics) as t:
-        t.wait_ready()
-        writer.join(30)
-        t.wait_for(lambda: set(output_seqs(out)) >= set(range(total)), 60, "every line exported")
-        time.sleep(0.5)  # anything still to come would be a duplicate
-        got = output_seqs(out)
-        assert metric_sum(t.metrics(), "tapio_tail_records_total") == len(got) - len(before)
+    w = writer(tmp_path / "logs" / "cni.log", total, 4000)
+    seen = sigkill_mid_stream_then_restart([cfg], metrics, w, lambda: output_seqs(out), kill_after=3000, settle=0.5)
+    got = seen.got
+    assert metric_sum(seen.metrics, "tapio_tail_records_total") == len(got) - len(seen.before)
     assert sorted(set(got)) == list(range(total))
     duplicates = len(got) - total
     assert 0 <= duplicates <= BATCH_MAX, f"{duplicates} lines exported twice"

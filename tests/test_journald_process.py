@@ -9,10 +9,7 @@ told to accept.
 
 from __future__ import annotations
 
-import signal
 import sqlite3
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ from tapio import otlpjson
 from tapio.pdata import Signal
 from tapio.testing.journald import Journald
 from tapio.testing.otlpsink import OK, Reply, open_otlp_sink
-from tapio.testing.process import TapioProcess, free_port, metric_sum
+from tapio.testing.process import PacedWriter, TapioProcess, free_port, metric_sum, sigkill_mid_stream_then_restart
 
 from .test_journald_receiver import _require
 
@@ -94,18 +91,9 @@ def saved_cursor(db: Path) -> str | None:
     return bytes(row[0]).decode() if row else None
 
 
-class Writer(threading.Thread):
-    def __init__(self, journal: Journald, total: int, per_second: int) -> None:
-        super().__init__(daemon=True)
-        self.journal, self.total, self.per_second = journal, total, per_second
-
-    def run(self) -> None:
-        start = time.monotonic()
-        for i in range(self.total):
-            self.journal.send(f"kubelet line {i}", TEST="proc", SEQ=i, SYSLOG_IDENTIFIER="kubelet")
-            ahead = (i + 1) / self.per_second - (time.monotonic() - start)
-            if ahead > 0:
-                time.sleep(ahead)
+def writer(journal: Journald, total: int, per_second: int) -> PacedWriter:
+    """Sends numbered kubelet-like entries to the journal at a steady pace."""
+    return PacedWriter(lambda i: journal.send(f"kubelet line {i}", TEST="proc", SEQ=i, SYSLOG_IDENTIFIER="kubelet"), total, per_second)
 
 
 def test_sigkill_mid_stream_then_restart_loses_no_entry(tmp_path, journal):
@@ -113,21 +101,10 @@ def test_sigkill_mid_stream_then_restart_loses_no_entry(tmp_path, journal):
     metrics = free_port()
     cfg = config(tmp_path, journal, metrics, f'  file: {{path: "{out}", flush_interval: 0}}', "file")
     total = 8000
-    writer = Writer(journal, total, 4000)
-    with TapioProcess([cfg], metrics_port=metrics) as t:
-        t.wait_ready()
-        writer.start()
-        t.wait_for(lambda: len(output_seqs(out)) >= 2000, 30, "2000 entries exported")
-        t.signal(signal.SIGKILL)
-        t.wait_exit(10)
-    before = output_seqs(out)
-    assert writer.is_alive(), "the writer should still be writing when tapio is killed"
-    with TapioProcess([cfg], metrics_port=metrics) as t:
-        t.wait_ready()
-        writer.join(30)
-        t.wait_for(lambda: set(output_seqs(out)) >= set(range(total)), 60, "every entry exported")
-        got = output_seqs(out)
-        assert metric_sum(t.metrics(), "tapio_journald_entries_read_total") >= len(got) - len(before)
+    w = writer(journal, total, 4000)
+    seen = sigkill_mid_stream_then_restart([cfg], metrics, w, lambda: output_seqs(out), kill_after=2000)
+    got = seen.got
+    assert metric_sum(seen.metrics, "tapio_journald_entries_read_total") >= len(got) - len(seen.before)
     assert sorted(set(got)) == list(range(total))
     duplicates = len(got) - total
     assert 0 <= duplicates <= 2 * BATCH_MAX, f"{duplicates} entries exported twice"

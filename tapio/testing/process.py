@@ -14,7 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -165,3 +167,57 @@ class TapioProcess:
     def wait_exit(self, timeout: float = 30) -> int:
         assert self.proc is not None
         return self.proc.wait(timeout=timeout)
+
+
+class PacedWriter(threading.Thread):
+    """Calls ``write(i)`` for i in 0 … total-1 at ``per_second``, as a steady source would; ``written`` counts them."""
+
+    def __init__(self, write: Callable[[int], None], total: int, per_second: int) -> None:
+        super().__init__(daemon=True)
+        self._write, self.total, self.per_second = write, total, per_second
+        self.written = 0
+
+    def run(self) -> None:
+        start = time.monotonic()
+        for i in range(self.total):
+            self._write(i)
+            self.written = i + 1
+            ahead = (i + 1) / self.per_second - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+@dataclass
+class KillRestart:
+    """What `sigkill_mid_stream_then_restart` saw: the sequence numbers exported before the kill and in the end."""
+
+    before: list[int]
+    got: list[int]
+    #: the restarted tapio's metrics, scraped once everything had arrived
+    metrics: dict[str, float]
+
+
+def sigkill_mid_stream_then_restart(
+    configs: Sequence[str | Path], metrics_port: int, writer: PacedWriter, exported: Callable[[], list[int]], *, kill_after: int, settle: float = 0.0
+) -> KillRestart:
+    """Run tapio, start ``writer``, SIGKILL tapio once ``kill_after`` numbers were exported, start it again, and wait until every number 0 … writer.total-1 was.
+
+    ``exported()`` reads the sequence numbers of the output so far (repeats
+    included, in output order); ``settle`` seconds more are waited at the end,
+    so that anything still to come shows as a repeat. The caller asserts on
+    the result: what was lost and what was repeated is its receiver's contract.
+    """
+    with TapioProcess(configs, metrics_port=metrics_port) as t:
+        t.wait_ready()
+        writer.start()
+        t.wait_for(lambda: len(exported()) >= kill_after, 30, f"{kill_after} records exported")
+        t.signal(signal.SIGKILL)
+        t.wait_exit(10)
+    before = exported()
+    assert writer.is_alive(), "the writer should still be writing when tapio is killed"
+    with TapioProcess(configs, metrics_port=metrics_port) as t:
+        t.wait_ready()
+        writer.join(30)
+        t.wait_for(lambda: set(exported()) >= set(range(writer.total)), 60, "every record exported")
+        time.sleep(settle)
+        return KillRestart(before, exported(), t.metrics())
