@@ -198,11 +198,7 @@ def test_the_daemonsets_capabilities_are_enough_for_the_kernel_receivers(tmp_pat
     caps = set(container()["securityContext"]["capabilities"]["add"])
     port = free_port()
     config = kernel_config(tmp_path, port)
-    t = TapioProcess([config], metrics_port=port)
-    # TapioProcess starts tapio itself; here it only waits, on tapio started under setpriv
-    t.proc = subprocess.Popen([*with_capabilities(caps), *tapio_command(), "run", "-c", str(config)], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    try:
+    with TapioProcess([config], metrics_port=port, wrap=with_capabilities(caps)) as t:
         t.wait_ready(timeout=120)
         out = tmp_path / "out.jsonl"
         marker = f"tapio-cap-check-{os.getpid()}"
@@ -215,9 +211,6 @@ def test_the_daemonsets_capabilities_are_enough_for_the_kernel_receivers(tmp_pat
         with open(f"/proc/{t.proc.pid}/status") as f:
             held = int(next(line for line in f if line.startswith("CapEff:")).split()[1], 16)
         assert held == sum(1 << {"NET_ADMIN": 12, "SYS_ADMIN": 21, "SYS_RESOURCE": 24, "PERFMON": 38, "BPF": 39}[c] for c in caps)
-    finally:
-        t.proc.kill()
-        t.proc.wait(timeout=10)
 
 
 @pytest.mark.parametrize("dropped", ["BPF", "PERFMON", "NET_ADMIN"])

@@ -104,7 +104,17 @@ def metric_sum(metrics: dict[str, float], name: str, **labels: str) -> float:
 
 
 class TapioProcess:
-    def __init__(self, configs: Sequence[str | Path], *, metrics_port: int, env: dict[str, str] | None = None, args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        configs: Sequence[str | Path],
+        *,
+        metrics_port: int,
+        env: dict[str, str] | None = None,
+        args: Sequence[str] = (),
+        wrap: Sequence[str] = (),
+    ) -> None:
+        """``wrap`` is a command prefix tapio runs under (e.g. ``setpriv`` with its options)."""
+        self.wrap = list(wrap)
         self.configs = [str(c) for c in configs]
         self.metrics_port = metrics_port
         self.env = {**os.environ, **(env or {})}
@@ -117,7 +127,7 @@ class TapioProcess:
 
         fd, path = tempfile.mkstemp(prefix="tapio-stderr-")
         self._stderr_path = Path(path)
-        cmd = [*tapio_command(), "run", *(a for c in self.configs for a in ("-c", c)), *self.args]
+        cmd = [*self.wrap, *tapio_command(), "run", *(a for c in self.configs for a in ("-c", c)), *self.args]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=fd, env=self.env, cwd=ROOT)
         os.close(fd)
         return self
