@@ -569,3 +569,33 @@ async def test_metrics_carry_the_latency_histogram_and_counts(dns):
         assert by_type["AAAA"] == 1 and by_type["A"] >= 3
         by_rcode = {attrs(p)["dns.response_code"]: p.as_int for p in m["tapio.dns_xdp.responses"].sum.data_points}
         assert by_rcode["NXDOMAIN"] == 1 and by_rcode["SERVFAIL"] == 1
+
+
+async def test_a_receiver_cancelled_while_it_opens_rtnetlink_leaves_no_asyncio_loop_behind():
+    """pyroute2 gives each thread that uses it an asyncio loop of its own, closed only by a close from that
+    thread. A start cancelled while the netlink thread was still opening the connection left that loop, its
+    self-pipe sockets and the netlink transport open, and the garbage collector reported them during some
+    later test."""
+    import asyncio
+    import gc
+    import types
+
+    from tapio.receivers.dns_xdp._attach import Attachments
+    from tapio.receivers.dns_xdp._config import Config
+
+    if os.geteuid() != 0 or importlib.util.find_spec("pyroute2") is None:
+        prereq.missing("root and pyroute2", "the rtnetlink connection of dns-xdp needs both (scripts/setup.sh installs pyroute2)")
+    attachments = Attachments(Config(), types.SimpleNamespace(prog_fds={}), logging.getLogger("test"), lambda reason, n: None)
+    with trio.CancelScope() as scope:
+        scope.cancel()  # cancelled at its first wait: the thread goes on opening the connection, abandoned
+        await attachments.open()
+    await attachments.detach_all()
+    await trio.to_thread.run_sync(attachments._executor.shutdown, True)  # the thread has ended
+    reported: list[Any] = []
+    hook, sys.unraisablehook = sys.unraisablehook, reported.append
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    assert [u.exc_value for u in reported] == []
+    assert not [o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop) and not o.is_closed()]

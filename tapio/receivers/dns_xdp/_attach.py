@@ -24,7 +24,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -82,6 +82,11 @@ def tc_filter_is_stale(name: str) -> bool:
     return _start_time(pid) != start
 
 
+def _close_opened(future: Future[nl.Netlink]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
+
+
 @dataclass
 class Attached:
     index: int
@@ -122,10 +127,17 @@ class Attachments:
     async def open(self) -> list[nl.Link]:
         """Connect to the namespace; remove stale attachments; attach to every matching interface. Returns the links seen."""
         netns = nl.netns_path(self._config.network_namespace) if self._config.network_namespace else ""
+        future = self._executor.submit(nl.Netlink, netns)
         try:
-            self._netlink = await self._call(nl.Netlink, netns)
+            with trio.fail_after(NETLINK_TIMEOUT):
+                self._netlink = await trio.to_thread.run_sync(future.result, abandon_on_cancel=True)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot open rtnetlink in {netns or 'the agent’s network namespace'}: {exc.strerror}") from None
+        except BaseException:
+            # abandoned (cancelled or timed out) while the thread opens it: close it there once it is open, or its
+            # asyncio loop and sockets outlive the receiver (pyroute2 closes a loop only in the thread that made it)
+            self._executor.submit(_close_opened, future)
+            raise
         links = await self._call(self._netlink.links)
         await self._call(self._sweep_stale_blocking, links)
         links = await self._call(self._netlink.links)
