@@ -8,6 +8,7 @@ import os
 import subprocess
 
 import pytest
+import yaml
 import trio
 
 from tapio import k8s
@@ -15,6 +16,7 @@ from tapio.k8s import _api
 from tapio.telemetry import Telemetry
 from tapio.testing import fake_kube as fk
 from tapio.testing import prereq
+from tapio.testing.process import free_port
 
 LOG = logging.getLogger("test.k8s")
 
@@ -202,6 +204,27 @@ async def test_a_missing_kubeconfig_or_cluster_is_named(tmp_path, monkeypatch):
     with pytest.raises(k8s.KubeConfigError, match="needs to run in a pod"):
         await k8s.connect(k8s.APIConfig())
     assert "kube_config_path: only used with auth_type kubeConfig" in k8s.APIConfig(kube_config_path="x").api_problems()[0]
+
+
+async def test_a_kubeconfig_context_other_than_the_current_one_is_used_when_named(kube, tmp_path):
+    """Two contexts in one file: the current one points at no server, ``context: prod`` at the API server."""
+    doc = yaml.safe_load(kube.write_kubeconfig(tmp_path / "kubeconfig", context="prod").read_text())
+    doc["clusters"].append({"name": "dead", "cluster": {"server": f"http://127.0.0.1:{free_port()}"}})
+    doc["users"].append({"name": "dead", "user": {"token": "wrong"}})
+    doc["contexts"].append({"name": "dead", "context": {"cluster": "dead", "user": "dead"}})
+    doc["current-context"] = "dead"
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(doc))
+    await trio.to_thread.run_sync(kube.apply, "pods", fk.pod("p1", node="node-1"))
+    connection = await k8s.connect(k8s.APIConfig(auth_type="kubeConfig", kube_config_path=str(path), context="prod"))
+    assert connection.host == kube.url.rstrip("/")
+    async with connection.client() as client:
+        pod = await k8s.get_object(connection, client, "pods", "p1", "default")
+    assert pod is not None and pod["metadata"]["name"] == "p1"
+    current = await k8s.connect(k8s.APIConfig(auth_type="kubeConfig", kube_config_path=str(path)))
+    assert current.host != connection.host and current.identity != connection.identity
+    with pytest.raises(k8s.KubeConfigError, match="context 'staging'"):
+        await k8s.connect(k8s.APIConfig(auth_type="kubeConfig", kube_config_path=str(path), context="staging"))
 
 
 @pytest.fixture
