@@ -265,6 +265,40 @@ async def test_without_the_event_stream_the_runtime_is_listed_every_poll_interva
     assert telemetry.value("tapio_cri_events_total") == 0
 
 
+async def test_containerd_1_6_has_no_event_stream_and_is_listed_every_poll_interval(tmp_path):
+    """Debian 12's own containerd (1.6.20) answers GetContainerEvents UNIMPLEMENTED: the receiver falls back to listing."""
+    from tapio.testing.containerd import CONTAINERD_16_HOME
+
+    with Containerd(tmp_path / "containerd", home=CONTAINERD_16_HOME) as runtime, runtime.client() as cri:
+        receiver, sink, telemetry = make(runtime.endpoint, poll_interval="200ms")
+        async with trio.open_nursery() as n:
+            await n.start(receiver.run)
+            with trio.fail_after(DEADLINE):
+                await receiver.listed.wait()
+                pod = await in_thread(cri.run_pod, "old", "legacy")
+                cid = await in_thread(cri.run_container, pod, "quick", "exit 3")
+                await sink.wait_until(lambda: records(sink, event="tapio.cri.container.stopped", **{"container.id": cid}))
+                await in_thread(cri.stop_pod, pod)
+                # (a stop no list saw before the removal would not be reported: nothing dates it then)
+                await sink.wait_until(lambda: records(sink, event="tapio.cri.pod_sandbox.stopped", **{"tapio.cri.pod_sandbox.id": pod.id}))
+                await in_thread(cri.remove_pod, pod)
+                await sink.wait_until(lambda: records(sink, event="tapio.cri.pod_sandbox.deleted", **{"tapio.cri.pod_sandbox.id": pod.id}))
+            n.cancel_scope.cancel()
+    assert telemetry.value("tapio_cri_connection_failures_total", reason="UNIMPLEMENTED") == 1
+    assert telemetry.value("tapio_cri_events_total") == 0 and telemetry.value("tapio_cri_lists_total") >= 3
+    (stopped,) = records(sink, event="tapio.cri.container.stopped", **{"container.id": cid})
+    a = attrs(stopped)
+    assert (a["tapio.cri.container.exit_code"], a["k8s.container.status.reason"], a["tapio.cri.source"]) == (3, "Error", "list")
+    assert a["container.runtime.version"].startswith("1.6") and a["k8s.pod.uid"] == pod.uid
+    # every stage once, in order; what passed between two lists is inferred from the runtime's times
+    stages = ["created", "started", "stopped", "deleted"]
+    assert stages_of(sink, "container.id", cid) == [f"tapio.cri.container.{s}" for s in stages]
+    sandbox = [r.event_name for r in records(sink, **{"tapio.cri.pod_sandbox.id": pod.id}) if r.event_name.startswith("tapio.cri.pod_sandbox")]
+    assert sandbox == [f"tapio.cri.pod_sandbox.{s}" for s in stages]
+    (created,) = records(sink, event="tapio.cri.pod_sandbox.created", **{"tapio.cri.pod_sandbox.id": pod.id})
+    assert attrs(created)["tapio.cri.inferred"] is True and created.time_unix_nano > 0
+
+
 async def test_an_unreachable_runtime_does_not_stop_the_receiver(tmp_path):
     receiver, sink, telemetry = make(f"unix://{tmp_path}/nothing.sock")
     async with trio.open_nursery() as n:
