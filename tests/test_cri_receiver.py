@@ -247,22 +247,34 @@ async def test_existing_containers_are_reported_once_at_start_unless_report_exis
     await in_thread(cri.remove_pod, pod)
 
 
-async def test_without_the_event_stream_the_runtime_is_listed_every_poll_interval(containerd, cri):
-    receiver, sink, telemetry = make(containerd.endpoint, event_stream=False, poll_interval="200ms")
+async def _a_polled_pod_through_its_life(receiver, sink, cri, name: str, script: str):
+    """A pod with one container (running ``script``) through its life under the running receiver; its (pod, container id).
+
+    The removal waits until the stop was reported: a stop no list saw before
+    the removal is not reported (nothing dates it then).
+    """
     async with trio.open_nursery() as n:
         await n.start(receiver.run)
         with trio.fail_after(DEADLINE):
             await receiver.listed.wait()
-            pod = await in_thread(cri.run_pod, "polled")
-            cid = await in_thread(cri.run_container, pod, "quick", "exit 7")
+            pod = await in_thread(cri.run_pod, name, "legacy")
+            cid = await in_thread(cri.run_container, pod, "quick", script)
             await sink.wait_until(lambda: records(sink, event="tapio.cri.container.stopped", **{"container.id": cid}))
             await in_thread(cri.stop_pod, pod)
+            await sink.wait_until(lambda: records(sink, event="tapio.cri.pod_sandbox.stopped", **{"tapio.cri.pod_sandbox.id": pod.id}))
             await in_thread(cri.remove_pod, pod)
-            await sink.wait_until(lambda: records(sink, event="tapio.cri.container.deleted", **{"container.id": cid}))
+            await sink.wait_until(lambda: records(sink, event="tapio.cri.pod_sandbox.deleted", **{"tapio.cri.pod_sandbox.id": pod.id}))
         n.cancel_scope.cancel()
+    return pod, cid
+
+
+async def test_without_the_event_stream_the_runtime_is_listed_every_poll_interval(containerd, cri):
+    receiver, sink, telemetry = make(containerd.endpoint, event_stream=False, poll_interval="200ms")
+    _, cid = await _a_polled_pod_through_its_life(receiver, sink, cri, "polled", "exit 7")
     (stopped,) = records(sink, event="tapio.cri.container.stopped", **{"container.id": cid})
     assert attrs(stopped)["tapio.cri.container.exit_code"] == 7 and attrs(stopped)["tapio.cri.source"] == "list"
     assert telemetry.value("tapio_cri_events_total") == 0
+    assert stages_of(sink, "container.id", cid)[-1] == "tapio.cri.container.deleted"
 
 
 async def test_containerd_1_6_has_no_event_stream_and_is_listed_every_poll_interval(tmp_path):
@@ -271,19 +283,7 @@ async def test_containerd_1_6_has_no_event_stream_and_is_listed_every_poll_inter
 
     with Containerd(tmp_path / "containerd", home=CONTAINERD_16_HOME) as runtime, runtime.client() as cri:
         receiver, sink, telemetry = make(runtime.endpoint, poll_interval="200ms")
-        async with trio.open_nursery() as n:
-            await n.start(receiver.run)
-            with trio.fail_after(DEADLINE):
-                await receiver.listed.wait()
-                pod = await in_thread(cri.run_pod, "old", "legacy")
-                cid = await in_thread(cri.run_container, pod, "quick", "exit 3")
-                await sink.wait_until(lambda: records(sink, event="tapio.cri.container.stopped", **{"container.id": cid}))
-                await in_thread(cri.stop_pod, pod)
-                # (a stop no list saw before the removal would not be reported: nothing dates it then)
-                await sink.wait_until(lambda: records(sink, event="tapio.cri.pod_sandbox.stopped", **{"tapio.cri.pod_sandbox.id": pod.id}))
-                await in_thread(cri.remove_pod, pod)
-                await sink.wait_until(lambda: records(sink, event="tapio.cri.pod_sandbox.deleted", **{"tapio.cri.pod_sandbox.id": pod.id}))
-            n.cancel_scope.cancel()
+        pod, cid = await _a_polled_pod_through_its_life(receiver, sink, cri, "old", "exit 3")
     assert telemetry.value("tapio_cri_connection_failures_total", reason="UNIMPLEMENTED") == 1
     assert telemetry.value("tapio_cri_events_total") == 0 and telemetry.value("tapio_cri_lists_total") >= 3
     (stopped,) = records(sink, event="tapio.cri.container.stopped", **{"container.id": cid})
