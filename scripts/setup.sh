@@ -63,6 +63,18 @@ if [ ! -x "$CTRD_HOME/usr/bin/containerd" ]; then
     $SUDO dpkg-deb -x "$CTRD_CACHE"/debs/containerd_1.7*.deb "$CTRD_HOME"
     rm -rf "$CTRD_CACHE"
 fi
+# and bookworm's own containerd 1.6, unpacked beside it: the cri test of the fallback to
+# listing when GetContainerEvents answers UNIMPLEMENTED runs it
+CTRD16_HOME=${TAPIO_CONTAINERD_16_HOME:-/opt/tapio/containerd-1.6}
+if [ ! -x "$CTRD16_HOME/usr/bin/containerd" ]; then
+    echo "setup: fetching containerd 1.6 (Debian bookworm) into $CTRD16_HOME" >&2
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    CTRD_CACHE=$(mktemp -d); chmod 755 "$CTRD_CACHE"   # apt downloads as _apt
+    (cd "$CTRD_CACHE" && { apt-get download containerd >/dev/null 2>&1 || { $SUDO apt-get update -qq && apt-get download containerd >/dev/null; }; })
+    $SUDO mkdir -p "$CTRD16_HOME"
+    $SUDO dpkg-deb -x "$CTRD_CACHE"/containerd_1.6*.deb "$CTRD16_HOME"
+    rm -rf "$CTRD_CACHE"
+fi
 
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv" >&2

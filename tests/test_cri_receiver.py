@@ -208,9 +208,14 @@ async def test_a_receiver_restart_with_storage_reports_only_what_changed_while_i
         ours = {pod.uid, doomed.uid}
         got = sorted((r.event_name, attrs(r).get("container.id") or attrs(r)["tapio.cri.pod_sandbox.id"])
                      for r in records(sink) if attrs(r).get("k8s.pod.uid") in ours or attrs(r).get("tapio.cri.pod_sandbox.id") == doomed.id)
-        assert got == sorted([("tapio.cri.container.stopped", quits), ("tapio.cri.pod_sandbox.deleted", doomed.id)])
+        # quits was created, started and stopped meanwhile: the list shows it stopped, its status dates the rest
+        assert got == sorted([(f"tapio.cri.container.{s}", quits) for s in ("created", "started", "stopped")] + [("tapio.cri.pod_sandbox.deleted", doomed.id)])
         (stopped,) = records(sink, event="tapio.cri.container.stopped", **{"container.id": quits})
         assert attrs(stopped)["tapio.cri.container.exit_code"] == 5 and attrs(stopped)["tapio.cri.source"] == "list"
+        status = await in_thread(cri.status, quits)
+        for stage, when in (("created", status.created_at), ("started", status.started_at)):
+            (rec,) = records(sink, event=f"tapio.cri.container.{stage}", **{"container.id": quits})
+            assert attrs(rec)["tapio.cri.inferred"] is True and rec.time_unix_nano == when > 0
         assert not records(sink, **{"container.id": steady})
         saved = storage.checkpoints("cri").items()
         assert saved["c/" + quits] == b"stopped" and "s/" + doomed.id not in saved
@@ -242,22 +247,56 @@ async def test_existing_containers_are_reported_once_at_start_unless_report_exis
     await in_thread(cri.remove_pod, pod)
 
 
-async def test_without_the_event_stream_the_runtime_is_listed_every_poll_interval(containerd, cri):
-    receiver, sink, telemetry = make(containerd.endpoint, event_stream=False, poll_interval="200ms")
+async def _a_polled_pod_through_its_life(receiver, sink, cri, name: str, script: str):
+    """A pod with one container (running ``script``) through its life under the running receiver; its (pod, container id).
+
+    The removal waits until the stop was reported: a stop no list saw before
+    the removal is not reported (nothing dates it then).
+    """
     async with trio.open_nursery() as n:
         await n.start(receiver.run)
         with trio.fail_after(DEADLINE):
             await receiver.listed.wait()
-            pod = await in_thread(cri.run_pod, "polled")
-            cid = await in_thread(cri.run_container, pod, "quick", "exit 7")
+            pod = await in_thread(cri.run_pod, name, "legacy")
+            cid = await in_thread(cri.run_container, pod, "quick", script)
             await sink.wait_until(lambda: records(sink, event="tapio.cri.container.stopped", **{"container.id": cid}))
             await in_thread(cri.stop_pod, pod)
+            await sink.wait_until(lambda: records(sink, event="tapio.cri.pod_sandbox.stopped", **{"tapio.cri.pod_sandbox.id": pod.id}))
             await in_thread(cri.remove_pod, pod)
-            await sink.wait_until(lambda: records(sink, event="tapio.cri.container.deleted", **{"container.id": cid}))
+            await sink.wait_until(lambda: records(sink, event="tapio.cri.pod_sandbox.deleted", **{"tapio.cri.pod_sandbox.id": pod.id}))
         n.cancel_scope.cancel()
+    return pod, cid
+
+
+async def test_without_the_event_stream_the_runtime_is_listed_every_poll_interval(containerd, cri):
+    receiver, sink, telemetry = make(containerd.endpoint, event_stream=False, poll_interval="200ms")
+    _, cid = await _a_polled_pod_through_its_life(receiver, sink, cri, "polled", "exit 7")
     (stopped,) = records(sink, event="tapio.cri.container.stopped", **{"container.id": cid})
     assert attrs(stopped)["tapio.cri.container.exit_code"] == 7 and attrs(stopped)["tapio.cri.source"] == "list"
     assert telemetry.value("tapio_cri_events_total") == 0
+    assert stages_of(sink, "container.id", cid)[-1] == "tapio.cri.container.deleted"
+
+
+async def test_containerd_1_6_has_no_event_stream_and_is_listed_every_poll_interval(tmp_path):
+    """Debian 12's own containerd (1.6.20) answers GetContainerEvents UNIMPLEMENTED: the receiver falls back to listing."""
+    from tapio.testing.containerd import CONTAINERD_16_HOME
+
+    with Containerd(tmp_path / "containerd", home=CONTAINERD_16_HOME) as runtime, runtime.client() as cri:
+        receiver, sink, telemetry = make(runtime.endpoint, poll_interval="200ms")
+        pod, cid = await _a_polled_pod_through_its_life(receiver, sink, cri, "old", "exit 3")
+    assert telemetry.value("tapio_cri_connection_failures_total", reason="UNIMPLEMENTED") == 1
+    assert telemetry.value("tapio_cri_events_total") == 0 and telemetry.value("tapio_cri_lists_total") >= 3
+    (stopped,) = records(sink, event="tapio.cri.container.stopped", **{"container.id": cid})
+    a = attrs(stopped)
+    assert (a["tapio.cri.container.exit_code"], a["k8s.container.status.reason"], a["tapio.cri.source"]) == (3, "Error", "list")
+    assert a["container.runtime.version"].startswith("1.6") and a["k8s.pod.uid"] == pod.uid
+    # every stage once, in order; what passed between two lists is inferred from the runtime's times
+    stages = ["created", "started", "stopped", "deleted"]
+    assert stages_of(sink, "container.id", cid) == [f"tapio.cri.container.{s}" for s in stages]
+    sandbox = [r.event_name for r in records(sink, **{"tapio.cri.pod_sandbox.id": pod.id}) if r.event_name.startswith("tapio.cri.pod_sandbox")]
+    assert sandbox == [f"tapio.cri.pod_sandbox.{s}" for s in stages]
+    (created,) = records(sink, event="tapio.cri.pod_sandbox.created", **{"tapio.cri.pod_sandbox.id": pod.id})
+    assert attrs(created)["tapio.cri.inferred"] is True and created.time_unix_nano > 0
 
 
 async def test_an_unreachable_runtime_does_not_stop_the_receiver(tmp_path):
@@ -371,3 +410,77 @@ async def test_refused_batches_are_offered_again_and_nothing_is_lost(containerd,
     assert stages_of(sink, "container.id", cid) == [f"tapio.cri.container.{s}" for s in ("created", "started", "stopped")]
     await in_thread(cri.stop_pod, pod)
     await in_thread(cri.remove_pod, pod)
+
+
+async def _lists(telemetry, n: int) -> None:
+    while telemetry.value("tapio_cri_lists_total") < n:
+        await trio.sleep(0.02)
+
+
+async def test_a_stage_whose_event_a_gone_subscriber_took_is_reported_inferred(tmp_path):
+    """containerd 1.7 loses the next event after a subscriber goes away, and the receiver reports the stage it proves anyway.
+
+    When a stream is cancelled, containerd's handler for it keeps waiting on
+    the shared event queue, takes the next event and fails to send it: each
+    tapio restart costs the node one event. Here tapio restarts twice (with
+    storage, as a DaemonSet rollout does); the first time a container's
+    started event is lost, the second time a pod sandbox's created event.
+    Its own containerd, so no earlier test's stream is waiting there.
+    """
+    storage = Storage.open(tmp_path / "tapio.db")
+    try:
+        with Containerd(tmp_path / "containerd") as runtime, runtime.client() as cri:
+            # tapio #1 follows the stream until it saw the container created, then goes away
+            first, sink, _ = make(runtime.endpoint, storage, resync_interval="0s")
+            async with trio.open_nursery() as n:
+                await n.start(first.run)
+                with trio.fail_after(DEADLINE):
+                    await first.listed.wait()
+                    pod = await in_thread(cri.run_pod, "upgraded")
+                    cid = await in_thread(cri.create_container, pod, "app", "exit 4")
+                    await sink.wait_until(lambda: records(sink, event="tapio.cri.container.created", **{"container.id": cid}))
+                n.cancel_scope.cancel()
+
+            # tapio #2: once its lists are done only events tell; the container's started event goes to #1's stream
+            second, sink2, telemetry2 = make(runtime.endpoint, storage, resync_interval="0s")
+            async with trio.open_nursery() as n:
+                await n.start(second.run)
+                with trio.fail_after(DEADLINE):
+                    await _lists(telemetry2, 2)  # at connect and to settle; no resync
+                    await in_thread(cri.start_container, cid)
+                    await sink2.wait_until(lambda: records(sink2, event="tapio.cri.container.stopped", **{"container.id": cid}))
+                n.cancel_scope.cancel()
+            assert telemetry2.value("tapio_cri_events_total", type="container_started") == 0, (
+                "the started event reached the receiver: this containerd does not lose it, and this test shows nothing"
+            )
+            status = await in_thread(cri.status, cid)
+            (started,) = records(sink2, event="tapio.cri.container.started", **{"container.id": cid})
+            a = attrs(started)
+            assert a["tapio.cri.inferred"] is True and a["tapio.cri.source"] == "event"
+            assert started.time_unix_nano == status.started_at > 0 and a["k8s.pod.uid"] == pod.uid
+            assert stages_of(sink2, "container.id", cid) == ["tapio.cri.container.started", "tapio.cri.container.stopped"]
+            (stopped,) = records(sink2, event="tapio.cri.container.stopped", **{"container.id": cid})
+            assert attrs(stopped)["tapio.cri.container.exit_code"] == 4 and "tapio.cri.inferred" not in attrs(stopped)
+            assert telemetry2.value("tapio_cri_inferred_records_total", kind="container", stage="started") == 1
+
+            # tapio #3: a new pod's created event goes to #2's stream
+            third, sink3, telemetry3 = make(runtime.endpoint, storage, resync_interval="0s")
+            async with trio.open_nursery() as n:
+                await n.start(third.run)
+                with trio.fail_after(DEADLINE):
+                    await _lists(telemetry3, 2)
+                    later = await in_thread(cri.run_pod, "later")
+                    created_at = (await in_thread(cri.runtime.PodSandboxStatus, pb.PodSandboxStatusRequest(pod_sandbox_id=later.id), timeout=30)).status.created_at
+                    await in_thread(cri.stop_pod, later)
+                    await in_thread(cri.remove_pod, later)
+                    await sink3.wait_until(lambda: records(sink3, event="tapio.cri.pod_sandbox.deleted", **{"tapio.cri.pod_sandbox.id": later.id}))
+                n.cancel_scope.cancel()
+            assert telemetry3.value("tapio_cri_events_total", type="container_created") == 0
+            got = [(r.event_name, attrs(r).get("tapio.cri.inferred", False)) for r in records(sink3, **{"tapio.cri.pod_sandbox.id": later.id})]
+            assert got == [("tapio.cri.pod_sandbox.created", True)] + [(f"tapio.cri.pod_sandbox.{s}", False) for s in ("started", "stopped", "deleted")]
+            (created,) = records(sink3, event="tapio.cri.pod_sandbox.created", **{"tapio.cri.pod_sandbox.id": later.id})
+            assert created.time_unix_nano == created_at and attrs(created)["k8s.pod.name"] == "later"
+            await in_thread(cri.stop_pod, pod)
+            await in_thread(cri.remove_pod, pod)
+    finally:
+        storage.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings, strategies as st
 
 from tapio.receivers.cri._proto import api_pb2 as pb
-from tapio.receivers.cri._records import RANK, Tracker, image_name_tag, record
+from tapio.receivers.cri._records import RANK, Tracker, image_name_tag, implied, record
 
 POD = "p" * 64
 EVENT = {"created": pb.CONTAINER_CREATED_EVENT, "started": pb.CONTAINER_STARTED_EVENT,
@@ -63,7 +63,7 @@ def test_no_stage_is_reported_twice_or_after_a_later_one(steps):
         else:
             one = t.event(event(cid, stage))
             out = [one] if one else []
-        for o in out:
+        for o in (i for seen_now in out for i in (*implied(seen_now), seen_now)):
             seen.setdefault(o.id, []).append(o.stage)
     for stages in seen.values():
         ranks = [RANK[s] for s in stages]
@@ -97,3 +97,43 @@ def test_an_event_older_than_the_last_list_about_an_id_it_did_not_show_is_stale(
     new = event("fresh", "created")
     new.created_at = 150
     assert t.event(new).stage == "created"
+
+
+def test_a_stage_skipped_is_inferred_only_when_the_runtime_dates_it():
+    t = Tracker()
+    ev = event(POD, "started")
+    ev.pod_sandbox_status.created_at = 40  # its created event went elsewhere; its status says when
+    obs = t.event(ev)
+    assert obs.skipped == ("created",)
+    (created,) = implied(obs)
+    assert (created.stage, created.time_unix_nano, created.inferred, created.source) == ("created", 40, True, "event")
+    rec = record(created, observed_unix_nano=50, runtime=("", ""), labels=False)
+    assert rec.event_name == "tapio.cri.pod_sandbox.created" and rec.time_unix_nano == 40
+    assert {kv.key: kv.value.bool_value for kv in rec.attributes}["tapio.cri.inferred"] is True
+    assert not [kv for kv in record(obs, observed_unix_nano=50, runtime=("", ""), labels=False).attributes if kv.key == "tapio.cri.inferred"]
+
+    # a container seen first stopped: created and started from its status, when it has them
+    stopped = event("c" * 64, "stopped")
+    stopped.containers_statuses.add(id="c" * 64, created_at=10, started_at=20, finished_at=30)
+    obs = t.event(stopped)
+    assert [(i.stage, i.time_unix_nano) for i in implied(obs)] == [("created", 10), ("started", 20)]
+    never_ran = event("d" * 64, "stopped")
+    never_ran.containers_statuses.add(id="d" * 64, created_at=10)  # it failed to start: no started_at
+    assert [i.stage for i in implied(t.event(never_ran))] == ["created"]
+    # a list entry has no start time (the receiver asks ContainerStatus for a stopped one first); a sandbox's start is never dated
+    out = t.relist([pb.PodSandbox(id="q" * 64, state=pb.SANDBOX_NOTREADY, created_at=5)],
+                   [pb.Container(id="e" * 64, state=pb.CONTAINER_EXITED, created_at=7)])
+    assert [[(i.kind, i.stage, i.time_unix_nano) for i in implied(o)] for o in out if o.stage != "deleted"] == [
+        [("pod_sandbox", "created", 5)], [("container", "created", 7)],
+    ]
+    # removed before anyone saw it stop: no record dates the stop (the exit status went with the container)
+    t.event(event("f" * 64, "started"))
+    (gone,) = [o for o in t.relist([], []) if o.id == "f" * 64]
+    assert (gone.stage, gone.skipped, implied(gone)) == ("deleted", ("stopped",), [])
+
+
+def test_the_first_list_is_a_snapshot_of_the_current_stages():
+    t = Tracker()
+    out = t.relist([pb.PodSandbox(id=POD, state=pb.SANDBOX_READY, created_at=5)], [pb.Container(id="a", state=pb.CONTAINER_RUNNING, created_at=7)],
+                   snapshot=True)
+    assert [(o.stage, implied(o)) for o in out] == [("started", []), ("started", [])]

@@ -10,7 +10,9 @@ What `Containerd` keeps:
 - The images come from ``/bin/busybox`` (busybox-static), built here as OCI
   image-layout tars (`build_image`) and imported: no registry is reached.
 - containerd 1.7 is needed for the CRI event stream (GetContainerEvents);
-  ``scripts/setup.sh`` unpacks it from Debian trixie into `CONTAINERD_HOME`.
+  ``scripts/setup.sh`` unpacks it from Debian trixie into `CONTAINERD_HOME`,
+  and Debian 12's own 1.6 (which answers GetContainerEvents UNIMPLEMENTED)
+  into `CONTAINERD_16_HOME`; ``Containerd(base, home=...)`` picks one.
 
 `CriClient` drives it over the CRI API with grpcio (blocking calls with
 deadlines, for test code outside trio or in a worker thread), the way the
@@ -40,9 +42,11 @@ from tapio.receivers.cri._proto import api_pb2 as pb
 from tapio.receivers.cri._proto import api_pb2_grpc as pb_grpc
 from tapio.testing import prereq
 
-__all__ = ["CONTAINERD_HOME", "Containerd", "CriClient", "Pod", "build_image", "require_containerd"]
+__all__ = ["CONTAINERD_16_HOME", "CONTAINERD_HOME", "Containerd", "CriClient", "Pod", "build_image", "require_containerd"]
 
 CONTAINERD_HOME = Path(os.environ.get("TAPIO_CONTAINERD_HOME", "/opt/tapio/containerd-1.7"))
+#: Debian 12's containerd 1.6, unpacked by scripts/setup.sh: CRI without the event stream
+CONTAINERD_16_HOME = Path(os.environ.get("TAPIO_CONTAINERD_16_HOME", "/opt/tapio/containerd-1.6"))
 RUNC = "/usr/sbin/runc"
 CNI_BIN = "/usr/lib/cni"
 BUSYBOX = "/bin/busybox"
@@ -55,11 +59,11 @@ CALL_TIMEOUT = 30.0
 _random = random.SystemRandom()
 
 
-def require_containerd() -> Path:
-    """The containerd 1.7 binary directory, or `prereq.missing` naming what to install."""
-    how = "run scripts/setup.sh (containerd 1.7 from Debian trixie, runc, containernetworking-plugins, busybox-static)"
+def require_containerd(home: Path = CONTAINERD_HOME) -> Path:
+    """The binary directory of the containerd unpacked in ``home``, or `prereq.missing` naming what to install."""
+    how = "run scripts/setup.sh (containerd 1.7 from Debian trixie and 1.6 from bookworm, runc, containernetworking-plugins, busybox-static)"
     for path, what in (
-        (CONTAINERD_HOME / "usr/bin/containerd", f"containerd 1.7 in {CONTAINERD_HOME}"),
+        (home / "usr/bin/containerd", f"containerd in {home}"),
         (Path(RUNC), "runc"),
         (Path(CNI_BIN) / "bridge", "the CNI plugins"),
         (Path(BUSYBOX), "busybox-static"),
@@ -68,7 +72,7 @@ def require_containerd() -> Path:
             prereq.missing(what, how)
     if os.geteuid() != 0:
         prereq.missing("root", "containerd needs root to create namespaces and cgroups")
-    return CONTAINERD_HOME / "usr/bin"
+    return home / "usr/bin"
 
 
 def build_image(out: Path, name: str, cmd: list[str]) -> Path:
@@ -134,8 +138,8 @@ class Containerd:
     it all and removes what it made.
     """
 
-    def __init__(self, base: Path) -> None:
-        self.bin = require_containerd()
+    def __init__(self, base: Path, home: Path = CONTAINERD_HOME) -> None:
+        self.bin = require_containerd(home)
         self.base = Path(base)
         self.socket = self.base / "containerd.sock"
         self.endpoint = f"unix://{self.socket}"

@@ -13,6 +13,13 @@ Invariants:
 - A stopped container is reported with its `ContainerStatus` (exit code,
   reason, finished time), asked for when the stop is seen; when the runtime
   no longer knows it, with the status the event carried.
+- A stage an id passed unseen is reported, marked inferred, just before the
+  observation that proves it, once that observation's status is final
+  (`_records.implied`). containerd 1.7 loses an event for good whenever a
+  subscriber goes away: the server keeps waiting on its queue for the
+  cancelled stream, takes the next event and fails to send it (so a tapio
+  restart costs the next event on the node); a created or started stage
+  lost so is recovered this way.
 - Records wait for the pipeline (``send``): the runtime keeps its events
   while the reader thread waits. A batch the pipeline refuses is offered
   again after `REFUSED_RETRY_SECONDS`; nothing is dropped.
@@ -41,7 +48,7 @@ from tapio.telemetry import COUNTER
 from ._client import RuntimeClient, RuntimeUnavailable
 from ._config import Config
 from ._proto import api_pb2 as pb
-from ._records import RANK, Observation, Tracker, record
+from ._records import RANK, Observation, Tracker, implied, record
 
 SCOPE_NAME = "tapio.cri"
 SCOPE_VERSION = "0.1.0"
@@ -78,8 +85,10 @@ class CriReceiver:
         self.listed = trio.Event()
         for name, help_text in (
             ("tapio_cri_events_total", "CRI container events received, by type."),
+            ("tapio_cri_lists_total", "Full lists of sandboxes and containers made (at connect, to settle, every resync or poll interval)."),
             ("tapio_cri_records_total", "Records reported, by kind, stage and source (event or list)."),
             ("tapio_cri_stale_events_total", "Events skipped because their id had reached that stage already."),
+            ("tapio_cri_inferred_records_total", "Records of a stage not seen itself but proven by a later one, by kind and stage."),
             ("tapio_cri_connection_failures_total", "Sessions with the runtime that failed or ended, by gRPC status."),
             ("tapio_cri_refused_total", "Batches the pipeline refused (offered again)."),
         ):
@@ -190,9 +199,10 @@ class CriReceiver:
         asked_at = time.time_ns()
         sandboxes = await client.list_sandboxes()
         containers = await client.list_containers()
-        silent = self._first_list and not self._config.report_existing
-        self._first_list = False
-        observations = self.tracker.relist(sandboxes, containers, silent=silent, asked_at=asked_at)
+        self._telemetry.add("tapio_cri_lists_total")
+        snapshot, self._first_list = self._first_list, False
+        silent = snapshot and not self._config.report_existing
+        observations = self.tracker.relist(sandboxes, containers, silent=silent, snapshot=snapshot, asked_at=asked_at)
         await self._report(client, observations)
         self.listed.set()
 
@@ -215,6 +225,7 @@ class CriReceiver:
                 status = await client.container_status(obs.id)
                 if status is not None:
                     obs.detail = status
+        observations = [o for seen in observations for o in (*implied(seen), seen)]
         now = time.time_ns()
         request = ExportLogsServiceRequest()
         rl = request.resource_logs.add()
@@ -229,6 +240,8 @@ class CriReceiver:
             batch.on_done.append(lambda delivered: self._delivered(stages) if delivered else None)
         for o in observations:
             self._telemetry.add("tapio_cri_records_total", kind=o.kind, stage=o.stage, source=o.source)
+            if o.inferred:
+                self._telemetry.add("tapio_cri_inferred_records_total", kind=o.kind, stage=o.stage)
         while True:
             try:
                 await self._output.send(batch)

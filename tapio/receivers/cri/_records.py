@@ -9,6 +9,15 @@ Invariants:
   that list did not show is stale: the id was gone by then. (containerd 1.7
   queues events while nobody subscribes and hands them to the next
   subscriber, so a new stream can start with old news.)
+- A stage an id passed without being seen (its event went to another
+  subscriber of containerd 1.7's stream, or happened between two lists) is
+  reported before the later one that proves it, marked inferred, when the
+  runtime's record of that later observation says when it happened
+  (`implied`): ``created`` from ``created_at``, a container's ``started``
+  from its status's ``started_at``. A sandbox's ``started`` and any
+  ``stopped`` are never inferred: no record the runtime keeps dates them (a
+  removed container's exit status is gone with it). The first list after
+  start without storage is a snapshot: each id in its current stage only.
 - Deleted ids are forgotten, but the most recent `TOMBSTONES` are
   remembered, so an event that arrives after a list already reported the
   deletion does not bring the id back.
@@ -76,6 +85,10 @@ class Observation:
     #: the container (`pb.Container` or `pb.ContainerStatus`) or sandbox (`pb.PodSandbox` or `pb.PodSandboxStatus`) as last seen
     detail: Any = None
     sandbox_id: str = ""
+    #: stages this id passed since the last report without being seen (earliest first)
+    skipped: tuple[str, ...] = ()
+    #: not seen itself: implied by a later stage (see `implied`)
+    inferred: bool = False
 
     @property
     def key(self) -> str:
@@ -100,12 +113,13 @@ class Tracker:
     listed_at: int = 0
     _deleted: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
-    def _advance(self, key: str, stage: str) -> bool:
+    def _advance(self, key: str, stage: str) -> tuple[str, ...] | None:
+        """Move ``key`` to ``stage``: the stages passed over on the way (earliest first), or None when it does not move forward."""
         if key in self._deleted:
-            return False
+            return None
         known = self.stages.get(key)
         if known is not None and RANK[known] >= RANK[stage]:
-            return False
+            return None
         if stage == "deleted":
             self.stages.pop(key, None)
             self._deleted[key] = None
@@ -113,7 +127,7 @@ class Tracker:
                 self._deleted.popitem(last=False)
         else:
             self.stages[key] = stage
-        return True
+        return STAGES[RANK[known] + 1 if known is not None else 0 : RANK[stage]]
 
     def event(self, ev: pb.ContainerEventResponse) -> Observation | None:
         """The observation an event makes, or None when it is stale (or of an unknown type)."""
@@ -132,18 +146,23 @@ class Tracker:
             pod = self.pods.get(ev.container_id)
         if key not in self.stages and ev.created_at and ev.created_at < self.listed_at:
             return None  # older than the list, which did not show it: gone since
-        if not self._advance(key, stage):
+        skipped = self._advance(key, stage)
+        if skipped is None:
             return None
         detail: Any = sandbox if is_sandbox else next((c for c in ev.containers_statuses if c.id == ev.container_id), None)
         if is_sandbox and stage == "deleted":
             self.pods.pop(ev.container_id, None)
-        return Observation(kind, ev.container_id, stage, "event", ev.created_at, pod, detail, sandbox.id)
+        return Observation(kind, ev.container_id, stage, "event", ev.created_at, pod, detail, sandbox.id, skipped)
 
-    def relist(self, sandboxes: Iterable[Any], containers: Iterable[Any], *, silent: bool = False, asked_at: int = 0) -> list[Observation]:
+    def relist(
+        self, sandboxes: Iterable[Any], containers: Iterable[Any], *, silent: bool = False, snapshot: bool = False, asked_at: int = 0,
+    ) -> list[Observation]:
         """What moved since the last report, from a full list of sandboxes (`pb.PodSandbox`) and containers (`pb.Container`).
 
         ``asked_at`` is when the list was asked for (unix ns). Sandboxes come
         first (a pod is reported before its containers), deletions last.
+        With ``snapshot`` nothing is marked skipped (each id in its current
+        stage only: what existed at start).
         """
         self.listed_at = max(self.listed_at, asked_at)
         out: list[Observation] = []
@@ -154,26 +173,51 @@ class Tracker:
                 self.pods[s.id] = pod
             listed.add("s/" + s.id)
             stage = _SANDBOX_STATE_STAGE.get(s.state)
-            if stage is not None and self._advance("s/" + s.id, stage) and not silent:
-                out.append(Observation("pod_sandbox", s.id, stage, "list", s.created_at if stage == "started" else 0, pod, s, s.id))
+            skipped = self._advance("s/" + s.id, stage) if stage is not None else None
+            if skipped is not None and not silent:
+                when = s.created_at if stage == "started" else 0
+                out.append(Observation("pod_sandbox", s.id, stage, "list", when, pod, s, s.id, () if snapshot else skipped))
         for c in containers:
             listed.add("c/" + c.id)
             stage = _CONTAINER_STATE_STAGE.get(c.state)
-            if stage is not None and self._advance("c/" + c.id, stage) and not silent:
+            skipped = self._advance("c/" + c.id, stage) if stage is not None else None
+            if skipped is not None and not silent:
                 when = c.created_at if stage == "created" else 0  # started and finished times come with the status
-                out.append(Observation("container", c.id, stage, "list", when, self.pods.get(c.pod_sandbox_id), c, c.pod_sandbox_id))
+                pod = self.pods.get(c.pod_sandbox_id)
+                out.append(Observation("container", c.id, stage, "list", when, pod, c, c.pod_sandbox_id, () if snapshot else skipped))
         gone = [k for k in self.stages if k not in listed]
         for key in sorted(gone, key=lambda k: k.startswith("s/")):  # containers before their sandboxes
-            self._advance(key, "deleted")
+            skipped = self._advance(key, "deleted") or ()
             kind, cid = ("pod_sandbox" if key.startswith("s/") else "container"), key[2:]
             pod = self.pods.pop(cid, None) if kind == "pod_sandbox" else None
             if not silent:
-                out.append(Observation(kind, cid, "deleted", "list", 0, pod, None, cid if kind == "pod_sandbox" else ""))
+                out.append(Observation(kind, cid, "deleted", "list", 0, pod, None, cid if kind == "pod_sandbox" else "", skipped))
         return out
 
     def forget(self, key: str) -> None:
         """Forget what was reported of ``key`` (for a restore that found it gone)."""
         self.stages.pop(key, None)
+
+
+def implied(obs: Observation) -> list[Observation]:
+    """The stages ``obs`` skipped that its detail dates, earliest first, each marked inferred.
+
+    ``created`` when the detail (a status, or a list entry) has ``created_at``;
+    a container's ``started`` when the detail is its `pb.ContainerStatus` with
+    ``started_at`` (a container that failed to start has none). Call it once
+    the detail is final (for a stopped container, after `ContainerStatus`).
+    """
+    out = []
+    for stage in obs.skipped:
+        if stage == "created":
+            when = getattr(obs.detail, "created_at", 0)
+        elif stage == "started" and obs.kind == "container" and isinstance(obs.detail, pb.ContainerStatus):
+            when = obs.detail.started_at
+        else:
+            when = 0
+        if when:
+            out.append(Observation(obs.kind, obs.id, stage, obs.source, when, obs.pod, obs.detail, obs.sandbox_id, inferred=True))
+    return out
 
 
 def image_name_tag(image: str) -> tuple[str, str]:
@@ -205,6 +249,8 @@ def _times(detail: Any) -> tuple[int, int, int]:
 def record(obs: Observation, *, observed_unix_nano: int, runtime: tuple[str, str], labels: bool) -> LogRecord:
     """The log record of one observation (for a stopped container, ``obs.detail`` should be its `pb.ContainerStatus`)."""
     attrs: list[tuple[str, Any]] = [("tapio.cri.source", obs.source)]
+    if obs.inferred:
+        attrs.append(("tapio.cri.inferred", True))
     if runtime[0]:
         attrs.append(("container.runtime.name", runtime[0]))
     if runtime[1]:
