@@ -210,7 +210,8 @@ async def serve_http(
             failures (error); defaults to ``tapio.httpserver``.
         limits: timeouts and the connection limit (see `Limits`).
         on_bad_request: called with a short reason (``malformed``,
-            ``body_too_large``, ``timeout``, ``shed``) for each refused request.
+            ``closed`` (the client closed mid-request), ``body_too_large``,
+            ``timeout``, ``shed``) for each refused request.
         name: used in log messages.
 
     Raises:
@@ -428,6 +429,9 @@ class _Connection:
             if body is None:
                 return False
         except h11.RemoteProtocolError as exc:
+            if self.h11.trailing_data[1]:  # the peer closed in the middle of a request: nobody to answer
+                self._bad("closed", f"the client closed the connection in the middle of a request ({exc})")
+                return False
             self._bad("malformed", f"malformed HTTP: {exc}")
             await self._send_error(exc.error_status_hint, "malformed HTTP request")
             return False

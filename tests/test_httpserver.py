@@ -173,6 +173,19 @@ async def test_malformed_request_gets_400_and_server_keeps_serving(nursery):
         assert (await client.post(f"http://127.0.0.1:{port}/", content=b"ok")).status_code == 200
 
 
+@pytest.mark.parametrize(
+    "cut",
+    [b"POST /v1/logs HTTP/1.1\r\nhost: a\r\n", b"POST /v1/logs HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\nabc"],
+    ids=["in-the-head", "in-the-body"],
+)
+async def test_a_request_the_client_cuts_short_by_closing_is_counted_as_closed_not_malformed(nursery, cut):
+    port, rec = await start(nursery)
+    assert await raw_exchange(port, cut) == b""  # nobody left to answer
+    async with httpx.AsyncClient() as client:  # and the server keeps serving
+        assert (await client.post(f"http://127.0.0.1:{port}/", content=b"ok")).status_code == 200
+    assert rec.bad == ["closed"]
+
+
 async def test_bad_chunk_framing_gets_400(nursery):
     port, rec = await start(nursery)
     out = await raw_exchange(port, b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n")
