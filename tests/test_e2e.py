@@ -314,6 +314,52 @@ def test_default_pipelines_yaml_runs_and_writes_otlp_logs_to_its_file(tmp_path):
     assert bodies == sent  # once each, in order, next to whatever the ebpf receiver saw meanwhile
 
 
+def test_default_pipelines_yaml_turns_unanswered_dns_lookups_into_an_incident_trace(tmp_path):
+    """Real kernel, real packets: lookups to a loopback address where no resolver listens are seen by dns-xdp
+    on lo, reported unanswered after its timeout, and the correlate connector of the default pipelines joins
+    ten of them from one client into a DNSFailureStorm incident written to the file as a trace."""
+    import socket
+    import time
+
+    import dns.message
+
+    require_ebpf()
+    env = default_pipelines_env(tmp_path / "state")
+    out = tmp_path / "state" / "otlp.jsonl"
+    server = "127.83.0.1"  # on lo; nothing listens there on port 53
+    metrics_port = int(env["TAPIO_METRICS_ADDRESS"].rpartition(":")[2])
+    with TapioProcess([ROOT / "pipelines.yaml"], metrics_port=metrics_port, env=env) as t:
+        t.wait_ready(timeout=120)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.bind(("127.0.0.1", 0))
+            for i in range(12):
+                client.sendto(dns.message.make_query(f"lookup-{i}.storm.example.", "A").to_wire(), (server, 53))
+                time.sleep(0.05)
+
+        def incidents() -> list:
+            if not out.exists():
+                return []
+            return [
+                span
+                for line in out.read_bytes().splitlines()
+                if line.startswith(b'{"resourceSpans"') and b"DNSFailureStorm" in line
+                for rs in otlpjson.decode(Signal.TRACES, line).resource_spans
+                for ss in rs.scope_spans
+                for span in ss.spans
+            ]
+
+        t.wait_for(lambda: any(s.name == "DNSFailureStorm" for s in incidents()), 60, "a DNSFailureStorm incident in the file")
+        t.signal(signal.SIGTERM)
+        assert t.wait_exit(timeout=60) == 0, t.stderr
+    spans = incidents()
+    root = next(s for s in spans if s.name == "DNSFailureStorm")
+    members = [s for s in spans if s.trace_id == root.trace_id and s.parent_span_id == root.span_id]
+    assert len(members) >= 10
+    attributes = {kv.key: kv.value for kv in root.attributes}
+    assert "127.0.0.1" in attributes["tapio.incident.summary"].string_value
+    assert server in attributes["tapio.incident.summary"].string_value
+
+
 def test_validate_and_graph_have_no_side_effects(tmp_path):
     state, out_dir = tmp_path / "state", tmp_path / "out"
     cfg = tmp_path / "pipelines.yaml"
@@ -366,7 +412,7 @@ def test_port_in_use_fails_at_start_naming_the_component(tmp_path):
 def test_default_pipelines_yaml_validates_and_graphs():
     res = run_cli("validate")
     assert res.returncode == 0, res.stderr
-    assert "valid (3 pipelines" in res.stdout
+    assert "valid (4 pipelines" in res.stdout
     res = run_cli("graph")
     assert res.returncode == 0 and res.stdout.startswith("flowchart LR"), res.stderr
     res = run_cli("graph", "--format", "dot")
