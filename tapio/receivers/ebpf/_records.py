@@ -166,15 +166,20 @@ class RecordWriter:
         self._containers: dict = {}
         #: (family, raw address) -> (network.local.address piece, network.peer.address piece, text as in a body)
         self._addresses: dict = {}
-        #: (family, raw local address, local port) -> (log attrs, span attrs) from network.transport to network.local.port
+        #: (family, raw local address) -> (log attrs, span attrs) from network.transport to network.local.address
         self._locals: dict = {}
-        #: (family, raw peer address, peer port) -> (log attrs, span attrs) of network.peer.*, "address:port" as in a body)
+        #: (family, raw peer address) -> (log attrs, span attrs) of network.peer.address, the address as in a body ("[::1]" for IPv6)
         self._peers: dict = {}
+        #: port -> (network.local.port piece, network.peer.port piece)
+        self._ports: dict = {}
         #: (tcp event, old state, new state, states seen) -> (log attrs, span attrs) from tapio.ebpf.tcp.event to .states
         self._tcp_states: dict = {}
-        #: (raw path, flags) -> (log attrs from file.path to the flags text, path text, body when the open succeeded)
+        #: (path cut at its NUL, flags) -> (log attrs from file.path to the flags text, path text, body when the open succeeded)
         self._paths: dict = {}
-        self._caches = [self._common, self._containers, self._addresses, self._locals, self._peers, self._tcp_states, self._paths]
+        #: failed open's return value (-errno) -> (log attrs error.type and tapio.ebpf.open.errno, the errno's name)
+        self._errors: dict = {}
+        self._caches = [self._common, self._containers, self._addresses, self._locals, self._peers, self._ports, self._tcp_states, self._paths, self._errors]
+        self._fast, self._fast_context = None, ()
 
     def write(
         self,
@@ -208,15 +213,28 @@ class RecordWriter:
         write_one = {d.EV_EXEC: self._exec, d.EV_EXIT: self._exit, d.EV_OOM: self._oom, d.EV_SIGNAL: self._signal}
         # the two kinds most events of a busy node are (TCP transitions, opens) are written out in the loop
         ev_tcp, ev_open, tcp_close, tcp_connect, tcp_closed, o_creat = d.EV_TCP, d.EV_OPEN, d.TCP_CLOSE, d.TCP_CONNECT, d.TCP_CLOSED, d.O_CREAT
-        common, locals_, peers, shapes, paths = self._common, self._locals, self._peers, self._tcp_states, self._paths
+        common, locals_, peers, ports, shapes, paths, errors = self._common, self._locals, self._peers, self._ports, self._tcp_states, self._paths, self._errors
         # a container's pieces, once per (pid, cgroup id) of the drain: they key the shared attributes
-        container_of = {key: self._container_pieces(c) for key, c in containers.items() if c is not None}.get
+        pieces_of = {key: self._container_pieces(c) for key, c in containers.items() if c is not None}
+        container_of = pieces_of.get
         sev_info, tl, ts_tag, fixed64, small, varint, mask64 = _SEVERITY[SEV_INFO], _TL, _TS, _FIXED64, _SMALL, _varint, _MASK64
         duration_heads, socket_heads, fd_heads, event_text, open_fd_heads = _DURATION, _SOCKET, _TCP_FD, _TCP_EVENT_TEXT, _OPEN_FD
         with_spans = spans is not None
+        # the compiled loop writes the TCP and open events whose pieces are all cached and stops at any
+        # other event, which the loop below writes (filling the caches) before handing back
+        fast = self._fast
+        if fast is not None:
+            fast_drain = (records, spans, pieces_of, offset, tail[ev_tcp], tail[ev_open])
         last: tuple[bytes, ...] | None = None
         append = None
-        for f in events:
+        i, n_events = 0, len(events)
+        while i < n_events:
+            if fast is not None:
+                i, self._id_at = fast(events, i, self._fast_context, fast_drain, self._id_pool, self._id_at)
+                if i >= n_events:
+                    break
+            f = events[i]
+            i += 1
             kind = f[2]
             if kind == ev_tcp:
                 kts, cgroup_id, _, pid, tid, uid, comm, sock, start_ts, event, family, sport, dport, _, old, new, states, fd, saddr, daddr = f
@@ -237,8 +255,10 @@ class RecordWriter:
             ts = kts + offset
             span = None
             if kind == ev_tcp:
-                local = locals_.get((family, saddr, sport)) or self._local(family, saddr, sport)
-                peer = peers.get((family, daddr, dport)) or self._peer(family, daddr, dport)
+                local = locals_.get((family, saddr)) or self._local(family, saddr)
+                peer = peers.get((family, daddr)) or self._peer(family, daddr)
+                lport = (ports.get(sport) or self._port(sport))[0]
+                pport = (ports.get(dport) or self._port(dport))[1]
                 shape = shapes.get((event, old, new, states)) or self._tcp_shape(event, old, new, states)
                 duration = kts - start_ts
                 v = varint(duration) if duration > 0 else b"\x00"
@@ -248,32 +268,32 @@ class RecordWriter:
                     v = small[fd] if fd < 128 else varint(fd)
                     numbers += (fd_heads[len(v)] + v,)
                 failed = event == tcp_connect and new == tcp_closed
-                text = event_text[event] + peer[2] + b" failed" if failed else event_text[event] + peer[2]
+                peer_text = b"%s:%d" % (peer[2], dport)
+                text = event_text[event] + peer_text + b" failed" if failed else event_text[event] + peer_text
                 n = len(text)
                 body = b"\x2a" + small[n + 2] + b"\x0a" + small[n] + text if n < 126 else _body(text)
-                attrs = (shared[0], local[0], peer[0], shape[0], tl, tl.join(numbers))
+                attrs = (shared[0], local[0], tl, lport, peer[0], tl, pport, shape[0], tl, tl.join(numbers))
                 severity = sev_info
                 if with_spans and (event == tcp_close or failed):
                     outbound = states & (1 << d.TCP_SYN_SENT)  # went through SYN_SENT: we connected
                     span = (
-                        (b"tcp connect " if outbound else b"tcp accept ") + peer[2],
+                        (b"tcp connect " if outbound else b"tcp accept ") + peer_text,
                         SPAN_KIND_CLIENT if outbound else SPAN_KIND_SERVER,
                         start_ts + offset,
                         ts,
                         b"connection failed" if failed else b"",
                     )
-                    span_attrs = b"".join((shared[1], local[1], peer[1], shape[1], ts_tag, ts_tag.join(numbers)))
+                    span_attrs = b"".join((shared[1], local[1], ts_tag, lport, peer[1], ts_tag, pport, shape[1], ts_tag, ts_tag.join(numbers)))
             elif kind == ev_open:
                 ret, flags, mode, raw_path = f[7], f[8], f[9], f[12]
-                found = paths.get((raw_path, flags)) or self._path(raw_path, flags)
+                found = paths.get((cut := raw_path.partition(b"\0")[0], flags)) or self._path(cut, flags)
                 if ret >= 0:
                     v = small[ret] if ret < 128 else varint(ret)
                     numbers = tl + open_fd_heads[len(v)] + v
                     body = found[2]
                 else:
-                    err = errno_name(-ret)
-                    numbers = tl + enc.str_piece("error.type", err.encode()) + tl + _int(_OPEN_ERRNO, -ret)
-                    body = _body(b"open %s: %s" % (found[1], err.encode()))
+                    numbers, err = errors.get(ret) or self._error(ret)
+                    body = _body(b"open %s: %s" % (found[1], err))
                 if flags & o_creat:
                     numbers += tl + _int(_OPEN_MODE, mode)
                 attrs = (shared[0], found[0], numbers)
@@ -286,7 +306,7 @@ class RecordWriter:
                     span_attrs = shared[1] + ts_tag + ts_tag.join(extra) if extra else shared[1]
             head = b"\x09" + fixed64(ts & mask64) if ts else b""
             if span is not None and with_spans:
-                trace_id, span_id = self._next_ids(len(events))
+                trace_id, span_id = self._next_ids(n_events)
                 message = self._span(span, trace_id, span_id, span_attrs)
                 n = len(message)
                 spans.setdefault(container, []).append(b"\x12" + (small[n] if n < 128 else varint(n)) + message)
@@ -418,14 +438,18 @@ class RecordWriter:
             )
         return found
 
-    def _local(self, family: int, raw: bytes, port: int) -> tuple[bytes, bytes]:
-        pieces = [_TRANSPORT, _NET_TYPE.get(family, _NET_TYPE_OTHER), self._address(family, raw)[0], _int(_LPORT, port)]
-        found = self._locals[(family, raw, port)] = _framed(pieces)
+    def _local(self, family: int, raw: bytes) -> tuple[bytes, bytes]:
+        pieces = [_TRANSPORT, _NET_TYPE.get(family, _NET_TYPE_OTHER), self._address(family, raw)[0]]
+        found = self._locals[(family, raw)] = _framed(pieces)
         return found
 
-    def _peer(self, family: int, raw: bytes, port: int) -> tuple[bytes, bytes, bytes]:
+    def _peer(self, family: int, raw: bytes) -> tuple[bytes, bytes, bytes]:
         address = self._address(family, raw)
-        found = self._peers[(family, raw, port)] = (*_framed([address[1], _int(_PPORT, port)]), b"%s:%d" % (address[2], port))
+        found = self._peers[(family, raw)] = (*_framed([address[1]]), address[2])
+        return found
+
+    def _port(self, port: int) -> tuple[bytes, bytes]:
+        found = self._ports[port] = (_int(_LPORT, port), _int(_PPORT, port))
         return found
 
     def _tcp_shape(self, event: int, old: int, new: int, states: int) -> tuple[bytes, bytes]:
@@ -442,6 +466,11 @@ class RecordWriter:
         path = _text(raw)
         pieces = [enc.str_piece("file.path", path), _int(_OPEN_FLAGS, flags), enc.str_piece("tapio.ebpf.open.flags_text", d.open_flags_text(flags).encode())]
         found = self._paths[(raw, flags)] = (_framed(pieces)[0], path, _body(b"open " + path))
+        return found
+
+    def _error(self, ret: int) -> tuple[bytes, bytes]:
+        err = errno_name(-ret).encode()
+        found = self._errors[ret] = (_TL + enc.str_piece("error.type", err) + _TL + _int(_OPEN_ERRNO, -ret), err)
         return found
 
     def _next_ids(self, events: int) -> tuple[bytes, bytes]:
