@@ -24,6 +24,7 @@ APT_PACKAGES=(
     containernetworking-plugins   # CNI bridge/host-local/loopback/portmap in /usr/lib/cni: pod sandboxes get a netns and an IP
     busybox-static      # /bin/busybox: the tests build their pause and busybox OCI images from it (no registry is reachable)
     iptables            # the CNI portmap plugin
+    gcc python3-dev     # the ebpf receiver's compiled record writer (tapio/receivers/ebpf/_hotloop.c, built below)
 )
 
 missing=()
@@ -104,6 +105,18 @@ fi
 # systemd-python likewise: Debian's build for its python3 (the venv's interpreter), only that package.
 if [ -d /usr/lib/python3/dist-packages/systemd ] && [ ! -e "$purelib/systemd" ]; then
     ln -sfn /usr/lib/python3/dist-packages/systemd "$purelib/systemd"
+fi
+
+# The ebpf receiver's compiled record writer, built against the venv's interpreter (Debian's python3)
+# whenever its source is newer than the module. Optional: without it the receiver writes records in
+# Python (and says so at start), so a failed build is reported and setup goes on.
+hot_src=tapio/receivers/ebpf/_hotloop.c
+hot_so="tapio/receivers/ebpf/_hotloop$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
+if [ ! -f "$hot_so" ] || [ "$hot_src" -nt "$hot_so" ]; then
+    echo "setup: building $hot_so" >&2
+    py_include=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+    gcc -O2 -Wall -Wextra -Werror -shared -fPIC -I"$py_include" -o "$hot_so.tmp" "$hot_src" && mv "$hot_so.tmp" "$hot_so" \
+        || { rm -f "$hot_so.tmp"; echo "setup: building $hot_so failed; the ebpf receiver will write records in Python" >&2; }
 fi
 
 stamp=.venv/.tapio-installed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.logs.v1.logs_pb2 import ScopeLogs
@@ -12,7 +13,9 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans, Span, Status
 
 from tapio.receivers.ebpf import _decode as d
 from tapio.receivers.ebpf._containers import Container
+from tapio.receivers.ebpf import _records
 from tapio.receivers.ebpf._records import RecordWriter
+from tapio.testing import prereq
 from tests.ebpf_reference import ReferenceWriter
 
 CID = "0123456789abcdef" * 4
@@ -52,6 +55,19 @@ def raw_oom(anon_kb: int, **h: Any) -> bytes:
     return d.OOM.struct.pack(*hdr(d.EV_OOM, **h), 900, 1 << 20, anon_kb, 10, 0, 8, 1000, -998)
 
 
+#: every test that writes records runs through the compiled loop and through the Python loop (its fallback)
+both_loops = pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+
+
+def writer_for(compiled: bool, **kwargs: Any) -> RecordWriter:
+    """A RecordWriter with or without the compiled loop (`missing` when the compiled loop is wanted but not built)."""
+    if compiled and _records.COMPILED is None:
+        prereq.missing("the ebpf receiver's compiled record writer", f"{_records.COMPILED_MISSING}")
+    writer = RecordWriter(compiled=compiled, **kwargs)
+    assert writer.compiled == compiled
+    return writer
+
+
 def counting_ids():
     """A seeded id source: the same ids on every run."""
     return random.Random(0).randbytes
@@ -62,8 +78,8 @@ def flat(groups: dict[tuple[bytes, ...], list[bytes]]) -> list[bytes]:
     return [item for items in groups.values() for item in items]
 
 
-def write(raws: list[bytes], containers: dict | None = None, writer: RecordWriter | None = None):
-    writer = writer or RecordWriter(max_pending=16, ppid_of=lambda pid: 4242, ids=counting_ids())
+def write(raws: list[bytes], containers: dict | None = None, writer: RecordWriter | None = None, compiled: bool = True):
+    writer = writer or writer_for(compiled, max_pending=16, ppid_of=lambda pid: 4242, ids=counting_ids())
     events, bad = d.decode_drain(raws)
     assert not bad
     drain = writer.write(events, containers or {}, offset=OFFSET, observed=OBSERVED)
@@ -80,8 +96,9 @@ def attrs(item: Any) -> dict[str, Any]:
     return out
 
 
-def test_an_open_names_path_flags_fd_or_errno():
-    _, (ok, failed), spans = write([raw_open(b"/etc/x", 3, flags=0o1101, mode=0o644), raw_open(b"/nope", -2)])
+@both_loops
+def test_an_open_names_path_flags_fd_or_errno(compiled):
+    _, (ok, failed), spans = write([raw_open(b"/etc/x", 3, flags=0o1101, mode=0o644), raw_open(b"/nope", -2)], compiled=compiled)
     assert ok.body.string_value == "open /etc/x" and ok.event_name == "tapio.ebpf.open"
     assert ok.time_unix_nano == OFFSET + 1000 and ok.observed_time_unix_nano == OBSERVED
     assert ok.severity_text == "INFO" and ok.severity_number == 9
@@ -95,9 +112,10 @@ def test_an_open_names_path_flags_fd_or_errno():
     assert not spans
 
 
-def test_exec_then_exit_makes_a_process_span_named_by_the_executable():
+@both_loops
+def test_exec_then_exit_makes_a_process_span_named_by_the_executable(compiled):
     raws = [raw_exec(b"/usr/bin/sleep", [b"sleep", b"1"], ppid=0, ts=100, pid=7), raw_exit(code=3, ts=5100, pid=7, comm=b"sleep")]
-    drain, (ex, gone), (span,) = write(raws)
+    drain, (ex, gone), (span,) = write(raws, compiled=compiled)
     a = attrs(ex)
     assert a["process.parent_pid"] == 4242, "asked of ppid_of when the kernel saw no fork"
     assert a["process.command_args"] == ["sleep", "1"] and a["process.executable.name"] == "sleep"
@@ -111,14 +129,16 @@ def test_exec_then_exit_makes_a_process_span_named_by_the_executable():
     assert drain.exited == [(7, 7)]
 
 
-def test_an_exit_by_signal_and_an_exit_without_a_known_start():
-    _, (killed, bare), spans = write([raw_exit(sig=9, start_ts=10, pid=8), raw_exit(pid=9)])
+@both_loops
+def test_an_exit_by_signal_and_an_exit_without_a_known_start(compiled):
+    _, (killed, bare), spans = write([raw_exit(sig=9, start_ts=10, pid=8), raw_exit(pid=9)], compiled=compiled)
     assert killed.body.string_value == "exit curl: killed by SIGKILL" and attrs(killed)["tapio.ebpf.exit.signal"] == "SIGKILL"
     assert [s.name for s in spans] == ["process curl"], "no start, no span"
     assert "tapio.ebpf.exit.lifetime_ns" not in attrs(bare)
 
 
-def test_tcp_close_and_a_failed_connect_end_spans():
+@both_loops
+def test_tcp_close_and_a_failed_connect_end_spans(compiled):
     syn_sent, established, close = 1 << d.TCP_SYN_SENT, 1 << d.TCP_ESTABLISHED, 1 << d.TCP_CLOSED
     raws = [
         raw_tcp(d.TCP_CONNECT, d.TCP_SYN_SENT, d.TCP_ESTABLISHED, syn_sent | established, ts=900),
@@ -126,7 +146,7 @@ def test_tcp_close_and_a_failed_connect_end_spans():
         raw_tcp(d.TCP_ACCEPT, d.TCP_SYN_RECV, d.TCP_ESTABLISHED, 1 << d.TCP_SYN_RECV | established, fd=5, sock=0xABC),
         raw_tcp(d.TCP_CONNECT, d.TCP_SYN_SENT, d.TCP_CLOSED, syn_sent | close, dport=81),
     ]
-    _, (conn, closed, acc, refused), (span_close, span_refused) = write(raws)
+    _, (conn, closed, acc, refused), (span_close, span_refused) = write(raws, compiled=compiled)
     a = attrs(closed)
     assert closed.body.string_value == "tcp close 127.0.0.1:80"
     assert a["tapio.ebpf.tcp.states"] == ["ESTABLISHED", "SYN_SENT", "CLOSE"] and a["tapio.ebpf.tcp.duration_ns"] == 1500
@@ -137,8 +157,9 @@ def test_tcp_close_and_a_failed_connect_end_spans():
     assert span_refused.status.message == "connection failed" and (refused.span_id, closed.span_id) == (span_refused.span_id, span_close.span_id)
 
 
-def test_signal_and_oom():
-    _, (sig, oom), _ = write([raw_signal(15, 77), raw_oom(5000, pid=66, comm=b"hog")])
+@both_loops
+def test_signal_and_oom(compiled):
+    _, (sig, oom), _ = write([raw_signal(15, 77), raw_oom(5000, pid=66, comm=b"hog")], compiled=compiled)
     assert sig.body.string_value == "signal SIGTERM from 42 to 77"
     assert attrs(sig)["tapio.ebpf.signal.name"] == "SIGTERM" and attrs(sig)["tapio.ebpf.signal.target_comm"] == "sleep"
     assert oom.severity_text == "WARN" and oom.severity_number == 13
@@ -146,24 +167,27 @@ def test_signal_and_oom():
     assert attrs(oom)["tapio.ebpf.oom.score_adj"] == -998 and attrs(oom)["tapio.ebpf.oom.marked_time_unix_nano"] == OFFSET + 900
 
 
-def test_containers_are_attached_by_pid_and_cgroup():
+@both_loops
+def test_containers_are_attached_by_pid_and_cgroup(compiled):
     box = Container(CID, "containerd", POD)
-    _, (inside, outside), _ = write([raw_open(b"/a", 3, pid=10, cgroup=5), raw_open(b"/a", 3, pid=11, cgroup=5)], {(10, 5): box})
+    _, (inside, outside), _ = write([raw_open(b"/a", 3, pid=10, cgroup=5), raw_open(b"/a", 3, pid=11, cgroup=5)], {(10, 5): box}, compiled=compiled)
     a = attrs(inside)
     assert (a["container.id"], a["container.runtime.name"], a["k8s.pod.uid"]) == (CID, "containerd", POD)
     assert "container.id" not in attrs(outside)
 
 
-def test_pending_execs_are_bounded_and_evictions_counted():
-    writer = RecordWriter(max_pending=2, ppid_of=lambda pid: 0, ids=counting_ids())
+@both_loops
+def test_pending_execs_are_bounded_and_evictions_counted(compiled):
+    writer = writer_for(compiled, max_pending=2, ppid_of=lambda pid: 0, ids=counting_ids())
     drain, _, _ = write([raw_exec(b"/bin/true", [b"true"], pid=p) for p in (1, 2, 3)], writer=writer)
     assert drain.evicted == 1
     _, (first, last), _ = write([raw_exit(pid=1), raw_exit(pid=3)], writer=writer)
     assert "process.executable.path" not in attrs(first) and attrs(last)["process.executable.path"] == "/bin/true"
 
 
-def test_logs_only_or_traces_only():
-    writer = RecordWriter(max_pending=4, ppid_of=lambda pid: 0)
+@both_loops
+def test_logs_only_or_traces_only(compiled):
+    writer = writer_for(compiled, max_pending=4, ppid_of=lambda pid: 0)
     events, _ = d.decode_drain([raw_exit(start_ts=1)])
     assert writer.write(events, {}, offset=0, observed=0, traces=False).spans is None
     only = writer.write(events, {}, offset=0, observed=0, logs=False)
@@ -173,38 +197,45 @@ def test_logs_only_or_traces_only():
 # -- cached pieces against records built from scratch
 
 
-def same_drains(drains: list[tuple[list[bytes], dict]]) -> list[tuple[list[bytes], list[bytes]]]:
+def same_drains(
+    drains: list[tuple[list[bytes], dict]], compiled: bool, *, logs: bool = True, traces: bool = True, offset: int = OFFSET, observed: int = OBSERVED
+) -> list[tuple[list[bytes], list[bytes]]]:
     """The drains through the receiver's caching writer and the plain reference (`tests.ebpf_reference`, same id source); asserts equal bytes, returns the items."""
-    cached = RecordWriter(max_pending=8, ppid_of=lambda pid: pid + 1, ids=random.Random(1).randbytes)
+    cached = writer_for(compiled, max_pending=8, ppid_of=lambda pid: pid + 1, ids=random.Random(1).randbytes)
     scratch = ReferenceWriter(max_pending=8, ppid_of=lambda pid: pid + 1, ids=random.Random(1).randbytes)
     out = []
     for i, (raws, containers) in enumerate(drains):
         events, _ = d.decode_drain(raws)
-        a = cached.write(events, containers, offset=OFFSET + i, observed=OBSERVED + i)
-        b = scratch.write(raws, containers, offset=OFFSET + i, observed=OBSERVED + i)
-        assert list(a.records.items()) == list(b.records.items()), f"drain {i}: log records or their grouping by container differ"
-        assert list(a.spans.items()) == list(b.spans.items()), f"drain {i}: spans or their grouping by container differ"
+        a = cached.write(events, containers, offset=offset + i, observed=observed and observed + i, logs=logs, traces=traces)
+        b = scratch.write(raws, containers, offset=offset + i, observed=observed and observed + i, logs=logs, traces=traces)
+        assert (a.records is None, a.spans is None) == (b.records is None, b.spans is None) == (not logs, not traces)
+        if logs:
+            assert list(a.records.items()) == list(b.records.items()), f"drain {i}: log records or their grouping by container differ"
+        if traces:
+            assert list(a.spans.items()) == list(b.spans.items()), f"drain {i}: spans or their grouping by container differ"
         assert (a.exited, a.evicted) == (b.exited, b.evicted)
-        out.append((flat(a.records), flat(a.spans)))
+        out.append((flat(a.records or {}), flat(a.spans or {})))
     return out
 
 
-def test_a_container_that_changes_between_drains_is_not_served_from_the_cache():
+@both_loops
+def test_a_container_that_changes_between_drains_is_not_served_from_the_cache(compiled):
     first, second = Container(CID, "containerd", POD), Container("f" * 64, "cri-o", "")
     event = raw_open(b"/etc/hosts", 3, pid=10, cgroup=5)
     drains = [([event, event], {(10, 5): first}), ([event], {(10, 5): second}), ([event], {})]
-    items = same_drains(drains)
+    items = same_drains(drains, compiled)
     seen = [[attrs(r).get("container.id") for r in ScopeLogs.FromString(b"".join(records)).log_records] for records, _ in items]
     assert seen == [[CID, CID], ["f" * 64], [None]]
     runtime = attrs(ScopeLogs.FromString(b"".join(items[1][0])).log_records[0])
     assert runtime["container.runtime.name"] == "cri-o" and "k8s.pod.uid" not in runtime
 
 
-def test_a_comm_that_changes_at_exec_is_not_served_from_the_cache():
+@both_loops
+def test_a_comm_that_changes_at_exec_is_not_served_from_the_cache(compiled):
     before = raw_open(b"/bin/cat", 3, pid=10, comm=b"sh")
     exec_ = raw_exec(b"/bin/cat", [b"cat", b"x"], pid=10, comm=b"cat")
     after = raw_open(b"x", 3, pid=10, comm=b"cat")
-    items = same_drains([([before, exec_, after], {}), ([after, raw_exit(pid=10, comm=b"cat", start_ts=1)], {})])
+    items = same_drains([([before, exec_, after], {}), ([after, raw_exit(pid=10, comm=b"cat", start_ts=1)], {})], compiled)
     comms = [attrs(r)["tapio.ebpf.comm"] for records, _ in items for r in ScopeLogs.FromString(b"".join(records)).log_records]
     assert comms == ["sh", "cat", "cat", "cat", "cat"]
     (span,) = ScopeSpans.FromString(b"".join(items[1][1])).spans
@@ -215,6 +246,9 @@ PIDS = st.sampled_from([10, 11, 12])
 COMMS = st.sampled_from([b"sh", b"cat", b"curl", b"\xff\xfebad"])
 CGROUPS = st.sampled_from([5, 6])
 ADDRESSES = st.sampled_from([LOOPBACK, b"\x0a\0\0\x02" + bytes(12), bytes(15) + b"\1", bytes(10) + b"\xff\xff\x0a\0\0\1"])
+#: TCP states: mostly those of a connection's life (a refused connect ends in CLOSE), sometimes any
+STATES = st.sampled_from([d.TCP_SYN_SENT, d.TCP_ESTABLISHED, d.TCP_CLOSED]) | st.integers(0, 13)
+SEEN = st.sampled_from([1 << d.TCP_SYN_SENT | 1 << d.TCP_CLOSED, 0b10000110]) | st.integers(0, 1 << 13)
 CONTAINERS = st.sampled_from([None, Container(CID, "containerd", POD), Container(CID, "", ""), Container("e" * 64, "docker", POD)])
 
 
@@ -229,7 +263,7 @@ def hot_events(draw):
     if kind == "tcp":
         family = draw(st.sampled_from([d.AF_INET, d.AF_INET6, 0]))
         event = draw(st.sampled_from([d.TCP_CONNECT, d.TCP_ACCEPT, d.TCP_CLOSE]))
-        data = bytearray(raw_tcp(event, draw(st.integers(0, 13)), draw(st.integers(0, 13)), draw(st.integers(0, 1 << 13)), sport=draw(st.sampled_from([80, 40000, 65535])), dport=draw(st.sampled_from([80, 443, 1])), start_ts=draw(st.integers(0, 10**12)), fd=draw(st.sampled_from([-1, 4])), sock=draw(st.sampled_from([0, 1, 0xFFFF888812345678, (1 << 64) - 1])), **h))
+        data = bytearray(raw_tcp(event, draw(STATES), draw(STATES), draw(SEEN), sport=draw(st.sampled_from([80, 40000, 65535])), dport=draw(st.sampled_from([80, 443, 1])), start_ts=draw(st.integers(0, 10**12)), fd=draw(st.sampled_from([-1, 4])), sock=draw(st.sampled_from([0, 1, 0xFFFF888812345678, (1 << 64) - 1])), **h))
         off = d.TCP.offsets
         data[off["family"][0] : off["family"][0] + 2] = family.to_bytes(2, "little")
         data[off["saddr"][0] : off["saddr"][0] + 16] = draw(ADDRESSES)
@@ -252,10 +286,39 @@ def drains(draw):
     ]
 
 
+#: which signals are wired: logs and traces, logs only, traces only
+WIRINGS = st.sampled_from([(True, True), (True, False), (False, True)])
+
+
+@both_loops
 @settings(max_examples=300, deadline=None)
-@given(drains())
-def test_cached_records_equal_records_built_from_scratch(drains):
-    same_drains(drains)
+@given(drains=drains(), wiring=WIRINGS, offset=st.sampled_from([OFFSET, 0, -(10**6)]), observed=st.sampled_from([OBSERVED, 0]))
+def test_cached_records_equal_records_built_from_scratch(drains, wiring, offset, observed, compiled):
+    # each drain's events twice over: the second time most are written from what the first put in the caches
+    drains = [(raws + raws, containers) for raws, containers in drains]
+    same_drains(drains, compiled, logs=wiring[0], traces=wiring[1], offset=offset, observed=observed)
+
+
+@st.composite
+def any_events(draw):
+    """Well-sized events of every kind with arbitrary field values (a valid kind and tcp event), each twice, so the second is written from cached pieces."""
+    kind = draw(st.sampled_from(sorted(d.SIZES)))
+    data = bytearray(draw(st.binary(min_size=d.SIZES[kind], max_size=d.SIZES[kind])))
+    data[16:20] = kind.to_bytes(4, "little")
+    if kind == d.EV_TCP:
+        at = d.TCP.offsets["event"][0]
+        data[at : at + 4] = draw(st.sampled_from([d.TCP_CONNECT, d.TCP_ACCEPT, d.TCP_CLOSE])).to_bytes(4, "little")
+        if draw(st.booleans()):
+            at = d.TCP.offsets["family"][0]
+            data[at : at + 2] = draw(st.sampled_from([d.AF_INET, d.AF_INET6])).to_bytes(2, "little")
+    return [bytes(data)] * 2
+
+
+@both_loops
+@settings(max_examples=200, deadline=None)
+@given(events=st.lists(any_events(), max_size=6), wiring=WIRINGS, offset=st.sampled_from([OFFSET, 0, -(10**6)]))
+def test_records_of_arbitrary_field_values_equal_records_built_from_scratch(events, wiring, offset, compiled):
+    same_drains([([raw for pair in events for raw in pair], {})], compiled, logs=wiring[0], traces=wiring[1], offset=offset)
 
 
 @settings(max_examples=300)

@@ -123,6 +123,29 @@ _SEVERITY = {
 _TCP_EVENT_TEXT = {num: b"tcp %s " % name.encode() for num, name in d.TCP_EVENT_NAMES.items()}
 
 
+def _load_compiled() -> tuple[Callable | None, str]:
+    """The compiled loop's ``run`` (tapio/receivers/ebpf/_hotloop.c), or None and why it is not used."""
+    try:
+        from . import _hotloop  # type: ignore[attr-defined]
+    except ImportError as exc:
+        return None, f"the compiled record writer is not built ({exc}; scripts/setup.sh builds it)"
+    ours = {
+        "EV_OPEN": d.EV_OPEN, "EV_TCP": d.EV_TCP, "TCP_CONNECT": d.TCP_CONNECT, "TCP_ACCEPT": d.TCP_ACCEPT, "TCP_CLOSE": d.TCP_CLOSE, "TCP_SYN_SENT": d.TCP_SYN_SENT,
+        "TCP_CLOSED": d.TCP_CLOSED, "O_CREAT": d.O_CREAT, "TCP_FIELDS": len(d.TCP.fields), "OPEN_FIELDS": len(d.OPEN.fields),
+        "SPAN_KIND_SERVER": SPAN_KIND_SERVER, "SPAN_KIND_CLIENT": SPAN_KIND_CLIENT, "STATUS_CODE_ERROR": STATUS_CODE_ERROR,
+        "T_ATTR_LOG": _TL[0], "T_ATTR_SPAN": _TS[0], "CONTEXT": 16,
+    }
+    theirs = getattr(_hotloop, "ASSUMES", {})
+    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if differ:
+        return None, f"the compiled record writer was built from another version of the event layout ({', '.join(differ)} differ; scripts/setup.sh rebuilds it)"
+    return _hotloop.run, ""
+
+
+#: the compiled loop's run, or None; and why it is None
+COMPILED, COMPILED_MISSING = _load_compiled()
+
+
 def _int(heads: list[bytes], value: int) -> bytes:
     v = _varint(value)
     return heads[len(v)] + v
@@ -153,9 +176,13 @@ class RecordWriter:
             only for an exec the kernel saw no fork for.
         ids: ``randbytes(n)``, the source of trace and span ids (called
             once per drain that ends spans).
+        compiled: write the TCP and open events with the compiled loop
+            when it is built (`COMPILED`); the bytes are the same either way.
     """
 
-    def __init__(self, *, max_pending: int, ppid_of: Callable[[int], int], ids: Callable[[int], bytes] = random.randbytes) -> None:
+    def __init__(
+        self, *, max_pending: int, ppid_of: Callable[[int], int], ids: Callable[[int], bytes] = random.randbytes, compiled: bool = True
+    ) -> None:
         self._max_pending = max_pending
         self._ppid_of = ppid_of
         self._ids = ids
@@ -179,7 +206,18 @@ class RecordWriter:
         #: failed open's return value (-errno) -> (log attrs error.type and tapio.ebpf.open.errno, the errno's name)
         self._errors: dict = {}
         self._caches = [self._common, self._containers, self._addresses, self._locals, self._peers, self._ports, self._tcp_states, self._paths, self._errors]
-        self._fast, self._fast_context = None, ()
+        #: the compiled loop and what it reads: the caches and constant pieces, in _hotloop.c's CX_* order
+        self._fast = COMPILED if compiled else None
+        self._fast_context = (
+            self._common, self._locals, self._peers, self._tcp_states, self._paths, self._errors, _SEVERITY[SEV_INFO],
+            _LPORT, _PPORT, _DURATION, _SOCKET, _TCP_FD, _OPEN_FD, _OPEN_MODE,
+            (b"", *(_TCP_EVENT_TEXT[e] for e in (d.TCP_CONNECT, d.TCP_ACCEPT, d.TCP_CLOSE))), (),
+        )
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the compiled loop writes this writer's TCP and open events."""
+        return self._fast is not None
 
     def write(
         self,
