@@ -352,6 +352,15 @@ async def test_live_receiver_reports_metrics_and_counts(live):
     assert live.telemetry.value("tapio_ebpf_events_total", kind="exec") > 0
 
 
+def test_the_live_receiver_writes_with_the_compiled_loop(live):
+    from tapio.receivers.ebpf import _records
+
+    if _records.COMPILED is None:
+        prereq.missing("the ebpf receiver's compiled record writer", _records.COMPILED_MISSING)
+    assert live.receiver._writer.compiled
+    assert live.receiver.writer_summary() == "TCP and open records written by the compiled loop"
+
+
 # -- receivers of their own
 
 
@@ -361,6 +370,34 @@ async def _run_receiver(config: Any, sink: RecordingConsumer, telemetry: Telemet
     receiver = factory.create(make_settings(telemetry), config, Ports(output=sink))
     await nursery.start(receiver.run)
     return receiver
+
+
+async def test_without_the_compiled_loop_the_receiver_starts_says_so_and_writes_records(tmp_path, monkeypatch, caplog):
+    """The compiled record writer is optional: without it the start summary says why, and records are written in Python."""
+    require(_missing())
+    from tapio.receivers.ebpf import _records
+    from tapio.receivers.ebpf._config import Config, EventsConfig, FiltersConfig
+
+    monkeypatch.setattr(_records, "COMPILED", None)
+    monkeypatch.setattr(_records, "COMPILED_MISSING", "the compiled record writer is not built (hidden by this test)")
+    caplog.set_level(logging.INFO, logger="test.ebpf")
+    prefix = str(tmp_path) + "/"
+    config = Config(events=EventsConfig(process=False, oom=False, signal=False), filters=FiltersConfig(path_prefixes=[prefix]), flush_interval=0.05)
+    sink, telemetry = RecordingConsumer(), Telemetry()
+    target = tmp_path / "written-in-python"
+    async with trio.open_nursery() as nursery:
+        receiver = await _run_receiver(config, sink, telemetry, nursery)
+        assert not receiver._writer.compiled
+        proc = await trio.run_process([sys.executable, "-c", f"open({str(target)!r}, 'w')\n" + TCP_CHILD, "4"], capture_stdout=True)
+        client = json.loads(proc.stdout)["client_port"]
+        with trio.fail_after(10):
+            await sink.wait_until(
+                lambda: any(a.get("file.path") == str(target) for a, _ in log_records(sink.batches))
+                and any(a.get("tapio.ebpf.tcp.event") == "close" and a.get("network.local.port") == client for a, _ in log_records(sink.batches))
+            )
+        nursery.cancel_scope.cancel()
+    (summary,) = [r.getMessage() for r in caplog.records if ": tracing " in r.getMessage()]
+    assert summary.endswith("; records written in Python: the compiled record writer is not built (hidden by this test)")
 
 
 async def test_storm_against_a_tiny_ring_buffer_counts_losses_and_keeps_running(tmp_path):
