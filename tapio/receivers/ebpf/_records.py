@@ -133,7 +133,7 @@ def _load_compiled() -> tuple[Callable | None, str]:
         "EV_OPEN": d.EV_OPEN, "EV_TCP": d.EV_TCP, "TCP_CONNECT": d.TCP_CONNECT, "TCP_ACCEPT": d.TCP_ACCEPT, "TCP_CLOSE": d.TCP_CLOSE, "TCP_SYN_SENT": d.TCP_SYN_SENT,
         "TCP_CLOSED": d.TCP_CLOSED, "O_CREAT": d.O_CREAT, "TCP_FIELDS": len(d.TCP.fields), "OPEN_FIELDS": len(d.OPEN.fields),
         "SPAN_KIND_SERVER": SPAN_KIND_SERVER, "SPAN_KIND_CLIENT": SPAN_KIND_CLIENT, "STATUS_CODE_ERROR": STATUS_CODE_ERROR,
-        "T_ATTR_LOG": _TL[0], "T_ATTR_SPAN": _TS[0], "CONTEXT": 16,
+        "T_ATTR_LOG": _TL[0], "T_ATTR_SPAN": _TS[0], "CONTEXT": 22,
     }
     theirs = getattr(_hotloop, "ASSUMES", {})
     differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
@@ -212,6 +212,7 @@ class RecordWriter:
             self._common, self._locals, self._peers, self._tcp_states, self._paths, self._errors, _SEVERITY[SEV_INFO],
             _LPORT, _PPORT, _DURATION, _SOCKET, _TCP_FD, _OPEN_FD, _OPEN_MODE,
             (b"", *(_TCP_EVENT_TEXT[e] for e in (d.TCP_CONNECT, d.TCP_ACCEPT, d.TCP_CLOSE))), (),
+            self._shared, self._local, self._peer, self._tcp_shape, self._path, self._error,
         )
 
     @property
@@ -258,8 +259,8 @@ class RecordWriter:
         sev_info, tl, ts_tag, fixed64, small, varint, mask64 = _SEVERITY[SEV_INFO], _TL, _TS, _FIXED64, _SMALL, _varint, _MASK64
         duration_heads, socket_heads, fd_heads, event_text, open_fd_heads = _DURATION, _SOCKET, _TCP_FD, _TCP_EVENT_TEXT, _OPEN_FD
         with_spans = spans is not None
-        # the compiled loop writes the TCP and open events whose pieces are all cached and stops at any
-        # other event, which the loop below writes (filling the caches) before handing back
+        # the compiled loop writes the TCP and open events (asking the methods below for the pieces it
+        # does not find) and stops at any other event, which the loop below writes before handing back
         fast = self._fast
         if fast is not None:
             fast_drain = (records, spans, pieces_of, offset, tail[ev_tcp], tail[ev_open])
