@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -80,9 +81,9 @@ def flat(groups: dict[tuple[bytes, ...], list[bytes]]) -> list[bytes]:
 
 def write(raws: list[bytes], containers: dict | None = None, writer: RecordWriter | None = None, compiled: bool = True):
     writer = writer or writer_for(compiled, max_pending=16, ppid_of=lambda pid: 4242, ids=counting_ids())
-    events, bad = d.decode_drain(raws)
-    assert not bad
-    drain = writer.write(events, containers or {}, offset=OFFSET, observed=OBSERVED)
+    scan = writer.scan(raws)
+    assert not scan.bad
+    drain = writer.write(scan.events, containers or {}, offset=OFFSET, observed=OBSERVED)
     records = ScopeLogs.FromString(b"".join(flat(drain.records))).log_records
     spans = ScopeSpans.FromString(b"".join(flat(drain.spans))).spans
     return drain, list(records), list(spans)
@@ -188,7 +189,7 @@ def test_pending_execs_are_bounded_and_evictions_counted(compiled):
 @both_loops
 def test_logs_only_or_traces_only(compiled):
     writer = writer_for(compiled, max_pending=4, ppid_of=lambda pid: 0)
-    events, _ = d.decode_drain([raw_exit(start_ts=1)])
+    events = writer.scan([raw_exit(start_ts=1)]).events
     assert writer.write(events, {}, offset=0, observed=0, traces=False).spans is None
     only = writer.write(events, {}, offset=0, observed=0, logs=False)
     assert only.records is None and len(flat(only.spans)) == 1
@@ -205,8 +206,7 @@ def same_drains(
     scratch = ReferenceWriter(max_pending=8, ppid_of=lambda pid: pid + 1, ids=random.Random(1).randbytes)
     out = []
     for i, (raws, containers) in enumerate(drains):
-        events, _ = d.decode_drain(raws)
-        a = cached.write(events, containers, offset=offset + i, observed=observed and observed + i, logs=logs, traces=traces)
+        a = cached.write(cached.scan(raws).events, containers, offset=offset + i, observed=observed and observed + i, logs=logs, traces=traces)
         b = scratch.write(raws, containers, offset=offset + i, observed=observed and observed + i, logs=logs, traces=traces)
         assert (a.records is None, a.spans is None) == (b.records is None, b.spans is None) == (not logs, not traces)
         if logs:
@@ -319,6 +319,17 @@ def any_events(draw):
 @given(events=st.lists(any_events(), max_size=6), wiring=WIRINGS, offset=st.sampled_from([OFFSET, 0, -(10**6)]))
 def test_records_of_arbitrary_field_values_equal_records_built_from_scratch(events, wiring, offset, compiled):
     same_drains([([raw for pair in events for raw in pair], {})], compiled, logs=wiring[0], traces=wiring[1], offset=offset)
+
+
+@both_loops
+@settings(max_examples=300)
+@given(raws=st.lists(hot_events() | st.binary(max_size=200) | st.sampled_from(sorted(d.SIZES.values())).flatmap(lambda n: st.binary(min_size=n, max_size=n)), max_size=8))
+def test_a_scan_accepts_and_counts_what_decode_drain_does(raws, compiled):
+    scan = writer_for(compiled, max_pending=0, ppid_of=lambda pid: 0).scan(raws)
+    events, bad = d.decode_drain(raws)
+    assert scan.bad == bad
+    assert [f if type(f) is tuple else d.LAYOUTS[d.parse_event(f).h.kind].struct.unpack(f) for f in scan.events] == events
+    assert dict(scan.keys) == Counter((f[3], f[1]) for f in events) and dict(scan.kinds) == Counter(f[2] for f in events)
 
 
 @settings(max_examples=300)

@@ -41,8 +41,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections import Counter
-from operator import itemgetter
 from typing import Any
 
 import trio
@@ -78,8 +76,6 @@ RESOURCE_CACHE_SIZE = 4096
 CUMULATIVE = AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
 
 EVENT_KINDS = ("exec", "exit", "open", "tcp", "oom", "signal")
-#: (pid, cgroup id) and kind of a `_decode.decode_drain` field tuple
-_PID_CGROUP, _KIND = itemgetter(3, 1), itemgetter(2)
 
 
 def _put(attrs: Any, key: str, value: Any) -> None:
@@ -288,14 +284,13 @@ class EbpfReceiver:
         Containers are resolved once per (pid, cgroup id) of the drain; a
         walk of the cgroup2 tree, when one is needed, runs in a worker thread.
         """
-        events, bad = d.decode_drain(raws)
-        for reason, n in bad.items():
+        scan = self._writer.scan(raws)
+        for reason, n in scan.bad.items():
             self._telemetry.bad_input(reason, n)
+        events, keys = scan.events, scan.keys
         if not events:
             return
-        keys = Counter(map(_PID_CGROUP, events))  # counted in C: no Python per event
-        kinds = Counter(map(_KIND, events))
-        for kind, n in kinds.items():
+        for kind, n in scan.kinds.items():
             name = d.KIND_NAMES[kind]
             self._events[name] += n
             self._telemetry.add("tapio_ebpf_events_total", n, kind=name)

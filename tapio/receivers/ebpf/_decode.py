@@ -362,6 +362,19 @@ def decode_drain(raws: list[bytes]) -> tuple[list[tuple], dict[str, int]]:
     return out, bad
 
 
+def bad_reasons(raws: list[bytes]) -> dict[str, int]:
+    """Records `parse_event` refuses, counted by reason (every one of ``raws`` must be refused)."""
+    bad: dict[str, int] = {}
+    for raw in raws:
+        try:
+            parse_event(raw)
+        except DecodeError as exc:
+            bad[exc.reason] = bad.get(exc.reason, 0) + 1
+        else:
+            raise AssertionError("a record the drain check refused decodes")
+    return bad
+
+
 def states_list(mask: int) -> list[str]:
     """State names of a ``states_seen`` bitmask, in the kernel's numbering order (a new list each call)."""
     found = _STATES_SEEN.get(mask)

@@ -1,27 +1,28 @@
-/* The ebpf receiver's record writer, compiled: the TCP and open events of a drain.
+/* The ebpf receiver's drain path, compiled: checking a drain's records, and writing its TCP and open events.
  *
- * `_records.RecordWriter.write` calls `run` and writes in Python whatever
- * `run` stops at; built by scripts/setup.sh, optional (the Python loop is the
- * fallback and the reference this must equal byte for byte: tests run both).
+ * `_records.RecordWriter` calls these when the module is built (scripts/setup.sh builds it; optional:
+ * the Python path is the fallback and the reference this must equal byte for byte, and tests run both).
+ *
+ * scan(raws, layout) -> (events, keys, kinds, bad)
+ *   What `_decode.decode_drain` accepts, without decoding: `events` the records it accepts (the bytes
+ *   themselves, in order), `keys` {(pid, cgroup id): events}, `kinds` {kind: events}, `bad` the
+ *   records it refuses (the caller asks `_decode.parse_event` why).
  *
  * run(events, i, context, drain, id_pool, id_at) -> (stop, id_at)
- *   Writes events[i:] in order until the first one it does not write: any
- *   kind but TCP and open, a span needing ids beyond id_pool, or a value of
- *   a type other than the decoder gives. Returns that event's index (or
- *   len(events)) and the ids used so far. A piece missing from a cache is
- *   made by the writer's own Python method for it (the CX_FILL_* callables,
- *   which store it in the cache), as the Python loop makes it.
+ *   Writes events[i:] (records `scan` accepted) in order until the first one it does not write: any
+ *   kind but TCP and open, or a span needing ids beyond id_pool. Returns that event's index (or
+ *   len(events)) and the ids used so far. A piece missing from a cache is made by the writer's own
+ *   Python method for it (the CX_FILL_* callables, which store it in the cache) from the values
+ *   `_decode` would give, so the caches hold what the Python loop puts there.
  *
- *   events:  `_decode.decode_drain` field tuples.
- *   context: the writer's caches, constant pieces and fill methods
- *            (`RecordWriter._fast_context`, order as CX_* below).
- *   drain:   (records or None, spans or None, container pieces by (pid, cgroup id),
- *            offset, tail of a TCP record, tail of an open record).
+ *   context: the writer's caches, constant pieces, fill methods and the layout (order as CX_* below).
+ *   drain:   (records or None, spans or None, container pieces by (pid, cgroup id), offset,
+ *            tail of a TCP record, tail of an open record).
  *
- * The bytes are exactly those of the Python loop: the same pieces in the
- * same order (see _records.py). Field tags and the event layout's field
- * order are fixed here; `ASSUMES` lists the numbers taken from _decode and
- * _records so that the Python side refuses a helper that disagrees.
+ * Fields are read at the offsets `_decode`'s layouts give (`layout`, order as LY_* below), little-endian
+ * (x86-64, arm64). The bytes are exactly those of the Python loop: the same pieces in the same order
+ * (see _records.py). `ASSUMES` lists the numbers taken from _decode and _records, and each field's
+ * struct code, so that the Python side refuses a helper that disagrees.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -31,7 +32,7 @@
 enum {
     CX_COMMON, CX_LOCALS, CX_PEERS, CX_SHAPES, CX_PATHS, CX_ERRORS, CX_SEV_INFO,
     CX_LPORT, CX_PPORT, CX_DURATION, CX_SOCKET, CX_TCP_FD, CX_OPEN_FD, CX_OPEN_MODE, CX_EVENT_TEXT, CX_EMPTY,
-    CX_FILL_SHARED, CX_FILL_LOCAL, CX_FILL_PEER, CX_FILL_SHAPE, CX_FILL_PATH, CX_FILL_ERROR, CX_COUNT
+    CX_FILL_SHARED, CX_FILL_LOCAL, CX_FILL_PEER, CX_FILL_SHAPE, CX_FILL_PATH, CX_FILL_ERROR, CX_LAYOUT, CX_COUNT
 };
 enum { DR_RECORDS, DR_SPANS, DR_CONTAINERS, DR_OFFSET, DR_TAIL_TCP, DR_TAIL_OPEN, DR_COUNT };
 
@@ -44,8 +45,17 @@ enum { DR_RECORDS, DR_SPANS, DR_CONTAINERS, DR_OFFSET, DR_TAIL_TCP, DR_TAIL_OPEN
 #define TCP_SYN_SENT 2
 #define TCP_CLOSED 7
 #define O_CREAT_FLAG 0100
-#define TCP_FIELDS 20
-#define OPEN_FIELDS 13
+/* the layout tuple: record sizes by kind, then field offsets (codes as LAYOUT_CODES says) */
+enum {
+    LY_SIZE_EXEC, LY_SIZE_EXIT, LY_SIZE_OPEN, LY_SIZE_TCP, LY_SIZE_OOM, LY_SIZE_SIGNAL,
+    LY_TS, LY_CGROUP, LY_KIND, LY_PID, LY_TID, LY_UID, LY_COMM,
+    LY_SOCK, LY_START_TS, LY_EVENT, LY_FAMILY, LY_SPORT, LY_DPORT, LY_OLD, LY_NEW, LY_STATES, LY_FD, LY_SADDR, LY_DADDR,
+    LY_RET, LY_FLAGS, LY_MODE, LY_PATH, LY_COUNT
+};
+/* the struct code of each field from LY_TS on: how it is read here */
+#define LAYOUT_CODES "QQIIII16sQQIHHHiiIq16s16sqiI256s"
+#define COMM_SIZE 16
+#define ADDR_SIZE 16
 /* _records: span kinds and the error status code (opentelemetry/proto/trace/v1) */
 #define SPAN_KIND_SERVER 2
 #define SPAN_KIND_CLIENT 3
@@ -191,26 +201,35 @@ static PyObject *piece(PyObject *cache, PyObject *key, PyObject *fill, PyObject 
     return found;
 }
 
-static int get_u64(PyObject *t, Py_ssize_t i, uint64_t *out) {
-    PyObject *o = PyTuple_GET_ITEM(t, i);
-    if (!PyLong_CheckExact(o))
-        return -1;
-    *out = PyLong_AsUnsignedLongLong(o);
-    if (*out == (uint64_t)-1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return -1;
-    }
-    return 0;
+static inline uint64_t rd64(const char *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+static inline uint32_t rd32(const char *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+static inline uint16_t rd16(const char *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
 }
 
-static int get_i64(PyObject *t, Py_ssize_t i, int64_t *out) {
-    PyObject *o = PyTuple_GET_ITEM(t, i);
-    if (!PyLong_CheckExact(o))
+/* the layout tuple as offsets; -1 when it is not what is expected */
+static int read_layout(PyObject *layout, Py_ssize_t *out) {
+    if (!PyTuple_CheckExact(layout) || PyTuple_GET_SIZE(layout) != LY_COUNT) {
+        PyErr_SetString(PyExc_TypeError, "layout: a tuple of sizes and offsets expected");
         return -1;
-    *out = PyLong_AsLongLong(o);
-    if (*out == -1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return -1;
+    }
+    for (Py_ssize_t k = 0; k < LY_COUNT; k++) {
+        out[k] = PyLong_AsSsize_t(PyTuple_GET_ITEM(layout, k));
+        if (out[k] < 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "layout: negative size or offset");
+            return -1;
+        }
     }
     return 0;
 }
@@ -245,17 +264,96 @@ static int dec_to(char *out, int64_t v) {
     return k;
 }
 
-static inline int same_bytes(PyObject *a, PyObject *b) {
-    return a == b || (a != NULL && PyBytes_GET_SIZE(a) == PyBytes_GET_SIZE(b) && memcmp(PyBytes_AS_STRING(a), PyBytes_AS_STRING(b), PyBytes_GET_SIZE(a)) == 0);
-}
-
 #define BYTES_AT(t, k) PyTuple_GET_ITEM((t), (k))
 
 /* the last value looked up in a cache and what keyed it, kept while run runs (a drain mostly repeats them) */
 typedef struct {
     int64_t a, b, c, d, e;
-    PyObject *raw, *container, *value;
+    char raw[16];
+    PyObject *container, *value;
 } Memo;
+
+#define SHAPE_MEMO 8
+
+/* counts[key] += n */
+static int count_into(PyObject *counts, PyObject *key, Py_ssize_t n) {
+    if (key == NULL)
+        return -1;
+    PyObject *was = PyDict_GetItemWithError(counts, key);
+    Py_ssize_t now = n;
+    if (was != NULL)
+        now += PyLong_AsSsize_t(was);
+    else if (PyErr_Occurred()) {
+        Py_DECREF(key);
+        return -1;
+    }
+    PyObject *v = PyLong_FromSsize_t(now);
+    int rc = v == NULL ? -1 : PyDict_SetItem(counts, key, v);
+    Py_XDECREF(v);
+    Py_DECREF(key);
+    return rc;
+}
+
+static PyObject *scan(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *raws, *layout;
+    if (!PyArg_ParseTuple(args, "O!O", &PyList_Type, &raws, &layout))
+        return NULL;
+    Py_ssize_t ly[LY_COUNT];
+    if (read_layout(layout, ly) < 0)
+        return NULL;
+    PyObject *events = PyList_New(0), *keys = PyDict_New(), *kinds = PyDict_New(), *bad = PyList_New(0);
+    Py_ssize_t by_kind[7] = {0};
+    uint64_t run_pid = 0, run_cg = 0;
+    Py_ssize_t run_n = 0;
+    if (events == NULL || keys == NULL || kinds == NULL || bad == NULL)
+        goto error;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(raws); i++) {
+        PyObject *raw = PyList_GET_ITEM(raws, i);
+        int ok = 0;
+        uint32_t kind = 0;
+        if (PyBytes_CheckExact(raw)) {
+            const char *p = PyBytes_AS_STRING(raw);
+            Py_ssize_t n = PyBytes_GET_SIZE(raw);
+            for (uint32_t k = 1; k <= 6; k++)
+                if (n == ly[LY_SIZE_EXEC + k - 1])
+                    kind = k;
+            if (kind && n >= ly[LY_KIND] + 4 && rd32(p + ly[LY_KIND]) == kind) {
+                ok = kind != EV_TCP || (n >= ly[LY_EVENT] + 4 && rd32(p + ly[LY_EVENT]) >= TCP_CONNECT && rd32(p + ly[LY_EVENT]) <= TCP_CLOSE);
+            }
+        }
+        if (!ok) {
+            if (PyList_Append(bad, raw) < 0)
+                goto error;
+            continue;
+        }
+        if (PyList_Append(events, raw) < 0)
+            goto error;
+        const char *p = PyBytes_AS_STRING(raw);
+        uint64_t pid = rd32(p + ly[LY_PID]), cg = rd64(p + ly[LY_CGROUP]);
+        by_kind[kind]++;
+        if (run_n && (pid != run_pid || cg != run_cg)) {
+            if (count_into(keys, Py_BuildValue("(KK)", (unsigned long long)run_pid, (unsigned long long)run_cg), run_n) < 0)
+                goto error;
+            run_n = 0;
+        }
+        run_pid = pid;
+        run_cg = cg;
+        run_n++;
+    }
+    if (run_n && count_into(keys, Py_BuildValue("(KK)", (unsigned long long)run_pid, (unsigned long long)run_cg), run_n) < 0)
+        goto error;
+    for (int k = 1; k <= 6; k++)
+        if (by_kind[k] && count_into(kinds, PyLong_FromLong(k), by_kind[k]) < 0)
+            goto error;
+    return Py_BuildValue("(NNNN)", events, keys, kinds, bad);
+error:
+    Py_XDECREF(events);
+    Py_XDECREF(keys);
+    Py_XDECREF(kinds);
+    Py_XDECREF(bad);
+    return NULL;
+}
 
 static PyObject *run(PyObject *self, PyObject *args) {
     (void)self;
@@ -278,6 +376,9 @@ static PyObject *run(PyObject *self, PyObject *args) {
     PyObject *fill_path = PyTuple_GET_ITEM(cx, CX_FILL_PATH), *fill_error = PyTuple_GET_ITEM(cx, CX_FILL_ERROR);
     PyObject *records = PyTuple_GET_ITEM(dr, DR_RECORDS), *spans = PyTuple_GET_ITEM(dr, DR_SPANS), *containers = PyTuple_GET_ITEM(dr, DR_CONTAINERS);
     PyObject *tail_tcp = PyTuple_GET_ITEM(dr, DR_TAIL_TCP), *tail_open = PyTuple_GET_ITEM(dr, DR_TAIL_OPEN);
+    Py_ssize_t ly[LY_COUNT];
+    if (read_layout(PyTuple_GET_ITEM(cx, CX_LAYOUT), ly) < 0)
+        return NULL;
     PyObject *dicts[] = {common, locals, peers, shapes, paths, errors, containers};
     for (size_t k = 0; k < sizeof dicts / sizeof *dicts; k++)
         if (!PyDict_CheckExact(dicts[k]))
@@ -299,6 +400,17 @@ static PyObject *run(PyObject *self, PyObject *args) {
         goto bad_context;
     if ((records != Py_None && !PyDict_CheckExact(records)) || (spans != Py_None && !PyDict_CheckExact(spans)))
         goto bad_context;
+    /* every field read lies inside a record of its kind's size */
+    Py_ssize_t tcp_size = ly[LY_SIZE_TCP], open_size = ly[LY_SIZE_OPEN];
+    Py_ssize_t tcp_ends[] = {ly[LY_COMM] + COMM_SIZE, ly[LY_SOCK] + 8, ly[LY_START_TS] + 8, ly[LY_EVENT] + 4, ly[LY_FAMILY] + 2, ly[LY_SPORT] + 2,
+                             ly[LY_DPORT] + 2, ly[LY_OLD] + 4, ly[LY_NEW] + 4, ly[LY_STATES] + 4, ly[LY_FD] + 8, ly[LY_SADDR] + ADDR_SIZE,
+                             ly[LY_DADDR] + ADDR_SIZE, ly[LY_TS] + 8, ly[LY_CGROUP] + 8, ly[LY_KIND] + 4, ly[LY_PID] + 4, ly[LY_TID] + 4, ly[LY_UID] + 4};
+    for (size_t k = 0; k < sizeof tcp_ends / sizeof *tcp_ends; k++)
+        if (tcp_ends[k] > tcp_size || (k >= 13 && tcp_ends[k] > open_size))
+            goto bad_context;
+    if (ly[LY_COMM] + COMM_SIZE > open_size || ly[LY_RET] + 8 > open_size || ly[LY_FLAGS] + 4 > open_size || ly[LY_MODE] + 4 > open_size ||
+        ly[LY_PATH] > open_size)
+        goto bad_context;
     int64_t offset;
     {
         int overflow = 0;
@@ -319,25 +431,24 @@ static PyObject *run(PyObject *self, PyObject *args) {
     /* the container of the last (pid, cgroup id) and the records group of the last container */
     uint64_t last_pid = 0, last_cg = 0;
     PyObject *container = NULL, *group = NULL, *last_group_container = NULL;
-    Memo m_shared = {0}, m_local = {0}, m_peer = {0}, m_path = {0};
+    Memo m_shared = {0}, m_local = {0}, m_peer = {0}, m_path = {0}, m_shape[SHAPE_MEMO] = {{0}};
+    PyObject *m_path_cut = NULL;
+    int shape_next = 0;
 
     for (; i < n_events; i++) {
-        PyObject *f = PyList_GET_ITEM(events, i);
-        if (!PyTuple_CheckExact(f) || PyTuple_GET_SIZE(f) < 7)
+        PyObject *raw = PyList_GET_ITEM(events, i);
+        if (!PyBytes_CheckExact(raw))
             break;
-        int64_t kind, tid, uid;
-        if (get_i64(f, 2, &kind) < 0)
+        const char *p = PyBytes_AS_STRING(raw);
+        Py_ssize_t size = PyBytes_GET_SIZE(raw);
+        uint32_t kind = size >= ly[LY_KIND] + 4 ? rd32(p + ly[LY_KIND]) : 0;
+        if (!((kind == EV_TCP && size == tcp_size) || (kind == EV_OPEN && size == open_size)))
             break;
-        Py_ssize_t want = kind == EV_TCP ? TCP_FIELDS : kind == EV_OPEN ? OPEN_FIELDS : -1;
-        if (want < 0 || PyTuple_GET_SIZE(f) != want)
-            break;
-        uint64_t kts, cg, pid;
-        PyObject *comm = PyTuple_GET_ITEM(f, 6);
-        if (get_u64(f, 0, &kts) < 0 || get_u64(f, 1, &cg) < 0 || get_u64(f, 3, &pid) < 0 || get_i64(f, 4, &tid) < 0 || get_i64(f, 5, &uid) < 0 ||
-            !PyBytes_CheckExact(comm))
-            break;
+        uint64_t kts = rd64(p + ly[LY_TS]), cg = rd64(p + ly[LY_CGROUP]);
+        uint32_t pid = rd32(p + ly[LY_PID]), tid = rd32(p + ly[LY_TID]), uid = rd32(p + ly[LY_UID]);
+        const char *comm = p + ly[LY_COMM];
         if (container == NULL || pid != last_pid || cg != last_cg) {
-            PyObject *key = PyTuple_Pack(2, PyTuple_GET_ITEM(f, 3), PyTuple_GET_ITEM(f, 1));
+            PyObject *key = Py_BuildValue("(kK)", (unsigned long)pid, (unsigned long long)cg);
             if (key == NULL)
                 goto error;
             container = PyDict_GetItemWithError(containers, key);
@@ -351,18 +462,17 @@ static PyObject *run(PyObject *self, PyObject *args) {
             last_cg = cg;
         }
         PyObject *shared = m_shared.value;
-        if (!(shared && m_shared.a == (int64_t)pid && m_shared.b == tid && m_shared.c == uid && m_shared.d == (int64_t)cg && m_shared.e == kind &&
-              m_shared.container == container && same_bytes(m_shared.raw, comm))) {
-            PyObject *pid_o = PyTuple_GET_ITEM(f, 3), *tid_o = PyTuple_GET_ITEM(f, 4), *uid_o = PyTuple_GET_ITEM(f, 5);
-            PyObject *cg_o = PyTuple_GET_ITEM(f, 1), *kind_o = PyTuple_GET_ITEM(f, 2);
-            PyObject *key = PyTuple_Pack(7, pid_o, tid_o, uid_o, comm, cg_o, kind_o, container);
-            shared = piece(common, key, fill_shared, key ? PyTuple_Pack(7, kind_o, pid_o, tid_o, uid_o, comm, cg_o, container) : NULL, 2, keep);
-            if (shared == NULL) {
-                if (PyErr_Occurred())
-                    goto error;
-                break;
-            }
-            m_shared = (Memo){(int64_t)pid, tid, uid, (int64_t)cg, kind, comm, container, shared};
+        if (!(shared && m_shared.a == pid && m_shared.b == tid && m_shared.c == uid && m_shared.d == (int64_t)cg && m_shared.e == kind &&
+              m_shared.container == container && memcmp(m_shared.raw, comm, COMM_SIZE) == 0)) {
+            PyObject *key = Py_BuildValue("(kkky#KkO)", (unsigned long)pid, (unsigned long)tid, (unsigned long)uid, comm, (Py_ssize_t)COMM_SIZE,
+                                          (unsigned long long)cg, (unsigned long)kind, container);
+            PyObject *fill_args = key ? Py_BuildValue("(OOOOOOO)", PyTuple_GET_ITEM(key, 5), PyTuple_GET_ITEM(key, 0), PyTuple_GET_ITEM(key, 1),
+                                                      PyTuple_GET_ITEM(key, 2), PyTuple_GET_ITEM(key, 3), PyTuple_GET_ITEM(key, 4), container) : NULL;
+            shared = piece(common, key, fill_shared, fill_args, 2, keep);
+            if (shared == NULL)
+                goto miss;
+            m_shared = (Memo){pid, tid, uid, (int64_t)cg, kind, {0}, container, shared};
+            memcpy(m_shared.raw, comm, COMM_SIZE);
         }
         __int128 ts = (__int128)kts + offset;
         rec.len = 0;
@@ -370,33 +480,40 @@ static PyObject *run(PyObject *self, PyObject *args) {
             goto error;
         PyObject *tail;
         if (kind == EV_TCP) {
-            uint64_t sock, start_ts;
-            int64_t event, family, sport, dport, old, new_state, states, fd;
-            PyObject *saddr = PyTuple_GET_ITEM(f, 18), *daddr = PyTuple_GET_ITEM(f, 19);
-            if (get_u64(f, 7, &sock) < 0 || get_u64(f, 8, &start_ts) < 0 || get_i64(f, 9, &event) < 0 || get_i64(f, 10, &family) < 0 ||
-                get_i64(f, 11, &sport) < 0 || get_i64(f, 12, &dport) < 0 || get_i64(f, 14, &old) < 0 || get_i64(f, 15, &new_state) < 0 ||
-                get_i64(f, 16, &states) < 0 || get_i64(f, 17, &fd) < 0 || !PyBytes_CheckExact(saddr) || !PyBytes_CheckExact(daddr))
+            uint64_t sock = rd64(p + ly[LY_SOCK]), start_ts = rd64(p + ly[LY_START_TS]);
+            uint32_t event = rd32(p + ly[LY_EVENT]), states = rd32(p + ly[LY_STATES]);
+            uint16_t family = rd16(p + ly[LY_FAMILY]), sport = rd16(p + ly[LY_SPORT]), dport = rd16(p + ly[LY_DPORT]);
+            int32_t old = (int32_t)rd32(p + ly[LY_OLD]), new_state = (int32_t)rd32(p + ly[LY_NEW]);
+            int64_t fd = (int64_t)rd64(p + ly[LY_FD]);
+            const char *saddr = p + ly[LY_SADDR], *daddr = p + ly[LY_DADDR];
+            if (event < TCP_CONNECT || event > TCP_CLOSE)
                 break;
-            if (event < 1 || event > 3 || sport < 0 || dport < 0 || states < 0)
-                break;
-            PyObject *family_o = PyTuple_GET_ITEM(f, 10);
             PyObject *local = m_local.value, *peer = m_peer.value;
-            if (!(local && m_local.a == family && same_bytes(m_local.raw, saddr))) {
-                local = piece(locals, PyTuple_Pack(2, family_o, saddr), fill_local, NULL, 2, keep);
+            if (!(local && m_local.a == family && memcmp(m_local.raw, saddr, ADDR_SIZE) == 0)) {
+                local = piece(locals, Py_BuildValue("(ky#)", (unsigned long)family, saddr, (Py_ssize_t)ADDR_SIZE), fill_local, NULL, 2, keep);
                 if (local == NULL)
                     goto miss;
-                m_local = (Memo){family, 0, 0, 0, 0, saddr, NULL, local};
+                m_local = (Memo){family, 0, 0, 0, 0, {0}, NULL, local};
+                memcpy(m_local.raw, saddr, ADDR_SIZE);
             }
-            if (!(peer && m_peer.a == family && same_bytes(m_peer.raw, daddr))) {
-                peer = piece(peers, PyTuple_Pack(2, family_o, daddr), fill_peer, NULL, 3, keep);
+            if (!(peer && m_peer.a == family && memcmp(m_peer.raw, daddr, ADDR_SIZE) == 0)) {
+                peer = piece(peers, Py_BuildValue("(ky#)", (unsigned long)family, daddr, (Py_ssize_t)ADDR_SIZE), fill_peer, NULL, 3, keep);
                 if (peer == NULL)
                     goto miss;
-                m_peer = (Memo){family, 0, 0, 0, 0, daddr, NULL, peer};
+                m_peer = (Memo){family, 0, 0, 0, 0, {0}, NULL, peer};
+                memcpy(m_peer.raw, daddr, ADDR_SIZE);
             }
-            PyObject *shape = piece(shapes, PyTuple_Pack(4, PyTuple_GET_ITEM(f, 9), PyTuple_GET_ITEM(f, 14), PyTuple_GET_ITEM(f, 15), PyTuple_GET_ITEM(f, 16)),
-                                    fill_shape, NULL, 2, keep);
-            if (shape == NULL)
-                goto miss;
+            PyObject *shape = NULL;
+            for (int k = 0; k < SHAPE_MEMO && shape == NULL; k++)
+                if (m_shape[k].value && m_shape[k].a == event && m_shape[k].b == old && m_shape[k].c == new_state && m_shape[k].d == states)
+                    shape = m_shape[k].value;
+            if (shape == NULL) {
+                shape = piece(shapes, Py_BuildValue("(kiik)", (unsigned long)event, (int)old, (int)new_state, (unsigned long)states), fill_shape, NULL, 2, keep);
+                if (shape == NULL)
+                    goto miss;
+                m_shape[shape_next] = (Memo){event, old, new_state, states, 0, {0}, NULL, shape};
+                shape_next = (shape_next + 1) % SHAPE_MEMO;
+            }
             int failed = event == TCP_CONNECT && new_state == TCP_CLOSED;
             int with_span = spans != Py_None && (event == TCP_CLOSE || failed);
             if (with_span && id_at + 24 > ids_len)
@@ -424,8 +541,8 @@ static PyObject *run(PyObject *self, PyObject *args) {
                 Buf *b = dest == 0 ? &rec : &sa;
                 unsigned char tag = dest == 0 ? TAG_ATTR_LOG : TAG_ATTR_SPAN;
                 if (put_bytes(b, BYTES_AT(shared, dest)) < 0 || put_bytes(b, BYTES_AT(local, dest)) < 0 ||
-                    put_int_piece(b, tag, lport_h, (uint64_t)sport) < 0 || put_bytes(b, BYTES_AT(peer, dest)) < 0 ||
-                    put_int_piece(b, tag, pport_h, (uint64_t)dport) < 0 || put_bytes(b, BYTES_AT(shape, dest)) < 0 ||
+                    put_int_piece(b, tag, lport_h, sport) < 0 || put_bytes(b, BYTES_AT(peer, dest)) < 0 ||
+                    put_int_piece(b, tag, pport_h, dport) < 0 || put_bytes(b, BYTES_AT(shape, dest)) < 0 ||
                     put_int_piece(b, tag, duration_h, duration > 0 ? (uint64_t)duration : 0) < 0 || put_byte(b, tag) < 0 ||
                     put_bytes(b, PyList_GET_ITEM(socket_h, sock_n)) < 0 || put(b, sock_text, sock_n) < 0 ||
                     (fd >= 0 && put_int_piece(b, tag, tcp_fd_h, (uint64_t)fd) < 0))
@@ -455,32 +572,30 @@ static PyObject *run(PyObject *self, PyObject *args) {
         } else {
             if (records == Py_None)
                 continue; /* an open has no span */
-            int64_t ret, flags;
-            uint64_t mode;
-            PyObject *raw = PyTuple_GET_ITEM(f, 12);
-            if (get_i64(f, 7, &ret) < 0 || get_i64(f, 8, &flags) < 0 || get_u64(f, 9, &mode) < 0 || !PyBytes_CheckExact(raw))
-                break;
-            const char *rp = PyBytes_AS_STRING(raw);
-            const char *nul = memchr(rp, 0, PyBytes_GET_SIZE(raw));
-            Py_ssize_t cut_n = nul == NULL ? PyBytes_GET_SIZE(raw) : nul - rp;
+            int64_t ret = (int64_t)rd64(p + ly[LY_RET]);
+            int32_t flags = (int32_t)rd32(p + ly[LY_FLAGS]);
+            uint32_t mode = rd32(p + ly[LY_MODE]);
+            const char *rp = p + ly[LY_PATH];
+            const char *nul = memchr(rp, 0, size - ly[LY_PATH]);
+            Py_ssize_t cut_n = nul == NULL ? size - ly[LY_PATH] : nul - rp;
             PyObject *found = m_path.value;
-            if (!(found && m_path.a == flags && PyBytes_GET_SIZE(m_path.raw) == cut_n && memcmp(PyBytes_AS_STRING(m_path.raw), rp, cut_n) == 0)) {
+            if (!(found && m_path.a == flags && PyBytes_GET_SIZE(m_path_cut) == cut_n && memcmp(PyBytes_AS_STRING(m_path_cut), rp, cut_n) == 0)) {
                 PyObject *cut = PyBytes_FromStringAndSize(rp, cut_n);
                 if (cut == NULL)
                     goto error;
-                found = piece(paths, PyTuple_Pack(2, cut, PyTuple_GET_ITEM(f, 8)), fill_path, NULL, 3, keep);
+                found = piece(paths, Py_BuildValue("(Oi)", cut, (int)flags), fill_path, NULL, 3, keep);
                 if (found != NULL && PyList_Append(keep, cut) < 0)
                     found = NULL;
                 Py_DECREF(cut);
                 if (found == NULL)
                     goto miss;
-                m_path = (Memo){flags, 0, 0, 0, 0, cut, NULL, found};
+                m_path = (Memo){flags, 0, 0, 0, 0, {0}, NULL, found};
+                m_path_cut = cut;
             }
             PyObject *err = NULL;
             if (ret < 0) {
-                PyObject *ret_o = PyTuple_GET_ITEM(f, 7);
-                Py_INCREF(ret_o); /* the key, consumed by piece */
-                err = piece(errors, ret_o, fill_error, PyTuple_Pack(1, ret_o), 2, keep);
+                PyObject *ret_o = PyLong_FromLongLong(ret);
+                err = piece(errors, ret_o, fill_error, ret_o ? PyTuple_Pack(1, ret_o) : NULL, 2, keep);
                 if (err == NULL)
                     goto miss;
             }
@@ -533,12 +648,13 @@ error:
     Py_DECREF(keep);
     return NULL;
 bad_context:
-    PyErr_SetString(PyExc_TypeError, "context or drain tuple holds the wrong types");
+    PyErr_SetString(PyExc_TypeError, "context or drain tuple holds the wrong types, or a layout whose fields lie outside its records");
     return NULL;
 }
 
 static PyMethodDef methods[] = {
-    {"run", run, METH_VARARGS, "Write the TCP and open events of events[i:] whose pieces are cached; returns (stop, id_at)."},
+    {"scan", scan, METH_VARARGS, "The records of a drain decode_drain accepts, counted by (pid, cgroup id) and kind, and those it refuses."},
+    {"run", run, METH_VARARGS, "Write the TCP and open events of events[i:] until another kind; returns (stop, id_at)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -552,10 +668,11 @@ PyMODINIT_FUNC PyInit__hotloop(void) {
         return NULL;
     /* what this file takes as given; _records compares it with its own values before using run */
     PyObject *assumes = Py_BuildValue(
-        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "EV_OPEN", EV_OPEN, "EV_TCP", EV_TCP, "TCP_CONNECT", TCP_CONNECT, "TCP_ACCEPT", TCP_ACCEPT,
-        "TCP_CLOSE", TCP_CLOSE, "TCP_SYN_SENT", TCP_SYN_SENT, "TCP_CLOSED", TCP_CLOSED, "O_CREAT", O_CREAT_FLAG, "TCP_FIELDS", TCP_FIELDS,
-        "OPEN_FIELDS", OPEN_FIELDS, "SPAN_KIND_SERVER", SPAN_KIND_SERVER, "SPAN_KIND_CLIENT", SPAN_KIND_CLIENT, "STATUS_CODE_ERROR", STATUS_CODE_ERROR,
-        "T_ATTR_LOG", TAG_ATTR_LOG, "T_ATTR_SPAN", TAG_ATTR_SPAN, "CONTEXT", CX_COUNT);
+        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:s}", "EV_OPEN", EV_OPEN, "EV_TCP", EV_TCP, "TCP_CONNECT", TCP_CONNECT,
+        "TCP_ACCEPT", TCP_ACCEPT, "TCP_CLOSE", TCP_CLOSE, "TCP_SYN_SENT", TCP_SYN_SENT, "TCP_CLOSED", TCP_CLOSED, "O_CREAT", O_CREAT_FLAG,
+        "SPAN_KIND_SERVER", SPAN_KIND_SERVER, "SPAN_KIND_CLIENT", SPAN_KIND_CLIENT, "STATUS_CODE_ERROR", STATUS_CODE_ERROR,
+        "T_ATTR_LOG", TAG_ATTR_LOG, "T_ATTR_SPAN", TAG_ATTR_SPAN, "CONTEXT", CX_COUNT, "LAYOUT", LY_COUNT, "COMM_SIZE", COMM_SIZE,
+        "LAYOUT_CODES", LAYOUT_CODES);
     if (assumes == NULL || PyModule_AddObject(m, "ASSUMES", assumes) < 0) {
         Py_XDECREF(assumes);
         Py_DECREF(m);

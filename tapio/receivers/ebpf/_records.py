@@ -36,8 +36,9 @@ import errno
 import random
 import signal as signal_module
 import struct
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Callable
 
 from opentelemetry.proto.logs.v1.logs_pb2 import SeverityNumber
@@ -123,27 +124,62 @@ _SEVERITY = {
 _TCP_EVENT_TEXT = {num: b"tcp %s " % name.encode() for num, name in d.TCP_EVENT_NAMES.items()}
 
 
-def _load_compiled() -> tuple[Callable | None, str]:
-    """The compiled loop's ``run`` (tapio/receivers/ebpf/_hotloop.c), or None and why it is not used."""
+#: the compiled path's layout fields (_hotloop.c's LY_* after the sizes): (layout, field) in order
+_LAYOUT_FIELDS = (
+    *((d.HDR, name) for name in ("ts", "cgroup_id", "kind", "pid", "tid", "uid", "comm")),
+    *((d.TCP, name) for name in ("sock", "start_ts", "event", "family", "sport", "dport", "oldstate", "newstate", "states_seen", "fd", "saddr", "daddr")),
+    *((d.OPEN, name) for name in ("ret", "flags", "mode", "path")),
+)
+#: record sizes by kind, then the offsets of `_LAYOUT_FIELDS`, as _hotloop.c reads them
+LAYOUT = (
+    *(d.SIZES[kind] for kind in (d.EV_EXEC, d.EV_EXIT, d.EV_OPEN, d.EV_TCP, d.EV_OOM, d.EV_SIGNAL)),
+    *(layout.offsets[name][0] for layout, name in _LAYOUT_FIELDS),
+)
+_LAYOUT_CODES = "".join(dict(layout.fields)[name] for layout, name in _LAYOUT_FIELDS)
+
+
+def _load_compiled() -> tuple[Any, str]:
+    """The compiled drain path (tapio/receivers/ebpf/_hotloop.c), or None and why it is not used."""
     try:
         from . import _hotloop  # type: ignore[attr-defined]
     except ImportError as exc:
         return None, f"the compiled record writer is not built ({exc}; scripts/setup.sh builds it)"
     ours = {
-        "EV_OPEN": d.EV_OPEN, "EV_TCP": d.EV_TCP, "TCP_CONNECT": d.TCP_CONNECT, "TCP_ACCEPT": d.TCP_ACCEPT, "TCP_CLOSE": d.TCP_CLOSE, "TCP_SYN_SENT": d.TCP_SYN_SENT,
-        "TCP_CLOSED": d.TCP_CLOSED, "O_CREAT": d.O_CREAT, "TCP_FIELDS": len(d.TCP.fields), "OPEN_FIELDS": len(d.OPEN.fields),
+        "EV_OPEN": d.EV_OPEN, "EV_TCP": d.EV_TCP, "TCP_CONNECT": d.TCP_CONNECT, "TCP_ACCEPT": d.TCP_ACCEPT, "TCP_CLOSE": d.TCP_CLOSE,
+        "TCP_SYN_SENT": d.TCP_SYN_SENT, "TCP_CLOSED": d.TCP_CLOSED, "O_CREAT": d.O_CREAT,
         "SPAN_KIND_SERVER": SPAN_KIND_SERVER, "SPAN_KIND_CLIENT": SPAN_KIND_CLIENT, "STATUS_CODE_ERROR": STATUS_CODE_ERROR,
-        "T_ATTR_LOG": _TL[0], "T_ATTR_SPAN": _TS[0], "CONTEXT": 22,
+        "T_ATTR_LOG": _TL[0], "T_ATTR_SPAN": _TS[0], "CONTEXT": 23, "LAYOUT": len(LAYOUT), "COMM_SIZE": d.HDR.offsets["comm"][1],
+        "LAYOUT_CODES": _LAYOUT_CODES,
     }
     theirs = getattr(_hotloop, "ASSUMES", {})
     differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
     if differ:
         return None, f"the compiled record writer was built from another version of the event layout ({', '.join(differ)} differ; scripts/setup.sh rebuilds it)"
-    return _hotloop.run, ""
+    return _hotloop, ""
 
 
-#: the compiled loop's run, or None; and why it is None
+#: the compiled drain path (its ``scan`` and ``run``), or None; and why it is None
 COMPILED, COMPILED_MISSING = _load_compiled()
+#: a field tuple from a record `_decode.decode_drain` accepts, by its size
+_UNPACK = {layout.size: layout.struct.unpack for layout in d.LAYOUTS.values()}
+
+
+@dataclass
+class Scan:
+    """A drain's records checked and counted (`RecordWriter.scan`)."""
+
+    #: what `RecordWriter.write` takes: field tuples, or (compiled) the accepted records themselves
+    events: list
+    #: events by (pid, cgroup id)
+    keys: dict[tuple[int, int], int]
+    #: events by kind
+    kinds: dict[int, int]
+    #: refused records by reason (`_decode.BAD_REASONS`)
+    bad: dict[str, int]
+
+
+#: (pid, cgroup id) and kind of a field tuple
+_PID_CGROUP, _KIND = itemgetter(3, 1), itemgetter(2)
 
 
 def _int(heads: list[bytes], value: int) -> bytes:
@@ -207,18 +243,27 @@ class RecordWriter:
         self._errors: dict = {}
         self._caches = [self._common, self._containers, self._addresses, self._locals, self._peers, self._ports, self._tcp_states, self._paths, self._errors]
         #: the compiled loop and what it reads: the caches and constant pieces, in _hotloop.c's CX_* order
-        self._fast = COMPILED if compiled else None
+        self._compiled = COMPILED if compiled else None
+        self._fast = COMPILED.run if self._compiled is not None else None
         self._fast_context = (
             self._common, self._locals, self._peers, self._tcp_states, self._paths, self._errors, _SEVERITY[SEV_INFO],
             _LPORT, _PPORT, _DURATION, _SOCKET, _TCP_FD, _OPEN_FD, _OPEN_MODE,
             (b"", *(_TCP_EVENT_TEXT[e] for e in (d.TCP_CONNECT, d.TCP_ACCEPT, d.TCP_CLOSE))), (),
-            self._shared, self._local, self._peer, self._tcp_shape, self._path, self._error,
+            self._shared, self._local, self._peer, self._tcp_shape, self._path, self._error, LAYOUT,
         )
 
     @property
     def compiled(self) -> bool:
         """Whether the compiled loop writes this writer's TCP and open events."""
         return self._fast is not None
+
+    def scan(self, raws: list[bytes]) -> Scan:
+        """A drain's records as `write` takes them, counted; what `_decode.decode_drain` refuses, counted by reason."""
+        if self._compiled is not None:
+            events, keys, kinds, refused = self._compiled.scan(raws, LAYOUT)
+            return Scan(events, keys, kinds, d.bad_reasons(refused))
+        events, bad = d.decode_drain(raws)
+        return Scan(events, Counter(map(_PID_CGROUP, events)), Counter(map(_KIND, events)), bad)
 
     def write(
         self,
@@ -233,7 +278,7 @@ class RecordWriter:
         """One drain's events → items.
 
         Args:
-            events: `_decode.decode_drain` field tuples, in ring order.
+            events: `scan`'s events (field tuples, or records when compiled), in ring order.
             containers: the container of each event's (pid, cgroup id); a
                 missing key means no container.
             offset: added to the kernel's CLOCK_BOOTTIME ns to get unix ns.
@@ -274,6 +319,8 @@ class RecordWriter:
                     break
             f = events[i]
             i += 1
+            if type(f) is bytes:  # a record the compiled loop left to this one
+                f = _UNPACK[len(f)](f)
             kind = f[2]
             if kind == ev_tcp:
                 kts, cgroup_id, _, pid, tid, uid, comm, sock, start_ts, event, family, sport, dport, _, old, new, states, fd, saddr, daddr = f
