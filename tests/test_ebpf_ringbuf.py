@@ -16,7 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tapio.receivers.ebpf import _ringbuf
 from tapio.receivers.ebpf._ringbuf import BUSY_BIT, DISCARD_BIT, HEADER_SIZE, RingBuffer, RingBufferError, possible_cpus
+from tapio.testing import prereq
 
 PAGE = mmap.PAGESIZE
 
@@ -65,10 +67,22 @@ class FakeRing:
         os.close(self.fd)
 
 
-@pytest.fixture
-def ring():
+#: every read test runs through the compiled reader and the Python one (its fallback)
+both_readers = pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+
+
+def reader_for(fake: FakeRing, compiled: bool) -> RingBuffer:
+    if compiled and _ringbuf.COMPILED_READ is None:
+        prereq.missing("the ebpf receiver's compiled ring buffer reader", "scripts/setup.sh builds tapio/receivers/ebpf/_hotloop.c (gcc, python3-dev)")
+    reader = RingBuffer(fake.fd, fake.size, compiled=compiled)
+    assert (reader._compiled is not None) == compiled
+    return reader
+
+
+@pytest.fixture(params=[True, False], ids=["compiled", "python"])
+def ring(request):
     fake = FakeRing(4096)
-    reader = RingBuffer(fake.fd, fake.size)
+    reader = reader_for(fake, request.param)
     yield fake, reader
     reader.close()
     fake.close()
@@ -77,11 +91,12 @@ def ring():
 RECORDS = st.lists(st.tuples(st.binary(max_size=700), st.booleans()), max_size=40)
 
 
+@both_readers
 @settings(max_examples=100, deadline=None)
 @given(rounds=st.lists(RECORDS, min_size=1, max_size=6))
-def test_reads_every_committed_record_in_order_across_wraps(rounds):
+def test_reads_every_committed_record_in_order_across_wraps(rounds, compiled):
     fake = FakeRing(4096)
-    reader = RingBuffer(fake.fd, fake.size)
+    reader = reader_for(fake, compiled)
     try:
         for records in rounds:
             want = []
@@ -122,6 +137,7 @@ def test_a_corrupt_length_raises_instead_of_reading_out_of_bounds(ring):
     struct.pack_into("<I", fake.map, 2 * PAGE, fake.size)  # longer than the data area
     with pytest.raises(RingBufferError):
         reader.read()
+    assert fake.consumer() == 0, "nothing is freed past a corrupt length"
 
 
 def test_size_must_be_a_power_of_two():

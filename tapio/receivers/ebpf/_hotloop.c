@@ -8,6 +8,13 @@
  *   themselves, in order), `keys` {(pid, cgroup id): events}, `kinds` {kind: events}, `bad` the
  *   records it refuses (the caller asks `_decode.parse_event` why).
  *
+ * ring_read(producer, consumer, data, size, limit) -> (records, bad_length)
+ *   `_ringbuf.RingBuffer.read` over the map's two mappings (consumer page; producer page and data
+ *   area, `data` bytes in): the committed records in order (at most `limit`), stopping at one still
+ *   BUSY, skipping DISCARDed ones, then the consumer position published once (a release store).
+ *   Positions and headers are read with acquire loads. A length beyond the data area stops the read
+ *   without publishing anything and is returned as bad_length (else -1) for the caller to raise.
+ *
  * run(events, i, context, drain, id_pool, id_at) -> (stop, id_at)
  *   Writes events[i:] (records `scan` accepted) in order until the first one it does not write: any
  *   kind but TCP and open, or a span needing ids beyond id_pool. Returns that event's index (or
@@ -652,7 +659,78 @@ bad_context:
     return NULL;
 }
 
+#define RB_BUSY_BIT (1u << 31)
+#define RB_DISCARD_BIT (1u << 30)
+#define RB_HEADER_SIZE 8
+
+static PyObject *ring_read(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *producer, *consumer;
+    Py_ssize_t data, size, limit;
+    if (!PyArg_ParseTuple(args, "OOnnn", &producer, &consumer, &data, &size, &limit))
+        return NULL;
+    if (size <= 0 || (size & (size - 1)) || data < 8 || data % 8) {
+        PyErr_SetString(PyExc_ValueError, "ring_read: size must be a power of two and data a multiple of 8");
+        return NULL;
+    }
+    Py_buffer pb, cb;
+    if (PyObject_GetBuffer(producer, &pb, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(consumer, &cb, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&pb);
+        return NULL;
+    }
+    PyObject *out = NULL;
+    if (pb.len < data + 2 * size || cb.len < 8) {
+        PyErr_SetString(PyExc_ValueError, "ring_read: the mappings are smaller than the ring buffer");
+        goto done;
+    }
+    const char *base = pb.buf;
+    uint64_t *cons_p = cb.buf;
+    const uint64_t *prod_p = pb.buf;
+    uint64_t mask = (uint64_t)size - 1, cons = __atomic_load_n(cons_p, __ATOMIC_RELAXED), start = cons;
+    uint64_t prod = __atomic_load_n(prod_p, __ATOMIC_ACQUIRE);
+    Py_ssize_t bad = -1;
+    out = PyList_New(0);
+    if (out == NULL)
+        goto done;
+    while (cons < prod && PyList_GET_SIZE(out) < limit) {
+        const char *rec = base + data + (cons & mask);
+        uint32_t length = __atomic_load_n((const uint32_t *)rec, __ATOMIC_ACQUIRE);
+        if (length & RB_BUSY_BIT)
+            break;
+        uint32_t n = length & ~(RB_BUSY_BIT | RB_DISCARD_BIT);
+        if ((Py_ssize_t)n > size - RB_HEADER_SIZE) {
+            bad = n;
+            break;
+        }
+        if (!(length & RB_DISCARD_BIT)) {
+            PyObject *item = PyBytes_FromStringAndSize(rec + RB_HEADER_SIZE, n);
+            if (item == NULL || PyList_Append(out, item) < 0) {
+                Py_XDECREF(item);
+                Py_CLEAR(out);
+                goto done;
+            }
+            Py_DECREF(item);
+        }
+        cons += (n + RB_HEADER_SIZE + 7) & ~(uint64_t)7;
+        if (cons >= prod)
+            prod = __atomic_load_n(prod_p, __ATOMIC_ACQUIRE);
+    }
+    if (bad < 0 && cons != start)
+        __atomic_store_n(cons_p, cons, __ATOMIC_RELEASE);
+    {
+        PyObject *pair = Py_BuildValue("(Nn)", out, bad);
+        out = pair;
+    }
+done:
+    PyBuffer_Release(&pb);
+    PyBuffer_Release(&cb);
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"ring_read", ring_read, METH_VARARGS, "The committed records of a BPF ring buffer's mappings, and a bad length or -1."},
     {"scan", scan, METH_VARARGS, "The records of a drain decode_drain accepts, counted by (pid, cgroup id) and kind, and those it refuses."},
     {"run", run, METH_VARARGS, "Write the TCP and open events of events[i:] until another kind; returns (stop, id_at)."},
     {NULL, NULL, 0, NULL},
@@ -668,11 +746,11 @@ PyMODINIT_FUNC PyInit__hotloop(void) {
         return NULL;
     /* what this file takes as given; _records compares it with its own values before using run */
     PyObject *assumes = Py_BuildValue(
-        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:s}", "EV_OPEN", EV_OPEN, "EV_TCP", EV_TCP, "TCP_CONNECT", TCP_CONNECT,
+        "{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:s,s:(kki)}", "EV_OPEN", EV_OPEN, "EV_TCP", EV_TCP, "TCP_CONNECT", TCP_CONNECT,
         "TCP_ACCEPT", TCP_ACCEPT, "TCP_CLOSE", TCP_CLOSE, "TCP_SYN_SENT", TCP_SYN_SENT, "TCP_CLOSED", TCP_CLOSED, "O_CREAT", O_CREAT_FLAG,
         "SPAN_KIND_SERVER", SPAN_KIND_SERVER, "SPAN_KIND_CLIENT", SPAN_KIND_CLIENT, "STATUS_CODE_ERROR", STATUS_CODE_ERROR,
         "T_ATTR_LOG", TAG_ATTR_LOG, "T_ATTR_SPAN", TAG_ATTR_SPAN, "CONTEXT", CX_COUNT, "LAYOUT", LY_COUNT, "COMM_SIZE", COMM_SIZE,
-        "LAYOUT_CODES", LAYOUT_CODES);
+        "LAYOUT_CODES", LAYOUT_CODES, "RINGBUF", (unsigned long)RB_BUSY_BIT, (unsigned long)RB_DISCARD_BIT, RB_HEADER_SIZE);
     if (assumes == NULL || PyModule_AddObject(m, "ASSUMES", assumes) < 0) {
         Py_XDECREF(assumes);
         Py_DECREF(m);

@@ -152,7 +152,7 @@ def _load_compiled() -> tuple[Any, str]:
         "LAYOUT_CODES": _LAYOUT_CODES,
     }
     theirs = getattr(_hotloop, "ASSUMES", {})
-    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    differ = sorted(k for k in ours if ours[k] != theirs.get(k))
     if differ:
         return None, f"the compiled record writer was built from another version of the event layout ({', '.join(differ)} differ; scripts/setup.sh rebuilds it)"
     return _hotloop, ""

@@ -17,9 +17,12 @@ Invariants:
   caught up).
 - Only the memory the kernel exported is touched; a corrupt length (beyond
   the data area) raises `RingBufferError` instead of reading out of bounds.
-- x86-64 and arm64: positions are read with plain loads. On x86-64 (TSO)
-  that is an acquire; on arm64 the interpreter's own barriers between the
-  loads of producer_pos, a header and its payload are relied upon.
+- x86-64 and arm64: the compiled reader (tapio/receivers/ebpf/_hotloop.c,
+  used when built) reads positions and headers with acquire loads and
+  publishes the consumer position with a release store. The Python reader
+  (its fallback) uses plain loads: on x86-64 (TSO) that is an acquire; on
+  arm64 the interpreter's own barriers between the loads of producer_pos,
+  a header and its payload are relied upon.
 """
 
 from __future__ import annotations
@@ -38,20 +41,38 @@ _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
 
+def _compiled_reader():
+    """The compiled reader (``_hotloop.ring_read``), or None when it is not built or assumes other header bits."""
+    try:
+        from . import _hotloop  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    if getattr(_hotloop, "ASSUMES", {}).get("RINGBUF") != (BUSY_BIT, DISCARD_BIT, HEADER_SIZE):
+        return None
+    return _hotloop.ring_read
+
+
+COMPILED_READ = _compiled_reader()
+
+
 class RingBufferError(RuntimeError):
     """The ring buffer's contents are not what the kernel's layout promises."""
 
 
 class RingBuffer:
-    """The consumer side of one BPF_MAP_TYPE_RINGBUF map; `close` unmaps (the fd stays the caller's)."""
+    """The consumer side of one BPF_MAP_TYPE_RINGBUF map; `close` unmaps (the fd stays the caller's).
 
-    def __init__(self, fd: int, size: int) -> None:
+    ``compiled``: read with the compiled reader when it is built (`COMPILED_READ`); the records are the same.
+    """
+
+    def __init__(self, fd: int, size: int, *, compiled: bool = True) -> None:
         if size <= 0 or size & (size - 1):
             raise ValueError(f"ring buffer size must be a power of two, got {size}")
         page = mmap.PAGESIZE
         self._size = size
         self._mask = size - 1
         self._data = page  # offset of the data area in the producer mapping
+        self._compiled = COMPILED_READ if compiled else None
         self._consumer = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         try:
             self._producer = mmap.mmap(fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
@@ -65,6 +86,11 @@ class RingBuffer:
 
     def read(self, limit: int = 1 << 20) -> list[bytes]:
         """Every committed record (at most ``limit``), oldest first, and free their space."""
+        if self._compiled is not None:
+            records, bad = self._compiled(self._producer, self._consumer, self._data, self._size, limit)
+            if bad >= 0:
+                raise RingBufferError(f"record of {bad} bytes in a {self._size}-byte ring buffer")
+            return records
         consumer, producer = self._consumer, self._producer
         unpack_u32 = _U32.unpack_from
         mask, data, size = self._mask, self._data, self._size
