@@ -35,8 +35,14 @@ service runs. The *loss point* runs the workload paced at rising event rates
 first rate at which the kernel dropped events for want of ring-buffer space.
 Prints one JSON line.
 
+The receiver's compiled drain path (tapio/receivers/ebpf/_hotloop.c) and its
+pure-Python fallback are measured side by side: ``agent`` is the receiver as
+it starts by default (compiled when built), ``agent_python`` the same service
+runs with the fallback, and ``loss_point_python`` its loss point.
+
 ``--profile N`` instead runs the service workload once with cProfile on in
-the agent and prints the N functions with the most own time.
+the agent and prints the N functions with the most own time (``--python``:
+with the fallback).
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ import trio
 
 from tapio.component import ComponentID, Kind, Ports, Settings
 from tapio.pdata import Batch, Signal
-from tapio.receivers.ebpf import factory
+from tapio.receivers.ebpf import _records, _ringbuf, factory
 from tapio.receivers.ebpf._config import Config, FiltersConfig
 from tapio.telemetry import Telemetry
 
@@ -162,8 +168,20 @@ class Agent:
     bpf_ns: dict[str, list[int]] = field(default_factory=dict)
     #: a cProfile.Profile to enable while the workload runs (--profile)
     profiler: object = None
+    #: False: the receiver runs its pure-Python drain path (the fallback when the compiled one is not built)
+    compiled: bool = True
 
     async def run_with(self, ticks: int, work: int, *, prog_stats: bool = False) -> tuple[float, float]:
+        if self.compiled:
+            return await self._run_with(ticks, work, prog_stats=prog_stats)
+        saved = _records.COMPILED, _ringbuf.COMPILED_READ
+        _records.COMPILED, _ringbuf.COMPILED_READ = None, None  # read when the writer and the ring reader are made
+        try:
+            return await self._run_with(ticks, work, prog_stats=prog_stats)
+        finally:
+            _records.COMPILED, _ringbuf.COMPILED_READ = saved
+
+    async def _run_with(self, ticks: int, work: int, *, prog_stats: bool) -> tuple[float, float]:
         settings = Settings(
             id=ComponentID("ebpf"),
             kind=Kind.RECEIVER,
@@ -270,14 +288,14 @@ async def calibrate(ticks: int) -> Calibration:
     return Calibration(bare_tick, per_block)
 
 
-async def loss_point(cal: Calibration) -> dict:
+async def loss_point(cal: Calibration, *, compiled: bool = True) -> dict:
     """The lowest of LOSS_RATES at which the kernel drops events with the default config, each run for LOSS_RUN_S."""
     runs = []
     for rate in LOSS_RATES:
         work = cal.work_for(rate)
         if work is None:
             rate, work = 0, 0  # as fast as the workload goes
-        agent = Agent(Config())
+        agent = Agent(Config(), compiled=compiled)
         ticks = cal.ticks_for(rate or 1 / cal.bare_tick_s * EVENTS_PER_TICK, LOSS_RUN_S)
         _, wall = await agent.run_with(ticks, work)
         lost = int(agent.telemetry.value("tapio_ebpf_events_lost_total"))
@@ -299,34 +317,62 @@ def profile_tops(stats_text: str, lines: int) -> list[str]:
     return [line.rstrip() for line in body[head : head + 1 + lines]]
 
 
-async def profiled(cal: Calibration, ticks: int, lines: int) -> dict:
+async def profiled(cal: Calibration, ticks: int, lines: int, compiled: bool) -> dict:
     """One service run with cProfile on in the agent: the functions with the most own time."""
     import cProfile
     import io
     import pstats
 
-    agent = Agent(Config())
+    agent = Agent(Config(), compiled=compiled)
     profiler = cProfile.Profile()
     agent.profiler = profiler
     await agent.run_with(ticks, cal.work_for(TARGET_EVENTS_PER_S) or 0)
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(lines)
-    return {"events": int(agent.events), "top_by_own_time": profile_tops(out.getvalue(), lines)}
+    return {
+        "compiled": compiled,
+        "events": int(agent.events),
+        "agent_cpu_us_per_event": round(1e6 * agent.cpu_s / agent.events, 2),
+        "top_by_own_time": profile_tops(out.getvalue(), lines),
+    }
 
 
-async def main(rounds: int, ticks: int, profile: int) -> None:
+def agent_figures(agent: Agent) -> dict:
+    """The agent's own costs over its service runs."""
+    eps = agent.events / agent.seconds
+    return {
+        "events_per_s": round(eps),
+        "cpu_us_per_event": round(1e6 * agent.cpu_s / agent.events, 2),
+        "cpu_pct": round(100 * agent.cpu_s / agent.seconds, 2),
+        "cpu_pct_per_10k_events_s": round(100 * agent.cpu_s / agent.seconds * 10_000 / eps, 2),
+        "goal_cpu_us_per_event": 4.0,
+        "rss_mb_at_ready": round(agent.rss_ready_mb, 1),
+        "rss_mb_after_load": round(agent.rss_end_mb, 1),
+        "rss_anon_mb_after_load": round(agent.rss_anon_end_mb, 1),
+        "start_to_ready_s_max": round(max(agent.ready_s), 2),
+        "goal_start_to_ready_s": 5.0,
+        "goal_rss_mb": 100.0,
+    }
+
+
+async def main(rounds: int, ticks: int, profile: int, python: bool) -> None:
     if AGENT_CPU >= 0:
         os.sched_setaffinity(0, {AGENT_CPU})
     stats_path = "/proc/sys/kernel/bpf_stats_enabled"
     cal = await calibrate(ticks)
     work = cal.work_for(TARGET_EVENTS_PER_S) or 0
     result = {"bench": "ebpf_overhead", "rounds": rounds, "ticks_per_run": ticks, "agent_cpu": AGENT_CPU, "workload_cpu": WORKLOAD_CPU, "goal_slowdown_pct": 2.0}
+    result["compiled_path"] = _records.COMPILED is not None and _ringbuf.COMPILED_READ is not None
+    if not result["compiled_path"]:
+        result["compiled_path_missing"] = _records.COMPILED_MISSING or "the compiled ring buffer reader is not built"
     if profile:
-        result["profile"] = await profiled(cal, ticks, profile)
+        result["profile"] = await profiled(cal, ticks, profile, not python)
         print(json.dumps(result))
         return
     service = Agent(Config())
     result["service"] = {"sha256_4k_blocks_per_tick": work, **await compare(service, ticks, work, rounds)}
+    service_python = Agent(Config(), compiled=False)
+    result["service_python"] = await compare(service_python, ticks, work, rounds)
     syscall_bound = Agent(Config())
     result["syscall_bound"] = await compare(syscall_bound, ticks, 0, rounds)
     filtered = Agent(Config(filters=FiltersConfig(comms=["no-such-comm"])))
@@ -346,22 +392,11 @@ async def main(rounds: int, ticks: int, profile: int) -> None:
         "ns_per_run": {name: round(ns / runs) for name, (ns, runs) in sorted(syscall_bound.bpf_ns.items()) if runs},
         "ms_total": {name: round(ns / 1e6, 1) for name, (ns, _) in sorted(syscall_bound.bpf_ns.items())},
     }
-    eps = service.events / service.seconds
-    result["agent"] = {
-        "events_per_s": round(eps),
-        "cpu_us_per_event": round(1e6 * service.cpu_s / service.events, 2),
-        "cpu_pct": round(100 * service.cpu_s / service.seconds, 2),
-        "cpu_pct_per_10k_events_s": round(100 * service.cpu_s / service.seconds * 10_000 / eps, 2),
-        "goal_cpu_us_per_event": 4.0,
-        "rss_mb_at_ready": round(service.rss_ready_mb, 1),
-        "rss_mb_after_load": round(service.rss_end_mb, 1),
-        "rss_anon_mb_after_load": round(service.rss_anon_end_mb, 1),
-        "start_to_ready_s_max": round(max(service.ready_s), 2),
-        "goal_start_to_ready_s": 5.0,
-        "goal_rss_mb": 100.0,
-    }
-    result["events_lost"] = service.telemetry.value("tapio_ebpf_events_lost_total") + syscall_bound.telemetry.value("tapio_ebpf_events_lost_total")
+    result["agent"] = {"compiled": result["compiled_path"], **agent_figures(service)}
+    result["agent_python"] = {"compiled": False, **agent_figures(service_python)}
+    result["events_lost"] = sum(a.telemetry.value("tapio_ebpf_events_lost_total") for a in (service, service_python, syscall_bound))
     result["loss_point"] = await loss_point(cal)
+    result["loss_point_python"] = await loss_point(cal, compiled=False)
     print(json.dumps(result))
 
 
@@ -370,5 +405,6 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=6, help="alternating rounds per workload (default 6)")
     parser.add_argument("--ticks", type=int, default=400, help="workload ticks per run, ~100 events each (default 400)")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="instead: one service run under cProfile, printing the N functions with the most own time")
+    parser.add_argument("--python", action="store_true", help="with --profile: profile the pure-Python drain path")
     args = parser.parse_args()
-    trio.run(main, args.rounds, args.ticks, args.profile)
+    trio.run(main, args.rounds, args.ticks, args.profile, args.python)
