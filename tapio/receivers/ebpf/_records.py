@@ -28,6 +28,12 @@ Invariants:
   `CACHE_SIZE` entries.
 - I/O the mapping needs (a parent pid the kernel did not see) goes through
   the ``ppid_of`` callable the receiver hands in.
+- Two paths, one output: when the compiled helper (_hotloop.c) is built, a
+  drain is checked and counted in C (`RecordWriter.scan`) and its TCP and
+  open events are written in C from the same cached pieces (a piece it
+  lacks is made by this module's method for it); every other event, and
+  every event without the helper, is written by the loop here. The tests
+  run both paths against tests/ebpf_reference.py.
 """
 
 from __future__ import annotations
