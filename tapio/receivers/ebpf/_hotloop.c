@@ -282,6 +282,18 @@ typedef struct {
 
 #define SHAPE_MEMO 8
 
+/* the pieces of an address (cache keyed by (family, address bytes)), from the memo when it is the last one */
+static PyObject *address_piece(Memo *memo, PyObject *cache, PyObject *fill, uint16_t family, const char *addr, Py_ssize_t n, PyObject *keep) {
+    if (memo->value && memo->a == family && memcmp(memo->raw, addr, ADDR_SIZE) == 0)
+        return memo->value;
+    PyObject *found = piece(cache, Py_BuildValue("(ky#)", (unsigned long)family, addr, (Py_ssize_t)ADDR_SIZE), fill, NULL, n, keep);
+    if (found != NULL) {
+        *memo = (Memo){family, 0, 0, 0, 0, {0}, NULL, found};
+        memcpy(memo->raw, addr, ADDR_SIZE);
+    }
+    return found;
+}
+
 /* counts[key] += n */
 static int count_into(PyObject *counts, PyObject *key, Py_ssize_t n) {
     if (key == NULL)
@@ -495,21 +507,10 @@ static PyObject *run(PyObject *self, PyObject *args) {
             const char *saddr = p + ly[LY_SADDR], *daddr = p + ly[LY_DADDR];
             if (event < TCP_CONNECT || event > TCP_CLOSE)
                 break;
-            PyObject *local = m_local.value, *peer = m_peer.value;
-            if (!(local && m_local.a == family && memcmp(m_local.raw, saddr, ADDR_SIZE) == 0)) {
-                local = piece(locals, Py_BuildValue("(ky#)", (unsigned long)family, saddr, (Py_ssize_t)ADDR_SIZE), fill_local, NULL, 2, keep);
-                if (local == NULL)
-                    goto miss;
-                m_local = (Memo){family, 0, 0, 0, 0, {0}, NULL, local};
-                memcpy(m_local.raw, saddr, ADDR_SIZE);
-            }
-            if (!(peer && m_peer.a == family && memcmp(m_peer.raw, daddr, ADDR_SIZE) == 0)) {
-                peer = piece(peers, Py_BuildValue("(ky#)", (unsigned long)family, daddr, (Py_ssize_t)ADDR_SIZE), fill_peer, NULL, 3, keep);
-                if (peer == NULL)
-                    goto miss;
-                m_peer = (Memo){family, 0, 0, 0, 0, {0}, NULL, peer};
-                memcpy(m_peer.raw, daddr, ADDR_SIZE);
-            }
+            PyObject *local = address_piece(&m_local, locals, fill_local, family, saddr, 2, keep);
+            PyObject *peer = local ? address_piece(&m_peer, peers, fill_peer, family, daddr, 3, keep) : NULL;
+            if (peer == NULL)
+                goto miss;
             PyObject *shape = NULL;
             for (int k = 0; k < SHAPE_MEMO && shape == NULL; k++)
                 if (m_shape[k].value && m_shape[k].a == event && m_shape[k].b == old && m_shape[k].c == new_state && m_shape[k].d == states)
