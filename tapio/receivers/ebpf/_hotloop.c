@@ -321,6 +321,11 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     Py_ssize_t ly[LY_COUNT];
     if (read_layout(layout, ly) < 0)
         return NULL;
+    for (int k = 0; k < 6; k++)
+        if (ly[LY_SIZE_EXEC + k] < ly[LY_CGROUP] + 8 || ly[LY_SIZE_EXEC + k] < ly[LY_PID] + 4 || ly[LY_SIZE_EXEC + k] < ly[LY_KIND] + 4) {
+            PyErr_SetString(PyExc_ValueError, "layout: a record size smaller than its header");
+            return NULL;
+        }
     PyObject *events = PyList_New(0), *keys = PyDict_New(), *kinds = PyDict_New(), *bad = PyList_New(0);
     Py_ssize_t by_kind[7] = {0};
     uint64_t run_pid = 0, run_cg = 0;
@@ -487,6 +492,10 @@ static PyObject *run(PyObject *self, PyObject *args) {
                                           (unsigned long long)cg, (unsigned long)kind, container);
             PyObject *fill_args = key ? Py_BuildValue("(OOOOOOO)", PyTuple_GET_ITEM(key, 5), PyTuple_GET_ITEM(key, 0), PyTuple_GET_ITEM(key, 1),
                                                       PyTuple_GET_ITEM(key, 2), PyTuple_GET_ITEM(key, 3), PyTuple_GET_ITEM(key, 4), container) : NULL;
+            if (key != NULL && fill_args == NULL) {
+                Py_DECREF(key);
+                goto error;
+            }
             shared = piece(common, key, fill_shared, fill_args, 2, keep);
             if (shared == NULL)
                 goto miss;
