@@ -493,9 +493,9 @@ async def test_shutdown_detaches_everything(dns, mode):
     assert "clsact" not in qdiscs
 
 
-@pytest.mark.parametrize("mode", MODES)
-async def test_stale_attachments_of_a_killed_agent_are_swept_at_start(dns, mode, tmp_path):
-    from tapio.testing.process import TapioProcess, free_port
+def agent_config(dns: Any, mode: str, tmp_path: Path) -> tuple[Path, int]:
+    """A pipelines.yaml of dns-xdp alone on the node namespace's v* interfaces, and its metrics port."""
+    from tapio.testing.process import free_port
 
     port = free_port()
     config = tmp_path / "pipelines.yaml"
@@ -520,6 +520,14 @@ async def test_stale_attachments_of_a_killed_agent_are_swept_at_start(dns, mode,
             """
         )
     )
+    return config, port
+
+
+async def run_and_kill_an_agent(dns: Any, mode: str, tmp_path: Path) -> dict[str, Any]:
+    """A real ``tapio run`` attaches, then dies by SIGKILL; returns the attachments of vc it left behind."""
+    from tapio.testing.process import TapioProcess
+
+    config, port = agent_config(dns, mode, tmp_path)
 
     def run_and_kill() -> None:
         with TapioProcess([config], metrics_port=port) as proc:
@@ -530,6 +538,12 @@ async def test_stale_attachments_of_a_killed_agent_are_swept_at_start(dns, mode,
     await trio.to_thread.run_sync(run_and_kill)
     stale = attachments_in(dns.node)["vc"]
     assert (stale["xdp"] is not None) if mode == "xdp" else len(stale["tc"]) == 2, "the killed agent's attachment should outlive it"
+    return stale
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_stale_attachments_of_a_killed_agent_are_swept_at_start(dns, mode, tmp_path):
+    stale = await run_and_kill_an_agent(dns, mode, tmp_path)
     async with receiver(node_config(dns, mode)) as live:
         assert live.value("tapio_dns_xdp_attach_total", reason="stale_removed") == (2 if mode == "xdp" else 4)
         now = attachments_in(dns.node)["vc"]
@@ -569,6 +583,50 @@ async def test_metrics_carry_the_latency_histogram_and_counts(dns):
         assert by_type["AAAA"] == 1 and by_type["A"] >= 3
         by_rcode = {attrs(p)["dns.response_code"]: p.as_int for p in m["tapio.dns_xdp.responses"].sum.data_points}
         assert by_rcode["NXDOMAIN"] == 1 and by_rcode["SERVFAIL"] == 1
+
+
+async def test_without_cap_sys_admin_an_unheld_xdp_program_is_left_alone_and_the_agent_still_starts(net, tmp_path):
+    """The DaemonSet's capabilities (BPF, PERFMON, NET_ADMIN) cannot look a program up by id: a killed agent's
+    XDP program (or another tool's pinned one) is then left where it is, said with what to do, and counted;
+    the interface is not attached in xdp mode and everything else runs. In the agent's own network namespace
+    (entering another one takes CAP_SYS_ADMIN too): a veth pair of the test's own there."""
+    from tapio.testing.process import TapioProcess, free_port, metric_sum
+
+    setpriv = prereq.command("setpriv", "apt-get install util-linux")
+    a, b = f"tpsa{os.getpid() % 10000}", f"tpsb{os.getpid() % 10000}"
+    subprocess.run(["ip", "link", "add", a, "type", "veth", "peer", "name", b], check=True)
+    try:
+        port = free_port()
+        config = tmp_path / "pipelines.yaml"
+        config.write_text(
+            "receivers: {dns-xdp: {interfaces: [%s], mode: xdp, xdp_mode: generic}}\n"
+            "exporters: {debug: {verbosity: basic}}\n"
+            "service:\n  telemetry: {metrics: {address: '127.0.0.1:%d'}}\n"
+            "  pipelines: {logs: {receivers: [dns-xdp], exporters: [debug]}}\n" % (a, port)
+        )
+
+        def xdp_id() -> str | None:
+            link = json.loads(subprocess.run(["ip", "-j", "link", "show", "dev", a], check=True, capture_output=True, text=True).stdout)[0]
+            return (link.get("xdp") or {}).get("prog", {}).get("id")
+
+        def killed_then_least_privilege() -> tuple[Any, dict[str, float], str]:
+            with TapioProcess([config], metrics_port=port) as proc:
+                proc.wait_ready(60)
+                proc.signal(signal.SIGKILL)
+                proc.wait_exit(10)
+            stale = xdp_id()
+            assert stale is not None, "the killed agent's XDP program should outlive it"
+            with TapioProcess([config], metrics_port=port, wrap=[setpriv, "--bounding-set", "-all,+bpf,+net_admin,+perfmon", "--"]) as proc:
+                proc.wait_ready(60)
+                return stale, proc.metrics(), proc.stderr
+
+        stale, metrics, stderr = await trio.to_thread.run_sync(killed_then_least_privilege)
+        assert metric_sum(metrics, "tapio_dns_xdp_attach_total", reason="stale_unverified") == 1
+        assert metric_sum(metrics, "tapio_dns_xdp_attach_total", reason="busy") == 1
+        assert f"ip link set dev {a} xdp off" in stderr, stderr
+        assert xdp_id() == stale  # untouched
+    finally:
+        subprocess.run(["ip", "link", "del", a], check=False)
 
 
 async def test_a_receiver_cancelled_while_it_opens_rtnetlink_leaves_no_asyncio_loop_behind():

@@ -310,10 +310,24 @@ class Attachments:
             if link.xdp_prog_id:
                 if held is None:
                     held = held_prog_ids()
-                if link.xdp_prog_id not in held and prog_name_by_id(link.xdp_prog_id) == XDP_PROG:
-                    self._netlink.set_xdp(link.index, -1, _ATTACHED_MODE_FLAGS.get(link.xdp_mode, 0))
-                    self._count("stale_removed", 1)
-                    self._logger.info("removed a stale dns-xdp XDP program (id %d) from %s: the process that attached it is gone", link.xdp_prog_id, link.name)
+                if link.xdp_prog_id not in held:
+                    try:
+                        name = prog_name_by_id(link.xdp_prog_id)
+                    except PermissionError:
+                        # looking a program up by id takes CAP_SYS_ADMIN, which the least-privilege DaemonSet lacks:
+                        # a program nobody holds (a killed dns-xdp's, or a pinned one of another tool) is left alone
+                        self._count("stale_unverified", 1)
+                        self._logger.warning(
+                            "interface %s has an XDP program (id %d) that no process holds; without CAP_SYS_ADMIN dns-xdp "
+                            "cannot tell whether it is a stale one of its own, so it is left there and %s is not attached in "
+                            "xdp mode. If it is dns-xdp's (a killed agent's): ip link set dev %s xdp off",
+                            link.name, link.xdp_prog_id, link.name, link.name,
+                        )
+                        name = None
+                    if name == XDP_PROG:
+                        self._netlink.set_xdp(link.index, -1, _ATTACHED_MODE_FLAGS.get(link.xdp_mode, 0))
+                        self._count("stale_removed", 1)
+                        self._logger.info("removed a stale dns-xdp XDP program (id %d) from %s: the process that attached it is gone", link.xdp_prog_id, link.name)
             try:
                 filters = self._netlink.tc_filters(link.index)
             except OSError:

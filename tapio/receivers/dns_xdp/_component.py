@@ -320,7 +320,7 @@ class DnsXdpReceiver:
         t.declare("tapio_dns_xdp_skipped_total", COUNTER, "Packets the kernel program skipped without parsing, by reason (fragment, tcp_segment).")
         t.declare("tapio_dns_xdp_unanswered_total", COUNTER, "Queries that expired without a response, by whether the response path is observed (only those are reported).")
         t.declare("tapio_dns_xdp_records_dropped_total", COUNTER, "Records dropped because the pipeline could not take them, by signal and reason.")
-        t.declare("tapio_dns_xdp_attach_total", COUNTER, "Interfaces not attached, by reason (busy, unsupported, link_type, error), and stale attachments removed (stale_removed).")
+        t.declare("tapio_dns_xdp_attach_total", COUNTER, "Interfaces not attached, by reason (busy, unsupported, link_type, error), and stale attachments removed (stale_removed) or left uninspected without CAP_SYS_ADMIN (stale_unverified).")
         t.declare("tapio_dns_xdp_interfaces_attached", GAUGE, "Interfaces the programs are attached to now.")
         t.declare("tapio_dns_xdp_inflight", GAUGE, "Queries the kernel waits on for a response, at the last sweep.")
 
