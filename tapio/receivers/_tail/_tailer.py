@@ -21,7 +21,9 @@ Invariants:
   converting run in a worker thread (one at a time per tailer, a capacity
   limiter of its own); the event loop only waits. Changes are waited for on
   inotify (see `_watch`), with a rescan and a check of every open file each
-  ``poll_interval``; nothing busy-polls.
+  ``poll_interval``; nothing busy-polls. A change of which files exist is
+  scanned for at once by the watch task, also while the follow loop waits for
+  a read, so a file is open before it can be renamed out of the globs.
 - Delivery: every batch covers a contiguous range of one file. A file's
   committed offset is the end of the longest run of its batches, from the
   first, that were delivered (``Batch.done(True)``); only committed offsets
@@ -306,6 +308,12 @@ class Tailer:
                     of.wanted = True
                 elif not structural:
                     self._rescan = True  # a file not open yet changed: maybe it matches now
+            if self._rescan:
+                # at once, not when the follow loop is done reading: a file that is created and
+                # renamed out of the globs while a turn converts (a busy node) must be open by then
+                self._rescan = False
+                self._scan(startup=False)
+                watcher.watch(self._watch_dirs())
             self._wake.set()
 
     def _deadlines(self) -> list[float]:
