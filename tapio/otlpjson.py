@@ -409,46 +409,39 @@ def _walk(desc: Descriptor, data: bytes, i: int, end: int, depth: int = 1) -> st
             oneofs |= 1 << oneof
         wire = tag & 7
         if wire == _W_LEN:
-            n = data[i + 1]
-            if n < 0x80:
-                start = i + 2
-            else:
-                n, start = _read_varint(data, i + 1)
-            i = start + n
-            if i > end:
-                raise _GiveUp
-            if kind == _X_KEY_VALUES or kind == _X_MESSAGE and repeated:
-                items = []
-                append = items.append
-                cache = _KV_JSON if kind == _X_KEY_VALUES else None
-                while True:
-                    if cache is None:
-                        append(_walk(sub, data, start, i, depth + 1))
-                    else:
-                        text = cache.get(data[start:i])
-                        if text is None:
-                            raw = data[start:i]
-                            text = _key_value_json(raw, depth + 1)
-                            if '"arrayValue"' not in text and '"kvlistValue"' not in text:  # the same at any depth
-                                if len(cache) >= KV_JSON_CACHE_SIZE:
-                                    cache.clear()
-                                cache[raw] = text
-                        append(text)
-                    if i + 1 < end and data[i] == tag:
-                        n = data[i + 1]
-                        if n < 0x80:
-                            start = i + 2
-                        else:
-                            n, start = _read_varint(data, i + 1)
-                        i = start + n
-                        if i > end:
-                            raise _GiveUp
-                    else:
-                        break
-                out.append(prefix + "[" + ",".join(items) + "]")
-                continue
-            if repeated:
+            run = kind == _X_KEY_VALUES or kind == _X_MESSAGE and repeated
+            if repeated and not run:
                 return _walk_any_order(desc, data, begin, end, depth)
+            items: list[str] = []
+            cache = _KV_JSON
+            while True:  # a repeated message field comes in one run of its tag: read it in this loop
+                n = data[i + 1]
+                if n < 0x80:
+                    start = i + 2
+                else:
+                    n, start = _read_varint(data, i + 1)
+                i = start + n
+                if i > end:
+                    raise _GiveUp
+                if not run:
+                    break
+                if kind == _X_KEY_VALUES:
+                    text = cache.get(data[start:i])
+                    if text is None:
+                        raw = data[start:i]
+                        text = _key_value_json(raw, depth + 1)
+                        if '"arrayValue"' not in text and '"kvlistValue"' not in text:  # the same at any depth
+                            if len(cache) >= KV_JSON_CACHE_SIZE:
+                                cache.clear()
+                            cache[raw] = text
+                    items.append(text)
+                else:
+                    items.append(_walk(sub, data, start, i, depth + 1))
+                if i + 1 >= end or data[i] != tag:
+                    out.append(prefix + "[" + ",".join(items) + "]")
+                    break
+            if run:
+                continue
             if kind == _X_MESSAGE:
                 if sub is _ANY_VALUE_DESC and start + 1 < i and data[start] == 0x0A:
                     n, at = _read_varint(data, start + 1)
