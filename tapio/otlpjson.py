@@ -34,8 +34,9 @@ encode ~11-12 µs per record, json_format.MessageToJson ~120 µs; decode
 access itself). The decoder turns the parsed JSON into keyword arguments and
 lets the upb constructor build the message tree in C. `encode_serialized`
 writes the same text from a request's protobuf bytes (what a batch usually
-still holds) without parsing them, about a third faster on log records whose
-attributes repeat (see "encode from protobuf bytes" below).
+still holds) without parsing them: on the cni-log receiver's records about a
+quarter fewer instructions (callgrind) than reading the parsed message (see
+"encode from protobuf bytes" below).
 
 Two details of our output: an attribute's ``key`` is always written (also
 when empty), and NaN is written as ``"NaN"`` (so NaN payload bits are lost).
@@ -381,7 +382,14 @@ _MAX_FIELD_NUMBER = (1 << 29) - 1
 
 
 def _walk(desc: Descriptor, data: bytes, i: int, end: int, depth: int = 1) -> str:
-    """The JSON text of the message of type ``desc`` serialized in ``data[i:end]``.
+    """The JSON text of the message of type ``desc`` serialized in ``data[i:end]``."""
+    out: list[str] = []
+    _write(desc, data, i, end, depth, out)
+    return "".join(out)
+
+
+def _write(desc: Descriptor, data: bytes, i: int, end: int, depth: int, out: list[str]) -> None:
+    """`_walk` into a list of pieces shared by the whole document (joined once: no level copies the text below it).
 
     Fast path: fields in field-number order, each once (a repeated one in one
     run), as protobuf writes them; anything else is read by `_walk_any_order`.
@@ -391,29 +399,33 @@ def _walk(desc: Descriptor, data: bytes, i: int, end: int, depth: int = 1) -> st
     plan = _WIRE_PLANS.get(desc.full_name) or _wire_plan(desc)
     tags = plan.tags
     begin = i
-    out: list[str] = []
+    mark = len(out)
+    append = out.append
+    sep = "{"
     last = 0
     oneofs = 0
     while i < end:
         tag = data[i]
         spec = tags.get(tag) if tag < 0x80 else None
         if spec is None:
-            return _walk_any_order(desc, data, begin, end, depth)
+            break
         number, prefix, kind, repeated, implicit, oneof, sub = spec
         if number <= last:
-            return _walk_any_order(desc, data, begin, end, depth)
+            break
         last = number
         if oneof >= 0:
             if oneofs >> oneof & 1:
-                return _walk_any_order(desc, data, begin, end, depth)
+                break
             oneofs |= 1 << oneof
         wire = tag & 7
         if wire == _W_LEN:
             run = kind == _X_KEY_VALUES or kind == _X_MESSAGE and repeated
             if repeated and not run:
-                return _walk_any_order(desc, data, begin, end, depth)
+                break
             items: list[str] = []
             cache = _KV_JSON
+            if run and kind == _X_MESSAGE:
+                append(sep + prefix + "[")
             while True:  # a repeated message field comes in one run of its tag: read it in this loop
                 n = data[i + 1]
                 if n < 0x80:
@@ -436,11 +448,15 @@ def _walk(desc: Descriptor, data: bytes, i: int, end: int, depth: int = 1) -> st
                             cache[raw] = text
                     items.append(text)
                 else:
-                    items.append(_walk(sub, data, start, i, depth + 1))
+                    if items:
+                        append(",")
+                    items.append("")  # counts the elements written
+                    _write(sub, data, start, i, depth + 1, out)
                 if i + 1 >= end or data[i] != tag:
-                    out.append(prefix + "[" + ",".join(items) + "]")
                     break
             if run:
+                append(sep + prefix + "[" + ",".join(items) + "]" if kind == _X_KEY_VALUES else "]")
+                sep = ","
                 continue
             if kind == _X_MESSAGE:
                 if sub is _ANY_VALUE_DESC and start + 1 < i and data[start] == 0x0A:
@@ -453,22 +469,27 @@ def _walk(desc: Descriptor, data: bytes, i: int, end: int, depth: int = 1) -> st
                         value = data[at:i].decode("utf-8")
                     except UnicodeDecodeError:
                         raise _GiveUp from None
-                    out.append(prefix + '{"stringValue":' + _quote(value) + "}")
+                    append(sep + prefix + '{"stringValue":' + _quote(value) + "}")
                 else:
-                    out.append(prefix + _walk(sub, data, start, i, depth + 1))
+                    append(sep + prefix)
+                    _write(sub, data, start, i, depth + 1, out)
             elif kind == _X_STRING:
                 try:
                     value = data[start:i].decode("utf-8")
                 except UnicodeDecodeError:
                     raise _GiveUp from None
-                if value or not implicit:
-                    out.append(prefix + _quote(value))
+                if not value and implicit:
+                    continue
+                append(sep + prefix + _quote(value))
             elif start < i or not implicit:  # bytes
                 value = data[start:i]
-                out.append(prefix + (_encode_hex(value) if kind == _X_HEX else _encode_base64(value)))
+                append(sep + prefix + (_encode_hex(value) if kind == _X_HEX else _encode_base64(value)))
+            else:
+                continue
+            sep = ","
             continue
         if repeated:
-            return _walk_any_order(desc, data, begin, end, depth)
+            break
         if wire == _W_FIXED64:
             start, i = i + 1, i + 9
             if i > end:
@@ -476,7 +497,8 @@ def _walk(desc: Descriptor, data: bytes, i: int, end: int, depth: int = 1) -> st
             if kind == _X_FIXED64:
                 v = _unpack_uq(data, start)[0]
                 if v or not implicit:
-                    out.append(prefix + '"%d"' % v)
+                    append(sep + prefix + '"%d"' % v)
+                    sep = ","
                 continue
         elif wire == _W_VARINT:
             v = data[i + 1]
@@ -490,18 +512,21 @@ def _walk(desc: Descriptor, data: bytes, i: int, end: int, depth: int = 1) -> st
                 raise _GiveUp
             if kind == _X_INT32 and v < 0x80:
                 if v or not implicit:
-                    out.append(prefix + _SMALL_INTS[v])
+                    append(sep + prefix + _SMALL_INTS[v])
+                    sep = ","
                 continue
-            start = i
         elif wire == _W_FIXED32:
             start, i = i + 1, i + 5
             if i > end:
                 raise _GiveUp
         else:
             raise _GiveUp
-        # the less common scalars: the general walk reads them
-        return _walk_any_order(desc, data, begin, end, depth)
-    return "{" + ",".join(out) + "}" if out else "{}"
+        break  # the less common scalars: the general walk reads them
+    else:
+        append("}" if sep == "," else "{}")
+        return
+    del out[mark:]
+    append(_walk_any_order(desc, data, begin, end, depth))
 
 
 _SMALL_INTS = [repr(n) for n in range(128)]
