@@ -306,8 +306,8 @@ class Tailer:
                 of = self._by_path.get(path)
                 if of is not None:
                     of.wanted = True
-                elif not structural:
-                    self._rescan = True  # a file not open yet changed: maybe it matches now
+                elif not structural and any(fnmatch.fnmatch(path, p) for p in self._include):
+                    self._rescan = True  # a matching file not open yet changed (too short to open before, say)
             if self._rescan:
                 # at once, not when the follow loop is done reading: a file that is created and
                 # renamed out of the globs while a turn converts (a busy node) must be open by then
