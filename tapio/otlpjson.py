@@ -549,13 +549,7 @@ def _walk_any_order(desc: Descriptor, data: bytes, i: int, end: int, depth: int)
         spec = tags.get(tag)
         wire = tag & 7
         if wire == _W_LEN:
-            n = data[i]
-            i += 1
-            if n >= 0x80:
-                n, i = _read_varint(data, i - 1)
-            start, i = i, i + n
-            if i > end:
-                raise _GiveUp
+            start, i = _length_delimited(data, i, end)
         elif wire == _W_VARINT:
             v = data[i]
             i += 1
@@ -766,13 +760,7 @@ def _key_value_json(raw: bytes, depth: int) -> str:
             if i > end:
                 raise _GiveUp
             continue
-        n = raw[i]
-        i += 1
-        if n >= 0x80:
-            n, i = _read_varint(raw, i - 1)
-        start, i = i, i + n
-        if i > end:
-            raise _GiveUp
+        start, i = _length_delimited(raw, i, end)
         if not 0 < tag >> 3 <= _MAX_FIELD_NUMBER:
             raise _GiveUp
         if tag == 0x0A:
@@ -787,6 +775,17 @@ def _key_value_json(raw: bytes, depth: int) -> str:
     if value is None:
         return '{"key":%s}' % _quote(key)
     return '{"key":%s,"value":%s}' % (_quote(key), value)
+
+
+def _length_delimited(data: bytes, i: int, end: int) -> tuple[int, int]:
+    """Where the payload of the length-delimited field whose length is at ``data[i]`` starts and ends."""
+    n = data[i]
+    i += 1
+    if n >= 0x80:
+        n, i = _read_varint(data, i - 1)
+    if i + n > end:
+        raise _GiveUp
+    return i, i + n
 
 
 def _skip(data: bytes, i: int, wire: int) -> tuple[None, int]:
