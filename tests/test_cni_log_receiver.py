@@ -186,6 +186,42 @@ async def test_rotation_by_rename_while_writing_loses_and_repeats_nothing(tmp_pa
     assert h.telemetry.value("tapio_tail_rotations_total", kind="rename") == total // 700
 
 
+async def test_a_file_created_and_renamed_away_while_a_batch_converts_is_still_read(tmp_path, monkeypatch):
+    """A busy node: while the worker thread converts a batch, a new file appears at the watched name and is
+    renamed out of the globs. It must have been opened (from the watch task) by then, and is read to its end."""
+    from tapio.receivers.cni_log._component import CniLogReceiver
+
+    entered, release = threading.Event(), threading.Event()
+    convert = CniLogReceiver._convert
+
+    def held_convert(self, *args):
+        if not release.is_set():
+            entered.set()
+            release.wait(DEADLINE)
+        return convert(self, *args)
+
+    monkeypatch.setattr(CniLogReceiver, "_convert", held_convert)
+    log = tmp_path / "cni.log"
+    write_lines(log, [calico_line(i) for i in range(10)])
+    h = Harness(tmp_path, None)
+    sink = RecordingConsumer(ack=True)
+    with trio.fail_after(DEADLINE):
+        async with h.run(sink, include=[str(log)], start_at="beginning"):
+            await trio.to_thread.run_sync(entered.wait)  # the first batch is being converted, and stays so
+            try:
+                os.rename(log, tmp_path / "cni-1.rotated")
+                write_lines(log, [calico_line(i) for i in range(10, 20)])
+                while h.telemetry.value("tapio_tail_files_open") < 2:  # the new file, opened while the turn is held
+                    await trio.sleep(0.01)
+                os.rename(log, tmp_path / "cni-2.rotated")  # gone from the globs before it was ever read
+                write_lines(log, [calico_line(i) for i in range(20, 30)])
+            finally:
+                release.set()
+            await sink.wait_for_count(30)
+            await trio.sleep(0.3)  # anything more would be a duplicate
+    assert sorted(seqs(sink)) == list(range(30))
+
+
 def write_with_copytruncate(log: Path, total: int, rotate_every: int, pause: float) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # what logrotate's copytruncate asks of writers
     n = 0

@@ -10,6 +10,7 @@ import time
 
 import pytest
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
@@ -625,7 +626,7 @@ def test_encode_speed():
 
 
 def test_module_exports():
-    assert otlpjson.__all__ == ["OtlpJsonError", "encode", "encode_many", "decode"]
+    assert otlpjson.__all__ == ["OtlpJsonError", "encode", "encode_many", "encode_serialized", "decode"]
     assert issubclass(OtlpJsonError, ValueError)
     error = OtlpJsonError("expected a string", "a[0].b")
     assert (error.path, error.reason, str(error)) == ("a[0].b", "expected a string", "a[0].b: expected a string")
@@ -642,6 +643,67 @@ def test_encode_many_is_the_merged_request(reqs):
 
 
 # ----------------------------------------------------------------------------- long documents, decoded in pieces
+
+
+@given(requests)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_encode_serialized_is_encode_of_the_parsed_bytes(request):
+    assert otlpjson.encode_serialized(type(request), request.SerializeToString()) == encode(request)
+
+
+@given(st.lists(logs_requests, min_size=1, max_size=4))
+@settings(max_examples=100, deadline=None)
+def test_encode_serialized_of_joined_requests_is_encode_many(reqs):
+    joined = b"".join(r.SerializeToString() for r in reqs)
+    assert otlpjson.encode_serialized(ExportLogsServiceRequest, joined) == otlpjson.encode_many(reqs)
+
+
+def _encoded_or_error(cls, data):
+    try:
+        return encode(cls.FromString(data))
+    except DecodeError:
+        return "DecodeError"
+
+
+@given(requests, st.data())
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_encode_serialized_of_mutated_bytes_is_encode_of_what_protobuf_parses(request, data):
+    """Bytes the walk does not take as protobuf writes them (fields out of order, repeated, packed, broken) give
+    what parsing them gives: the same JSON, or protobuf's DecodeError."""
+    raw = bytearray(request.SerializeToString())
+    for _ in range(data.draw(st.integers(1, 4))):
+        if raw and data.draw(st.booleans()):
+            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+        else:  # a chunk moved or repeated elsewhere: fields out of order, singular fields twice
+            a = data.draw(st.integers(0, len(raw)))
+            b = data.draw(st.integers(a, len(raw)))
+            at = data.draw(st.integers(0, len(raw)))
+            raw[at:at] = raw[a:b]
+    raw = bytes(raw)
+    cls = type(request)
+    try:
+        ours = otlpjson.encode_serialized(cls, raw)
+    except DecodeError:
+        ours = "DecodeError"
+    assert ours == _encoded_or_error(cls, raw)
+
+
+def test_encode_serialized_reads_what_protobuf_writes_other_ways():
+    """Fields out of order, a singular field twice (the last counts), a message field twice (merged), an unknown field."""
+    from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
+
+    parts = [
+        LogRecord(observed_time_unix_nano=5).SerializeToString(),
+        LogRecord(severity_text="INFO", body=AnyValue(string_value="a")).SerializeToString(),
+        LogRecord(severity_text="WARN", time_unix_nano=7).SerializeToString(),
+        b"\xf8\x01\x05",  # field 31, a varint: unknown
+        LogRecord(body=AnyValue(int_value=3)).SerializeToString(),
+    ]
+    raw = b"".join(parts)
+    assert otlpjson.encode_serialized(LogRecord, raw) == encode(LogRecord.FromString(raw))
+    assert json.loads(otlpjson.encode_serialized(LogRecord, raw)) == {
+        "timeUnixNano": "7", "severityText": "WARN", "body": {"intValue": "3"}, "observedTimeUnixNano": "5"
+    }
 
 
 def _in_pieces(cls, data):

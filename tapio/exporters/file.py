@@ -179,7 +179,8 @@ class _Writer:
     def add(self, batch: Batch) -> list[Batch]:
         """Encode and buffer one batch; returns the batches whose records this call wrote to the OS."""
         if self.config.format == "json":
-            record = otlpjson.encode_many(batch.requests) + b"\n"
+            # from the bytes: most batches still hold them, and reading them beats reading parsed messages
+            record = otlpjson.encode_serialized(batch.signal.request_class, batch.to_bytes()) + b"\n"
         else:
             body = batch.to_bytes()
             record = len(body).to_bytes(4, "big") + body

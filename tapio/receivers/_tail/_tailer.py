@@ -21,7 +21,9 @@ Invariants:
   converting run in a worker thread (one at a time per tailer, a capacity
   limiter of its own); the event loop only waits. Changes are waited for on
   inotify (see `_watch`), with a rescan and a check of every open file each
-  ``poll_interval``; nothing busy-polls.
+  ``poll_interval``; nothing busy-polls. A change of which files exist is
+  scanned for at once by the watch task, also while the follow loop waits for
+  a read, so a file is open before it can be renamed out of the globs.
 - Delivery: every batch covers a contiguous range of one file. A file's
   committed offset is the end of the longest run of its batches, from the
   first, that were delivered (``Batch.done(True)``); only committed offsets
@@ -304,8 +306,14 @@ class Tailer:
                 of = self._by_path.get(path)
                 if of is not None:
                     of.wanted = True
-                elif not structural:
-                    self._rescan = True  # a file not open yet changed: maybe it matches now
+                elif not structural and any(fnmatch.fnmatch(path, p) for p in self._include):
+                    self._rescan = True  # a matching file not open yet changed (too short to open before, say)
+            if self._rescan:
+                # at once, not when the follow loop is done reading: a file that is created and
+                # renamed out of the globs while a turn converts (a busy node) must be open by then
+                self._rescan = False
+                self._scan(startup=False, eager=True)
+                watcher.watch(self._watch_dirs())
             self._wake.set()
 
     def _deadlines(self) -> list[float]:
@@ -343,8 +351,13 @@ class Tailer:
                     dirs.add(d)
         return dirs
 
-    def _scan(self, *, startup: bool) -> None:
-        """Match the globs: open new files, note the ones that left."""
+    def _scan(self, *, startup: bool, eager: bool = False) -> None:
+        """Match the globs: open new files, note the ones that left.
+
+        ``eager`` (a scan on a change seen, not the periodic one): a new file
+        shorter than `MIN_COPY_MATCH` bytes is left for later, as it cannot be
+        told from a copy of an open file still being written (copytruncate's).
+        """
         seen: set[tuple[int, int]] = set()
         waiting = 0
         for path in self._matching(self._include):
@@ -361,13 +374,16 @@ class Tailer:
                 if of.path != path:
                     if of.gone_since is None:
                         self._tel.add("tapio_tail_rotations_total", kind="rename")
-                    self._by_path.pop(of.path, None)
+                    if self._by_path.get(of.path) is of:  # not a new file's at the old name
+                        del self._by_path[of.path]
                     of.path = path
-                    self._by_path[path] = of
+                self._by_path[path] = of
                 of.gone_since = None
                 continue
             if key in self._shadows:
                 continue
+            if eager and st.st_size < MIN_COPY_MATCH:
+                continue  # its next write is seen, or the periodic scan takes it as it is
             if len(self._open) >= self._cfg.max_open_files:
                 waiting += 1
                 continue
@@ -381,6 +397,8 @@ class Tailer:
             if key not in seen and of.gone_since is None:
                 of.gone_since = now
                 of.wanted = True
+                if self._by_path.get(of.path) is of:
+                    del self._by_path[of.path]  # a change at its old name is a new file's
                 self._tel.add("tapio_tail_rotations_total", kind="rename")
 
     def _adopt(self, path: str, key: tuple[int, int], startup: bool) -> None:

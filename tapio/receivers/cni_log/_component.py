@@ -66,9 +66,9 @@ class CniLogReceiver:
         await self._tailer.run(task_status=task_status)
 
     def _convert(self, path: str, lines: Lines, observed_ns: int) -> tuple[Batch | None, Callable[[], None]]:
-        """In the tailer's worker thread: lines → a batch (parsed, encoded, read back once)."""
+        """In the tailer's worker thread: lines → a batch (parsed and encoded; the bytes are parsed only if a stage reads the records)."""
         written = self._writer.write(path, lines.texts, observed_ns, frozenset(lines.cut))
-        batch = Batch.from_bytes(Signal.LOGS, written.request)
+        batch = Batch.from_bytes(Signal.LOGS, written.request, written.count)
         return batch, lambda: self._count(written.styles)
 
     def _count(self, styles: Counter[str]) -> None:

@@ -272,7 +272,16 @@ class LineParser:
     def _parse_calico(self, m: re.Match[str]) -> CniEvent:
         stamp, level, pid, src, lineno, rest = m.groups()
         message, fields = _split_sorted_fields(rest)
-        event = CniEvent("calico", self._time(stamp), level.lower(), message)
+        # the stamp is zoneless ``YYYY-MM-DD HH:MM:SS[.frac]`` (the pattern says so): a known second needs no regex
+        seconds = self._seconds.get((stamp[:19], None), 0)
+        if seconds == 0:
+            ns = self._time(stamp)
+        elif seconds is None:
+            ns = 0
+        else:
+            frac = stamp[20:]
+            ns = seconds * 1_000_000_000 + (int(frac) * 10 ** (9 - len(frac)) if frac else 0)
+        event = CniEvent("calico", ns, level.lower(), message)
         attrs = event.attributes
         if src and src not in ("<nil>", "?"):
             attrs["code.file.path"] = src

@@ -15,6 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import os
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -24,6 +25,9 @@ from ._parser import LineParser, plugin_for_path, severity
 
 SCOPE_NAME = "tapio.cni_log"
 SCOPE_VERSION = "0.1.0"
+_FIXED64 = struct.Struct("<Q").pack
+_MASK64 = (1 << 64) - 1
+_SMALL = [bytes([i]) for i in range(128)]
 
 
 @dataclass(slots=True)
@@ -42,44 +46,70 @@ class RecordWriter:
         self.parser = parser
         self._resource = otlpwire.attributes(otlpwire.T_ATTR_RESOURCE, resource_attrs)
         self._scope = otlpwire.scope(SCOPE_NAME, SCOPE_VERSION)
-        self._file_pieces: dict[str, tuple[list[bytes], str]] = {}
+        self._file_pieces: dict[str, tuple[bytes, str]] = {}
+        self._heads: dict[str, bytes] = {}
 
-    def _file(self, path: str) -> tuple[list[bytes], str]:
+    def _file(self, path: str) -> tuple[bytes, str]:
+        """The file's attributes as framed LogRecord fields, and its plugin hint."""
         found = self._file_pieces.get(path)
         if found is None:
             if len(self._file_pieces) >= 1024:
                 self._file_pieces.clear()
             pieces = otlpwire.kv_pieces((("log.file.path", path), ("log.file.name", os.path.basename(path))))
-            found = self._file_pieces[path] = (pieces, plugin_for_path(path))
+            found = self._file_pieces[path] = (otlpwire.frame(otlpwire.T_ATTR_LOG, pieces), plugin_for_path(path))
         return found
 
+    def _severity_head(self, level: str) -> bytes:
+        """A LogRecord's severity fields for a level word, as `otlpwire.log_record` writes them."""
+        head = self._heads.get(level)
+        if head is None:
+            number, text = severity(level)
+            head = otlpwire.log_record(
+                time_unix_nano=0, observed_time_unix_nano=0, severity_number=number, severity_text=text,
+                body=None, attrs=b"", event_name="",
+            )
+            if len(self._heads) >= 256:
+                self._heads.clear()
+            self._heads[level] = head
+        return head
+
     def write(self, path: str, lines: list[str], observed_ns: int, truncated: frozenset[int] = frozenset()) -> Written:
-        """The request for ``lines`` of the file at ``path``; ``truncated`` holds the indexes of lines that were cut."""
-        file_pieces, hint = self._file(path)
+        """The request for ``lines`` of the file at ``path``; ``truncated`` holds the indexes of lines that were cut.
+
+        Each record is what `otlpwire.log_record` writes (tests compare), put
+        together here from pieces made once per batch (the observed time, the
+        file's attributes) or per level (the severity fields).
+        """
+        file_frame, hint = self._file(path)
         parse = self.parser.parse
-        kv_pieces, frame, log_record, item = otlpwire.kv_pieces, otlpwire.frame, otlpwire.log_record, otlpwire.item
+        kv_pieces, varint, fixed64 = otlpwire.kv_pieces, otlpwire.varint, _FIXED64
         tag = otlpwire.T_ATTR_LOG
-        styles: Counter[str] = Counter()
+        heads = self._heads
+        observed = b"\x59" + fixed64(observed_ns & _MASK64) if observed_ns else b""
+        cut_frame = otlpwire.frame(tag, kv_pieces((("tapio.cni.truncated", True),)))
+        counts: dict[str, int] = {}
         items = []
+        append = items.append
         for i, line in enumerate(lines):
             event = parse(line, hint)
-            styles[event.style] += 1
+            style = event.style
+            counts[style] = counts.get(style, 0) + 1
             pieces = kv_pieces(event.attributes.items())
-            pieces += file_pieces
+            attrs = tag + tag.join(pieces) + file_frame if pieces else file_frame
             if truncated and i in truncated:
-                pieces += kv_pieces((("tapio.cni.truncated", True),))
-            number, text = severity(event.level)
-            items.append(
-                item(
-                    log_record(
-                        time_unix_nano=event.time_unix_nano,
-                        observed_time_unix_nano=observed_ns,
-                        severity_number=number,
-                        severity_text=text,
-                        body=line,
-                        attrs=frame(tag, pieces),
-                        event_name="",
-                    )
-                )
-            )
-        return Written(otlpwire.request(self._resource, self._scope, items), len(items), styles)
+                attrs += cut_frame
+            body = line.encode()
+            n = len(body)
+            value = b"\x0a" + (_SMALL[n] if n < 128 else varint(n)) + body
+            n = len(value)
+            t = event.time_unix_nano
+            record = b"".join((
+                b"\x09" + fixed64(t & _MASK64) if t else b"",
+                heads.get(event.level) or self._severity_head(event.level),
+                b"\x2a" + (_SMALL[n] if n < 128 else varint(n)) + value,
+                attrs,
+                observed,
+            ))
+            n = len(record)
+            append(b"\x12" + (_SMALL[n] if n < 128 else varint(n)) + record)
+        return Written(otlpwire.request(self._resource, self._scope, items), len(items), Counter(counts))
