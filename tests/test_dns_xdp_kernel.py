@@ -621,7 +621,7 @@ async def test_without_cap_sys_admin_an_unheld_xdp_program_is_left_alone_and_the
                 return stale, proc.metrics(), proc.stderr
 
         stale, metrics, stderr = await trio.to_thread.run_sync(killed_then_least_privilege)
-        assert metric_sum(metrics, "tapio_dns_xdp_attach_total", reason="stale_unverified") == 1
+        assert metric_sum(metrics, "tapio_dns_xdp_attach_total", reason="stale_unverified") == 1, stderr
         assert metric_sum(metrics, "tapio_dns_xdp_attach_total", reason="busy") == 1
         assert f"ip link set dev {a} xdp off" in stderr, stderr
         assert xdp_id() == stale  # untouched
