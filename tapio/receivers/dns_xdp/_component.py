@@ -27,16 +27,16 @@ import random
 import socket
 import struct
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from tapio.component import Ports, Refused, Settings
+from tapio.component import Ports, Settings
 from tapio.pdata import Batch, Signal
 from tapio import otlpwire as enc
 from tapio.telemetry import COUNTER, GAUGE
 
+from .._handoff import send_or_count
 from . import _decode as d
 from . import _netlink as nl
 from ._attach import Attachments
@@ -64,63 +64,61 @@ _RESPONSE_MATCH = (
 )
 
 
-_TIMES = struct.Struct("<QQ")
 _FIXED64 = struct.Struct("<Q").pack
 #: field tags: LogRecord.attributes (6), Span.attributes (9), ScopeLogs.log_records / ScopeSpans.spans (2)
 _T_LOG, _T_SPAN, _T_ITEM = enc.T_ATTR_LOG, enc.T_ATTR_SPAN, b"\x12"
-_PORT_ID = struct.Struct("<HxxH")
+_SMALL = [bytes((i,)) for i in range(128)]
+#: the int attributes written per record: what precedes the value's varint in a piece, by varint length
+_PORT_HEADS, _ID_HEADS, _LATENCY_HEADS = (enc.int_piece_heads(k) for k in ("client.port", "tapio.dns_xdp.id", "tapio.dns_xdp.latency_ns"))
+#: an item with a 2-byte length (ScopeLogs.log_records, field 2) and a log record's first field, its time (field 1, fixed64)
+_RECORD_START = struct.Struct("<BBBBQ").pack
+#: an item with a 2-byte length (ScopeSpans.spans, field 2) and a span's first field's tag and length (trace_id, 16 bytes)
+_SPAN_START = struct.Struct("<BBBBB").pack
+#: a span's start and end times (fields 7 and 8, fixed64)
+_SPAN_TIMES = struct.Struct("<BQBQ").pack
+_TRACE_ID_TAG, _SPAN_ID_TAG = b"\x4a\x10", b"\x52\x08"  # LogRecord.trace_id (9), span_id (10)
+#: bytes of a trace id and a span id
+_ID_BYTES = 24
 
 
-
-
-def _int_head(key: str) -> bytes:
-    """A KeyValue's key field and its value's tag for ``key`` (enc.key_value's output for 0 less AnyValue's 3 bytes)."""
-    return enc.key_value(key, 0)[:-3]
-
-
-_PORT_HEAD, _ID_HEAD, _LATENCY_HEAD = _int_head("client.port"), _int_head("tapio.dns_xdp.id"), _int_head("tapio.dns_xdp.latency_ns")
-
-
-def _int_piece(head: bytes, n: int) -> bytes:
-    """What enc.kv_pieces writes for an int attribute (length, KeyValue), for 0 <= n < 2**35, ~3x faster.
-
-    The per-record ints (client port, DNS id, latency) are the only
-    attributes encoded per record; this is their hot path.
-    """
+def _u16_varint(n: int) -> bytes:
     if n < 0x80:
-        v = bytes((n,))
-    elif n < 0x4000:
-        v = bytes((n & 0x7F | 0x80, n >> 7))
-    elif n < 0x200000:
-        v = bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
-    elif n < 0x10000000:
-        v = bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14 & 0x7F | 0x80, n >> 21))
-    else:
-        v = enc.varint(n)
-    kv = head + bytes((len(v) + 1,)) + b"\x18" + v
-    return bytes((len(kv),)) + kv
+        return _SMALL[n]
+    if n < 0x4000:
+        return bytes((n & 0x7F | 0x80, n >> 7))
+    return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
 
 
-@dataclass(frozen=True, slots=True)
 class _Shape:
-    """What records that differ only in their times, client port and DNS id share, rendered once."""
+    """What records that differ only in their times, client port and DNS id share, rendered once; and a drain's tally of them."""
 
-    answered: bool
-    failed: bool
-    server: str
-    qtype: str
-    rcode: str
-    event_name: str
-    #: where an answered query's latency is counted (None for a response without its query)
-    histogram: Any
-    #: a LogRecord's fields around the per-record ones (time before, ids and observed time between):
-    #: severity, body and the shared attributes; event name
-    log_head: bytes
-    log_tail: bytes
-    #: a Span's: name and kind; the shared attributes; status
-    span_head: bytes
-    span_attrs: bytes
-    span_tail: bytes
+    __slots__ = (
+        "answered", "failed", "server", "qtype", "rcode", "histogram",
+        "log_head", "log_tail", "log_size", "span_head", "span_attrs", "span_tail", "span_size", "pending",
+    )
+
+    def __init__(self, *, answered: bool, failed: bool, server: str, qtype: str, rcode: str, histogram: Any,
+                 log_head: bytes, log_tail: bytes, span_head: bytes, span_attrs: bytes, span_tail: bytes) -> None:
+        self.answered = answered
+        self.failed = failed
+        self.server = server
+        self.qtype = qtype
+        self.rcode = rcode
+        #: where an answered query's latency is counted (None for a response without its query)
+        self.histogram = histogram
+        #: a LogRecord's fields before the per-record attributes (severity, body, the shared attributes
+        #: and the next one's tag), and after the observed time (event name)
+        self.log_head = log_head
+        self.log_tail = log_tail
+        #: a record's bytes less its per-record attributes (and trace and span ids): time, tags, observed time
+        self.log_size = 9 + len(log_head) + (2 if answered else 1) + 9 + len(log_tail)
+        #: a Span's: name and kind; the shared attributes and the next one's tag; status
+        self.span_head = span_head
+        self.span_attrs = span_attrs
+        self.span_tail = span_tail
+        self.span_size = 2 + 16 + 2 + 8 + len(span_head) + 18 + len(span_attrs) + 2 + len(span_tail)
+        #: this drain's latencies (answered) or records (response only), counted at its end
+        self.pending: list[int] = []
 
 
 class DnsXdpReceiver:
@@ -377,18 +375,19 @@ class DnsXdpReceiver:
     # -- events to OTLP
 
     def _send_batch(self, batch: Batch) -> None:
-        try:
-            self._output.send_nowait(batch)
-        except (trio.WouldBlock, Refused) as exc:
-            reason = "pipeline_full" if isinstance(exc, trio.WouldBlock) else "refused"
-            self._dropped[reason] = self._dropped.get(reason, 0) + batch.count
-            self._telemetry.add("tapio_dns_xdp_records_dropped_total", batch.count, reason=reason, signal=batch.signal.value)
+        send_or_count(self._output, batch, self._telemetry, "tapio_dns_xdp_records_dropped_total", self._dropped)
+
+    def _hand_on(self, signal: Signal, parts: list[bytes], size: int, count: int) -> None:
+        """One export request of ``count`` items whose bytes, ``size`` in all, are ``parts[1:]`` (``parts[0]`` is its head's place)."""
+        parts[0] = enc.request_head(self._resource_blob, self._scope_blob, size)
+        # written here, so handed on unparsed: a stage that reads the records parses them
+        self._send_batch(Batch.from_bytes(signal, b"".join(parts), count))
 
     def _send(self, records: list[bytes] | None, spans: list[bytes] | None) -> None:
         if records:
-            self._send_batch(Batch.from_bytes(Signal.LOGS, enc.request(self._resource_blob, self._scope_blob, records)))
+            self._hand_on(Signal.LOGS, [b"", *records], sum(map(len, records)), len(records))
         if spans:
-            self._send_batch(Batch.from_bytes(Signal.TRACES, enc.request(self._resource_blob, self._scope_blob, spans)))
+            self._hand_on(Signal.TRACES, [b"", *spans], sum(map(len, spans)), len(spans))
 
     def handle(self, raws: list[bytes]) -> None:
         """Turn ring-buffer records into at most one logs and one traces batch, and hand them on.
@@ -397,63 +396,138 @@ class DnsXdpReceiver:
         DNS id (names, addresses, codes, counts, interfaces) repeats from query
         to query of a client, so it is rendered once into a `_Shape` (text and
         encoded attributes) cached by those bytes of the record; per record only
-        the varying four are encoded.
+        the varying four are encoded, as parts of the drain's one request (its
+        items' lengths computed, not measured), and the latency is put aside
+        for the shape's histogram, which counts the drain's in one go.
         """
+        rows = d.event_rows(raws)
+        if rows is None:  # a record of another size: counted; the others go on
+            for raw in raws:
+                if len(raw) != d.EVENT.size:
+                    self._new_shape(raw)
+            raws = [raw for raw in raws if len(raw) == d.EVENT.size]
+            rows = d.event_rows(raws)
+            assert rows is not None
         wired = self._output.signals
-        records: list[bytes] | None = [] if Signal.LOGS in wired else None
-        spans: list[bytes] | None = [] if Signal.TRACES in wired else None
+        logs = Signal.LOGS in wired
+        traces = Signal.TRACES in wired
         offset = self.program.boot_to_unix_ns if self.program else 0
-        observed_field = b"\x59" + _FIXED64(time.time_ns())
-        answered = response_only = 0
-        stats = self.stats
+        observed = b"\x59" + _FIXED64(time.time_ns())
+        # parts[0]: the request's head, once the size is known
+        log_parts: list[bytes] = [b""]
+        span_parts: list[bytes] = [b""]
+        log_size = span_size = spans_made = 0
+        ids = random.randbytes(_ID_BYTES * len(raws)) if traces else b""
+        at = 0
+        touched: list[_Shape] = []
         shapes = self._shapes
-        size = d.EVENT.size
-        for raw in raws:
-            key = raw[16:56] + raw[58:60] + raw[62:] if len(raw) == size else None
-            shape = shapes.get(key) if key is not None else None
+        tl, ts, varint, small = _T_LOG, _T_SPAN, enc.varint, _SMALL
+        port_heads, id_heads, latency_heads = _PORT_HEADS, _ID_HEADS, _LATENCY_HEADS
+        record_start, span_start, span_times = _RECORD_START, _SPAN_START, _SPAN_TIMES
+        trace_tag, span_tag = _TRACE_ID_TAG, _SPAN_ID_TAG
+        for raw, (query_ts, response_ts, ends, client_port, server_port, dns_id, rest) in zip(raws, rows):
+            key = (ends, server_port, rest)
+            shape = shapes.get(key)
             if shape is None:
-                try:
-                    shape = self._shape(raw)
-                except d.DecodeError as exc:
-                    self._telemetry.bad_input("ring_record")
-                    self._settings.logger.warning("%s: skipped a ring-buffer record: %s", self._settings.id, exc)
+                shape = self._new_shape(raw, key)
+                if shape is None:
                     continue
-                if len(shapes) >= TEXT_CACHE_SIZE:
-                    shapes.clear()
-                shapes[key] = shape
-            query_ts, response_ts = _TIMES.unpack_from(raw)
-            client_port, dns_id = _PORT_ID.unpack_from(raw, 56)
+            pending = shape.pending
+            if not pending:
+                touched.append(shape)
+            # the client port's and the DNS id's pieces (16-bit values: 1 to 3 varint bytes)
+            v = small[client_port] if client_port < 0x80 else _u16_varint(client_port)
+            port = port_heads[len(v)] + v
+            v = small[dns_id] if dns_id < 0x80 else _u16_varint(dns_id)
+            id_ = id_heads[len(v)] + v
             end = response_ts + offset
             if shape.answered:
-                answered += 1
                 latency = response_ts - query_ts if response_ts > query_ts else 0
-                shape.histogram.add(latency)
-                varying = (_int_piece(_PORT_HEAD, client_port), _int_piece(_ID_HEAD, dns_id), _int_piece(_LATENCY_HEAD, latency))
+                pending.append(latency)
+                v = varint(latency)
+                lat = latency_heads[len(v)] + v
                 start = query_ts + offset
+                varying = len(port) + len(id_) + len(lat)
+                if traces:
+                    trace_id, span_id = ids[at : at + 16], ids[at + 16 : at + _ID_BYTES]
+                    at += _ID_BYTES
+                    n = shape.span_size + varying
+                    if 0x80 <= n < 0x4000:
+                        span_size += n + 3
+                        first = span_start(0x12, n & 0x7F | 0x80, n >> 7, 0x0A, 0x10)
+                    else:  # a name escaped into a long text: a longer length prefix
+                        first = b"\x12" + varint(n) + b"\x0a\x10"
+                        span_size += n + len(first) - 2
+                    span_parts += (
+                        first, trace_id, b"\x12\x08", span_id, shape.span_head, span_times(0x39, start, 0x41, end if end > start else start),
+                        shape.span_attrs, port, ts, id_, ts, lat, shape.span_tail,
+                    )
+                    spans_made += 1
+                    if logs:
+                        n = shape.log_size + varying + 28
+                        if 0x80 <= n < 0x4000:
+                            log_size += n + 3
+                            first = record_start(0x12, n & 0x7F | 0x80, n >> 7, 0x09, start)
+                        else:
+                            first = b"\x12" + varint(n) + b"\x09" + _FIXED64(start)
+                            log_size += n + len(first) - 9
+                        log_parts += (
+                            first, shape.log_head, port, tl, id_, tl, lat, trace_tag, trace_id, span_tag, span_id, observed, shape.log_tail,
+                        )
+                    continue
+                if logs:
+                    n = shape.log_size + varying
+                    if 0x80 <= n < 0x4000:
+                        log_size += n + 3
+                        first = record_start(0x12, n & 0x7F | 0x80, n >> 7, 0x09, start)
+                    else:
+                        first = b"\x12" + varint(n) + b"\x09" + _FIXED64(start)
+                        log_size += n + len(first) - 9
+                    log_parts += (first, shape.log_head, port, tl, id_, tl, lat, observed, shape.log_tail)
             else:
-                response_only += 1
-                stats.response_only(shape.rcode)
-                varying = (_int_piece(_PORT_HEAD, client_port), _int_piece(_ID_HEAD, dns_id))
-                start = end
-            ids = b""
-            if spans is not None and shape.answered:
-                ids = random.randbytes(24)
-                span = b"".join(
-                    (b"\x0a\x10", ids[:16], b"\x12\x08", ids[16:], shape.span_head, b"\x39", _FIXED64(start), b"\x41", _FIXED64(end if end > start else start),
-                     shape.span_attrs, _T_SPAN, _T_SPAN.join(varying), shape.span_tail)
-                )
-                spans.append(_T_ITEM + enc.varint(len(span)) + span)
-            if records is not None:
-                record = b"".join(
-                    (b"\x09", _FIXED64(start), shape.log_head, _T_LOG, _T_LOG.join(varying),
-                     b"\x4a\x10" + ids[:16] + b"\x52\x08" + ids[16:] if ids else b"", observed_field, shape.log_tail)
-                )
-                records.append(_T_ITEM + enc.varint(len(record)) + record)
+                pending.append(0)
+                if logs:
+                    n = shape.log_size + len(port) + len(id_)
+                    if 0x80 <= n < 0x4000:
+                        log_size += n + 3
+                        first = record_start(0x12, n & 0x7F | 0x80, n >> 7, 0x09, end)
+                    else:
+                        first = b"\x12" + varint(n) + b"\x09" + _FIXED64(end)
+                        log_size += n + len(first) - 9
+                    log_parts += (first, shape.log_head, port, tl, id_, observed, shape.log_tail)
+        answered = response_only = 0
+        stats = self.stats
+        for shape in touched:
+            pending = shape.pending
+            if shape.answered:
+                answered += len(pending)
+                shape.histogram.add_many(pending)
+            else:
+                response_only += len(pending)
+                stats.response_only(shape.rcode, len(pending))
+            shape.pending = []
         if answered:
             self._telemetry.add("tapio_dns_xdp_events_total", answered, kind="answered")
         if response_only:
             self._telemetry.add("tapio_dns_xdp_events_total", response_only, kind="response_only")
-        self._send(records, spans)
+        if logs and answered + response_only:
+            self._hand_on(Signal.LOGS, log_parts, log_size, answered + response_only)
+        if spans_made:
+            self._hand_on(Signal.TRACES, span_parts, span_size, spans_made)
+
+    def _new_shape(self, raw: bytes, key: tuple | None = None) -> "_Shape | None":
+        """The shape of a record, cached under ``key``; None if it does not decode (counted and logged)."""
+        try:
+            shape = self._shape(raw)
+        except d.DecodeError as exc:
+            self._telemetry.bad_input("ring_record")
+            self._settings.logger.warning("%s: skipped a ring-buffer record: %s", self._settings.id, exc)
+            return None
+        if key is not None:
+            if len(self._shapes) >= TEXT_CACHE_SIZE:
+                self._shapes.clear()
+            self._shapes[key] = shape
+        return shape
 
     def _shape(self, raw: bytes) -> "_Shape":
         """Decode a record and render what it shares with other queries of its kind (raises DecodeError)."""
@@ -501,15 +575,14 @@ class DnsXdpReceiver:
             server=self._address(ev.family, ev.server),
             qtype=qtype,
             rcode=rcode_name,
-            event_name=event_name,
             histogram=self.stats.histogram(self._address(ev.family, ev.server), qtype, rcode_name) if answered else None,
             log_head=enc.log_record(
                 time_unix_nano=0, observed_time_unix_nano=0, severity_number=severity, severity_text="WARN" if failed else "INFO", body=body,
                 attrs=enc.frame(enc.T_ATTR_LOG, pieces), event_name="",
-            ),
+            ) + _T_LOG,
             log_tail=b"\x62" + enc.varint(len(event_name.encode())) + event_name.encode(),
             span_head=enc.span(trace_id=b"", span_id=b"", name=f"DNS {qtype}", kind=SPAN_KIND_CLIENT, start_time_unix_nano=0, end_time_unix_nano=0, attrs=b""),
-            span_attrs=enc.frame(enc.T_ATTR_SPAN, pieces),
+            span_attrs=enc.frame(enc.T_ATTR_SPAN, pieces) + _T_SPAN,
             span_tail=enc.span(
                 trace_id=b"", span_id=b"", name="", kind=0, start_time_unix_nano=0, end_time_unix_nano=0, attrs=b"",
                 status_code=STATUS_CODE_ERROR if failed else 0, status_message=rcode_name if failed else "",
