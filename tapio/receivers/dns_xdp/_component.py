@@ -81,6 +81,23 @@ _TRACE_ID_TAG, _SPAN_ID_TAG = b"\x4a\x10", b"\x52\x08"  # LogRecord.trace_id (9)
 _ID_BYTES = 24
 
 
+#: LogRecord.event_name (field 12) by whether the query was answered
+_EVENT_NAMES = {answered: b"\x62" + enc.varint(len(n)) + n for answered, n in ((True, b"tapio.dns_xdp.answered"), (False, b"tapio.dns_xdp.response"))}
+
+
+def _span_head(qtype: str) -> bytes:
+    """A span's name and kind."""
+    return enc.span(trace_id=b"", span_id=b"", name=f"DNS {qtype}", kind=SPAN_KIND_CLIENT, start_time_unix_nano=0, end_time_unix_nano=0, attrs=b"")
+
+
+def _span_tail(error: str) -> bytes:
+    """A span's status: an error with the rcode's name as its message, or none."""
+    return enc.span(
+        trace_id=b"", span_id=b"", name="", kind=0, start_time_unix_nano=0, end_time_unix_nano=0, attrs=b"",
+        status_code=STATUS_CODE_ERROR if error else 0, status_message=error,
+    )
+
+
 def _u16_varint(n: int) -> bytes:
     if n < 0x80:
         return _SMALL[n]
@@ -142,7 +159,8 @@ class DnsXdpReceiver:
         self._names: dict[bytes, str] = {}
         self._addresses: dict[tuple[int, bytes], str] = {}
         self._ifnames: dict[int, str] = {}
-        self._common: dict[tuple, list[bytes]] = {}
+        self._common: dict[tuple, tuple[tuple[bytes, ...], bytes, bytes]] = {}
+        self._codes: dict[tuple, tuple[str, str, bool, bytes, bytes]] = {}
         self._shapes: dict[bytes, _Shape] = {}
         self._ring_open = False
         self._declare_metrics()
@@ -232,6 +250,8 @@ class DnsXdpReceiver:
             if resync:
                 links = await attachments.links()
                 self._ifnames = {link.index: link.name for link in links}
+                self._common.clear()  # rendered attributes may carry an old name
+                self._shapes.clear()
                 await attachments.sync(links)
                 continue
             for ev in events:
@@ -518,7 +538,7 @@ class DnsXdpReceiver:
     def _new_shape(self, raw: bytes, key: tuple | None = None) -> "_Shape | None":
         """The shape of a record, cached under ``key``; None if it does not decode (counted and logged)."""
         try:
-            shape = self._shape(raw)
+            shape = self._shape(raw, Signal.TRACES in self._output.signals)
         except d.DecodeError as exc:
             self._telemetry.bad_input("ring_record")
             self._settings.logger.warning("%s: skipped a ring-buffer record: %s", self._settings.id, exc)
@@ -529,65 +549,82 @@ class DnsXdpReceiver:
             self._shapes[key] = shape
         return shape
 
-    def _shape(self, raw: bytes) -> "_Shape":
-        """Decode a record and render what it shares with other queries of its kind (raises DecodeError)."""
+    def _shape(self, raw: bytes, traces: bool = True) -> "_Shape":
+        """Decode a record and render what it shares with other queries of its kind (raises DecodeError).
+
+        Its attributes are three cached blocks, in this order: the
+        client/server/interface ones, the question name, and the codes and
+        counts (type, rcode, flags, counts, size, status ...) that many names share.
+        The span's parts only with ``traces`` (a receiver's wiring does not change).
+        """
         ev = d.parse_event(raw)
         name = self._name(ev.name)
-        qtype = d.qtype_text(ev.qtype)
-        rcode = ev.flags & 0x0F
-        rcode_name = d.rcode_text(rcode)
         answered = ev.kind == d.KIND_ANSWERED
-        failed = rcode in ERROR_RCODES
-        extra: list[tuple[str, Any]] = [
-            ("dns.question.name", name),
-            ("dns.question.type", qtype),
-            ("dns.response_code", rcode_name),
-            ("tapio.dns_xdp.answer_count", ev.ancount),
-            ("tapio.dns_xdp.authority_count", ev.nscount),
-            ("tapio.dns_xdp.additional_count", ev.arcount),
-            ("tapio.dns_xdp.response.flags", d.flag_names(ev.flags)),
-            ("tapio.dns_xdp.response.size", ev.size),
-            ("tapio.dns_xdp.status", "answered" if answered else "response_only"),
-        ]
-        if failed:
-            extra.append(("error.type", rcode_name))
-        if ev.qclass != 1:
-            extra.append(("tapio.dns_xdp.question.class", d.qclass_text(ev.qclass)))
-        if ev.opcode:
-            extra.append(("tapio.dns_xdp.opcode", d.opcode_text(ev.opcode)))
         vlan = ev.query_vlan or ev.response_vlan
-        if vlan:
-            extra.append(("tapio.dns_xdp.vlan.id", vlan))
+        key = (ev.qtype, ev.flags, ev.ancount, ev.nscount, ev.arcount, ev.size, answered, ev.qclass, vlan)
+        codes = self._codes.get(key)
+        if codes is None:
+            codes = self._codes_of(key)
+        qtype, rcode_name, failed, codes_log, codes_span = codes
         if answered:
-            common = self._common_pieces(
+            _, common_log, common_span = self._common_block(
                 ev.family, ev.client, ev.server, ev.server_port, ev.proto, ev.query_ifindex, ev.response_ifindex, ev.query_hook, ev.response_hook
             )
             body = f"DNS {qtype} {name}: {rcode_name}"
         else:
-            common = self._common_pieces(ev.family, ev.client, ev.server, ev.server_port, ev.proto, 0, ev.response_ifindex, 0, ev.response_hook)
+            _, common_log, common_span = self._common_block(ev.family, ev.client, ev.server, ev.server_port, ev.proto, 0, ev.response_ifindex, 0, ev.response_hook)
             body = f"DNS {qtype} {name}: {rcode_name} (query not seen)"
-        pieces = common + enc.kv_pieces(extra)
-        severity = SEV_WARN if failed else SEV_INFO
-        event_name = "tapio.dns_xdp.answered" if answered else "tapio.dns_xdp.response"
+        name_piece = enc.str_piece("dns.question.name", name.encode())
+        server = self._address(ev.family, ev.server)
+        event_name = _EVENT_NAMES[answered]
         return _Shape(
             answered=answered,
             failed=failed,
-            server=self._address(ev.family, ev.server),
+            server=server,
             qtype=qtype,
             rcode=rcode_name,
-            histogram=self.stats.histogram(self._address(ev.family, ev.server), qtype, rcode_name) if answered else None,
+            histogram=self.stats.histogram(server, qtype, rcode_name) if answered else None,
             log_head=enc.log_record(
-                time_unix_nano=0, observed_time_unix_nano=0, severity_number=severity, severity_text="WARN" if failed else "INFO", body=body,
-                attrs=enc.frame(enc.T_ATTR_LOG, pieces), event_name="",
+                time_unix_nano=0, observed_time_unix_nano=0, severity_number=SEV_WARN if failed else SEV_INFO, severity_text="WARN" if failed else "INFO",
+                body=body, attrs=b"".join((common_log, _T_LOG, name_piece, codes_log)), event_name="",
             ) + _T_LOG,
-            log_tail=b"\x62" + enc.varint(len(event_name.encode())) + event_name.encode(),
-            span_head=enc.span(trace_id=b"", span_id=b"", name=f"DNS {qtype}", kind=SPAN_KIND_CLIENT, start_time_unix_nano=0, end_time_unix_nano=0, attrs=b""),
-            span_attrs=enc.frame(enc.T_ATTR_SPAN, pieces) + _T_SPAN,
-            span_tail=enc.span(
-                trace_id=b"", span_id=b"", name="", kind=0, start_time_unix_nano=0, end_time_unix_nano=0, attrs=b"",
-                status_code=STATUS_CODE_ERROR if failed else 0, status_message=rcode_name if failed else "",
-            ),
+            log_tail=event_name,
+            span_head=_span_head(qtype) if traces else b"",
+            span_attrs=b"".join((common_span, _T_SPAN, name_piece, codes_span, _T_SPAN)) if traces else b"",
+            span_tail=_span_tail(rcode_name if failed else "") if traces else b"",
         )
+
+    def _codes_of(self, key: tuple) -> tuple[str, str, bool, bytes, bytes]:
+        """(type, rcode, failed, attributes framed for a log record, for a span) of a (qtype, flags, counts, size, answered, class, vlan)."""
+        qtype_num, flags, ancount, nscount, arcount, size, answered, qclass, vlan = key
+        qtype = d.qtype_text(qtype_num)
+        rcode = flags & 0x0F
+        rcode_name = d.rcode_text(rcode)
+        failed = rcode in ERROR_RCODES
+        pairs: list[tuple[str, Any]] = [
+            ("dns.question.type", qtype),
+            ("dns.response_code", rcode_name),
+            ("tapio.dns_xdp.answer_count", ancount),
+            ("tapio.dns_xdp.authority_count", nscount),
+            ("tapio.dns_xdp.additional_count", arcount),
+            ("tapio.dns_xdp.response.flags", d.flag_names(flags)),
+            ("tapio.dns_xdp.response.size", size),
+            ("tapio.dns_xdp.status", "answered" if answered else "response_only"),
+        ]
+        if failed:
+            pairs.append(("error.type", rcode_name))
+        if qclass != 1:
+            pairs.append(("tapio.dns_xdp.question.class", d.qclass_text(qclass)))
+        opcode = flags >> 11 & 0x0F
+        if opcode:
+            pairs.append(("tapio.dns_xdp.opcode", d.opcode_text(opcode)))
+        if vlan:
+            pairs.append(("tapio.dns_xdp.vlan.id", vlan))
+        pieces = enc.kv_pieces(pairs)
+        if len(self._codes) >= TEXT_CACHE_SIZE:
+            self._codes.clear()
+        found = self._codes[key] = (qtype, rcode_name, failed, enc.frame(_T_LOG, pieces), enc.frame(_T_SPAN, pieces))
+        return found
 
     def _emit(
         self, records: list[bytes] | None, spans: list[bytes] | None, pieces: list[bytes], start: int, end: int, observed: int,
@@ -620,6 +657,12 @@ class DnsXdpReceiver:
         self, family: int, client: bytes, server: bytes, server_port: int, proto: int, q_if: int, r_if: int, q_hook: int, r_hook: int
     ) -> list[bytes]:
         """The attributes a client/server/interface combination shares, encoded once (a new list each call)."""
+        return list(self._common_block(family, client, server, server_port, proto, q_if, r_if, q_hook, r_hook)[0])
+
+    def _common_block(
+        self, family: int, client: bytes, server: bytes, server_port: int, proto: int, q_if: int, r_if: int, q_hook: int, r_hook: int
+    ) -> tuple[tuple[bytes, ...], bytes, bytes]:
+        """`_common_pieces`, and framed as a log record's attributes and a span's (cached)."""
         key = (family, client, server, server_port, proto, q_if, r_if, q_hook, r_hook)
         found = self._common.get(key)
         if found is None:
@@ -636,8 +679,9 @@ class DnsXdpReceiver:
                 pairs += [("tapio.dns_xdp.response.interface", self._ifname(r_if)), ("tapio.dns_xdp.response.hook", d.HOOKS.get(r_hook, str(r_hook)))]
             if len(self._common) >= TEXT_CACHE_SIZE:
                 self._common.clear()
-            found = self._common[key] = enc.kv_pieces(pairs)
-        return list(found)
+            pieces = enc.kv_pieces(pairs)
+            found = self._common[key] = (tuple(pieces), enc.frame(_T_LOG, pieces), enc.frame(_T_SPAN, pieces))
+        return found
 
     def _name(self, wire: bytes) -> str:
         found = self._names.get(wire)

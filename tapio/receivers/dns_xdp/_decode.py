@@ -15,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 from dataclasses import dataclass
@@ -107,9 +108,11 @@ _PLAIN = frozenset(range(33, 127)) - {ord("."), ord("\\"), ord('"')}
 _ESCAPES = {ord("."): "\\.", ord("\\"): "\\\\", ord('"'): '\\"', 9: "\\t", 13: "\\r", 10: "\\n"}
 
 
+#: a byte that is not written as it is in a label's presentation form
+_NEEDS_ESCAPE = re.compile(rb'[^\x21\x23-\x2d\x2f-\x5b\x5d-\x7e]')
+
+
 def _label_text(label: bytes) -> str:
-    if all(b in _PLAIN for b in label):
-        return label.decode("ascii")
     return "".join(chr(b) if b in _PLAIN else _ESCAPES.get(b) or f"\\{b:03d}" for b in label)
 
 
@@ -124,9 +127,11 @@ def name_text(wire: bytes) -> str:
         end = i + 1 + length
         if length == 0 or length > 63 or end > n:
             raise DecodeError(f"name wire form {wire[:64]!r}: a label overruns it at byte {i}")
-        labels.append(_label_text(wire[i + 1 : end]))
+        labels.append(wire[i + 1 : end])
         i = end
-    return ".".join(labels)
+    if _NEEDS_ESCAPE.search(b"".join(labels)) is None:  # the usual name: nothing to escape
+        return b".".join(labels).decode("ascii")
+    return ".".join(map(_label_text, labels))
 
 
 def address_text(family: int, raw: bytes) -> str:
