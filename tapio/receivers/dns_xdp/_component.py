@@ -111,14 +111,14 @@ def _u16_varint(n: int) -> bytes:
 
 
 class _Shape:
-    """What records that differ only in their times, client port and DNS id share, rendered once; and a drain's tally of them."""
+    """What records that differ only in their times, client port and DNS id share, rendered once."""
 
     __slots__ = (
         "answered", "failed", "server", "qtype", "rcode", "histogram",
         "log_head", "log_tail", "log_size", "span_head", "span_attrs", "span_tail", "span_size", "pending",
     )
 
-    def __init__(self, *, answered: bool, failed: bool, server: str, qtype: str, rcode: str, histogram: Any,
+    def __init__(self, *, answered: bool, failed: bool, server: str, qtype: str, rcode: str, histogram: Any, pending: list[int],
                  log_head: bytes, log_tail: bytes, span_head: bytes, span_attrs: bytes, span_tail: bytes) -> None:
         self.answered = answered
         self.failed = failed
@@ -138,8 +138,9 @@ class _Shape:
         self.span_attrs = span_attrs
         self.span_tail = span_tail
         self.span_size = 2 + 16 + 2 + 8 + len(span_head) + 18 + len(span_attrs) + 2 + len(span_tail)
-        #: this drain's latencies (answered) or records (response only), counted at its end
-        self.pending: list[int] = []
+        #: this drain's latencies (answered) or records (response only), counted at its end; one list
+        #: for all the shapes of a histogram (or of a response-only rcode), so a drain counts few of them
+        self.pending = pending
 
 
 class DnsXdpReceiver:
@@ -165,6 +166,8 @@ class DnsXdpReceiver:
         self._ifnames: dict[int, str] = {}
         self._common: dict[tuple, tuple[tuple[bytes, ...], bytes, bytes]] = {}
         self._codes: dict[tuple, tuple[str, str, bool, bytes, bytes]] = {}
+        #: rcode -> the drain's responses without their query (see _Shape.pending)
+        self._response_pending: dict[str, list[int]] = {}
         self._shapes: dict[bytes, _Shape] = {}
         self._ring_open = False
         self._declare_metrics()
@@ -458,6 +461,7 @@ class DnsXdpReceiver:
         shapes = self._shapes
         tl, ts, varint, small = _T_LOG, _T_SPAN, enc.varint, _SMALL
         port_heads, id_heads, latency_heads = _PORT_HEADS, _ID_HEADS, _LATENCY_HEADS
+        port3, id3, latency3, latency4 = port_heads[3], id_heads[3], latency_heads[3], latency_heads[4]
         record_start, span_start, span_times = _RECORD_START, _SPAN_START, _SPAN_TIMES
         trace_tag, span_tag = _TRACE_ID_TAG, _SPAN_ID_TAG
         for raw, (query_ts, response_ts, ends, client_port, server_port, dns_id, rest) in zip(raws, rows):
@@ -470,17 +474,31 @@ class DnsXdpReceiver:
             pending = shape.pending
             if not pending:
                 touched.append(shape)
-            # the client port's and the DNS id's pieces (16-bit values: 1 to 3 varint bytes)
-            v = small[client_port] if client_port < 0x80 else _u16_varint(client_port)
-            port = port_heads[len(v)] + v
-            v = small[dns_id] if dns_id < 0x80 else _u16_varint(dns_id)
-            id_ = id_heads[len(v)] + v
+            # the client port's and the DNS id's pieces: 16-bit values, their varints written out here
+            # (most take 3 bytes: ephemeral ports, random ids)
+            n = client_port
+            if n >= 0x4000:
+                port = port3 + bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
+            else:
+                port = port_heads[1] + small[n] if n < 0x80 else port_heads[2] + bytes((n & 0x7F | 0x80, n >> 7))
+            n = dns_id
+            if n >= 0x4000:
+                id_ = id3 + bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
+            else:
+                id_ = id_heads[1] + small[n] if n < 0x80 else id_heads[2] + bytes((n & 0x7F | 0x80, n >> 7))
             end = response_ts + offset
             if shape.answered:
                 latency = response_ts - query_ts if response_ts > query_ts else 0
                 pending.append(latency)
-                v = varint(latency)
-                lat = latency_heads[len(v)] + v
+                n = latency
+                if 0x4000 <= n < 0x10000000:  # 16 µs to 268 ms: 3 or 4 bytes
+                    if n < 0x200000:
+                        lat = latency3 + bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
+                    else:
+                        lat = latency4 + bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14 & 0x7F | 0x80, n >> 21))
+                else:
+                    v = varint(n)
+                    lat = latency_heads[len(v)] + v
                 start = query_ts + offset
                 varying = len(port) + len(id_) + len(lat)
                 if traces:
@@ -540,7 +558,7 @@ class DnsXdpReceiver:
             else:
                 response_only += len(pending)
                 stats.response_only(shape.rcode, len(pending))
-            shape.pending = []
+            pending.clear()
         if answered:
             self._telemetry.add("tapio_dns_xdp_events_total", answered, kind="answered")
         if response_only:
@@ -592,13 +610,15 @@ class DnsXdpReceiver:
         name_piece = enc.str_piece("dns.question.name", name.encode())
         server = self._address(ev.family, ev.server)
         event_name = _EVENT_NAMES[answered]
+        histogram = self.stats.histogram(server, qtype, rcode_name) if answered else None
         return _Shape(
             answered=answered,
             failed=failed,
             server=server,
             qtype=qtype,
             rcode=rcode_name,
-            histogram=self.stats.histogram(server, qtype, rcode_name) if answered else None,
+            histogram=histogram,
+            pending=histogram.pending if histogram is not None else self._response_pending.setdefault(rcode_name, []),
             log_head=enc.log_record(
                 time_unix_nano=0, observed_time_unix_nano=0, severity_number=SEV_WARN if failed else SEV_INFO, severity_text="WARN" if failed else "INFO",
                 body=body, attrs=b"".join((common_log, _T_LOG, name_piece, codes_log)), event_name="",

@@ -27,7 +27,7 @@ OTHER = "other"
 
 
 class _Histogram:
-    __slots__ = ("counts", "count", "sum_ns", "min_ns", "max_ns")
+    __slots__ = ("counts", "count", "sum_ns", "min_ns", "max_ns", "pending")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(_BOUNDS_NS) + 1)
@@ -35,6 +35,8 @@ class _Histogram:
         self.sum_ns = 0
         self.min_ns = 1 << 63
         self.max_ns = 0
+        #: latencies a caller collects before `add_many` (the receiver: one drain's)
+        self.pending: list[int] = []
 
     def merge(self, other: "_Histogram") -> None:
         self.counts = [a + b for a, b in zip(self.counts, other.counts)]
