@@ -31,6 +31,7 @@ import random
 import socket
 import struct
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -110,37 +111,36 @@ def _u16_varint(n: int) -> bytes:
     return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
 
 
+@dataclass(slots=True, eq=False)
 class _Shape:
     """What records that differ only in their times, client port and DNS id share, rendered once."""
 
-    __slots__ = (
-        "answered", "failed", "server", "qtype", "rcode", "histogram",
-        "log_head", "log_tail", "log_size", "span_head", "span_attrs", "span_tail", "span_size", "pending",
-    )
+    answered: bool
+    failed: bool
+    server: str
+    qtype: str
+    rcode: str
+    #: where an answered query's latency is counted (None for a response without its query)
+    histogram: Any
+    #: this drain's latencies (answered) or records (response only), counted at its end; one list
+    #: for all the shapes of a histogram (or of a response-only rcode), so a drain counts few of them
+    pending: list[int]
+    #: a LogRecord's fields before the per-record attributes (severity, body, the shared attributes
+    #: and the next one's tag), and after the observed time (event name)
+    log_head: bytes
+    log_tail: bytes
+    #: a Span's: name and kind; the shared attributes and the next one's tag; status
+    span_head: bytes
+    span_attrs: bytes
+    span_tail: bytes
+    #: a record's bytes less its per-record attributes (and trace and span ids): time, tags, observed time
+    log_size: int = field(init=False)
+    #: a span's less its per-record attributes: ids, times, tags
+    span_size: int = field(init=False)
 
-    def __init__(self, *, answered: bool, failed: bool, server: str, qtype: str, rcode: str, histogram: Any, pending: list[int],
-                 log_head: bytes, log_tail: bytes, span_head: bytes, span_attrs: bytes, span_tail: bytes) -> None:
-        self.answered = answered
-        self.failed = failed
-        self.server = server
-        self.qtype = qtype
-        self.rcode = rcode
-        #: where an answered query's latency is counted (None for a response without its query)
-        self.histogram = histogram
-        #: a LogRecord's fields before the per-record attributes (severity, body, the shared attributes
-        #: and the next one's tag), and after the observed time (event name)
-        self.log_head = log_head
-        self.log_tail = log_tail
-        #: a record's bytes less its per-record attributes (and trace and span ids): time, tags, observed time
-        self.log_size = 9 + len(log_head) + (2 if answered else 1) + 9 + len(log_tail)
-        #: a Span's: name and kind; the shared attributes and the next one's tag; status
-        self.span_head = span_head
-        self.span_attrs = span_attrs
-        self.span_tail = span_tail
-        self.span_size = 2 + 16 + 2 + 8 + len(span_head) + 18 + len(span_attrs) + 2 + len(span_tail)
-        #: this drain's latencies (answered) or records (response only), counted at its end; one list
-        #: for all the shapes of a histogram (or of a response-only rcode), so a drain counts few of them
-        self.pending = pending
+    def __post_init__(self) -> None:
+        self.log_size = 9 + len(self.log_head) + (2 if self.answered else 1) + 9 + len(self.log_tail)
+        self.span_size = 2 + 16 + 2 + 8 + len(self.span_head) + 18 + len(self.span_attrs) + 2 + len(self.span_tail)
 
 
 class DnsXdpReceiver:
@@ -516,38 +516,26 @@ class DnsXdpReceiver:
                         shape.span_attrs, port, ts, id_, ts, lat, shape.span_tail,
                     )
                     spans_made += 1
-                    if logs:
-                        n = shape.log_size + varying + 28
-                        if 0x80 <= n < 0x4000:
-                            log_size += n + 3
-                            first = record_start(0x12, n & 0x7F | 0x80, n >> 7, 0x09, start)
-                        else:
-                            first = b"\x12" + varint(n) + b"\x09" + _FIXED64(start)
-                            log_size += n + len(first) - 9
-                        log_parts += (
-                            first, shape.log_head, port, tl, id_, tl, lat, trace_tag, trace_id, span_tag, span_id, observed, shape.log_tail,
-                        )
-                    continue
-                if logs:
-                    n = shape.log_size + varying
-                    if 0x80 <= n < 0x4000:
-                        log_size += n + 3
-                        first = record_start(0x12, n & 0x7F | 0x80, n >> 7, 0x09, start)
-                    else:
-                        first = b"\x12" + varint(n) + b"\x09" + _FIXED64(start)
-                        log_size += n + len(first) - 9
-                    log_parts += (first, shape.log_head, port, tl, id_, tl, lat, observed, shape.log_tail)
+                    # the log record after its length and time; it carries its span's ids
+                    record = (shape.log_head, port, tl, id_, tl, lat, trace_tag, trace_id, span_tag, span_id, observed, shape.log_tail)
+                    varying += 28
+                else:
+                    record = (shape.log_head, port, tl, id_, tl, lat, observed, shape.log_tail)
             else:
                 pending.append(0)
-                if logs:
-                    n = shape.log_size + len(port) + len(id_)
-                    if 0x80 <= n < 0x4000:
-                        log_size += n + 3
-                        first = record_start(0x12, n & 0x7F | 0x80, n >> 7, 0x09, end)
-                    else:
-                        first = b"\x12" + varint(n) + b"\x09" + _FIXED64(end)
-                        log_size += n + len(first) - 9
-                    log_parts += (first, shape.log_head, port, tl, id_, observed, shape.log_tail)
+                start = end
+                record = (shape.log_head, port, tl, id_, observed, shape.log_tail)
+                varying = len(port) + len(id_)
+            if logs:
+                n = shape.log_size + varying
+                if 0x80 <= n < 0x4000:
+                    log_size += n + 3
+                    first = record_start(0x12, n & 0x7F | 0x80, n >> 7, 0x09, start)
+                else:
+                    first = b"\x12" + varint(n) + b"\x09" + _FIXED64(start)
+                    log_size += n + len(first) - 9
+                log_parts.append(first)
+                log_parts += record
         answered = response_only = 0
         stats = self.stats
         for shape in touched:
