@@ -15,8 +15,9 @@ At each rate, two runs of the same traffic one after the other:
   process, handing its batches to a consumer that counts them, wired for
   logs and metrics (``--spans``: traces too, a span per answered query). Its
   user-space CPU is this process's rusage over the run (dnsperf is a child
-  and not counted); the kernel side (the XDP program, in softirq) is read
-  from ``kernel.bpf_stats_enabled``, switched on for the tapio runs only.
+  and not counted; a full garbage collection just before the run, so that
+  it pays only for its own); the kernel side (the XDP program, in softirq)
+  is read from ``kernel.bpf_stats_enabled``, switched on for the tapio runs only.
 - *peer*: what a user-space-only agent does: an AF_PACKET socket in the
   node's namespace (outgoing copies dropped by a classic BPF filter, so it
   reads each packet once, as XDP does), Ethernet/IP/UDP headers unpacked
@@ -39,6 +40,7 @@ both reported at least 99% of them. Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import re
@@ -176,6 +178,9 @@ async def tapio_run(net: DnsNet, names: Path, rate: int, seconds: float, signals
         old = bpf_stats(True)
         try:
             run0, cnt0 = prog_run_ns(prog_id)
+            # a full collection now, so that the run does not pay for what ran before it in this
+            # process (the warm-up, earlier rates, the receiver's start): the peer starts fresh too
+            gc.collect()
             cpu0 = cpu_seconds()
             perf = await dnsperf(net, names, rate, seconds)
             await trio.sleep(SETTLE_SECONDS)
