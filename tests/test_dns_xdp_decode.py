@@ -398,3 +398,30 @@ async def test_records_and_spans_are_written_exactly_as_protobuf_writes_them():
     for batch in sink.batches:
         if batch.signal is not Signal.METRICS:
             assert batch.raw[0] == batch.requests[0].SerializeToString()
+
+
+# ---------------------------------------------------------------- the drain ticker
+
+
+async def test_the_ticker_ticks_each_period_until_stopped():
+    import select
+
+    import trio
+
+    from tapio.receivers.dns_xdp._bpfsys import Ticker
+
+    ticker = Ticker()
+    try:
+        assert ticker.ticks() == 0  # not started: nothing to read
+        ticker.start(0.005)
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(ticker.fd)
+        assert ticker.ticks() >= 1
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(ticker.fd)  # and it goes on ticking
+        assert ticker.ticks() >= 1
+        ticker.stop()
+        assert ticker.ticks() == 0
+        assert select.select([ticker.fd], [], [], 0.1)[0] == []  # twenty periods: none once stopped
+    finally:
+        ticker.close()
