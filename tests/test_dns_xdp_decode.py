@@ -39,9 +39,10 @@ def event(
     *, name: bytes = wire("a.example.test"), kind: int = d.KIND_ANSWERED, family: int = 4, flags: int = 0x8180, qtype: int = 1,
     query_ts: int = 1_000_000, response_ts: int = 1_431_207, client: bytes = bytes([10, 0, 0, 7]) + bytes(12),
     server: bytes = bytes([10, 96, 0, 10]) + bytes(12), proto: int = 17, ancount: int = 1, name_len: int | None = None,
+    client_port: int = 43121, dns_id: int = 0x4242,
 ) -> bytes:
     return d.EVENT.pack(
-        query_ts, response_ts, 3, 4, client, server, 43121, 53, 0x4242, flags, 0x0100, qtype, 1, ancount, 0, 1,
+        query_ts, response_ts, 3, 4, client, server, client_port, 53, dns_id, flags, 0x0100, qtype, 1, ancount, 0, 1,
         len(name) if name_len is None else name_len, 0, 0, 88, family, proto, 1, 1, kind, name,
     )
 
@@ -385,11 +386,20 @@ def test_any_ring_records_are_reported_or_counted(raws):
     trio.run(main)
 
 
-def test_the_per_record_16_bit_varints_are_the_general_encoders():
-    from tapio.receivers.dns_xdp._component import _u16_varint
-    from tapio import otlpwire as enc
-
-    assert all(_u16_varint(n) == enc.varint(n) for n in range(1 << 16))
+async def test_the_per_record_ints_are_written_as_protobuf_writes_them_at_every_varint_length():
+    edges = [0, 1, 127, 128, 0x3FFF, 0x4000, 0xFFFF]
+    latencies = [0, 127, 128, 0x3FFF, 0x4000, 0x1FFFFF, 0x200000, 0xFFFFFFF, 0x10000000, 1 << 40]
+    raws = [event(client_port=p, dns_id=i, response_ts=1_000_000 + lat) for p in edges for i in edges for lat in latencies[:3]]
+    raws += [event(response_ts=1_000_000 + lat) for lat in latencies]
+    r, sink, _ = make_receiver()
+    r.handle(raws)
+    got = [(a["client.port"], a["tapio.dns_xdp.id"], a["tapio.dns_xdp.latency_ns"]) for a, _ in log_records(sink.batches)]
+    want = [(p, i, lat) for p in edges for i in edges for lat in latencies[:3]] + [(43121, 0x4242, lat) for lat in latencies]
+    assert got == want
+    assert [a["client.port"] for a, _ in spans(sink.batches)] == [p for p, _, _ in want]
+    for batch in sink.batches:
+        if batch.signal is not Signal.METRICS:
+            assert batch.raw[0] == batch.requests[0].SerializeToString()
 
 
 async def test_records_and_spans_are_written_exactly_as_protobuf_writes_them():

@@ -106,22 +106,11 @@ def _span_tail(error: str) -> bytes:
     )
 
 
-def _u16_varint(n: int) -> bytes:
-    if n < 0x80:
-        return _SMALL[n]
-    if n < 0x4000:
-        return bytes((n & 0x7F | 0x80, n >> 7))
-    return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
-
-
 @dataclass(slots=True, eq=False)
 class _Shape:
     """What records that differ only in their times, client port and DNS id share, rendered once."""
 
     answered: bool
-    failed: bool
-    server: str
-    qtype: str
     rcode: str
     #: where an answered query's latency is counted (None for a response without its query)
     histogram: Any
@@ -618,9 +607,6 @@ class DnsXdpReceiver:
         histogram = self.stats.histogram(server, qtype, rcode_name) if answered else None
         return _Shape(
             answered=answered,
-            failed=failed,
-            server=server,
-            qtype=qtype,
             rcode=rcode_name,
             histogram=histogram,
             pending=histogram.pending if histogram is not None else self._response_pending.setdefault(rcode_name, []),
