@@ -3,8 +3,8 @@
 Invariants:
 - No threads but the netlink and map-sweep calls (worker threads, one at
   a time each, with deadlines): the ring buffer is read straight from its
-  memory mapping after `trio.lowlevel.wait_readable` on its fd, and link
-  events are read from a non-blocking netlink socket.
+  memory mapping after `trio.lowlevel.wait_readable` on its fd (or on the
+  drain ticker's), and link events are read from a non-blocking netlink socket.
 - Each query is reported at most once: answered (the kernel matched its
   response and deleted it) or unanswered (the sweeper deleted it after
   ``query_timeout``); the one whose delete succeeds reports.
@@ -14,7 +14,13 @@ Invariants:
 - One drain of at most `DRAIN_CHUNK` events → at most one logs batch and
   one traces batch, handed on with ``send_nowait`` (the kernel cannot
   wait); a refused batch is counted by its items, never retried. Records
-  are written as OTLP bytes (`tapio.otlpwire`).
+  are written as OTLP bytes (`tapio.otlpwire`) and handed on unparsed.
+- An event waits at most ``flush_interval`` in the ring (plus a drain's
+  time). While the ring keeps filling, a drain costs one wakeup: a tick of
+  a periodic timerfd (`Ticker`), cheaper to wait on than ``trio.sleep``; a
+  wakeup of the event loop costs more CPU (~0.15 ms on a busy node) than
+  fifty records. The ring's fd is waited on again once a period passes
+  with nothing in the ring.
 - Kernel counters are read once a second and added to self-telemetry as
   deltas, so the tapio_* counters equal the kernel's.
 - Shutdown drains the ring a last time and detaches from every interface
@@ -27,19 +33,21 @@ import random
 import socket
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from tapio.component import Ports, Refused, Settings
+from tapio.component import Ports, Settings
 from tapio.pdata import Batch, Signal
 from tapio import otlpwire as enc
 from tapio.telemetry import COUNTER, GAUGE
 
+from .._handoff import send_or_count
 from . import _decode as d
 from . import _netlink as nl
 from ._attach import Attachments
+from ._bpfsys import Ticker
 from ._config import Config
 from ._loader import Program, open_program
 from ._stats import DnsStats
@@ -64,63 +72,67 @@ _RESPONSE_MATCH = (
 )
 
 
-_TIMES = struct.Struct("<QQ")
 _FIXED64 = struct.Struct("<Q").pack
 #: field tags: LogRecord.attributes (6), Span.attributes (9), ScopeLogs.log_records / ScopeSpans.spans (2)
 _T_LOG, _T_SPAN, _T_ITEM = enc.T_ATTR_LOG, enc.T_ATTR_SPAN, b"\x12"
-_PORT_ID = struct.Struct("<HxxH")
+_SMALL = [bytes((i,)) for i in range(128)]
+#: the int attributes written per record: what precedes the value's varint in a piece, by varint length
+_PORT_HEADS, _ID_HEADS, _LATENCY_HEADS = (enc.int_piece_heads(k) for k in ("client.port", "tapio.dns_xdp.id", "tapio.dns_xdp.latency_ns"))
+#: an item with a 2-byte length (ScopeLogs.log_records, field 2) and a log record's first field, its time (field 1, fixed64)
+_RECORD_START = struct.Struct("<BBBBQ").pack
+#: an item with a 2-byte length (ScopeSpans.spans, field 2) and a span's first field's tag and length (trace_id, 16 bytes)
+_SPAN_START = struct.Struct("<BBBBB").pack
+#: a span's start and end times (fields 7 and 8, fixed64)
+_SPAN_TIMES = struct.Struct("<BQBQ").pack
+_TRACE_ID_TAG, _SPAN_ID_TAG = b"\x4a\x10", b"\x52\x08"  # LogRecord.trace_id (9), span_id (10)
+#: bytes of a trace id and a span id
+_ID_BYTES = 24
 
 
+#: LogRecord.event_name (field 12) by whether the query was answered
+_EVENT_NAMES = {answered: b"\x62" + enc.varint(len(n)) + n for answered, n in ((True, b"tapio.dns_xdp.answered"), (False, b"tapio.dns_xdp.response"))}
 
 
-def _int_head(key: str) -> bytes:
-    """A KeyValue's key field and its value's tag for ``key`` (enc.key_value's output for 0 less AnyValue's 3 bytes)."""
-    return enc.key_value(key, 0)[:-3]
+def _span_head(qtype: str) -> bytes:
+    """A span's name and kind."""
+    return enc.span(trace_id=b"", span_id=b"", name=f"DNS {qtype}", kind=SPAN_KIND_CLIENT, start_time_unix_nano=0, end_time_unix_nano=0, attrs=b"")
 
 
-_PORT_HEAD, _ID_HEAD, _LATENCY_HEAD = _int_head("client.port"), _int_head("tapio.dns_xdp.id"), _int_head("tapio.dns_xdp.latency_ns")
+def _span_tail(error: str) -> bytes:
+    """A span's status: an error with the rcode's name as its message, or none."""
+    return enc.span(
+        trace_id=b"", span_id=b"", name="", kind=0, start_time_unix_nano=0, end_time_unix_nano=0, attrs=b"",
+        status_code=STATUS_CODE_ERROR if error else 0, status_message=error,
+    )
 
 
-def _int_piece(head: bytes, n: int) -> bytes:
-    """What enc.kv_pieces writes for an int attribute (length, KeyValue), for 0 <= n < 2**35, ~3x faster.
-
-    The per-record ints (client port, DNS id, latency) are the only
-    attributes encoded per record; this is their hot path.
-    """
-    if n < 0x80:
-        v = bytes((n,))
-    elif n < 0x4000:
-        v = bytes((n & 0x7F | 0x80, n >> 7))
-    elif n < 0x200000:
-        v = bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
-    elif n < 0x10000000:
-        v = bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14 & 0x7F | 0x80, n >> 21))
-    else:
-        v = enc.varint(n)
-    kv = head + bytes((len(v) + 1,)) + b"\x18" + v
-    return bytes((len(kv),)) + kv
-
-
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class _Shape:
     """What records that differ only in their times, client port and DNS id share, rendered once."""
 
     answered: bool
-    failed: bool
-    server: str
-    qtype: str
     rcode: str
-    event_name: str
     #: where an answered query's latency is counted (None for a response without its query)
     histogram: Any
-    #: a LogRecord's fields around the per-record ones (time before, ids and observed time between):
-    #: severity, body and the shared attributes; event name
+    #: this drain's latencies (answered) or records (response only), counted at its end; one list
+    #: for all the shapes of a histogram (or of a response-only rcode), so a drain counts few of them
+    pending: list[int]
+    #: a LogRecord's fields before the per-record attributes (severity, body, the shared attributes
+    #: and the next one's tag), and after the observed time (event name)
     log_head: bytes
     log_tail: bytes
-    #: a Span's: name and kind; the shared attributes; status
+    #: a Span's: name and kind; the shared attributes and the next one's tag; status
     span_head: bytes
     span_attrs: bytes
     span_tail: bytes
+    #: a record's bytes less its per-record attributes (and trace and span ids): time, tags, observed time
+    log_size: int = field(init=False)
+    #: a span's less its per-record attributes: ids, times, tags
+    span_size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_size = 9 + len(self.log_head) + (2 if self.answered else 1) + 9 + len(self.log_tail)
+        self.span_size = 2 + 16 + 2 + 8 + len(self.span_head) + 18 + len(self.span_attrs) + 2 + len(self.span_tail)
 
 
 class DnsXdpReceiver:
@@ -144,7 +156,10 @@ class DnsXdpReceiver:
         self._names: dict[bytes, str] = {}
         self._addresses: dict[tuple[int, bytes], str] = {}
         self._ifnames: dict[int, str] = {}
-        self._common: dict[tuple, list[bytes]] = {}
+        self._common: dict[tuple, tuple[tuple[bytes, ...], bytes, bytes]] = {}
+        self._codes: dict[tuple, tuple[str, str, bool, bytes, bytes]] = {}
+        #: rcode -> the drain's responses without their query (see _Shape.pending)
+        self._response_pending: dict[str, list[int]] = {}
         self._shapes: dict[bytes, _Shape] = {}
         self._ring_open = False
         self._declare_metrics()
@@ -156,8 +171,10 @@ class DnsXdpReceiver:
         program = await open_program(config)
         self.program = program
         monitor: socket.socket | None = None
+        ticker: Ticker | None = None
         attachments = Attachments(config, program, settings.logger, self._count_attach)
         try:
+            ticker = Ticker()
             netns = nl.netns_path(config.network_namespace) if config.network_namespace else ""
             # subscribe before listing, so that no interface appears unseen in between
             monitor = nl.open_link_monitor(netns)
@@ -179,13 +196,24 @@ class DnsXdpReceiver:
                 nursery.start_soon(self._link_loop, monitor, attachments)
                 nursery.start_soon(self._sweep_loop, attachments)
                 nursery.start_soon(self._counter_loop)
-                fd = program.ring_fd
+                assert ticker is not None
+                fd, ring, wait = program.ring_fd, program.ring(), float(config.flush_interval)
                 while True:
                     await trio.lowlevel.wait_readable(fd)
-                    if config.flush_interval > 0:
-                        await trio.sleep(config.flush_interval)
-                    while self.drain(DRAIN_CHUNK) == DRAIN_CHUNK:
-                        await trio.lowlevel.checkpoint()
+                    if wait <= 0:
+                        await self._drain_all()
+                        continue
+                    # while queries keep coming: one wakeup a drain (a tick), the ring's fd waited
+                    # on again only once a period has passed with nothing in the ring
+                    ticker.start(wait)
+                    await self._tick(ticker)
+                    await self._drain_all()
+                    while True:
+                        await self._tick(ticker)
+                        if not ring.pending():
+                            break
+                        await self._drain_all()
+                    ticker.stop()
         finally:
             with trio.CancelScope(shield=True):
                 try:
@@ -202,6 +230,8 @@ class DnsXdpReceiver:
                         self.program = None
                         if monitor is not None:
                             monitor.close()
+                        if ticker is not None:
+                            ticker.close()
                         program.close()
 
     def drain(self, limit: int = 1 << 20) -> int:
@@ -211,6 +241,16 @@ class DnsXdpReceiver:
         if raws:
             self.handle(raws)
         return len(raws)
+
+    @staticmethod
+    async def _tick(ticker: Ticker) -> None:
+        await trio.lowlevel.wait_readable(ticker.fd)
+        ticker.ticks()
+
+    async def _drain_all(self) -> None:
+        """Drain the ring in chunks of `DRAIN_CHUNK`, letting the other tasks run between them."""
+        while self.drain(DRAIN_CHUNK) == DRAIN_CHUNK:
+            await trio.lowlevel.checkpoint()
 
     async def _link_loop(self, monitor: socket.socket, attachments: Attachments) -> None:
         while True:
@@ -234,6 +274,8 @@ class DnsXdpReceiver:
             if resync:
                 links = await attachments.links()
                 self._ifnames = {link.index: link.name for link in links}
+                self._common.clear()  # rendered attributes may carry an old name
+                self._shapes.clear()
                 await attachments.sync(links)
                 continue
             for ev in events:
@@ -377,18 +419,19 @@ class DnsXdpReceiver:
     # -- events to OTLP
 
     def _send_batch(self, batch: Batch) -> None:
-        try:
-            self._output.send_nowait(batch)
-        except (trio.WouldBlock, Refused) as exc:
-            reason = "pipeline_full" if isinstance(exc, trio.WouldBlock) else "refused"
-            self._dropped[reason] = self._dropped.get(reason, 0) + batch.count
-            self._telemetry.add("tapio_dns_xdp_records_dropped_total", batch.count, reason=reason, signal=batch.signal.value)
+        send_or_count(self._output, batch, self._telemetry, "tapio_dns_xdp_records_dropped_total", self._dropped)
+
+    def _hand_on(self, signal: Signal, parts: list[bytes], size: int, count: int) -> None:
+        """One export request of ``count`` items whose bytes, ``size`` in all, are ``parts[1:]`` (``parts[0]`` is its head's place)."""
+        parts[0] = enc.request_head(self._resource_blob, self._scope_blob, size)
+        # written here, so handed on unparsed: a stage that reads the records parses them
+        self._send_batch(Batch.from_bytes(signal, b"".join(parts), count))
 
     def _send(self, records: list[bytes] | None, spans: list[bytes] | None) -> None:
         if records:
-            self._send_batch(Batch.from_bytes(Signal.LOGS, enc.request(self._resource_blob, self._scope_blob, records)))
+            self._hand_on(Signal.LOGS, [b"", *records], sum(map(len, records)), len(records))
         if spans:
-            self._send_batch(Batch.from_bytes(Signal.TRACES, enc.request(self._resource_blob, self._scope_blob, spans)))
+            self._hand_on(Signal.TRACES, [b"", *spans], sum(map(len, spans)), len(spans))
 
     def handle(self, raws: list[bytes]) -> None:
         """Turn ring-buffer records into at most one logs and one traces batch, and hand them on.
@@ -397,124 +440,217 @@ class DnsXdpReceiver:
         DNS id (names, addresses, codes, counts, interfaces) repeats from query
         to query of a client, so it is rendered once into a `_Shape` (text and
         encoded attributes) cached by those bytes of the record; per record only
-        the varying four are encoded.
+        the varying four are encoded, as parts of the drain's one request (its
+        items' lengths computed, not measured), and the latency is put aside
+        for the shape's histogram, which counts the drain's in one go.
         """
+        rows = d.event_rows(raws)
+        if rows is None:  # a record of another size: counted; the others go on
+            for raw in raws:
+                if len(raw) != d.EVENT.size:
+                    self._new_shape(raw)
+            raws = [raw for raw in raws if len(raw) == d.EVENT.size]
+            rows = d.event_rows(raws)
+            assert rows is not None
         wired = self._output.signals
-        records: list[bytes] | None = [] if Signal.LOGS in wired else None
-        spans: list[bytes] | None = [] if Signal.TRACES in wired else None
+        logs = Signal.LOGS in wired
+        traces = Signal.TRACES in wired
         offset = self.program.boot_to_unix_ns if self.program else 0
-        observed_field = b"\x59" + _FIXED64(time.time_ns())
-        answered = response_only = 0
-        stats = self.stats
+        observed = b"\x59" + _FIXED64(time.time_ns())
+        # parts[0]: the request's head, once the size is known
+        log_parts: list[bytes] = [b""]
+        span_parts: list[bytes] = [b""]
+        log_size = span_size = spans_made = 0
+        ids = random.randbytes(_ID_BYTES * len(raws)) if traces else b""
+        at = 0
+        touched: list[_Shape] = []
         shapes = self._shapes
-        size = d.EVENT.size
-        for raw in raws:
-            key = raw[16:56] + raw[58:60] + raw[62:] if len(raw) == size else None
-            shape = shapes.get(key) if key is not None else None
+        tl, ts, varint, small = _T_LOG, _T_SPAN, enc.varint, _SMALL
+        port_heads, id_heads, latency_heads = _PORT_HEADS, _ID_HEADS, _LATENCY_HEADS
+        port3, id3, latency3, latency4 = port_heads[3], id_heads[3], latency_heads[3], latency_heads[4]
+        record_start, span_start, span_times = _RECORD_START, _SPAN_START, _SPAN_TIMES
+        trace_tag, span_tag = _TRACE_ID_TAG, _SPAN_ID_TAG
+        for raw, (query_ts, response_ts, ends, client_port, server_port, dns_id, rest) in zip(raws, rows):
+            key = (ends, server_port, rest)
+            shape = shapes.get(key)
             if shape is None:
-                try:
-                    shape = self._shape(raw)
-                except d.DecodeError as exc:
-                    self._telemetry.bad_input("ring_record")
-                    self._settings.logger.warning("%s: skipped a ring-buffer record: %s", self._settings.id, exc)
+                shape = self._new_shape(raw, key)
+                if shape is None:
                     continue
-                if len(shapes) >= TEXT_CACHE_SIZE:
-                    shapes.clear()
-                shapes[key] = shape
-            query_ts, response_ts = _TIMES.unpack_from(raw)
-            client_port, dns_id = _PORT_ID.unpack_from(raw, 56)
+            pending = shape.pending
+            if not pending:
+                touched.append(shape)
+            # the client port's and the DNS id's pieces: 16-bit values, their varints written out here
+            # (most take 3 bytes: ephemeral ports, random ids)
+            n = client_port
+            if n >= 0x4000:
+                port = port3 + bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
+            else:
+                port = port_heads[1] + small[n] if n < 0x80 else port_heads[2] + bytes((n & 0x7F | 0x80, n >> 7))
+            n = dns_id
+            if n >= 0x4000:
+                id_ = id3 + bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
+            else:
+                id_ = id_heads[1] + small[n] if n < 0x80 else id_heads[2] + bytes((n & 0x7F | 0x80, n >> 7))
             end = response_ts + offset
             if shape.answered:
-                answered += 1
                 latency = response_ts - query_ts if response_ts > query_ts else 0
-                shape.histogram.add(latency)
-                varying = (_int_piece(_PORT_HEAD, client_port), _int_piece(_ID_HEAD, dns_id), _int_piece(_LATENCY_HEAD, latency))
+                pending.append(latency)
+                n = latency
+                if 0x4000 <= n < 0x10000000:  # 16 µs to 268 ms: 3 or 4 bytes
+                    if n < 0x200000:
+                        lat = latency3 + bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
+                    else:
+                        lat = latency4 + bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14 & 0x7F | 0x80, n >> 21))
+                else:
+                    v = varint(n)
+                    lat = latency_heads[len(v)] + v
                 start = query_ts + offset
+                varying = len(port) + len(id_) + len(lat)
+                if traces:
+                    trace_id, span_id = ids[at : at + 16], ids[at + 16 : at + _ID_BYTES]
+                    at += _ID_BYTES
+                    n = shape.span_size + varying
+                    if 0x80 <= n < 0x4000:
+                        span_size += n + 3
+                        first = span_start(0x12, n & 0x7F | 0x80, n >> 7, 0x0A, 0x10)
+                    else:  # a name escaped into a long text: a longer length prefix
+                        first = b"\x12" + varint(n) + b"\x0a\x10"
+                        span_size += n + len(first) - 2
+                    span_parts += (
+                        first, trace_id, b"\x12\x08", span_id, shape.span_head, span_times(0x39, start, 0x41, end if end > start else start),
+                        shape.span_attrs, port, ts, id_, ts, lat, shape.span_tail,
+                    )
+                    spans_made += 1
+                    # the log record after its length and time; it carries its span's ids
+                    record = (shape.log_head, port, tl, id_, tl, lat, trace_tag, trace_id, span_tag, span_id, observed, shape.log_tail)
+                    varying += 28
+                else:
+                    record = (shape.log_head, port, tl, id_, tl, lat, observed, shape.log_tail)
             else:
-                response_only += 1
-                stats.response_only(shape.rcode)
-                varying = (_int_piece(_PORT_HEAD, client_port), _int_piece(_ID_HEAD, dns_id))
+                pending.append(0)
                 start = end
-            ids = b""
-            if spans is not None and shape.answered:
-                ids = random.randbytes(24)
-                span = b"".join(
-                    (b"\x0a\x10", ids[:16], b"\x12\x08", ids[16:], shape.span_head, b"\x39", _FIXED64(start), b"\x41", _FIXED64(end if end > start else start),
-                     shape.span_attrs, _T_SPAN, _T_SPAN.join(varying), shape.span_tail)
-                )
-                spans.append(_T_ITEM + enc.varint(len(span)) + span)
-            if records is not None:
-                record = b"".join(
-                    (b"\x09", _FIXED64(start), shape.log_head, _T_LOG, _T_LOG.join(varying),
-                     b"\x4a\x10" + ids[:16] + b"\x52\x08" + ids[16:] if ids else b"", observed_field, shape.log_tail)
-                )
-                records.append(_T_ITEM + enc.varint(len(record)) + record)
+                record = (shape.log_head, port, tl, id_, observed, shape.log_tail)
+                varying = len(port) + len(id_)
+            if logs:
+                n = shape.log_size + varying
+                if 0x80 <= n < 0x4000:
+                    log_size += n + 3
+                    first = record_start(0x12, n & 0x7F | 0x80, n >> 7, 0x09, start)
+                else:
+                    first = b"\x12" + varint(n) + b"\x09" + _FIXED64(start)
+                    log_size += n + len(first) - 9
+                log_parts.append(first)
+                log_parts += record
+        answered = response_only = 0
+        stats = self.stats
+        for shape in touched:
+            pending = shape.pending
+            if shape.answered:
+                answered += len(pending)
+                shape.histogram.add_many(pending)
+            else:
+                response_only += len(pending)
+                stats.response_only(shape.rcode, len(pending))
+            pending.clear()
         if answered:
             self._telemetry.add("tapio_dns_xdp_events_total", answered, kind="answered")
         if response_only:
             self._telemetry.add("tapio_dns_xdp_events_total", response_only, kind="response_only")
-        self._send(records, spans)
+        if logs and answered + response_only:
+            self._hand_on(Signal.LOGS, log_parts, log_size, answered + response_only)
+        if spans_made:
+            self._hand_on(Signal.TRACES, span_parts, span_size, spans_made)
 
-    def _shape(self, raw: bytes) -> "_Shape":
-        """Decode a record and render what it shares with other queries of its kind (raises DecodeError)."""
+    def _new_shape(self, raw: bytes, key: tuple | None = None) -> "_Shape | None":
+        """The shape of a record, cached under ``key``; None if it does not decode (counted and logged)."""
+        try:
+            shape = self._shape(raw, Signal.TRACES in self._output.signals)
+        except d.DecodeError as exc:
+            self._telemetry.bad_input("ring_record")
+            self._settings.logger.warning("%s: skipped a ring-buffer record: %s", self._settings.id, exc)
+            return None
+        if key is not None:
+            if len(self._shapes) >= TEXT_CACHE_SIZE:
+                self._shapes.clear()
+            self._shapes[key] = shape
+        return shape
+
+    def _shape(self, raw: bytes, traces: bool = True) -> "_Shape":
+        """Decode a record and render what it shares with other queries of its kind (raises DecodeError).
+
+        Its attributes are three cached blocks, in this order: the
+        client/server/interface ones, the question name, and the codes and
+        counts (type, rcode, flags, counts, size, status ...) that many names share.
+        The span's parts only with ``traces`` (a receiver's wiring does not change).
+        """
         ev = d.parse_event(raw)
         name = self._name(ev.name)
-        qtype = d.qtype_text(ev.qtype)
-        rcode = ev.flags & 0x0F
-        rcode_name = d.rcode_text(rcode)
         answered = ev.kind == d.KIND_ANSWERED
-        failed = rcode in ERROR_RCODES
-        extra: list[tuple[str, Any]] = [
-            ("dns.question.name", name),
-            ("dns.question.type", qtype),
-            ("dns.response_code", rcode_name),
-            ("tapio.dns_xdp.answer_count", ev.ancount),
-            ("tapio.dns_xdp.authority_count", ev.nscount),
-            ("tapio.dns_xdp.additional_count", ev.arcount),
-            ("tapio.dns_xdp.response.flags", d.flag_names(ev.flags)),
-            ("tapio.dns_xdp.response.size", ev.size),
-            ("tapio.dns_xdp.status", "answered" if answered else "response_only"),
-        ]
-        if failed:
-            extra.append(("error.type", rcode_name))
-        if ev.qclass != 1:
-            extra.append(("tapio.dns_xdp.question.class", d.qclass_text(ev.qclass)))
-        if ev.opcode:
-            extra.append(("tapio.dns_xdp.opcode", d.opcode_text(ev.opcode)))
         vlan = ev.query_vlan or ev.response_vlan
-        if vlan:
-            extra.append(("tapio.dns_xdp.vlan.id", vlan))
+        key = (ev.qtype, ev.flags, ev.ancount, ev.nscount, ev.arcount, ev.size, answered, ev.qclass, vlan)
+        codes = self._codes.get(key)
+        if codes is None:
+            codes = self._codes_of(key)
+        qtype, rcode_name, failed, codes_log, codes_span = codes
         if answered:
-            common = self._common_pieces(
+            _, common_log, common_span = self._common_block(
                 ev.family, ev.client, ev.server, ev.server_port, ev.proto, ev.query_ifindex, ev.response_ifindex, ev.query_hook, ev.response_hook
             )
             body = f"DNS {qtype} {name}: {rcode_name}"
         else:
-            common = self._common_pieces(ev.family, ev.client, ev.server, ev.server_port, ev.proto, 0, ev.response_ifindex, 0, ev.response_hook)
+            _, common_log, common_span = self._common_block(ev.family, ev.client, ev.server, ev.server_port, ev.proto, 0, ev.response_ifindex, 0, ev.response_hook)
             body = f"DNS {qtype} {name}: {rcode_name} (query not seen)"
-        pieces = common + enc.kv_pieces(extra)
-        severity = SEV_WARN if failed else SEV_INFO
-        event_name = "tapio.dns_xdp.answered" if answered else "tapio.dns_xdp.response"
+        name_piece = enc.str_piece("dns.question.name", name.encode())
+        server = self._address(ev.family, ev.server)
+        event_name = _EVENT_NAMES[answered]
+        histogram = self.stats.histogram(server, qtype, rcode_name) if answered else None
         return _Shape(
             answered=answered,
-            failed=failed,
-            server=self._address(ev.family, ev.server),
-            qtype=qtype,
             rcode=rcode_name,
-            event_name=event_name,
-            histogram=self.stats.histogram(self._address(ev.family, ev.server), qtype, rcode_name) if answered else None,
+            histogram=histogram,
+            pending=histogram.pending if histogram is not None else self._response_pending.setdefault(rcode_name, []),
             log_head=enc.log_record(
-                time_unix_nano=0, observed_time_unix_nano=0, severity_number=severity, severity_text="WARN" if failed else "INFO", body=body,
-                attrs=enc.frame(enc.T_ATTR_LOG, pieces), event_name="",
-            ),
-            log_tail=b"\x62" + enc.varint(len(event_name.encode())) + event_name.encode(),
-            span_head=enc.span(trace_id=b"", span_id=b"", name=f"DNS {qtype}", kind=SPAN_KIND_CLIENT, start_time_unix_nano=0, end_time_unix_nano=0, attrs=b""),
-            span_attrs=enc.frame(enc.T_ATTR_SPAN, pieces),
-            span_tail=enc.span(
-                trace_id=b"", span_id=b"", name="", kind=0, start_time_unix_nano=0, end_time_unix_nano=0, attrs=b"",
-                status_code=STATUS_CODE_ERROR if failed else 0, status_message=rcode_name if failed else "",
-            ),
+                time_unix_nano=0, observed_time_unix_nano=0, severity_number=SEV_WARN if failed else SEV_INFO, severity_text="WARN" if failed else "INFO",
+                body=body, attrs=b"".join((common_log, _T_LOG, name_piece, codes_log)), event_name="",
+            ) + _T_LOG,
+            log_tail=event_name,
+            span_head=_span_head(qtype) if traces else b"",
+            span_attrs=b"".join((common_span, _T_SPAN, name_piece, codes_span, _T_SPAN)) if traces else b"",
+            span_tail=_span_tail(rcode_name if failed else "") if traces else b"",
         )
+
+    def _codes_of(self, key: tuple) -> tuple[str, str, bool, bytes, bytes]:
+        """(type, rcode, failed, attributes framed for a log record, for a span) of a (qtype, flags, counts, size, answered, class, vlan)."""
+        qtype_num, flags, ancount, nscount, arcount, size, answered, qclass, vlan = key
+        qtype = d.qtype_text(qtype_num)
+        rcode = flags & 0x0F
+        rcode_name = d.rcode_text(rcode)
+        failed = rcode in ERROR_RCODES
+        pairs: list[tuple[str, Any]] = [
+            ("dns.question.type", qtype),
+            ("dns.response_code", rcode_name),
+            ("tapio.dns_xdp.answer_count", ancount),
+            ("tapio.dns_xdp.authority_count", nscount),
+            ("tapio.dns_xdp.additional_count", arcount),
+            ("tapio.dns_xdp.response.flags", d.flag_names(flags)),
+            ("tapio.dns_xdp.response.size", size),
+            ("tapio.dns_xdp.status", "answered" if answered else "response_only"),
+        ]
+        if failed:
+            pairs.append(("error.type", rcode_name))
+        if qclass != 1:
+            pairs.append(("tapio.dns_xdp.question.class", d.qclass_text(qclass)))
+        opcode = flags >> 11 & 0x0F
+        if opcode:
+            pairs.append(("tapio.dns_xdp.opcode", d.opcode_text(opcode)))
+        if vlan:
+            pairs.append(("tapio.dns_xdp.vlan.id", vlan))
+        pieces = enc.kv_pieces(pairs)
+        if len(self._codes) >= TEXT_CACHE_SIZE:
+            self._codes.clear()
+        found = self._codes[key] = (qtype, rcode_name, failed, enc.frame(_T_LOG, pieces), enc.frame(_T_SPAN, pieces))
+        return found
 
     def _emit(
         self, records: list[bytes] | None, spans: list[bytes] | None, pieces: list[bytes], start: int, end: int, observed: int,
@@ -547,6 +683,12 @@ class DnsXdpReceiver:
         self, family: int, client: bytes, server: bytes, server_port: int, proto: int, q_if: int, r_if: int, q_hook: int, r_hook: int
     ) -> list[bytes]:
         """The attributes a client/server/interface combination shares, encoded once (a new list each call)."""
+        return list(self._common_block(family, client, server, server_port, proto, q_if, r_if, q_hook, r_hook)[0])
+
+    def _common_block(
+        self, family: int, client: bytes, server: bytes, server_port: int, proto: int, q_if: int, r_if: int, q_hook: int, r_hook: int
+    ) -> tuple[tuple[bytes, ...], bytes, bytes]:
+        """`_common_pieces`, and framed as a log record's attributes and a span's (cached)."""
         key = (family, client, server, server_port, proto, q_if, r_if, q_hook, r_hook)
         found = self._common.get(key)
         if found is None:
@@ -563,8 +705,9 @@ class DnsXdpReceiver:
                 pairs += [("tapio.dns_xdp.response.interface", self._ifname(r_if)), ("tapio.dns_xdp.response.hook", d.HOOKS.get(r_hook, str(r_hook)))]
             if len(self._common) >= TEXT_CACHE_SIZE:
                 self._common.clear()
-            found = self._common[key] = enc.kv_pieces(pairs)
-        return list(found)
+            pieces = enc.kv_pieces(pairs)
+            found = self._common[key] = (tuple(pieces), enc.frame(_T_LOG, pieces), enc.frame(_T_SPAN, pieces))
+        return found
 
     def _name(self, wire: bytes) -> str:
         found = self._names.get(wire)

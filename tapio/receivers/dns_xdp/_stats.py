@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 from bisect import bisect_left
+from itertools import repeat
 from typing import Any
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
@@ -26,7 +27,7 @@ OTHER = "other"
 
 
 class _Histogram:
-    __slots__ = ("counts", "count", "sum_ns", "min_ns", "max_ns")
+    __slots__ = ("counts", "count", "sum_ns", "min_ns", "max_ns", "pending")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(_BOUNDS_NS) + 1)
@@ -34,6 +35,8 @@ class _Histogram:
         self.sum_ns = 0
         self.min_ns = 1 << 63
         self.max_ns = 0
+        #: latencies a caller collects before `add_many` (the receiver: one drain's)
+        self.pending: list[int] = []
 
     def merge(self, other: "_Histogram") -> None:
         self.counts = [a + b for a, b in zip(self.counts, other.counts)]
@@ -43,13 +46,20 @@ class _Histogram:
         self.max_ns = max(self.max_ns, other.max_ns)
 
     def add(self, ns: int) -> None:
-        self.counts[bisect_left(_BOUNDS_NS, ns)] += 1
-        self.count += 1
-        self.sum_ns += ns
-        if ns < self.min_ns:
-            self.min_ns = ns
-        if ns > self.max_ns:
-            self.max_ns = ns
+        self.add_many([ns])
+
+    def add_many(self, values: list[int]) -> None:
+        """Count latencies (ns, at least one): what a drain's queries of one kind add, in one call."""
+        counts = self.counts
+        for i in map(bisect_left, repeat(_BOUNDS_NS), values):
+            counts[i] += 1
+        self.count += len(values)
+        self.sum_ns += sum(values)
+        low, high = min(values), max(values)
+        if low < self.min_ns:
+            self.min_ns = low
+        if high > self.max_ns:
+            self.max_ns = high
 
 
 class DnsStats:
@@ -91,8 +101,8 @@ class DnsStats:
     def answered(self, server: str, qtype: str, rcode: str, latency_ns: int) -> None:
         self.histogram(server, qtype, rcode).add(latency_ns)
 
-    def response_only(self, rcode: str) -> None:
-        self._response_only[rcode] = self._response_only.get(rcode, 0) + 1
+    def response_only(self, rcode: str, n: int = 1) -> None:
+        self._response_only[rcode] = self._response_only.get(rcode, 0) + n
 
     def unanswered_query(self, server: str, qtype: str) -> None:
         label = self.server_label(server)

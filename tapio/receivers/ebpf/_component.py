@@ -49,10 +49,11 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 
 from tapio import otlpwire as enc
-from tapio.component import Ports, Refused, Settings
+from tapio.component import Ports, Settings
 from tapio.pdata import Batch, Signal
 from tapio.telemetry import COUNTER
 
+from .._handoff import send_or_count
 from . import _decode as d
 from ._config import Config
 from ._containers import REASONS, Container, ContainerResolver, walk_cgroup_tree
@@ -270,12 +271,7 @@ class EbpfReceiver:
     # -- events to OTLP
 
     def _send(self, batch: Batch) -> None:
-        try:
-            self._output.send_nowait(batch)
-        except (trio.WouldBlock, Refused) as exc:
-            reason = "pipeline_full" if isinstance(exc, trio.WouldBlock) else "refused"
-            self._dropped[reason] = self._dropped.get(reason, 0) + batch.count
-            self._telemetry.add("tapio_ebpf_events_dropped_total", batch.count, reason=reason, signal=batch.signal.value)
+        send_or_count(self._output, batch, self._telemetry, "tapio_ebpf_events_dropped_total", self._dropped)
 
     async def deliver(self, raws: list[bytes]) -> None:
         """Turn raw ring-buffer records into at most one logs and one traces batch, and hand them on.
