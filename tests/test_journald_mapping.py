@@ -116,3 +116,27 @@ def test_the_window_never_commits_past_an_undelivered_batch(data):
         assert window.rewind == (None if failed_at == 0 else window.rewind)
     committed = [int(c[1:]) if c else -1 for c in history]
     assert committed == sorted(committed)  # only forward
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_with_retries_off_a_failed_batch_is_skipped_and_nothing_is_read_again(data):
+    """retry_on_failure off: a batch reported not delivered is counted and skipped, in any order of reports;
+    the batches around it keep their reports, no rewind is asked for, and once all reported the window
+    commits the last cursor. (Skipping one used to forget the batches read after it and read them again,
+    sending them twice.)"""
+    window = DeliveryWindow(None, clock=lambda: 0.0, retry=False)
+    n = data.draw(st.integers(1, 12))
+    sizes = [data.draw(st.integers(1, 5)) for _ in range(n)]
+    callbacks = [window.add(f"c{i}", size) for i, size in enumerate(sizes)]
+    failed = 0
+    committed = [-1]
+    for i in data.draw(st.permutations(list(range(n)))):
+        ok = data.draw(st.booleans())
+        callbacks[i](ok)
+        failed += 0 if ok else sizes[i]
+        assert window.rewind is NO_REWIND
+        committed.append(int(window.committed[1:]) if window.committed else -1)
+    assert committed == sorted(committed)
+    assert window.committed == f"c{n - 1}" and window.pending == 0
+    assert window.dropped == failed

@@ -15,7 +15,8 @@ Invariants:
   before it stay pending and may still move ``committed`` up to ``rewind``.
 - When the entries at one position keep failing for ``give_up_after``
   seconds (or at once, with retries off), they are skipped: counted in
-  ``dropped``, treated as delivered, and reading resumes after them.
+  ``dropped`` and treated as delivered; the batches read after them stay
+  pending and nothing is read again.
 """
 
 from __future__ import annotations
@@ -125,17 +126,17 @@ class DeliveryWindow:
         if self._failing is None or self._failing[0] != before:
             self._failing = (before, now)
         giving_up = not self._retry or (self._give_up_after > 0 and now - self._failing[1] >= self._give_up_after)
-        keep = index + 1 if giving_up else index
-        for stale in spans[keep:]:
-            stale.live = False
-        self._spans = deque(spans[:keep])
-        self._generation += 1
         if giving_up:
+            # skipped: counted and treated as delivered; the batches read after it stay pending (their
+            # entries are not read again, so not sent twice)
             span.delivered = True
             self.dropped += span.count
             self._failing = None
-            self.rewind = span.cursor
         else:
+            for stale in spans[index:]:
+                stale.live = False
+            self._spans = deque(spans[:index])
+            self._generation += 1
             self.rewind = before
         self._advance()
         self._on_change()
