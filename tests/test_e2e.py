@@ -336,22 +336,24 @@ def test_default_pipelines_yaml_turns_unanswered_dns_lookups_into_an_incident_tr
                 client.sendto(dns.message.make_query(f"lookup-{i}.storm.example.", "A").to_wire(), (server, 53))
                 time.sleep(0.05)
 
-        def incidents() -> list:
-            if not out.exists():
-                return []
-            return [
-                span
-                for line in out.read_bytes().splitlines()
-                if line.startswith(b'{"resourceSpans"') and b"DNSFailureStorm" in line
-                for rs in otlpjson.decode(Signal.TRACES, line).resource_spans
-                for ss in rs.scope_spans
-                for span in ss.spans
-            ]
+        spans: list = []
 
-        t.wait_for(lambda: any(s.name == "DNSFailureStorm" for s in incidents()), 60, "a DNSFailureStorm incident in the file")
+        def incident_written() -> bool:
+            # read as it is written (the file may rotate later: the kernel events of a busy machine fill it)
+            if out.exists():
+                spans[:] = [
+                    span
+                    for line in out.read_bytes().splitlines()
+                    if line.startswith(b'{"resourceSpans"') and b"DNSFailureStorm" in line and line.endswith(b"}")
+                    for rs in otlpjson.decode(Signal.TRACES, line).resource_spans
+                    for ss in rs.scope_spans
+                    for span in ss.spans
+                ]
+            return any(s.name == "DNSFailureStorm" for s in spans)
+
+        t.wait_for(incident_written, 60, "a DNSFailureStorm incident in the file")
         t.signal(signal.SIGTERM)
         assert t.wait_exit(timeout=60) == 0, t.stderr
-    spans = incidents()
     root = next(s for s in spans if s.name == "DNSFailureStorm")
     members = [s for s in spans if s.trace_id == root.trace_id and s.parent_span_id == root.span_id]
     assert len(members) >= 10
