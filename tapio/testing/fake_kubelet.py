@@ -72,6 +72,8 @@ class FakeKubelet:
     requests: list[tuple[str, str]] = field(default_factory=list)
     #: when set, /stats/summary answers this status instead (e.g. 503)
     fail_with: int | None = None
+    #: when set, /pods answers this status instead (e.g. 403: a kubelet that does not grant it)
+    fail_pods_with: int | None = None
     #: the node this kubelet runs on (the name it authorizes requests for)
     node: str = "node-1"
     #: (method, path) of each request served, in order
@@ -100,6 +102,8 @@ class FakeKubelet:
                 return Response(self.fail_with, [("content-type", "text/plain")], b"failing on purpose")
             return Response(200, [("content-type", "application/json")], self.summary)
         if request.path == "/pods":
+            if self.fail_pods_with is not None:
+                return Response(self.fail_pods_with, [("content-type", "text/plain")], b"Forbidden (user=system:serviceaccount:observability:tapio, verb=get, resource=nodes, subresource=pods)")
             return Response(200, [("content-type", "application/json")], self.pods)
         return Response(404, [("content-type", "text/plain")], b"404 page not found")
 
