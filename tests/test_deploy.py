@@ -456,3 +456,37 @@ async def test_the_clusterrole_grants_exactly_what_the_components_request(tmp_pa
     assert grants - used == set(), f"granted but never requested: {sorted(grants - used)}"
     # and nothing the kubelet would also let through for exec: /pods is authorized as nodes/pods, not nodes/proxy
     assert not any(g[2] == "nodes/proxy" for g in grants)
+
+
+#: the examples meant for the same DaemonSet (and so for its ClusterRole); sidecar.yaml runs in an application's pod
+DAEMONSET_EXAMPLES = ["gateway.yaml", "jaeger.yaml", "prometheus.yaml", "tempo.yaml"]
+
+
+def api_needs(config: dict) -> set[tuple[str, str]]:
+    """What a pipelines file's API components will request, by the settings that decide it (decoded, defaults filled in)."""
+    from tapio.config import decode_dataclass
+    from tapio.processors.k8sattributes import factory as k8sattributes
+    from tapio.receivers.kubeapi import factory as kubeapi
+    from tapio.receivers.kubeletstats import factory as kubeletstats
+
+    needs: set[tuple[str, str]] = set()
+    for key, raw in {**config.get("receivers", {}), **config.get("processors", {})}.items():
+        base = key.partition("/")[0]
+        if base == "kubeapi":
+            c = decode_dataclass(kubeapi.config_class, raw or {})
+            needs |= {("watch", f"{o.name} in {','.join(o.namespaces) or 'all'}") for o in c.objects} | {("node filter", c.filter.node_from_env_var)}
+        elif base == "k8sattributes":
+            c = decode_dataclass(k8sattributes.config_class, raw or {})
+            needs |= {("metadata", m) for m in c.extract.metadata} | {("node filter", c.filter.node_from_env_var), ("namespace", c.filter.namespace)}
+            needs |= {("labels from", r.from_) for r in c.extract.labels} | {("annotations from", r.from_) for r in c.extract.annotations}
+        elif base == "kubeletstats":
+            c = decode_dataclass(kubeletstats.config_class, raw or {})
+            needs |= {("kubelet", "/stats/summary")} | ({("kubelet", "/pods")} if c.utilization and {"pod", "container"} & set(c.metric_groups) else set())
+    return needs
+
+
+@pytest.mark.parametrize("name", DAEMONSET_EXAMPLES)
+def test_the_examples_for_the_daemonset_ask_the_api_for_no_more_than_the_configmap(name):
+    """The ClusterRole is checked against the ConfigMap's requests; an example that ran on the same DaemonSet and asked for more would be refused."""
+    example = yaml.safe_load((ROOT / "deploy" / "examples" / name).read_text())
+    assert api_needs(example) <= api_needs(pipelines()), api_needs(example) - api_needs(pipelines())
