@@ -553,6 +553,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
+        # the connection is closed when the watch ends: say so, or a client may send its next request on it
+        self.send_header("Connection", "close")
         self.end_headers()
         deadline = None if timeout is None else _monotonic() + timeout
         try:
