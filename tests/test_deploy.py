@@ -209,13 +209,15 @@ def apt_packages_of_setup() -> set[str]:
 def test_the_dockerfile_installs_debian_packages_the_suite_runs_with_and_drops_root():
     text = (ROOT / "deploy" / "Dockerfile").read_text()
     assert re.search(r"^FROM debian:bookworm", text, flags=re.M)
-    install = re.search(r"apt-get install[^\n]*\\\n(.*?)&&", text, flags=re.S).group(1)
+    runtime = text[text.rindex("\nFROM ") :]  # the image's own stage (the build stage before it only compiles)
+    install = re.search(r"apt-get install[^\n]*\\\n(.*?)&&", runtime, flags=re.S).group(1)
     packages = set(install.replace("\\", " ").split())
     # the receivers' Debian packages are those scripts/setup.sh installs (and the suite runs against)
     assert {"python3-bpfcc", "python3-systemd"} <= packages
     assert packages - {"python3", "ca-certificates"} <= apt_packages_of_setup(), packages - apt_packages_of_setup()
     assert re.search(r"^USER 10001$", text, flags=re.M)
-    assert "pip install" in text and "COPY tapio" in text
+    assert "pip install" in text and "COPY tapio" in text and "COPY --from=build /opt/tapio /opt/tapio" in runtime
+    assert "gcc" not in runtime, "the compiler stays in the build stage"
 
 
 def test_the_dockerfile_copies_what_exists_and_starts_the_installed_command():
@@ -226,7 +228,7 @@ def test_the_dockerfile_copies_what_exists_and_starts_the_installed_command():
     text = (ROOT / "deploy" / "Dockerfile").read_text()
     ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert ignored[0] == "*"
-    for sources in re.findall(r"^COPY (.+) \S+$", text, flags=re.M):
+    for sources in re.findall(r"^COPY (?!--from)(.+) \S+$", text, flags=re.M):
         for source in sources.split():
             assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
             assert f"!{source}" in ignored or f"!{source}/" in ignored, f"COPY {source}: .dockerignore leaves it out of the build context"
