@@ -122,3 +122,30 @@ def test_a_label_change_moves_an_object_out_of_a_selected_watch(kube, tmp_path):
     threading.Thread(target=relabel, daemon=True).start()
     types = [ev["type"] for ev in watch.Watch().stream(core.list_pod_for_all_namespaces, label_selector="app=web", resource_version=rv, timeout_seconds=10)]
     assert types == ["DELETED", "ADDED"]
+
+
+def test_requests_are_recorded_as_what_they_ask_the_authorizer_for(kube, tmp_path):
+    kube.apply("namespaces", fk.namespace("kube-system"))
+    kube.apply("replicasets", fk.replicaset("web-abc", namespace="shop"))
+    c = api(kube, tmp_path, token="s3cret")
+    core, apps = client.CoreV1Api(c), client.AppsV1Api(c)
+    core.list_pod_for_all_namespaces(field_selector="spec.nodeName=node-1")
+    core.read_namespace("kube-system")
+    apps.read_namespaced_replica_set("web-abc", "shop")
+    for _ in watch.Watch().stream(core.list_namespaced_event, "shop", timeout_seconds=1):
+        pass
+    with pytest.raises(ApiException) as refused:  # nothing here writes: recorded, then refused
+        core.create_namespaced_config_map("shop", {"metadata": {"name": "x"}, "data": {}})
+    assert refused.value.status == 405
+    with pytest.raises(ApiException):
+        core.delete_collection_namespaced_pod("shop")
+    assert kube.accesses() == {
+        fk.Access("list", "", "pods"),
+        fk.Access("get", "", "namespaces", namespace="kube-system", name="kube-system"),
+        fk.Access("get", "apps", "replicasets", namespace="shop", name="web-abc"),
+        fk.Access("watch", "", "events", namespace="shop"),
+        fk.Access("create", "", "configmaps", namespace="shop"),
+        fk.Access("deletecollection", "", "pods", namespace="shop"),
+    }
+    assert fk.access_of("GET", "/api/v1/namespaces/shop/pods/web-1/log", {}) == fk.Access("get", "", "pods", "log", "shop", "web-1")
+    assert fk.access_of("GET", "/version", {}) == fk.Access("get", path="/version") and not fk.access_of("GET", "/apis", {}).is_resource

@@ -382,3 +382,21 @@ async def test_owner_chains_name_statefulsets_daemonsets_jobs_and_cronjobs_fetch
     for resource in ("jobs", "statefulsets", "daemonsets", "cronjobs"):
         assert kube.count(resource, watch=False) == 0 and kube.count(resource, watch=True) == 0
     assert [r.path for r in kube.requests if "/jobs/" in r.path or "/cronjobs" in r.path] == ["/apis/batch/v1/namespaces/shop/jobs/backup-28930"]
+
+
+async def test_an_update_of_an_owners_only_pod_keeps_the_owner_without_fetching_it_again(kube, tmp_path):
+    cron_uid = "cccccccc-0000-0000-0000-00000000000a"
+    job = kube.apply("jobs", fk.job("report-1", namespace="shop", cronjob=("report", cron_uid)))
+    ref = fk.owner_ref("Job", "report-1", job["metadata"]["uid"], "batch/v1")
+    report = lambda ip, phase="Running": fk.pod("report-1-x", namespace="shop", uid="cccccccc-0000-0000-0000-00000000000b", ip=ip, owner=ref, phase=phase)  # noqa: E731
+    kube.apply("pods", report("10.1.2.1"))
+    metadata = ["k8s.pod.name", "k8s.job.name", "k8s.cronjob.name", "k8s.deployment.name"]
+    async with running_processor(factory, base_config(kube, tmp_path, extract={"metadata": metadata})) as h:
+        cache = h.component.cache
+        for ip, phase in (("10.1.2.2", "Running"), ("10.1.2.3", "Succeeded")):  # the pod changes, as a Job's pod does until it ends
+            kube.apply("pods", report(ip, phase))
+            await until(lambda: ip in cache.by_ip)
+            [(res, _)] = records_by_resource([await h.roundtrip(Batch.of(Signal.LOGS, logs_request([({"k8s.pod.ip": ip}, [{}])])))])
+            assert res.get("k8s.cronjob.name") == "report" and res["k8s.job.name"] == "report-1", res
+    job_gets = [r.path for r in kube.requests if r.path.endswith("/jobs/report-1")]
+    assert job_gets == ["/apis/batch/v1/namespaces/shop/jobs/report-1"], "the Job was fetched again after its pod changed"

@@ -232,3 +232,21 @@ def test_any_bytes_are_a_summary_or_a_summary_error(data):
         parse_summary(data)
     except SummaryError:
         pass
+
+
+async def test_a_kubelet_that_refuses_pods_leaves_only_the_utilization_out_and_says_which_permission(certs, caplog):  # noqa: F811
+    docs = as_bytes(summary_document(pods=1)), as_bytes(pod_list(pods=1))
+    async with open_fake_kubelet(*docs, cert_file=certs.server_pem, key_file=certs.server_key) as kubelet:
+        kubelet.fail_pods_with = 403
+        receiver, sink, telemetry = make(kubelet.endpoint, auth_type="none", ca_file=certs.ca_pem)
+        with caplog.at_level(logging.WARNING, logger="test.kubeletstats"):
+            await scrape_once(receiver, sink, n=2)
+        assert telemetry.value("tapio_kubeletstats_scrapes_total", outcome="ok") == 2
+        assert telemetry.value("tapio_kubeletstats_pod_specs_total", outcome="http_403") == 2
+        assert find(sink, "k8s.pod.memory.usage") and not find(sink, "k8s.pod.memory_limit_utilization")
+        warnings = [r.getMessage() for r in caplog.records if "/pods" in r.getMessage()]
+        assert len(warnings) == 1 and "nodes/pods" in warnings[0] and "nodes/proxy" in warnings[0], warnings  # once, not every scrape
+        kubelet.fail_pods_with = None
+        receiver, sink, telemetry = make(kubelet.endpoint, auth_type="none", ca_file=certs.ca_pem)
+        await scrape_once(receiver, sink)
+        assert telemetry.value("tapio_kubeletstats_pod_specs_total", outcome="ok") == 1 and find(sink, "k8s.pod.memory_limit_utilization")

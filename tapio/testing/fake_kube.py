@@ -26,8 +26,13 @@ protocol that clients of list and watch rely on, as the real server does:
   get 401; with ``tls`` (a certificate and key file) it serves HTTPS; with
   `FakeKube.outage` set every request gets 503.
 
-Every request is recorded in `FakeKube.requests`, so tests can count lists
-and watches. Resource versions are one counter across all resources (the
+Every request, whatever its method, is recorded in `FakeKube.requests`, so
+tests can count lists and watches; `FakeKube.accesses` turns them into what
+each asks of the API server's authorizer (`Access`: verb, API group,
+resource, subresource, namespace, name, as RBAC rules match them), so a
+test can hold a ClusterRole against what the components really requested.
+Methods other than GET are recorded and then refused (405): nothing here
+writes. Resource versions are one counter across all resources (the
 real server's etcd revision). It runs in a thread of its own, so synchronous
 clients (the `kubernetes` package) and trio code can both use it.
 """
@@ -77,6 +82,64 @@ class RecordedRequest:
     @property
     def watch(self) -> bool:
         return self.query.get("watch") in ("true", "1")
+
+    @property
+    def access(self) -> "Access":
+        return access_of(self.method, self.path, self.query)
+
+
+@dataclass(frozen=True)
+class Access:
+    """What one request asks the API server's authorizer for, as its request-info step derives it.
+
+    For a resource request: the verb (get, list, watch for GETs; create,
+    update, patch, delete, deletecollection for the rest), the API group
+    ("" for the core group), the resource, its subresource, the namespace
+    and the object's name (for get and the other verbs on one object).
+    A request outside the resource paths (``/version``, ``/api``, ...) is a
+    non-resource request: ``resource`` is empty and ``path`` names it.
+    """
+
+    verb: str
+    api_group: str = ""
+    resource: str = ""
+    subresource: str = ""
+    namespace: str = ""
+    name: str = ""
+    path: str = ""
+
+    @property
+    def is_resource(self) -> bool:
+        return bool(self.resource)
+
+
+_VERB_OF_METHOD = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+def access_of(method: str, path: str, query: dict[str, str]) -> Access:
+    """The `Access` an API request asks for (the real server's request-info rules, for the paths clients use)."""
+    parts = [p for p in path.split("/") if p]
+    if len(parts) >= 2 and parts[0] == "api":
+        group, rest = "", parts[2:]
+    elif len(parts) >= 3 and parts[0] == "apis":
+        group, rest = parts[1], parts[3:]
+    else:
+        rest = []
+    verb = _VERB_OF_METHOD.get(method, "get")
+    if not rest:
+        return Access(verb, path=path)
+    namespace = ""
+    if rest[0] == "namespaces" and len(rest) >= 3:  # /namespaces/<ns>/<resource>...; /namespaces/<ns> alone is the namespace itself
+        namespace, rest = rest[1], rest[2:]
+    resource, name, subresource = rest[0], rest[1] if len(rest) > 1 else "", "/".join(rest[2:])
+    if rest[0] == "namespaces" and len(rest) >= 2:
+        namespace = rest[1]
+    watching = query.get("watch") in ("true", "1")
+    if method == "GET":
+        verb = "watch" if watching else ("get" if name else "list")
+    elif method == "DELETE" and not name:
+        verb = "deletecollection"
+    return Access(verb, group, resource, subresource, namespace, name)
 
 
 @dataclass
@@ -271,6 +334,11 @@ class FakeKube:
         with self._lock:
             return sum(1 for w in self._watches if resource is None or w.resource == resource)
 
+    def accesses(self) -> set[Access]:
+        """What the requests so far asked the authorizer for (see `Access`)."""
+        with self._lock:
+            return {r.access for r in self.requests}
+
     def count(self, resource: str, *, watch: bool) -> int:
         """Requests recorded for a resource's collection: lists (watch=False) or watches."""
         return sum(1 for r in list(self.requests) if _collection(r.path) == resource and r.watch == watch)
@@ -408,13 +476,26 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         return
 
-    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+    def _recorded(self) -> tuple[Any, dict[str, str], str]:
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
-        kube = self.kube
         auth = self.headers.get("Authorization", "")
-        with kube._lock:
-            kube.requests.append(RecordedRequest("GET", url.path, query, auth))
+        with self.kube._lock:
+            self.kube.requests.append(RecordedRequest(self.command, url.path, query, auth))
+        return url, query, auth
+
+    def _refuse_write(self) -> None:
+        self._recorded()
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        self._status(405, "MethodNotAllowed", f"{self.command} is not served by this stand-in: it only lists, watches and gets")
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = _refuse_write  # noqa: N815 - the http.server API
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        url, query, auth = self._recorded()
+        kube = self.kube
         if kube.outage:
             return self._status(503, "ServiceUnavailable", "the API server is down")
         if kube.token and auth != f"Bearer {kube.token}":
@@ -472,6 +553,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
+        # the connection is closed when the watch ends: say so, or a client may send its next request on it
+        self.send_header("Connection", "close")
         self.end_headers()
         deadline = None if timeout is None else _monotonic() + timeout
         try:

@@ -8,6 +8,11 @@ authentication: TLS always, then a bearer token (401 without it, 403 with
 another), a client certificate (the TLS handshake fails without one), or
 nothing.
 
+`FakeKubelet.accesses` names what each request served asks of the API
+server when the kubelet authorizes it (webhook mode, a SubjectAccessReview):
+`kubelet_access` maps a method and path as the kubelet does, so a test can
+hold a ClusterRole against what the receiver really requested.
+
 `summary_document` and `pod_list` build documents shaped as the kubelet's
 published types (``k8s.io/kubelet/pkg/apis/stats/v1alpha1`` Summary and a
 core/v1 PodList: the same field names, nesting and units) for any number of
@@ -25,9 +30,36 @@ from typing import AsyncIterator
 import trio
 
 from tapio.httpserver import Request, Response, open_http_listeners, serve_http_listeners
+from tapio.testing.fake_kube import Access
 from tapio.testing.otlpsink import _TLSListener
 
-__all__ = ["FakeKubelet", "open_fake_kubelet", "pod_list", "summary_document"]
+__all__ = ["FakeKubelet", "kubelet_access", "open_fake_kubelet", "pod_list", "summary_document"]
+
+#: kubelet path prefixes with a subresource of their own (any kubelet that authorizes through the API server)
+_SUBRESOURCES = {"/stats": "stats", "/metrics": "metrics", "/logs": "log", "/spec": "spec", "/checkpoint": "checkpoint"}
+#: paths the kubelet checks a fine-grained subresource for first, then nodes/proxy (KubeletFineGrainedAuthz:
+#: beta and on by default from Kubernetes 1.33, always on from 1.36; before, only nodes/proxy)
+_FINE_GRAINED = {"/pods": "pods", "/runningpods": "pods", "/healthz": "healthz", "/configz": "configz"}
+_VERB_OF_METHOD = {"GET": "get", "HEAD": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+def kubelet_access(method: str, path: str, node: str) -> tuple[Access, ...]:
+    """What the kubelet asks the API server to authorize for a request, in the order it asks.
+
+    One `Access` on ``nodes/<subresource>`` named ``node``; two for the
+    paths with a fine-grained subresource (``nodes/pods`` for ``/pods``),
+    whose second, ``nodes/proxy``, is what kubelets before 1.33 ask for and
+    newer ones fall back to. nodes/proxy also authorizes exec, attach and
+    port-forward in every container of the node.
+    """
+    verb = _VERB_OF_METHOD.get(method, method.lower())
+    path = "/" + path.strip("/")
+    for prefix, sub in _SUBRESOURCES.items():
+        if path == prefix or path.startswith(prefix + "/"):
+            return (Access(verb, "", "nodes", sub, name=node),)
+    proxy = Access(verb, "", "nodes", "proxy", name=node)
+    fine = _FINE_GRAINED.get(path.lower())
+    return (Access(verb, "", "nodes", fine, name=node), proxy) if fine else (proxy,)
 
 
 @dataclass
@@ -40,6 +72,17 @@ class FakeKubelet:
     requests: list[tuple[str, str]] = field(default_factory=list)
     #: when set, /stats/summary answers this status instead (e.g. 503)
     fail_with: int | None = None
+    #: when set, /pods answers this status instead (e.g. 403: a kubelet that does not grant it)
+    fail_pods_with: int | None = None
+    #: the node this kubelet runs on (the name it authorizes requests for)
+    node: str = "node-1"
+    #: (method, path) of each request served, in order
+    calls: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def accesses(self) -> set[tuple[Access, ...]]:
+        """What the requests so far asked to be authorized for: per request, the accesses the kubelet tries in turn."""
+        return {kubelet_access(method, path, self.node) for method, path in self.calls}
 
     @property
     def endpoint(self) -> str:
@@ -48,6 +91,7 @@ class FakeKubelet:
     async def handle(self, request: Request) -> Response:
         auth = next((v for k, v in request.headers if k.lower() == "authorization"), "")
         self.requests.append((request.path, auth))
+        self.calls.append((request.method, request.path))
         if self.token is not None:
             if not auth:
                 return Response(401, [("content-type", "text/plain")], b"Unauthorized")
@@ -58,6 +102,8 @@ class FakeKubelet:
                 return Response(self.fail_with, [("content-type", "text/plain")], b"failing on purpose")
             return Response(200, [("content-type", "application/json")], self.summary)
         if request.path == "/pods":
+            if self.fail_pods_with is not None:
+                return Response(self.fail_pods_with, [("content-type", "text/plain")], b"Forbidden (user=system:serviceaccount:observability:tapio, verb=get, resource=nodes, subresource=pods)")
             return Response(200, [("content-type", "application/json")], self.pods)
         return Response(404, [("content-type", "text/plain")], b"404 page not found")
 

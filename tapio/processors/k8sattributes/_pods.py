@@ -222,8 +222,6 @@ class PodCache:
         pod = self._parse(obj, meta, uid, name)
         if old is not None:
             self._unindex(old, keep=pod)
-            if old.owner is not None:
-                self._release_owner(old.owner)
         else:
             self.added += 1
         self.by_uid[uid] = pod
@@ -235,8 +233,11 @@ class PodCache:
         for cid in pod.containers:
             self.by_container[cid] = pod
         self.by_name[(pod.namespace, pod.name)] = pod
+        # hold the new owner before releasing the old: an update of an owner's only pod keeps what was looked up
         if pod.owner is not None:
             self._hold_owner(pod.owner, pod.namespace)
+        if old is not None and old.owner is not None:
+            self._release_owner(old.owner)
 
     def _parse(self, obj: dict, meta: dict, uid: str, name: str) -> Pod:
         spec = obj.get("spec") or {}

@@ -9,7 +9,9 @@ Invariants:
   milliseconds of work), under the receiver's own limiter of one thread.
 - A failed scrape (network, HTTP status, a document that is not a summary)
   is counted by reason and logged when the reason changes; the next scrape
-  happens on schedule. A failed /pods only leaves the utilisation out.
+  happens on schedule. A failed /pods only leaves the utilisation out; it
+  is counted by reason too and logged when the reason changes (a 403 names
+  the permission it lacks).
 - Scrapes start every ``collection_interval`` from the first, not from the
   end of the previous one; a scrape that overruns makes the next start late
   instead of two running at once.
@@ -73,6 +75,7 @@ class KubeletStatsReceiver:
         self._log = settings.logger
         self._limiter = trio.CapacityLimiter(1)
         self._last_failure = ""
+        self._last_pods_failure = ""
         #: completed scrapes (tests and benches wait on it)
         self.scrapes = 0
         self.scraped = trio.Event()
@@ -81,6 +84,7 @@ class KubeletStatsReceiver:
         for name, help_text in (
             ("tapio_kubeletstats_scrapes_total", "Scrapes of the kubelet's /stats/summary, by outcome (ok or the failure's reason)."),
             ("tapio_kubeletstats_points_skipped_total", "Summary values left out because they were missing or of the wrong type."),
+            ("tapio_kubeletstats_pod_specs_total", "Fetches of the kubelet's /pods for the utilization metrics, by outcome (ok or the failure's reason)."),
         ):
             settings.telemetry.declare(name, COUNTER, help_text)
 
@@ -141,6 +145,22 @@ class KubeletStatsReceiver:
             raise _Failed(f"http_{response.status_code}", f"GET {path}: HTTP {response.status_code} {response.text[:200]}")
         return response.content
 
+    async def _pod_specs(self, client: httpx.AsyncClient, headers: dict[str, str]) -> bytes | None:
+        """The kubelet's /pods, or None (counted, and logged when the reason changes): the utilization is left out."""
+        try:
+            pods_bytes = await self._get(client, "/pods", headers)
+        except (httpx.HTTPError, _Failed) as exc:
+            reason = exc.reason if isinstance(exc, _Failed) else type(exc).__name__.lower()
+            self._telemetry.add("tapio_kubeletstats_pod_specs_total", outcome=reason)
+            if reason != self._last_pods_failure:
+                hint = " (the service account needs get on nodes/pods, or nodes/proxy on kubelets before 1.33)" if reason == "http_403" else ""
+                self._log.warning("%s: %s%s: the utilization metrics are left out", self._settings.id, exc, hint)
+                self._last_pods_failure = reason
+            return None
+        self._telemetry.add("tapio_kubeletstats_pod_specs_total", outcome="ok")
+        self._last_pods_failure = ""
+        return pods_bytes
+
     async def scrape(self, client: httpx.AsyncClient, headers: dict[str, str]) -> None:
         """One scrape: fetch, parse, convert, hand on; failures are counted, never raised."""
         config = self._config
@@ -152,10 +172,7 @@ class KubeletStatsReceiver:
                 raise _Failed(type(exc).__name__.lower(), f"GET /stats/summary: {exc or type(exc).__name__}") from None
             pods_bytes = None
             if config.utilization and {"pod", "container"} & set(config.metric_groups):
-                try:
-                    pods_bytes = await self._get(client, "/pods", headers)
-                except (httpx.HTTPError, _Failed) as exc:
-                    self._log.debug("%s: no pod specs this scrape (%s): utilization left out", self._settings.id, exc)
+                pods_bytes = await self._pod_specs(client, headers)
             now = time.time_ns()
 
             def convert() -> tuple[Batch, int, str]:
