@@ -106,7 +106,9 @@ def test_the_configmap_runs_every_node_agent_receiver():
     pipes = pipelines()["service"]["pipelines"]
     assert {"ebpf", "dns-xdp", "journald", "cni-log", "cri", "kubeapi"} <= set(pipes["logs"]["receivers"])
     assert "kubeletstats" in pipes["metrics"]["receivers"]
-    assert all("k8sattributes" in p["processors"] for p in pipes.values())
+    assert all("k8sattributes" in p["processors"] for p in pipes.values() if p["receivers"] != ["correlate"])
+    # and the incidents the node's events make together
+    assert "correlate" in pipes["logs"]["exporters"] and pipes["traces/incidents"]["receivers"] == ["correlate"]
 
 
 def test_the_containerd_socket_answers_through_a_read_only_mount(tmp_path):
