@@ -24,7 +24,7 @@ import yaml
 
 from tapio.receivers.ebpf._loader import missing_capabilities
 from tapio.testing import fake_kube as fk
-from tapio.testing import prereq
+from tapio.testing import prereq, process
 from tapio.testing.fake_kubelet import as_bytes, open_fake_kubelet, pod_list, summary_document
 from tapio.testing.process import TapioProcess, free_port, metric_sum, tapio_command
 from tests.test_otlp_exporter_tls import certs  # noqa: F401  (the fixture: a CA and server certificates)
@@ -269,16 +269,12 @@ def kernel_config(tmp_path: Path, port: int) -> Path:
     return path
 
 
-def require_setpriv_as_root() -> str:
+def with_capabilities(caps: set[str]) -> list[str]:
+    """setpriv keeping only ``caps`` in the bounding set: uid 0 then holds those alone, as in the pod."""
     from tests.test_e2e import require_ebpf
 
     require_ebpf()
-    return prereq.command("setpriv", "apt-get install util-linux")
-
-
-def with_capabilities(caps: set[str]) -> list[str]:
-    """setpriv keeping only ``caps`` in the bounding set: uid 0 then holds those alone, as in the pod."""
-    return [require_setpriv_as_root(), "--bounding-set", "-all" + "".join(f",+{c.lower()}" for c in sorted(caps)), "--"]
+    return process.with_capabilities(caps)
 
 
 def test_the_daemonsets_capabilities_are_enough_for_the_kernel_receivers(tmp_path):

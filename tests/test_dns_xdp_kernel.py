@@ -590,9 +590,9 @@ async def test_without_cap_sys_admin_an_unheld_xdp_program_is_left_alone_and_the
     XDP program (or another tool's pinned one) is then left where it is, said with what to do, and counted;
     the interface is not attached in xdp mode and everything else runs. In the agent's own network namespace
     (entering another one takes CAP_SYS_ADMIN too): a veth pair of the test's own there."""
-    from tapio.testing.process import TapioProcess, free_port, metric_sum
+    from tapio.testing.process import TapioProcess, free_port, metric_sum, with_capabilities
 
-    setpriv = prereq.command("setpriv", "apt-get install util-linux")
+    wrap = with_capabilities({"BPF", "NET_ADMIN", "PERFMON"})
     a, b = f"tpsa{os.getpid() % 10000}", f"tpsb{os.getpid() % 10000}"
     subprocess.run(["ip", "link", "add", a, "type", "veth", "peer", "name", b], check=True)
     try:
@@ -616,7 +616,7 @@ async def test_without_cap_sys_admin_an_unheld_xdp_program_is_left_alone_and_the
                 proc.wait_exit(10)
             stale = xdp_id()
             assert stale is not None, "the killed agent's XDP program should outlive it"
-            with TapioProcess([config], metrics_port=port, wrap=[setpriv, "--bounding-set", "-all,+bpf,+net_admin,+perfmon", "--"]) as proc:
+            with TapioProcess([config], metrics_port=port, wrap=wrap) as proc:
                 proc.wait_ready(60)
                 return stale, proc.metrics(), proc.stderr
 

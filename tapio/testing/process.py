@@ -18,9 +18,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import httpx
+
+from tapio.testing import prereq
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,6 +73,12 @@ def _bindable(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def with_capabilities(caps: Iterable[str]) -> list[str]:
+    """A command prefix (setpriv) under which uid 0 keeps only ``caps`` in its bounding set, as in a pod that adds just those."""
+    setpriv = prereq.command("setpriv", "apt-get install util-linux")
+    return [setpriv, "--bounding-set", "-all" + "".join(f",+{c.lower()}" for c in sorted(caps)), "--"]
 
 
 def tapio_command() -> list[str]:

@@ -82,7 +82,7 @@ def tc_filter_is_stale(name: str) -> bool:
     return _start_time(pid) != start
 
 
-def _close_opened(future: Future[nl.Netlink]) -> None:
+def _close_opened(future: Future[Any]) -> None:
     if not future.cancelled() and future.exception() is None:
         future.result().close()
 
@@ -116,28 +116,30 @@ class Attachments:
         self._tc_names = {prog: tc_filter_name(prog, pid, start) for prog in (TC_INGRESS_PROG, TC_EGRESS_PROG)}
         self._routes: dict[tuple[int, bytes], tuple[float, bool, int]] = {}
 
-    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` on the netlink thread; a deadline or cancellation stops the wait, not the call."""
+    async def _call(self, fn: Callable[..., Any], *args: Any, close_abandoned: bool = False) -> Any:
+        """``fn(*args)`` on the netlink thread; a deadline or cancellation stops the wait, not the call.
+
+        With ``close_abandoned``, what an abandoned call returns is closed on that thread once it is made
+        (pyroute2 closes a connection's asyncio loop only from the thread that made it).
+        """
         future = self._executor.submit(fn, *args)
-        with trio.fail_after(NETLINK_TIMEOUT):
-            return await trio.to_thread.run_sync(future.result, abandon_on_cancel=True)
+        try:
+            with trio.fail_after(NETLINK_TIMEOUT):
+                return await trio.to_thread.run_sync(future.result, abandon_on_cancel=True)
+        except BaseException:
+            if close_abandoned:
+                self._executor.submit(_close_opened, future)
+            raise
 
     # -- lifecycle
 
     async def open(self) -> list[nl.Link]:
         """Connect to the namespace; remove stale attachments; attach to every matching interface. Returns the links seen."""
         netns = nl.netns_path(self._config.network_namespace) if self._config.network_namespace else ""
-        future = self._executor.submit(nl.Netlink, netns)
         try:
-            with trio.fail_after(NETLINK_TIMEOUT):
-                self._netlink = await trio.to_thread.run_sync(future.result, abandon_on_cancel=True)
+            self._netlink = await self._call(nl.Netlink, netns, close_abandoned=True)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot open rtnetlink in {netns or 'the agent’s network namespace'}: {exc.strerror}") from None
-        except BaseException:
-            # abandoned (cancelled or timed out) while the thread opens it: close it there once it is open, or its
-            # asyncio loop and sockets outlive the receiver (pyroute2 closes a loop only in the thread that made it)
-            self._executor.submit(_close_opened, future)
-            raise
         links = await self._call(self._netlink.links)
         await self._call(self._sweep_stale_blocking, links)
         links = await self._call(self._netlink.links)
