@@ -407,3 +407,21 @@ async def test_fallback_files_are_read_when_no_file_matches(tmp_path):
             write_lines(tmp_path / "real" / "cni.log", [calico_line(7)])
             await sink.wait_for_count(10)
     assert seqs(sink) == [7]
+
+
+async def test_a_backlog_longer_than_one_turn_is_read_without_waiting_for_a_poll_or_a_change(tmp_path):
+    """A file far longer than one turn's chunks (a node's existing log with start_at beginning) is read to its
+    end at once: with no write, no poll (an hour away) and no partial line to flush to come, each turn with more
+    to read asks for the next (they once waited for one of those: ~4 chunks a second on a busy file)."""
+    from tapio.receivers._tail._tailer import CHUNKS_PER_TURN, READ_CHUNK
+
+    log = tmp_path / "cni.log"
+    line = calico_line(0)
+    total = (CHUNKS_PER_TURN * READ_CHUNK * 5) // (len(line) + 1)
+    write_lines(log, [calico_line(i) for i in range(total)])
+    h = Harness(tmp_path, None)
+    sink = RecordingConsumer(ack=True)
+    with trio.fail_after(DEADLINE):
+        async with h.run(sink, include=[str(tmp_path / "*.log")], start_at="beginning", poll_interval="1h", force_flush_period="0s"):
+            await sink.wait_for_count(total)
+    assert seqs(sink) == list(range(total))

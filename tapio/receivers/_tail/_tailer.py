@@ -501,6 +501,7 @@ class Tailer:
                 return False
             if result.eof:
                 return False
+        of.wanted = True  # more to read: the next round of the follow loop reads on (not the next poll or change)
         return True
 
     def _read(self, of: _Open, force: bool) -> _ReadResult:
