@@ -24,7 +24,7 @@ APT_PACKAGES=(
     containernetworking-plugins   # CNI bridge/host-local/loopback/portmap in /usr/lib/cni: pod sandboxes get a netns and an IP
     busybox-static      # /bin/busybox: the tests build their pause and busybox OCI images from it (no registry is reachable)
     iptables            # the CNI portmap plugin
-    gcc python3-dev     # the ebpf receiver's compiled record writer (tapio/receivers/ebpf/_hotloop.c, built below)
+    gcc python3-dev     # tapio's compiled modules (the ebpf receiver's _hotloop.c, _wirejson.c; built below)
 )
 
 missing=()
@@ -107,17 +107,21 @@ if [ -d /usr/lib/python3/dist-packages/systemd ] && [ ! -e "$purelib/systemd" ];
     ln -sfn /usr/lib/python3/dist-packages/systemd "$purelib/systemd"
 fi
 
-# The ebpf receiver's compiled record writer, built against the venv's interpreter (Debian's python3)
-# whenever its source is newer than the module. Optional: without it the receiver writes records in
-# Python (and says so at start), so a failed build is reported and setup goes on.
-hot_src=tapio/receivers/ebpf/_hotloop.c
-hot_so="tapio/receivers/ebpf/_hotloop$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
-if [ ! -f "$hot_so" ] || [ "$hot_src" -nt "$hot_so" ]; then
-    echo "setup: building $hot_so" >&2
-    py_include=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
-    gcc -O2 -Wall -Wextra -Werror -shared -fPIC -I"$py_include" -o "$hot_so.tmp" "$hot_src" && mv "$hot_so.tmp" "$hot_so" \
-        || { rm -f "$hot_so.tmp"; echo "setup: building $hot_so failed; the ebpf receiver will write records in Python" >&2; }
-fi
+# tapio's compiled modules, built against the venv's interpreter (Debian's python3) whenever a source is
+# newer than its module. Optional: without one the Python code it stands in for runs (the ebpf receiver
+# says so at start), so a failed build is reported and setup goes on.
+#   tapio/receivers/ebpf/_hotloop.c  the ebpf receiver's record writer
+#   tapio/_wirejson.c                OTLP/JSON from protobuf bytes (otlpjson.encode_serialized, the file exporter)
+ext_suffix=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+py_include=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+for ext_src in tapio/receivers/ebpf/_hotloop.c tapio/_wirejson.c; do
+    ext_so="${ext_src%.c}$ext_suffix"
+    if [ ! -f "$ext_so" ] || [ "$ext_src" -nt "$ext_so" ]; then
+        echo "setup: building $ext_so" >&2
+        gcc -O2 -Wall -Wextra -Werror -shared -fPIC -I"$py_include" -o "$ext_so.tmp" "$ext_src" && mv "$ext_so.tmp" "$ext_so" \
+            || { rm -f "$ext_so.tmp"; echo "setup: building $ext_so failed; the Python code it stands in for will run" >&2; }
+    fi
+done
 
 stamp=.venv/.tapio-installed
 want="v2-$(sha256sum pyproject.toml | cut -d' ' -f1)"

@@ -79,15 +79,32 @@ def test_a_plain_install_ships_the_bpf_sources(plain_install: Path, tmp_path: Pa
     assert shipped and shipped <= set(json.loads(res.stdout))
 
 
-def test_a_plain_install_builds_the_ebpf_receivers_compiled_record_writer(plain_install: Path, tmp_path: Path):
-    """pip compiles _hotloop.c where gcc and Python's headers are (scripts/setup.sh installs both; the image's
-    build stage too); the installed receiver then takes it, as the start summary would say."""
+def _compiler_and_headers() -> None:
     import sysconfig
 
     prereq.command("gcc", "apt-get install gcc (scripts/setup.sh does)")
     if not Path(sysconfig.get_paths()["include"], "Python.h").exists():
         prereq.missing("Python's C headers", "apt-get install python3-dev (scripts/setup.sh does)")
+
+
+def test_a_plain_install_builds_the_ebpf_receivers_compiled_record_writer(plain_install: Path, tmp_path: Path):
+    """pip compiles _hotloop.c where gcc and Python's headers are (scripts/setup.sh installs both; the image's
+    build stage too); the installed receiver then takes it, as the start summary would say."""
+    _compiler_and_headers()
     probe = "from tapio.receivers.ebpf import _records; m, why = _records._load_compiled(); print(m.__file__ if m else why)"
     res = run(plain_install, "python", "-c", probe, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().startswith(str(plain_install.parent)), res.stdout  # the installed module, not the tree's
+
+
+def test_a_plain_install_builds_the_compiled_otlp_json_walk(plain_install: Path, tmp_path: Path):
+    """pip compiles _wirejson.c likewise, and otlpjson.encode_serialized (the file exporter's JSON) takes it."""
+    _compiler_and_headers()
+    probe = ("from tapio import otlpjson; from tapio.pdata import Signal; c = otlpjson.COMPILED;"
+             "print(c.__file__ if c else otlpjson.COMPILED_UNUSED_REASON);"
+             "print(otlpjson.encode_serialized(Signal.LOGS.request_class, b'').decode(), otlpjson._WALKERS[Signal.LOGS.request_class] is not None)")
+    res = run(plain_install, "python", "-c", probe, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    where, used = res.stdout.splitlines()
+    assert where.startswith(str(plain_install.parent)), res.stdout  # the installed module, not the tree's
+    assert used == "{} True"
