@@ -94,6 +94,7 @@ typedef struct {
 typedef struct {
     const Walker *w;
     Out out;
+    const uint8_t *data_end; /* the end of the request's bytes: reads of 8 bytes at once stay before it */
 } Ctx;
 
 /* one field occurrence: its field, whether packed, a varint's value, its payload [s, e) */
@@ -404,26 +405,33 @@ static inline uint64_t special8(uint64_t x) {
 /* a string field's payload as a JSON string (WALK_GIVEUP when it is not UTF-8) */
 static int put_string(Ctx *c, const uint8_t *p, const uint8_t *end) {
     size_t n = (size_t)(end - p);
-    if (n > (PY_SSIZE_T_MAX - 2) / 6)
+    if (n > (PY_SSIZE_T_MAX - 10) / 6)
         return WALK_NOMEM;
-    RESERVE(c, n * 6 + 2);
+    RESERVE(c, n * 6 + 10); /* 6 per byte at most, the quotes, 8 written at once past the last byte */
     char *o = c->out.buf + c->out.len;
     *o++ = '"';
     while (p < end) {
-        /* eight bytes at a time while none of them is a control, '"', '\\' or >= 0x80 (room: 6 per byte) */
-        while (end - p >= 8) {
-            uint64_t x;
-            memcpy(&x, p, 8);
-            if (special8(x))
+        if (c->data_end - p >= 8) {
+            /* eight bytes at once: copied, then kept up to the first control, '"', '\\', byte >= 0x80 or the end */
+            size_t left = (size_t)(end - p);
+            memcpy(o, p, 8);
+            uint64_t special = special8(le64(p)); /* byte i in bits 8i..8i+7; the lowest flag is exact */
+            if (left < 8)
+                special |= (uint64_t)0x80 << (8 * left);
+            if (!special) {
+                o += 8;
+                p += 8;
+                continue;
+            }
+            unsigned k = (unsigned)__builtin_ctzll(special) >> 3;
+            o += k;
+            p += k;
+            if (p == end)
                 break;
-            memcpy(o, &x, 8);
-            o += 8;
-            p += 8;
-        }
-        while (p < end && CHAR_CLASS[*p] == 0)
+        } else if (CHAR_CLASS[*p] == 0) { /* the last bytes of the request: one at a time */
             *o++ = (char)*p++;
-        if (p == end)
-            break;
+            continue;
+        }
         uint8_t b = *p;
         switch (CHAR_CLASS[b]) {
         case 1:
@@ -967,8 +975,8 @@ static PyObject *Walker_encode(Walker *self, PyObject *arg) {
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    Ctx c = {self, {NULL, NULL, 0, 0}};
     const uint8_t *p = view.buf;
+    Ctx c = {self, {NULL, NULL, 0, 0}, p + view.len};
     int r = WALK_NOMEM;
     if ((size_t)view.len < (size_t)PY_SSIZE_T_MAX / 4) {
         c.out.cap = (size_t)view.len * 2 + 64; /* OTLP/JSON is ~1.5 times the protobuf bytes */
