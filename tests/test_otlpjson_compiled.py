@@ -404,6 +404,17 @@ def test_strings_escaped_as_the_json_module_does():
         check(LogRecord, _log(severity_text=s, body=AnyValue(string_value=s)), must_walk=True)
 
 
+def test_strings_with_a_byte_to_escape_at_every_position():
+    """The walk copies 16 and 8 bytes at a time up to the first byte to escape: every position of one, in strings
+    followed by more bytes and in strings that end the request (where it copies one byte at a time)."""
+    for length in range(1, 40):
+        for at in range(length):
+            for special in ('"', "\\", "\n", "\x01", "\x1f", " ", "\x7f", "\u00e9", "\U0001f600"):
+                s = "a" * at + special + "b" * (length - at - 1)
+                check(LogRecord, _log(severity_text=s), must_walk=True)  # the last bytes of the request
+                check(LogRecord, _log(severity_text=s, event_name="x" * 20), must_walk=True)
+
+
 def test_invalid_utf8_gives_up_and_protobuf_decides():
     for bad in (b"\xff", b"\xc0\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xe2\x82", b"a\x80", b"\xf8\x88\x80\x80\x80"):
         data = b"\x1a" + bytes([len(bad)]) + bad  # severity_text
