@@ -44,9 +44,15 @@ GOAL_US = 1.5
 T0 = 1_733_300_000_000_000_000
 
 
-def _resource(attrs, node: str) -> None:
-    for k, v in (("host.name", node), ("k8s.node.name", node), ("service.name", "tapio")):
+def _attrs(attrs, strings=(), ints=()) -> None:
+    for k, v in strings:
         attrs.add(key=k).value.string_value = v
+    for k, v in ints:
+        attrs.add(key=k).value.int_value = v
+
+
+def _resource(attrs, node: str) -> None:
+    _attrs(attrs, (("host.name", node), ("k8s.node.name", node), ("service.name", "tapio")))
 
 
 def logs_request(n: int) -> ExportLogsServiceRequest:
@@ -63,12 +69,10 @@ def logs_request(n: int) -> ExportLogsServiceRequest:
                 f'host="node-7" ContainerID="{cid}" Namespace="shop" Pod="{pod}"')
         r = sl.log_records.add(time_unix_nano=T0 + i * 1000, observed_time_unix_nano=T0 + i * 1000 + 5, severity_number=9, severity_text="INFO")
         r.body.string_value = body
-        for k, v in (("log.file.name", "cni.log"), ("log.file.path", "/var/log/calico/cni/cni.log"), ("cni.plugin", "calico"),
-                     ("cni.log.style", "calico"), ("cni.operation", "ADD"), ("container.id", cid), ("k8s.namespace.name", "shop"),
-                     ("k8s.pod.name", pod), ("network.interface.name", "eth0"), ("cni.result", "Successfully claimed IPs")):
-            r.attributes.add(key=k).value.string_value = v
-        r.attributes.add(key="process.pid").value.int_value = 1000 + i % 9000
-        r.attributes.add(key="code.lineno").value.int_value = 1235
+        _attrs(r.attributes, (("log.file.name", "cni.log"), ("log.file.path", "/var/log/calico/cni/cni.log"), ("cni.plugin", "calico"),
+                              ("cni.log.style", "calico"), ("cni.operation", "ADD"), ("container.id", cid), ("k8s.namespace.name", "shop"),
+                              ("k8s.pod.name", pod), ("network.interface.name", "eth0"), ("cni.result", "Successfully claimed IPs")),
+               (("process.pid", 1000 + i % 9000), ("code.lineno", 1235)))
         r.attributes.add(key="cni.ips").value.array_value.values.add().string_value = ip
     return req
 
@@ -100,9 +104,8 @@ def metrics_request(n: int) -> ExportMetricsServiceRequest:
                     p.as_int = i * 7919
                 else:
                     p.as_double = i * 0.37
-            for k, v in (("k8s.namespace.name", f"ns-{i % 20}"), ("k8s.pod.name", f"pod-{i}"), ("container", "app"), ("direction", "rx")):
-                p.attributes.add(key=k).value.string_value = v
-            p.attributes.add(key="interface.index").value.int_value = i % 8
+            _attrs(p.attributes, (("k8s.namespace.name", f"ns-{i % 20}"), ("k8s.pod.name", f"pod-{i}"), ("container", "app"), ("direction", "rx")),
+                   (("interface.index", i % 8),))
         made += min(100, n - made)
     return req
 
@@ -116,11 +119,10 @@ def traces_request(n: int) -> ExportTraceServiceRequest:
     for i in range(n):
         s = ss.spans.add(trace_id=(i * 7919).to_bytes(16, "big"), span_id=(i + 1).to_bytes(8, "big"), parent_span_id=(i + 2).to_bytes(8, "big"),
                          name="tcp.connect", kind=3, start_time_unix_nano=T0 + i, end_time_unix_nano=T0 + i + 150_000)
-        for k, v in (("network.peer.address", f"10.96.{i % 250}.{i % 200}"), ("network.transport", "tcp"), ("k8s.pod.name", f"pod-{i % 300}"),
-                     ("k8s.namespace.name", "shop"), ("process.executable.name", "curl"), ("container.id", f"{i:064x}")):
-            s.attributes.add(key=k).value.string_value = v
-        s.attributes.add(key="network.peer.port").value.int_value = 443
-        s.attributes.add(key="process.pid").value.int_value = 4000 + i
+        _attrs(s.attributes, (("network.peer.address", f"10.96.{i % 250}.{i % 200}"), ("network.transport", "tcp"),
+                              ("k8s.pod.name", f"pod-{i % 300}"), ("k8s.namespace.name", "shop"), ("process.executable.name", "curl"),
+                              ("container.id", f"{i:064x}")),
+               (("network.peer.port", 443), ("process.pid", 4000 + i)))
         ev = s.events.add(time_unix_nano=T0 + i + 100, name="tcp.state")
         ev.attributes.add(key="tcp.state").value.string_value = "ESTABLISHED"
         s.status.code = 1

@@ -27,7 +27,7 @@
  * protobuf (truncated, a varint beyond 64 bits, a tag beyond 5 bytes, field number 0, groups, a
  * known field in another wire type), a bool other than 0 or 1, a singular message field twice (the
  * parser would merge them), two members of one oneof, nesting deeper than 64 levels. The Python
- * path gives up on all of these too, and protobuf's parser then decides.
+ * walk gives up on these too (it reads tags of up to 10 bytes), and then protobuf's parser decides.
  *
  * The GIL is held throughout: the walk reads `data` and writes its own buffer only.
  */
@@ -76,12 +76,26 @@ typedef struct {
     int16_t direct[DIRECT];
 } Msg;
 
+/* A KeyValue's JSON text by its bytes: attributes repeat from record to record (the same file, plugin,
+ * namespace, operation). Direct-mapped, a slot replaced by the next KeyValue that hashes to it. Only a
+ * KeyValue whose value is a scalar (no array or kvlist under it) is kept: its text is the same wherever
+ * it is met. */
+#define KV_CACHE_SLOTS 512 /* a power of two */
+#define KV_CACHE_KEY 64    /* KeyValue bytes at most this long */
+#define KV_CACHE_TEXT 192  /* and their text at most this long */
+typedef struct {
+    uint16_t key_len, text_len; /* key_len 0: empty */
+    uint8_t key[KV_CACHE_KEY];
+    char text[KV_CACHE_TEXT];
+} KvSlot;
+
 typedef struct {
     PyObject_HEAD
     Msg *msgs;
     uint32_t nmsgs;
     Field *fields;
-    char *text; /* the prefixes */
+    char *text;        /* the prefixes */
+    KvSlot *kv_cache;  /* made at the first encode */
 } Walker;
 
 /* walk results */
@@ -97,7 +111,9 @@ typedef struct {
 typedef struct {
     const Walker *w;
     Out out;
-    const uint8_t *data_end; /* the end of the request's bytes: reads of 8 bytes at once stay before it */
+    const uint8_t *data_end; /* the end of the request's bytes: reads of 16 or 8 bytes at once stay before it */
+    KvSlot *kv_cache;
+    uint64_t messages;       /* messages walked so far */
 } Ctx;
 
 /* one field occurrence: its field, whether packed, a varint's value, its payload [s, e) */
@@ -127,22 +143,21 @@ static int grow(Out *o, size_t n) {
 #define RESERVE(c, n)                                                          \
     do {                                                                       \
         if ((c)->out.cap - (c)->out.len < (size_t)(n) && grow(&(c)->out, (n))) \
-            return WALK_NOMEM;                                                    \
+            return WALK_NOMEM;                                                 \
     } while (0)
 /* after RESERVE: a field's prefix (its text is padded: PREFIX_COPY bytes may be read at once) */
 #define PREFIX_COPY 16
-#define PUT_PREFIX(c, f)                                                    \
-    do {                                                                    \
-        if ((f)->prefix_len <= PREFIX_COPY)                                 \
-            memcpy((c)->out.buf + (c)->out.len, (f)->prefix, PREFIX_COPY); \
-        else                                                                \
+#define PUT_PREFIX(c, f)                                                       \
+    do {                                                                       \
+        if ((f)->prefix_len <= PREFIX_COPY)                                    \
+            memcpy((c)->out.buf + (c)->out.len, (f)->prefix, PREFIX_COPY);     \
+        else                                                                   \
             memcpy((c)->out.buf + (c)->out.len, (f)->prefix, (f)->prefix_len); \
-        (c)->out.len += (f)->prefix_len;                                    \
+        (c)->out.len += (f)->prefix_len;                                       \
     } while (0)
 /* after RESERVE */
 #define PUTC(c, ch) ((c)->out.buf[(c)->out.len++] = (char)(ch))
 #define PUTS(c, s, n) (memcpy((c)->out.buf + (c)->out.len, (s), (n)), (c)->out.len += (n))
-#define PUT_LIT(c, lit) PUTS(c, lit, sizeof(lit) - 1)
 
 static inline int put(Ctx *c, const char *s, size_t n) {
     RESERVE(c, n);
@@ -294,36 +309,27 @@ static char *fmt_u64(char *p, uint64_t v) {
     return p;
 }
 
-static char *fmt_i64(char *p, int64_t v) {
-    if (v < 0) {
+/* a decimal integer (-magnitude when negative), in quotes for 64-bit fields */
+static int put_number(Ctx *c, uint64_t magnitude, int negative, int quoted) {
+    RESERVE(c, 24);
+    char *p = c->out.buf + c->out.len;
+    if (quoted)
+        *p++ = '"';
+    if (negative)
         *p++ = '-';
-        return fmt_u64(p, (uint64_t)0 - (uint64_t)v);
-    }
-    return fmt_u64(p, (uint64_t)v);
-}
-
-static int put_int(Ctx *c, int64_t v, int quoted) {
-    RESERVE(c, 24);
-    char *p = c->out.buf + c->out.len;
-    if (quoted)
-        *p++ = '"';
-    p = fmt_i64(p, v);
+    p = fmt_u64(p, magnitude);
     if (quoted)
         *p++ = '"';
     c->out.len = (size_t)(p - c->out.buf);
     return WALK_OK;
 }
 
-static int put_uint(Ctx *c, uint64_t v, int quoted) {
-    RESERVE(c, 24);
-    char *p = c->out.buf + c->out.len;
-    if (quoted)
-        *p++ = '"';
-    p = fmt_u64(p, v);
-    if (quoted)
-        *p++ = '"';
-    c->out.len = (size_t)(p - c->out.buf);
-    return WALK_OK;
+static inline int put_int(Ctx *c, int64_t v, int quoted) {
+    return v < 0 ? put_number(c, (uint64_t)0 - (uint64_t)v, 1, quoted) : put_number(c, (uint64_t)v, 0, quoted);
+}
+
+static inline int put_uint(Ctx *c, uint64_t v, int quoted) {
+    return put_number(c, v, 0, quoted);
 }
 
 /* otlpjson._encode_double: repr of a finite double, "NaN", "Infinity", "-Infinity" */
@@ -613,6 +619,47 @@ static int write_key_value(Ctx *c, uint32_t any_value, const uint8_t *p, const u
     return put(c, "}", 1);
 }
 
+static inline uint64_t kv_hash(const uint8_t *p, size_t n, const uint8_t *data_end) {
+    uint64_t h = (uint64_t)n * 0x9E3779B97F4A7C15ULL;
+    for (; n >= 8; p += 8, n -= 8) {
+        h = (h ^ le64(p)) * 0xFF51AFD7ED558CCDULL;
+        h ^= h >> 29;
+    }
+    if (n) {
+        uint64_t x = 0;
+        if (data_end - p >= 8) {
+            x = le64(p) & (((uint64_t)1 << (8 * n)) - 1);
+        } else {
+            for (size_t i = 0; i < n; i++)
+                x |= (uint64_t)p[i] << (8 * i);
+        }
+        h = (h ^ x) * 0xFF51AFD7ED558CCDULL;
+    }
+    return h ^ (h >> 32);
+}
+
+/* write_key_value through the cache */
+static int write_key_value_cached(Ctx *c, uint32_t any_value, const uint8_t *p, const uint8_t *end, int depth) {
+    size_t n = (size_t)(end - p);
+    KvSlot *slot = NULL;
+    if (c->kv_cache != NULL && n > 0 && n <= KV_CACHE_KEY && depth + 1 <= WALK_DEPTH) {
+        slot = &c->kv_cache[kv_hash(p, n, c->data_end) & (KV_CACHE_SLOTS - 1)];
+        if (slot->key_len == n && memcmp(slot->key, p, n) == 0)
+            return put(c, slot->text, slot->text_len);
+    }
+    size_t mark = c->out.len;
+    uint64_t messages = c->messages;
+    int r = write_key_value(c, any_value, p, end, depth);
+    size_t len = c->out.len - mark;
+    if (r == WALK_OK && slot != NULL && c->messages - messages <= 1 && len <= KV_CACHE_TEXT) {
+        slot->key_len = (uint16_t)n;
+        slot->text_len = (uint16_t)len;
+        memcpy(slot->key, p, n);
+        memcpy(slot->text, c->out.buf + mark, len);
+    }
+    return r;
+}
+
 /* one value of field f (not packed) */
 static int write_value(Ctx *c, const Field *f, const Occ *o, int depth) {
     uint64_t v = o->v;
@@ -620,7 +667,7 @@ static int write_value(Ctx *c, const Field *f, const Occ *o, int depth) {
     case K_MESSAGE:
         return write_message(c, (uint32_t)f->sub, o->s, o->e, depth + 1);
     case K_KEY_VALUES:
-        return write_key_value(c, (uint32_t)f->sub, o->s, o->e, depth + 1);
+        return write_key_value_cached(c, (uint32_t)f->sub, o->s, o->e, depth + 1);
     case K_INT64:
         return put_int(c, (int64_t)v, 1);
     case K_UINT64:
@@ -792,6 +839,7 @@ static int write_message_any_order(Ctx *c, const Msg *m, const uint8_t *begin, c
 static int write_message(Ctx *c, uint32_t mi, const uint8_t *p, const uint8_t *end, int depth) {
     if (depth > WALK_DEPTH)
         return WALK_GIVEUP;
+    c->messages++;
     const Msg *m = &c->w->msgs[mi];
     const uint8_t *begin = p;
     size_t mark = c->out.len;
@@ -843,6 +891,7 @@ static void Walker_dealloc(Walker *self) {
     PyMem_Free(self->msgs);
     PyMem_Free(self->fields);
     PyMem_Free(self->text);
+    PyMem_Free(self->kv_cache);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -1002,8 +1051,12 @@ static PyObject *Walker_encode(Walker *self, PyObject *arg) {
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
         return NULL;
+    if (self->kv_cache == NULL && (self->kv_cache = PyMem_Calloc(KV_CACHE_SLOTS, sizeof(KvSlot))) == NULL) {
+        PyBuffer_Release(&view);
+        return PyErr_NoMemory();
+    }
     const uint8_t *p = view.buf;
-    Ctx c = {self, {NULL, NULL, 0, 0}, p + view.len};
+    Ctx c = {self, {NULL, NULL, 0, 0}, p + view.len, self->kv_cache, 0};
     int r = WALK_NOMEM;
     if ((size_t)view.len < (size_t)PY_SSIZE_T_MAX / 4) {
         c.out.cap = (size_t)view.len * 2 + 64; /* OTLP/JSON is ~1.5 times the protobuf bytes */

@@ -189,15 +189,7 @@ def _fields(data: bytes):
     return out
 
 
-def _read_varint(data: bytes, i: int):
-    shift = v = 0
-    while True:
-        b = data[i]
-        i += 1
-        v |= (b & 0x7F) << shift
-        if b < 0x80:
-            return v, i
-        shift += 7
+_read_varint = otlpjson._read_varint
 
 
 _PACKED_WIRE = {F.TYPE_DOUBLE: 1, F.TYPE_FIXED64: 1, F.TYPE_SFIXED64: 1, F.TYPE_FLOAT: 5, F.TYPE_FIXED32: 5, F.TYPE_SFIXED32: 5}
@@ -357,6 +349,34 @@ def test_a_huge_request():
     metrics.resource_metrics.add().scope_metrics.add().metrics.add(name="h").histogram.data_points.append(point)
     assert check(ExportLogsServiceRequest, req.SerializeToString(), must_walk=True)
     assert check(ExportMetricsServiceRequest, metrics.SerializeToString(), must_walk=True)
+
+
+def test_repeated_attributes_through_the_cache():
+    """Attributes are kept by their bytes in a bounded cache: many more distinct ones than it holds, met again in
+    another order, beside the same bytes under arrays and kvlists (never kept: their text could depend on depth)."""
+    rnd = random.Random(5)
+    kvs = [KeyValue(key=f"k{i % 97}", value=AnyValue(string_value=f"v{i}") if i % 3 else AnyValue(int_value=i)) for i in range(3000)]
+    kvs += [KeyValue(key="", value=AnyValue(bool_value=True)), KeyValue(key="only"), KeyValue(key="e", value=AnyValue())]
+    nested = [KeyValue(key="n", value=AnyValue(kvlist_value={"values": kvs[:3]})), KeyValue(key="a", value=AnyValue(array_value={"values": [kvs[0].value]}))]
+    for _ in range(3):
+        req = ExportLogsServiceRequest()
+        scope = req.resource_logs.add().scope_logs.add()
+        for _ in range(300):
+            scope.log_records.add(attributes=rnd.sample(kvs, 12) + nested)
+        check(ExportLogsServiceRequest, req.SerializeToString(), must_walk=True)
+
+
+def test_a_cached_attribute_met_again_near_the_depth_limit():
+    kv = KeyValue(key="k", value=AnyValue(string_value="v"))
+    walked = []
+    for levels in range(18, 24):  # AnyValue > KeyValueList > KeyValue: three levels each
+        value = AnyValue(kvlist_value={"values": [kv]}).SerializeToString()
+        for _ in range(levels):
+            kvl = b"\x0a" + _varint(len(b"\x0a\x01x\x12" + _varint(len(value)) + value)) + b"\x0a\x01x\x12" + _varint(len(value)) + value
+            value = b"\x32" + _varint(len(kvl)) + kvl  # AnyValue.kvlist_value
+        data = _log(attributes=[kv]) + b"\x2a" + _varint(len(value)) + value  # the attribute first, then deep in the body
+        walked.append(check(LogRecord, data) is not None)
+    assert walked == [True, True, False, False, False, False]  # the innermost string at depth 59, 62, 65...: the walk stops at 64
 
 
 def test_an_empty_request_and_empty_elements():
