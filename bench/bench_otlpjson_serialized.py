@@ -51,16 +51,18 @@ def _attrs(attrs, strings=(), ints=()) -> None:
         attrs.add(key=k).value.int_value = v
 
 
-def _resource(attrs, node: str) -> None:
-    _attrs(attrs, (("host.name", node), ("k8s.node.name", node), ("service.name", "tapio")))
+def _scope(resources, scopes: str, name: str):
+    """A new resource (a node's attributes) in ``resources`` and a new scope of its ``scopes`` field."""
+    resource = resources.add()
+    _attrs(resource.resource.attributes, (("host.name", "node-7"), ("k8s.node.name", "node-7"), ("service.name", "tapio")))
+    scope = getattr(resource, scopes).add()
+    scope.scope.name = name
+    return scope
 
 
 def logs_request(n: int) -> ExportLogsServiceRequest:
     req = ExportLogsServiceRequest()
-    rl = req.resource_logs.add()
-    _resource(rl.resource.attributes, "node-7")
-    sl = rl.scope_logs.add()
-    sl.scope.name = "tapio/cni-log"
+    sl = _scope(req.resource_logs, "scope_logs", "tapio/cni-log")
     for i in range(n):
         cid = f"{i * 7919:064x}"
         pod, ip = f"checkout-{i % 5000}", f"10.244.{i % 250}.{i % 200 + 2}"
@@ -79,10 +81,7 @@ def logs_request(n: int) -> ExportLogsServiceRequest:
 
 def metrics_request(n: int) -> ExportMetricsServiceRequest:
     req = ExportMetricsServiceRequest()
-    rm = req.resource_metrics.add()
-    _resource(rm.resource.attributes, "node-7")
-    sm = rm.scope_metrics.add()
-    sm.scope.name = "tapio/kubeletstats"
+    sm = _scope(req.resource_metrics, "scope_metrics", "tapio/kubeletstats")
     made = 0
     kinds = ("gauge", "sum", "histogram")
     while made < n:
@@ -112,10 +111,7 @@ def metrics_request(n: int) -> ExportMetricsServiceRequest:
 
 def traces_request(n: int) -> ExportTraceServiceRequest:
     req = ExportTraceServiceRequest()
-    rs = req.resource_spans.add()
-    _resource(rs.resource.attributes, "node-7")
-    ss = rs.scope_spans.add()
-    ss.scope.name = "tapio/ebpf"
+    ss = _scope(req.resource_spans, "scope_spans", "tapio/ebpf")
     for i in range(n):
         s = ss.spans.add(trace_id=(i * 7919).to_bytes(16, "big"), span_id=(i + 1).to_bytes(8, "big"), parent_span_id=(i + 2).to_bytes(8, "big"),
                          name="tcp.connect", kind=3, start_time_unix_nano=T0 + i, end_time_unix_nano=T0 + i + 150_000)

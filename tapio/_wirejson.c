@@ -206,18 +206,24 @@ static inline const Field *lookup(const Msg *m, uint32_t number) {
     return NULL;
 }
 
+/* a field's tag at *pp (< end): at most 5 bytes, below 2**32 */
+static inline int read_tag(const uint8_t **pp, const uint8_t *end, uint64_t *tag) {
+    const uint8_t *p = *pp;
+    if (*p < 0x80) {
+        *tag = *p;
+        *pp = p + 1;
+        return 0;
+    }
+    return read_varint(pp, end, tag) || *pp - p > 5 || *tag > UINT32_MAX ? -1 : 0;
+}
+
 /* The next known field of message m at *pp (unknown ones skipped): 1, 0 at the end, -1 not well-formed. */
 static inline int next_field(const Msg *m, const uint8_t **pp, const uint8_t *end, Occ *o) {
     const uint8_t *p = *pp;
     while (p < end) {
         uint64_t tag;
-        if (*p < 0x80) {
-            tag = *p++;
-        } else {
-            const uint8_t *t = p;
-            if (read_varint(&p, end, &tag) || p - t > 5 || tag > UINT32_MAX)
-                return -1;
-        }
+        if (read_tag(&p, end, &tag))
+            return -1;
         uint32_t number = (uint32_t)(tag >> 3);
         unsigned wire = tag & 7;
         const uint8_t *s = p;
@@ -564,13 +570,8 @@ static int write_key_value(Ctx *c, uint32_t any_value, const uint8_t *p, const u
     const uint8_t *key = p, *key_end = p, *value = NULL, *value_end = NULL;
     while (p < end) {
         uint64_t tag;
-        if (*p < 0x80) {
-            tag = *p++;
-        } else {
-            const uint8_t *t = p;
-            if (read_varint(&p, end, &tag) || p - t > 5 || tag > UINT32_MAX)
-                return WALK_GIVEUP;
-        }
+        if (read_tag(&p, end, &tag))
+            return WALK_GIVEUP;
         uint64_t number = tag >> 3, n;
         if (number == 0 || number > MAX_FIELD_NUMBER)
             return WALK_GIVEUP;
