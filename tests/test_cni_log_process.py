@@ -32,6 +32,11 @@ def calico_line(seq: int) -> str:
     )
 
 
+#: the receiver reads at most this far past its saved offset, and no BATCH_MAX + 1 lines fit in it (the first is the
+#: shortest): so a crash repeats at most one batch, however slow the checkpoint writes are (a starved node)
+MAX_UNSAVED = BATCH_MAX * (len(calico_line(0)) + 1)
+
+
 def config(tmp_path: Path, metrics: int, exporter: str, exporter_name: str) -> Path:
     cfg = tmp_path / "pipelines.yaml"
     cfg.write_text(f"""
@@ -40,6 +45,7 @@ receivers:
     include: ["{tmp_path}/logs/*.log"]
     start_at: beginning
     storage: storage
+    max_unsaved: {MAX_UNSAVED}
 processors:
   batch: {{send_batch_size: {BATCH_MAX}, send_batch_max_size: {BATCH_MAX}, timeout: 50ms}}
 exporters:

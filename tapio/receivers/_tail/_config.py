@@ -86,6 +86,10 @@ class TailSettings:
         doc="How often the globs are matched again and every open file is checked. Changes are seen at once through inotify; this is the fallback (and the only way on file systems without inotify).",
     )
     max_open_files: int = setting(256, doc="Most files tailed at once; more matching files wait (counted) until others are closed.")
+    max_unsaved: ByteSize = setting(
+        ByteSize(4 * 1024 * 1024),
+        doc="With `storage`: how far reading may run ahead of a file's saved offset. After a crash a file repeats at most this many bytes (one record, if a record is longer), however slow the checkpoint writes; reading waits for the next write when it is this far ahead. Keep it above what the batch processor's `send_batch_size` holds (records × their size), or that processor waits for its timeout before each send. `0`: no limit.",
+    )
     storage: StorageRef | None = setting(
         None,
         doc="The id of a storage extension (e.g. `storage`) to keep the read offsets in, so a restart resumes where delivery stopped. Empty: offsets are kept in memory only and `start_at` applies at every start.",

@@ -7,11 +7,20 @@ Invariants:
   same bytes as an open one is a copy of it (logrotate's copytruncate, a
   ``cp``) and is not read on its own. A file that begins like a file read
   before (this run, or a saved checkpoint) is read on from where that one
-  was left.
+  was left. A new file with fewer than `MIN_COPY_MATCH` bytes cannot be told
+  from a copy being filled (copytruncate creates the copy, then writes it):
+  it is opened but provisional, identified (and read) only once it has them,
+  or once it has stayed shorter, not empty, for a ``poll_interval``.
 - Rotation by rename: the renamed file is read to its end (a writer still
   holding it may add a few lines), closed once it has been out of the globs
-  for `ROTATED_GRACE` seconds; the new file at the name is a new identity,
-  read from its beginning.
+  for `ROTATED_GRACE` seconds (not while it still has records to deliver
+  or replay); the new file at the name is a new identity, read from its
+  beginning. Where inotify pairs the rename's two halves, the renamed file's
+  writes at its new name wake it like writes at the old. A matching file
+  renamed out of the globs before it was ever opened (the tailer starved for
+  the file's whole life) is followed to its new name by the same pair and
+  read as a rotated file; one moved out of the watched directories cannot
+  be, and is counted (``tapio_tail_files_missed_total``).
 - Truncation (copytruncate, truncate-and-rewrite): a file that got shorter
   than what was read, or whose first bytes changed, is read again from its
   beginning as a new identity; the old identity moves to a copy of the old
@@ -23,7 +32,8 @@ Invariants:
   inotify (see `_watch`), with a rescan and a check of every open file each
   ``poll_interval``; nothing busy-polls. A change of which files exist is
   scanned for at once by the watch task, also while the follow loop waits for
-  a read, so a file is open before it can be renamed out of the globs.
+  a read, so a file is open before it can be renamed out of the globs. A
+  file waiting for ``max_open_files`` is opened as soon as another closes.
 - Delivery: every batch covers a contiguous range of one file. A file's
   committed offset is the end of the longest run of its batches, from the
   first, that were delivered (``Batch.done(True)``); only committed offsets
@@ -35,8 +45,12 @@ Invariants:
 - Checkpoints go to the storage extension's worker thread as soon as a
   committed offset moves (coalesced while a write is in progress), and once
   more at shutdown after the batches in flight reported (bounded by the
-  shutdown grace). So after a SIGKILL a file repeats at most what was
-  delivered but not yet saved: the batches of one write.
+  shutdown grace). Reading never runs more than ``max_unsaved`` bytes past
+  a file's saved offset while some of what it handed on is unsaved: it waits
+  for the next write (however long the writes take: a starved node, a busy
+  storage). What a SIGKILL repeats is delivered-but-unsaved, a part of
+  what was read past the saved offset: at most ``max_unsaved`` bytes of a
+  file (or one record, when a record is longer).
 """
 
 from __future__ import annotations
@@ -64,7 +78,7 @@ from tapio.telemetry import COUNTER, GAUGE, ComponentTelemetry
 
 from ._config import TailSettings
 from ._lines import Lines, LineSplitter
-from ._watch import OVERFLOW, Watcher
+from ._watch import OVERFLOW, Change, Watcher
 
 #: bytes read per read call (one batch at most): ~1000 lines of a typical CNI log
 READ_CHUNK = 256 * 1024
@@ -117,6 +131,10 @@ class _Identity:
     backoff: float = BACKOFF_INITIAL
     retry_at: float = 0.0
     detached_at: float = 0.0
+    #: the committed offset the last checkpoint write saved (what a restart resumes from)
+    saved: int = 0
+    #: fewer than `MIN_COPY_MATCH` first bytes when found: not told from a copy yet, nothing read (see `_firm`)
+    provisional: bool = False
 
     def settled(self) -> bool:
         """Whether every batch handed on has reported."""
@@ -135,6 +153,10 @@ class _Open:
     last_growth: float
     gone_since: float | None = None
     wanted: bool = True
+    #: reading waits for a checkpoint write: it is `max_unsaved` ahead of the saved offset
+    gated: bool = False
+    #: for a provisional file: the size it had when last looked at, and since when
+    short_size: int = -1
 
 
 @dataclass(slots=True)
@@ -188,6 +210,8 @@ class Tailer:
         self._name = name
         self._storage = storage
         self._checkpoints = storage.checkpoints(f"receiver/{name}") if storage is not None else None
+        #: how far reading may run ahead of a file's saved offset (0: no limit; no storage: nothing is saved)
+        self._window = int(settings.max_unsaved) if self._checkpoints is not None else 0
         self._fallback = list(fallback_include)
         self._grace = shutdown_grace
         self._include = [os.path.expanduser(p) for p in settings.include]
@@ -222,8 +246,11 @@ class Tailer:
         t.declare("tapio_tail_rotations_total", COUNTER, "Rotations and rewrites seen, by kind (rename, truncate, rewrite, copy).")
         t.declare("tapio_tail_replays_total", COUNTER, "Times a file was read again from its last delivered offset because a batch was not delivered.")
         t.declare("tapio_tail_checkpoint_writes_total", COUNTER, "Transactions that saved read offsets to storage.")
+        t.declare("tapio_tail_files_missed_total", COUNTER, "Files that matched the globs but could not be read, by reason (moved_away: renamed out of the watched directories before they were opened).")
         t.gauge("tapio_tail_files_open", lambda: len(self._open))
+        t.declare("tapio_tail_files_waiting_for_save", GAUGE, "Files whose reading waits for a checkpoint write: max_unsaved ahead of their saved offset.")
         t.gauge("tapio_tail_files_waiting", lambda: self._waiting)
+        t.gauge("tapio_tail_files_waiting_for_save", lambda: sum(of.gated for of in self._open.values()))
 
     def _warn(self, path: str, reason: str, message: str, *args: Any) -> None:
         now = time.monotonic()
@@ -287,7 +314,7 @@ class Tailer:
                     more |= await self._turn(of)
             self._close_gone(trio.current_time())
             self._forget_detached(trio.current_time())
-            if more:
+            if more or self._rescan:
                 await trio.lowlevel.checkpoint()
                 continue
             deadline = min([next_poll, *self._deadlines()])
@@ -299,22 +326,95 @@ class Tailer:
 
     async def _watch_loop(self, watcher: Watcher) -> None:
         while True:
-            events = await watcher.wait()
-            for path, structural in events:
-                if path == OVERFLOW or structural:
-                    self._rescan = True
-                of = self._by_path.get(path)
-                if of is not None:
-                    of.wanted = True
-                elif not structural and any(fnmatch.fnmatch(path, p) for p in self._include):
-                    self._rescan = True  # a matching file not open yet changed (too short to open before, say)
+            followed = self._note(await watcher.wait())
             if self._rescan:
                 # at once, not when the follow loop is done reading: a file that is created and
                 # renamed out of the globs while a turn converts (a busy node) must be open by then
                 self._rescan = False
-                self._scan(startup=False, eager=True)
+                self._scan(startup=False)
                 watcher.watch(self._watch_dirs())
+            for path in followed:
+                self._follow_rename(path)
             self._wake.set()
+
+    def _note(self, changes: list[Change]) -> list[str]:
+        """Mark the files that changed; return the new names of files renamed out of the globs before they were opened.
+
+        The changes are replayed in order over the names (which open file is
+        at which name), so that of two files renamed away from one name in
+        one read of events, the one tapio holds open is told from the one it
+        never saw.
+        """
+        at: dict[str, _Open | None] = {}  # names whose file changed in these events: the open file now there, or None
+
+        def occupant(path: str) -> _Open | None:
+            return at[path] if path in at else self._by_path.get(path)
+
+        followed: list[str | None] = []
+        for ch in changes:
+            if ch.path == OVERFLOW or ch.structural:
+                self._rescan = True
+            of = occupant(ch.path)
+            if ch.kind == "move":
+                at[ch.path] = None
+                if ch.path in followed:  # renamed on again: follow it there (the scan finds it if back in the globs)
+                    i = followed.index(ch.path)
+                    if ch.moved_to is not None and self._included(ch.moved_to):
+                        del followed[i]
+                    else:
+                        followed[i] = ch.moved_to
+                    if ch.moved_to is not None:
+                        at[ch.moved_to] = None
+                    continue
+                if ch.moved_to is not None:
+                    at[ch.moved_to] = of
+                if of is not None:
+                    if ch.moved_to is not None and not self._included(ch.moved_to):
+                        self._by_path[ch.moved_to] = of  # out of the globs: its writes there still wake it
+                        of.wanted = True
+                elif self._included(ch.path) and (ch.moved_to is None or not self._included(ch.moved_to)):
+                    followed.append(ch.moved_to)  # never opened, and the next scan will not find it
+            elif ch.kind in ("create", "delete"):
+                at[ch.path] = None
+            elif of is not None:
+                of.wanted = True
+            elif self._included(ch.path):
+                self._rescan = True  # a matching file not open yet changed
+        out = []
+        for path in followed:
+            if path is None:
+                self._missed("moved_away", "a file matching the globs was moved out of the watched directories before it could be opened")
+            else:
+                out.append(path)
+        return out
+
+    def _follow_rename(self, path: str) -> None:
+        """A file that matched the globs was renamed to ``path``, out of them, before it was opened: read it as a rotated file."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            self._missed("moved_away", "a file matching the globs was renamed out of them and was gone before it could be opened")
+            return
+        key = (st.st_dev, st.st_ino)
+        if not stat.S_ISREG(st.st_mode) or key in self._open or key in self._shadows:
+            return
+        if len(self._open) >= self._cfg.max_open_files:
+            self._missed("max_open_files", "a file renamed out of the globs was not read: max_open_files (%d) are open" % self._cfg.max_open_files)
+            return
+        self._adopt(path, key, startup=False)
+        of = self._open.get(key)
+        if of is not None:
+            of.gone_since = trio.current_time()
+            of.wanted = True
+            self._tel.add("tapio_tail_rotations_total", kind="rename")
+            self._log.debug("%s: %s was renamed out of the globs before it was read: reading it there", self._name, path)
+
+    def _missed(self, reason: str, message: str) -> None:
+        self._tel.add("tapio_tail_files_missed_total", reason=reason)
+        self._warn("", "missed-" + reason, "%s", message)
+
+    def _included(self, path: str) -> bool:
+        return any(fnmatch.fnmatch(path, p) for p in self._include) and not any(fnmatch.fnmatch(path, p) for p in self._exclude)
 
     def _deadlines(self) -> list[float]:
         out = []
@@ -324,7 +424,7 @@ class Tailer:
                 out.append(of.last_growth + period)
             if of.ident.failed:
                 out.append(of.ident.retry_at)
-            if of.gone_since is not None:
+            if of.gone_since is not None and not of.ident.failed and not of.gated:
                 out.append(of.gone_since + ROTATED_GRACE)
         return out
 
@@ -351,12 +451,13 @@ class Tailer:
                     dirs.add(d)
         return dirs
 
-    def _scan(self, *, startup: bool, eager: bool = False) -> None:
+    def _scan(self, *, startup: bool) -> None:
         """Match the globs: open new files, note the ones that left.
 
-        ``eager`` (a scan on a change seen, not the periodic one): a new file
-        shorter than `MIN_COPY_MATCH` bytes is left for later, as it cannot be
-        told from a copy of an open file still being written (copytruncate's).
+        A new file shorter than `MIN_COPY_MATCH` bytes (after startup) is
+        opened but provisional: it cannot be told from a copy of an open file
+        still being written (copytruncate's, created empty and then filled),
+        so it is identified only when it has those bytes (see `_firm`).
         """
         seen: set[tuple[int, int]] = set()
         waiting = 0
@@ -382,8 +483,6 @@ class Tailer:
                 continue
             if key in self._shadows:
                 continue
-            if eager and st.st_size < MIN_COPY_MATCH:
-                continue  # its next write is seen, or the periodic scan takes it as it is
             if len(self._open) >= self._cfg.max_open_files:
                 waiting += 1
                 continue
@@ -417,14 +516,17 @@ class Tailer:
             os.close(fd)
             self._warn(path, "open", "cannot read %s: %s", path, e.strerror or e)
             return
-        ident = self._identify(path, head, st.st_size, startup)
+        if not startup and len(head) < MIN_COPY_MATCH:
+            ident: _Identity | None = _Identity(uuid.uuid4().hex, head, path, 0, 0, provisional=True)
+        else:
+            ident = self._identify(path, head, st.st_size, startup)
         if ident is None:
             os.close(fd)
             self._shadows.add(key)
             self._tel.add("tapio_tail_rotations_total", kind="copy")
             return
         position = ident.sent
-        of = _Open(path, fd, key, ident, self._splitter(position), trio.current_time())
+        of = _Open(path, fd, key, ident, self._splitter(position), trio.current_time(), short_size=len(head))
         self._open[key] = of
         self._by_path[path] = of
         self._log.debug("%s: tailing %s from offset %d", self._name, path, position)
@@ -443,14 +545,14 @@ class Tailer:
                 self._detached.remove(best)
                 best.path = path
                 if best.sent > size and not head.startswith(best.fp):
-                    best.sent = best.committed = 0
+                    best.sent = best.committed = best.saved = 0
                 if len(head) > len(best.fp):
                     best.fp = head
                     self._dirty.add(best)
                 return best
         beginning = not startup or self._cfg.start_at == "beginning" or (self.using_fallback and not self._matching_real(path))
         offset = 0 if beginning else size
-        ident = _Identity(uuid.uuid4().hex, head, path, offset, offset)
+        ident = _Identity(uuid.uuid4().hex, head, path, offset, offset, saved=offset)
         if self._checkpoints is not None and head:
             self._dirty.add(ident)
         return ident
@@ -472,6 +574,8 @@ class Tailer:
     async def _turn(self, of: _Open) -> bool:
         """Read up to `CHUNKS_PER_TURN` chunks of one file; True if it has more to read now."""
         of.wanted = False
+        if of.ident.provisional and not self._firm(of):
+            return False
         ident = of.ident
         if ident.failed:
             if not self._replay_ready(of, trio.current_time()):
@@ -480,8 +584,12 @@ class Tailer:
         for _ in range(CHUNKS_PER_TURN):
             now = trio.current_time()
             force = self._flush_due(of, now) or of.gone_since is not None and now - of.gone_since >= ROTATED_GRACE / 2
+            limit = self._room(of)
+            of.gated = limit == 0
+            if of.gated and not force:
+                return False  # `max_unsaved` ahead of the saved offset: read on once a checkpoint write saved more
             with trio.fail_after(READ_DEADLINE):
-                result = await trio.to_thread.run_sync(self._read, of, force, limiter=self._limiter, abandon_on_cancel=True)
+                result = await trio.to_thread.run_sync(self._read, of, force, limit, limiter=self._limiter, abandon_on_cancel=True)
             if result.reset:
                 self._reset(of, result.reset)
                 return True
@@ -504,8 +612,49 @@ class Tailer:
         of.wanted = True  # more to read: the next round of the follow loop reads on (not the next poll or change)
         return True
 
-    def _read(self, of: _Open, force: bool) -> _ReadResult:
-        """In the worker thread: check the file is still what was read, read the next chunk, convert it."""
+    def _firm(self, of: _Open) -> bool:
+        """Identify a provisional file once it has `MIN_COPY_MATCH` bytes (or has stayed shorter, not empty, for a poll interval).
+
+        Then it is a copy of an open file (closed, not read), a file read
+        before (read on from there), or a new one. False: nothing to read yet.
+        """
+        try:
+            size = os.fstat(of.fd).st_size
+            head = os.pread(of.fd, int(self._cfg.fingerprint_size), 0) if size else b""
+        except OSError as e:
+            self._warn(of.path, "open", "cannot read %s: %s", of.path, e.strerror or e)
+            return False
+        now = trio.current_time()
+        if len(head) < MIN_COPY_MATCH:
+            if len(head) != of.short_size:
+                of.short_size, of.last_growth = len(head), now
+            if not head or now - of.last_growth < float(self._cfg.poll_interval) and of.gone_since is None:
+                return False  # empty, or a copy still being filled: looked at again on its next change or poll
+        del self._open[of.dev_ino]  # not a copy of itself
+        ident = self._identify(of.path, head, size, startup=False)
+        if ident is None:
+            self._close(of)
+            self._shadows.add(of.dev_ino)
+            self._tel.add("tapio_tail_rotations_total", kind="copy")
+            self._log.debug("%s: %s is a copy of a file tailed: not read", self._name, of.path)
+            return False
+        self._open[of.dev_ino] = of
+        of.ident = ident
+        of.splitter = self._splitter(ident.sent)
+        return True
+
+    def _room(self, of: _Open) -> int:
+        """Bytes the next read may take: `READ_CHUNK`, less when it would run `max_unsaved` ahead of the saved offset (0: wait for a save)."""
+        if not self._window:
+            return READ_CHUNK
+        ident = of.ident
+        room = ident.saved + self._window - of.splitter.position
+        if room > 0:
+            return min(room, READ_CHUNK)
+        return 0 if ident.sent > ident.saved else READ_CHUNK  # all handed on is saved: a record longer than the window is still read
+
+    def _read(self, of: _Open, force: bool, room: int = READ_CHUNK) -> _ReadResult:
+        """In the worker thread: check the file is still what was read, read the next chunk (at most ``room`` bytes), convert it."""
         out = _ReadResult()
         fd, splitter, fp = of.fd, of.splitter, of.ident.fp
         st = os.fstat(fd)
@@ -523,7 +672,7 @@ class Tailer:
             head = os.pread(fd, limit, 0)
             if head.startswith(fp):
                 out.new_fp = head
-        want = min(READ_CHUNK, st.st_size - position)
+        want = min(room, st.st_size - position)
         data = os.pread(fd, want, position) if want > 0 else b""
         out.read = len(data)
         out.eof = position + len(data) >= st.st_size
@@ -661,28 +810,35 @@ class Tailer:
                 break
 
     def _close_gone(self, now: float) -> None:
+        closed = False
         for of in list(self._open.values()):
             if of.gone_since is None or now - of.gone_since < ROTATED_GRACE:
                 continue
-            if of.splitter.pending and not of.ident.failed:
+            if of.ident.failed or of.gated:
+                continue  # what it holds is still to be delivered: closed once it is (replay, checkpoint write)
+            if of.splitter.pending:
                 of.wanted = True  # one more turn flushes what it holds
                 continue
             try:
                 size = os.fstat(of.fd).st_size
             except OSError:
                 size = of.splitter.position
-            if size > of.splitter.position and not of.ident.failed:
+            if size > of.splitter.position:
                 of.wanted = True
                 continue
             self._close(of)
-            of.ident.detached_at = now
-            self._detached.append(of.ident)
+            closed = True
+            if not of.ident.provisional:
+                of.ident.detached_at = now
+                self._detached.append(of.ident)
             self._shadows.clear()  # copies of it are judged again at the next scan
+        if closed and self._waiting:
+            self._rescan = True  # a file waiting for max_open_files is opened now, not at the next poll
 
     def _close(self, of: _Open) -> None:
         self._open.pop(of.dev_ino, None)
-        if self._by_path.get(of.path) is of:
-            self._by_path.pop(of.path, None)
+        for path in [p for p, o in self._by_path.items() if o is of]:  # its name, and where it was renamed out of the globs
+            del self._by_path[path]
         try:
             os.close(of.fd)
         except OSError:
@@ -716,7 +872,7 @@ class Tailer:
             if now - seen > CHECKPOINT_TTL or not fp:
                 self._forget.add(key)
                 continue
-            entries.append((seen, _Identity(key, fp, path, offset, offset)))
+            entries.append((seen, _Identity(key, fp, path, offset, offset, saved=offset)))
         entries.sort(key=lambda e: e[0], reverse=True)
         for _, ident in entries[MAX_CHECKPOINTS:]:
             self._forget.add(ident.key)
@@ -744,6 +900,7 @@ class Tailer:
             if ident.fp
         }
         checkpoints = self._checkpoints
+        offsets = [(ident, ident.committed) for ident in dirty]
 
         def write() -> None:
             if values:
@@ -758,6 +915,13 @@ class Tailer:
             self._forget |= forget
             raise
         self._tel.add("tapio_tail_checkpoint_writes_total")
+        for ident, offset in offsets:
+            ident.saved = max(ident.saved, offset)
+        gated = [of for of in self._open.values() if of.gated]
+        for of in gated:
+            of.wanted = True
+        if gated:
+            self._wake.set()
 
     async def _settled(self) -> None:
         """At shutdown: wait for the batches in flight to report."""

@@ -6,8 +6,13 @@ Invariants:
   without blocking. Where inotify cannot be had (another OS, no watches
   left, a file system without it) `available` is False and the tailer
   relies on its slow poll alone.
-- Events name paths; a queue overflow (events lost) is reported as
-  `OVERFLOW`, after which the caller rescans everything.
+- Events name paths, in the order the kernel reported them; a queue
+  overflow (events lost) is reported as `OVERFLOW`, after which the caller
+  rescans everything.
+- A rename is one `Change` at the old name whose ``moved_to`` is the new
+  name (inotify's IN_MOVED_FROM and IN_MOVED_TO of one cookie), or None when
+  the file went to a directory not watched (no IN_MOVED_TO came). The new
+  name gets no `Change` of its own.
 - The inotify fd is closed by `close` (idempotent); watches on directories
   that went away are dropped as the kernel reports them (IN_IGNORED).
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from typing import NamedTuple
 
 import trio
 
@@ -39,6 +45,18 @@ if _flags is not None:
     STRUCTURE = _flags.CREATE | _flags.MOVED_TO | _flags.MOVED_FROM | _flags.DELETE | _flags.DELETE_SELF | _flags.MOVE_SELF
 else:  # pragma: no cover
     DIR_MASK = STRUCTURE = 0
+
+
+class Change(NamedTuple):
+    """One event: something happened at ``path``."""
+
+    path: str
+    #: it changes which files exist (created, deleted, renamed), not only a file's content
+    structural: bool
+    #: "create", "delete", "move" (renamed away from ``path``) or "change"
+    kind: str = "change"
+    #: for a "move": the new name, or None when it left the watched directories
+    moved_to: str | None = None
 
 
 class Watcher:
@@ -88,8 +106,8 @@ class Watcher:
             self._dirs[d] = wd
             self._wds[wd] = d
 
-    async def wait(self) -> list[tuple[str, bool]]:
-        """Wait for events; return (path, changes-which-files-exist) pairs, or [(OVERFLOW, True)] when events were lost.
+    async def wait(self) -> list[Change]:
+        """Wait for events; return them in order, or [Change(OVERFLOW, True)] when events were lost.
 
         Without inotify this sleeps forever (cancel it).
         """
@@ -99,25 +117,48 @@ class Watcher:
         while True:
             await trio.lowlevel.wait_readable(fd)
             try:
-                events = self._inotify.read(timeout=0)
+                events = list(self._inotify.read(timeout=0))
             except BlockingIOError:
                 continue
-            out: list[tuple[str, bool]] = []
-            for ev in events:
-                if ev.mask & _flags.Q_OVERFLOW:
-                    return [(OVERFLOW, True)]
-                if ev.mask & _flags.IGNORED:
-                    d = self._wds.pop(ev.wd, None)
-                    if d is not None:
-                        self._dirs.pop(d, None)
-                        out.append((d, True))
-                    continue
-                d = self._wds.get(ev.wd)
-                if d is None:
-                    continue
-                out.append((os.path.join(d, ev.name) if ev.name else d, bool(ev.mask & STRUCTURE)))
+            if events and events[-1].mask & _flags.MOVED_FROM:
+                # the kernel queues a rename's two halves one after the other: a read can fall between them
+                try:
+                    events += self._inotify.read(timeout=0)
+                except BlockingIOError:
+                    pass
+            out = self._changes(events)
             if out:
                 return out
+
+    def _changes(self, events: list) -> list[Change]:
+        out: list[Change] = []
+        moves: dict[int, int] = {}  # cookie → index in out of its "move"
+        for ev in events:
+            if ev.mask & _flags.Q_OVERFLOW:
+                return [Change(OVERFLOW, True)]
+            if ev.mask & _flags.IGNORED:
+                d = self._wds.pop(ev.wd, None)
+                if d is not None:
+                    self._dirs.pop(d, None)
+                    out.append(Change(d, True, "delete"))
+                continue
+            d = self._wds.get(ev.wd)
+            if d is None:
+                continue
+            path = os.path.join(d, ev.name) if ev.name else d
+            if ev.mask & _flags.MOVED_FROM and ev.name:
+                moves[ev.cookie] = len(out)
+                out.append(Change(path, True, "move", None))
+            elif ev.mask & _flags.MOVED_TO and ev.cookie in moves:
+                i = moves.pop(ev.cookie)
+                out[i] = out[i]._replace(moved_to=path)
+            elif ev.mask & (_flags.CREATE | _flags.MOVED_TO):
+                out.append(Change(path, True, "create"))  # a file moved in from outside is new here
+            elif ev.mask & _flags.DELETE:
+                out.append(Change(path, True, "delete"))
+            else:
+                out.append(Change(path, bool(ev.mask & STRUCTURE)))
+        return out
 
     def close(self) -> None:
         if self._inotify is not None:
