@@ -47,7 +47,7 @@ receivers:
     storage: storage
     max_unsaved: {MAX_UNSAVED}
 processors:
-  batch: {{send_batch_size: {BATCH_MAX}, send_batch_max_size: {BATCH_MAX}, timeout: 50ms}}
+  batch: {{send_batch_size: {BATCH_MAX}, send_batch_max_size: {BATCH_MAX}, timeout: 10ms}}
 exporters:
 {exporter}
 extensions:
@@ -67,8 +67,16 @@ def output_seqs(path: Path) -> list[int]:
         return []
     out = []
     # read beside the writing tapio: a last line without its newline is still being written
-    for line in path.read_text().split("\n")[:-1]:
-        request = otlpjson.decode(Signal.LOGS, line.encode())
+    lines = path.read_text().split("\n")[:-1]
+    broken = 0
+    for line in lines:
+        try:
+            request = otlpjson.decode(Signal.LOGS, line.encode())
+        except otlpjson.OtlpJsonError:
+            # the line the SIGKILL cut short (the restarted exporter ends it): its records were not reported delivered
+            broken += 1
+            assert broken == 1, "more than one broken line in the output"
+            continue
         for rl in request.resource_logs:
             for sl in rl.scope_logs:
                 for lr in sl.log_records:
@@ -111,8 +119,9 @@ def test_sigkill_while_tailing_then_restart_loses_no_line_and_repeats_at_most_on
     metrics = free_port()
     cfg = config(tmp_path, metrics, f'  file: {{path: "{out}", flush_interval: 0}}', "file")
     total = 12000
-    w = writer(tmp_path / "logs" / "cni.log", total, 4000)
-    seen = sigkill_mid_stream_then_restart([cfg], metrics, w, lambda: output_seqs(out), kill_after=3000, settle=0.5)
+    # 6 s of writing, the kill after a sixth: a starved tapio (load 15 on 2 cores) still kills mid-stream
+    w = writer(tmp_path / "logs" / "cni.log", total, 2000)
+    seen = sigkill_mid_stream_then_restart([cfg], metrics, w, lambda: output_seqs(out), kill_after=2000, settle=0.5)
     got = seen.got
     assert metric_sum(seen.metrics, "tapio_tail_records_total") == len(got) - len(seen.before)
     assert sorted(set(got)) == list(range(total))
