@@ -15,7 +15,12 @@ Both figures are lines per CPU second (user + system; for tapio, its
 process's from /proc, so the worker threads count). The goal is a ratio
 of at least 0.4. Prints one JSON line.
 
-Usage: bench_cni_log.py [--lines N] [--format json|proto]
+With ``--storage`` the receiver saves its offsets in a storage extension
+(what a node agent that resumes after a restart does), so the checkpoint
+writes and the reading that waits for them (``max_unsaved``) are in the
+figure.
+
+Usage: bench_cni_log.py [--lines N] [--format json|proto] [--storage]
 """
 
 from __future__ import annotations
@@ -81,19 +86,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def run_tapio(log: Path, lines: int, fmt: str, work: Path) -> tuple[float, float]:
+def run_tapio(log: Path, lines: int, fmt: str, work: Path, storage: bool = False) -> tuple[float, float]:
     watched = work / "logs"
     watched.mkdir()
     metrics = free_port()
     cfg = work / "pipelines.yaml"
+    extensions = f"""
+extensions:
+  storage: {{path: "{work}/state/tapio.db"}}""" if storage else ""
     cfg.write_text(f"""
 receivers:
-  cni-log: {{include: ["{watched}/*.log"]}}
+  cni-log: {{include: ["{watched}/*.log"]{", storage: storage" if storage else ""}}}{extensions}
 processors:
   batch: {{send_batch_size: 8192, timeout: 200ms}}
 exporters:
   file: {{path: "{work}/out.{fmt}", format: {fmt}, rotation: {{max_megabytes: 0}}}}
 service:
+  extensions: [{"storage" if storage else ""}]
   pipelines:
     logs: {{receivers: [cni-log], processors: [batch], exporters: [file]}}
   telemetry:
@@ -138,6 +147,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lines", type=int, default=200_000)
     parser.add_argument("--format", choices=("json", "proto"), default="json")
+    parser.add_argument("--storage", action="store_true", help="save the receiver's offsets in a storage extension")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-cni-log-") as tmp:
         work = Path(tmp)
@@ -145,7 +155,7 @@ def main() -> None:
         size = make_log(log, args.lines)
         bare_lines, bare_cpu = bare_loop(log)
         assert bare_lines == args.lines
-        tapio_cpu, tapio_wall = run_tapio(log, args.lines, args.format, work)
+        tapio_cpu, tapio_wall = run_tapio(log, args.lines, args.format, work, args.storage)
     bare_rate = bare_lines / bare_cpu
     tapio_rate = args.lines / tapio_cpu
     print(json.dumps({
@@ -153,6 +163,7 @@ def main() -> None:
         "lines": args.lines,
         "bytes": size,
         "export_format": args.format,
+        "storage": args.storage,
         "tapio_lines_per_cpu_second": round(tapio_rate),
         "tapio_cpu_seconds": round(tapio_cpu, 3),
         "tapio_wall_seconds": round(tapio_wall, 3),
