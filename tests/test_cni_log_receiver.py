@@ -337,13 +337,18 @@ class ScriptedAck:
         self.sink = sink
         self.delivering = False
         self.failed = 0
+        #: the sequence numbers of the lines it reported delivered
+        self.delivered: set[int] = set()
 
     async def run(self) -> None:
         i = 0
         while True:
             await self.sink.wait_for_batches(i + 1)
             batch = self.sink.batches[i]
-            if not self.delivering:
+            if self.delivering:
+                self.delivered.update(int(m.group(1)) for r in batch.requests for rl in r.resource_logs for sl in rl.scope_logs
+                                      for lr in sl.log_records if (m := SEQ.search(lr.body.string_value)))
+            else:
                 self.failed += 1
             batch.done(self.delivering)
             i += 1

@@ -22,7 +22,7 @@ from tapio.receivers._tail import _tailer
 from tapio.storage import Storage
 from tapio.testing.sink import RecordingConsumer
 
-from .test_cni_log_receiver import SEQ, DEADLINE, Harness, ScriptedAck, calico_line, seqs, storage, write_lines  # noqa: F401 (storage: a fixture)
+from .test_cni_log_receiver import DEADLINE, Harness, ScriptedAck, calico_line, seqs, storage, write_lines  # noqa: F401 (storage: a fixture)
 
 
 def size_of(*paths: Path) -> int:
@@ -149,27 +149,6 @@ async def test_a_tiny_new_file_is_still_read(tmp_path):
     assert [r.body.string_value for r in (lr for req in sink.requests() for rl in req.resource_logs for sl in rl.scope_logs for lr in sl.log_records)] == ["ok"]
 
 
-class CountingAck(ScriptedAck):
-    """A ScriptedAck that keeps the sequence numbers of the batches it reported delivered."""
-
-    def __init__(self, sink: RecordingConsumer) -> None:
-        super().__init__(sink)
-        self.delivered: set[int] = set()
-
-    async def run(self) -> None:
-        i = 0
-        while True:
-            await self.sink.wait_for_batches(i + 1)
-            batch = self.sink.batches[i]
-            if self.delivering:
-                self.delivered.update(int(m.group(1)) for r in batch.requests for rl in r.resource_logs for sl in rl.scope_logs
-                                      for lr in sl.log_records if (m := SEQ.search(lr.body.string_value)))
-            else:
-                self.failed += 1
-            batch.done(self.delivering)
-            i += 1
-
-
 async def test_a_rotated_file_whose_batch_failed_is_kept_until_it_was_delivered(tmp_path, monkeypatch):
     """The rotated-file grace ends during the replay backoff: the file must stay open, else its lines are lost."""
     monkeypatch.setattr(_tailer, "ROTATED_GRACE", 0.2)
@@ -177,7 +156,7 @@ async def test_a_rotated_file_whose_batch_failed_is_kept_until_it_was_delivered(
     log.touch()
     h = Harness(tmp_path, None)
     sink = RecordingConsumer()
-    acker = CountingAck(sink)
+    acker = ScriptedAck(sink)
     with trio.fail_after(DEADLINE):
         async with trio.open_nursery() as n:
             n.start_soon(acker.run)

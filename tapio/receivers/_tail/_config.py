@@ -88,7 +88,7 @@ class TailSettings:
     max_open_files: int = setting(256, doc="Most files tailed at once; more matching files wait (counted) until others are closed.")
     max_unsaved: ByteSize = setting(
         ByteSize(4 * 1024 * 1024),
-        doc="With `storage`: how far reading may run ahead of a file's saved offset. After a crash a file repeats at most this many bytes (one record, if a record is longer), however slow the checkpoint writes; reading waits for the next write when it is this far ahead. Keep it above what the batch processor's `send_batch_size` holds (records × their size), or that processor waits for its timeout before each send. `0`: no limit.",
+        doc="With `storage`: how far reading may run ahead of a file's saved offset. After a crash a file repeats at most this many bytes, however slow the checkpoint writes (more only past a record longer than this: that record and the rest of the read that ended it); reading waits for the next write when it is this far ahead. Keep it above what the batch processor's `send_batch_size` holds (records × their size), or that processor waits for its timeout before each send. `0`: no limit.",
     )
     storage: StorageRef | None = setting(
         None,

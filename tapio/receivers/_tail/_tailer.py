@@ -50,7 +50,8 @@ Invariants:
   for the next write (however long the writes take: a starved node, a busy
   storage). What a SIGKILL repeats is delivered-but-unsaved, a part of
   what was read past the saved offset: at most ``max_unsaved`` bytes of a
-  file (or one record, when a record is longer).
+  file (more only past a record longer than that: the record and the rest
+  of the one read that ended it).
 """
 
 from __future__ import annotations
