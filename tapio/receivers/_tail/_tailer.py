@@ -247,7 +247,7 @@ class Tailer:
         t.declare("tapio_tail_rotations_total", COUNTER, "Rotations and rewrites seen, by kind (rename, truncate, rewrite, copy).")
         t.declare("tapio_tail_replays_total", COUNTER, "Times a file was read again from its last delivered offset because a batch was not delivered.")
         t.declare("tapio_tail_checkpoint_writes_total", COUNTER, "Transactions that saved read offsets to storage.")
-        t.declare("tapio_tail_files_missed_total", COUNTER, "Files that matched the globs but could not be read, by reason (moved_away: renamed out of the watched directories before they were opened).")
+        t.declare("tapio_tail_files_missed_total", COUNTER, "Files that matched the globs but could not be read, by reason (moved_away: renamed out of the watched directories before they were opened; max_open_files).")
         t.gauge("tapio_tail_files_open", lambda: len(self._open))
         t.declare("tapio_tail_files_waiting_for_save", GAUGE, "Files whose reading waits for a checkpoint write: max_unsaved ahead of their saved offset.")
         t.gauge("tapio_tail_files_waiting", lambda: self._waiting)
