@@ -637,17 +637,22 @@ def _add_ips(attrs: dict[str, Any], values: Iterable[Any]) -> None:
             value = value.get("address", "")
         if not isinstance(value, str):
             continue
-        ips = _IPS_IN.get(value)
-        if ips is None:
-            ips = tuple(t for t in _IP_TOKEN.findall(value) if _is_ip(t))
-            if len(_IPS_IN) >= IPS_CACHE_SIZE:
-                _IPS_IN.clear()
-            _IPS_IN[value] = ips
-        for ip in ips:
+        for ip in _IPS_IN.get(value) or ips_in(value):
             if found is None:
                 found = attrs["tapio.cni.ips"] = []
             if ip not in found:
                 found.append(ip)
+
+
+def ips_in(value: str) -> tuple[str, ...]:
+    """The addresses written in a text, through the bounded cache `_IPS_IN` (the compiled path calls this on a miss)."""
+    ips = _IPS_IN.get(value)
+    if ips is None:
+        ips = tuple(t for t in _IP_TOKEN.findall(value) if _is_ip(t))
+        if len(_IPS_IN) >= IPS_CACHE_SIZE:
+            _IPS_IN.clear()
+        _IPS_IN[value] = ips
+    return ips
 
 
 def _is_ip(token: str) -> bool:
@@ -673,13 +678,7 @@ MESSAGE_CACHE_SIZE = 4096
 
 def _from_message(event: CniEvent) -> None:
     """What any style's message text says (the operation, AWS-style Name(value) pairs, IPs, errors), without overriding fields."""
-    key = (event.message, event.level)
-    found = _MESSAGE_ATTRS.get(key)
-    if found is None:
-        found = tuple(_read_message(event.message, event.level).items())
-        if len(_MESSAGE_ATTRS) >= MESSAGE_CACHE_SIZE:
-            _MESSAGE_ATTRS.clear()
-        _MESSAGE_ATTRS[key] = found
+    found = _MESSAGE_ATTRS.get((event.message, event.level)) or message_attrs(event.message, event.level)
     attrs = event.attributes
     for attr, value in found:
         if attr not in attrs:
@@ -688,6 +687,18 @@ def _from_message(event: CniEvent) -> None:
             for ip in value:
                 if ip not in attrs[attr]:
                     attrs[attr].append(ip)
+
+
+def message_attrs(message: str, level: str) -> tuple[tuple[str, Any], ...]:
+    """What a message says (`_read_message`), through the bounded cache `_MESSAGE_ATTRS` (the compiled path calls this on a miss)."""
+    key = (message, level)
+    found = _MESSAGE_ATTRS.get(key)
+    if found is None:
+        found = tuple(_read_message(message, level).items())
+        if len(_MESSAGE_ATTRS) >= MESSAGE_CACHE_SIZE:
+            _MESSAGE_ATTRS.clear()
+        _MESSAGE_ATTRS[key] = found
+    return found
 
 
 def _read_message(msg: str, level: str) -> dict[str, Any]:
