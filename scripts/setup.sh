@@ -24,7 +24,7 @@ APT_PACKAGES=(
     containernetworking-plugins   # CNI bridge/host-local/loopback/portmap in /usr/lib/cni: pod sandboxes get a netns and an IP
     busybox-static      # /bin/busybox: the tests build their pause and busybox OCI images from it (no registry is reachable)
     iptables            # the CNI portmap plugin
-    gcc python3-dev     # tapio's compiled modules (the ebpf receiver's _hotloop.c, _wirejson.c; built below)
+    gcc python3-dev     # tapio's compiled modules (the ebpf receiver's _hotloop.c, _wirejson.c, cni-log's _fast.c; built below)
 )
 
 missing=()
@@ -108,13 +108,14 @@ if [ -d /usr/lib/python3/dist-packages/systemd ] && [ ! -e "$purelib/systemd" ];
 fi
 
 # tapio's compiled modules, built against the venv's interpreter (Debian's python3) whenever a source is
-# newer than its module. Optional: without one the Python code it stands in for runs (the ebpf receiver
-# says so at start), so a failed build is reported and setup goes on.
+# newer than its module. Optional: without one the Python code it stands in for runs (the ebpf and
+# cni-log receivers say so at start), so a failed build is reported and setup goes on.
 #   tapio/receivers/ebpf/_hotloop.c  the ebpf receiver's record writer
 #   tapio/_wirejson.c                OTLP/JSON from protobuf bytes (otlpjson.encode_serialized, the file exporter)
+#   tapio/receivers/cni_log/_fast.c  the cni-log receiver's line parser and record writer
 ext_suffix=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 py_include=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
-for ext_src in tapio/receivers/ebpf/_hotloop.c tapio/_wirejson.c; do
+for ext_src in tapio/receivers/ebpf/_hotloop.c tapio/_wirejson.c tapio/receivers/cni_log/_fast.c; do
     ext_so="${ext_src%.c}$ext_suffix"
     if [ ! -f "$ext_so" ] || [ "$ext_src" -nt "$ext_so" ]; then
         echo "setup: building $ext_so" >&2

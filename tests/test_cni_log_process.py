@@ -18,6 +18,8 @@ import trio
 
 from tapio import otlpjson
 from tapio.pdata import Signal
+from tapio.receivers.cni_log import _records
+from tapio.testing import prereq
 from tapio.testing.otlpsink import OK, Reply, open_otlp_sink
 from tapio.testing.process import PacedWriter, TapioProcess, free_port, metric_sum, sigkill_mid_stream_then_restart
 
@@ -175,5 +177,22 @@ def test_start_banner_says_what_it_watches(tmp_path):
         t.wait_for(lambda: "receiver  cni-log" in t.stderr, 10, "the start banner")
         line = next(l for l in t.stderr.splitlines() if "receiver  cni-log" in l)
         assert f"tailing 1 files ({tmp_path}/logs/cni.log)" in line and "inotify" in line
+        if _records.COMPILED is None:
+            prereq.missing("the cni-log receiver's compiled line parser", "scripts/setup.sh builds tapio/receivers/cni_log/_fast.c (gcc, python3-dev)")
+        assert "lines parsed and written by the compiled helper" in line, line
+        t.signal(signal.SIGTERM)
+        assert t.wait_exit(20) == 0
+
+
+def test_start_banner_says_when_lines_are_parsed_in_python(tmp_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "cni.log").write_text(calico_line(1) + "\n")
+    metrics = free_port()
+    cfg = config(tmp_path, metrics, f'  file: {{path: "{tmp_path}/out.jsonl"}}', "file")
+    with TapioProcess([cfg], metrics_port=metrics, env={_records.PYTHON_ONLY_ENV: "1"}) as t:
+        t.wait_ready()
+        t.wait_for(lambda: "receiver  cni-log" in t.stderr, 10, "the start banner")
+        line = next(l for l in t.stderr.splitlines() if "receiver  cni-log" in l)
+        assert f"lines parsed in Python: {_records.PYTHON_ONLY_ENV} is set" in line, line
         t.signal(signal.SIGTERM)
         assert t.wait_exit(20) == 0

@@ -87,11 +87,12 @@ def _compiler_and_headers() -> None:
         prereq.missing("Python's C headers", "apt-get install python3-dev (scripts/setup.sh does)")
 
 
-def test_a_plain_install_builds_the_ebpf_receivers_compiled_record_writer(plain_install: Path, tmp_path: Path):
-    """pip compiles _hotloop.c where gcc and Python's headers are (scripts/setup.sh installs both; the image's
-    build stage too); the installed receiver then takes it, as the start summary would say."""
+@pytest.mark.parametrize("receiver", ["ebpf", "cni_log"])
+def test_a_plain_install_builds_the_receivers_compiled_helpers(plain_install: Path, tmp_path: Path, receiver: str):
+    """pip compiles _hotloop.c and cni-log's _fast.c where gcc and Python's headers are (scripts/setup.sh installs
+    both; the image's build stage too); the installed receiver then takes it, as the start summary would say."""
     _compiler_and_headers()
-    probe = "from tapio.receivers.ebpf import _records; m, why = _records._load_compiled(); print(m.__file__ if m else why)"
+    probe = f"from tapio.receivers.{receiver} import _records; m, why = _records._load_compiled(); print(m.__file__ if m else why)"
     res = run(plain_install, "python", "-c", probe, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().startswith(str(plain_install.parent)), res.stdout  # the installed module, not the tree's

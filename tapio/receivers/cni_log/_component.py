@@ -46,8 +46,8 @@ class CniLogReceiver:
 
     @property
     def running_summary(self) -> str:
-        """What the start banner shows: the files tailed, or the samples read when there are none."""
-        return self._tailer.summary if self._tailer is not None else ""
+        """What the start banner shows: the files tailed (or the samples read when there are none), and which path parses lines."""
+        return f"{self._tailer.summary}; {self._writer.summary()}" if self._tailer is not None else ""
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         settings, config = self._settings, self._config
