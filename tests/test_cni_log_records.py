@@ -1,4 +1,4 @@
-"""The cni-log record writer's one-pass encoding equals the general per-record encoder, for every style."""
+"""The cni-log record writer's one-pass encoding equals the general per-record encoder, for every style, on both paths (compiled helper and Python)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from tapio import otlpwire
 from tapio.pdata import Batch, Signal
 from tapio.receivers.cni_log._parser import LineParser, plugin_for_path, severity
+from tapio.receivers.cni_log import _records
 from tapio.receivers.cni_log._records import SCOPE_NAME, SCOPE_VERSION, RecordWriter
+from tapio.testing import prereq
 
 FIXTURES = Path(__file__).parent / "data" / "cni"
 RESOURCE = [("host.name", "node-1"), ("os.type", "linux")]
@@ -44,6 +46,14 @@ def general(parser: LineParser, path: str, lines: list[str], observed_ns: int, t
     return otlpwire.request(resource, otlpwire.scope(SCOPE_NAME, SCOPE_VERSION), items)
 
 
+@pytest.fixture(params=[True, False], ids=["compiled", "python"])
+def compiled(request: pytest.FixtureRequest) -> bool:
+    """Each writer test runs with the compiled helper (the default when built) and with Python alone."""
+    if request.param and _records.COMPILED is None:
+        prereq.missing("the cni-log receiver's compiled line parser", "scripts/setup.sh builds tapio/receivers/cni_log/_fast.c (gcc, python3-dev)")
+    return request.param
+
+
 def test_fixtures_cover_every_style() -> None:
     parser = LineParser()
     styles = {parser.parse(line, "").style for line in LINES}
@@ -51,13 +61,14 @@ def test_fixtures_cover_every_style() -> None:
 
 
 @pytest.mark.parametrize("path", ["/var/log/calico/cni/cni.log", "/var/log/aws-routed-eni/plugin.log", "/var/run/multus/multus.log", "/logs/other.log"])
-def test_fast_path_equals_general(path: str) -> None:
+def test_fast_path_equals_general(path: str, compiled: bool) -> None:
     parser = LineParser()
     oversize = "2024-05-01 10:00:00.123 [INFO][4242] k8s.go 73: " + "x" * 70_000
     multiline = LINES[0] + "\n  continued\n\tstack frame"
     lines = [*LINES, oversize, multiline, "", "plain text no style", "héllo \ufffd"]
     truncated = frozenset({len(LINES), 3})
-    writer = RecordWriter(parser, RESOURCE)
+    writer = RecordWriter(parser, RESOURCE, compiled=compiled)
+    assert writer.compiled == compiled
     for observed in (1_700_000_000_123_456_789, 0):
         written = writer.write(path, lines, observed, truncated)
         assert written.request == general(parser, path, lines, observed, truncated)
@@ -66,10 +77,13 @@ def test_fast_path_equals_general(path: str) -> None:
     assert [r.body.string_value for r in records] == lines
 
 
+@pytest.mark.parametrize("use_compiled", [True, False], ids=["compiled", "python"])
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.one_of(st.sampled_from(LINES), st.text(max_size=300)), max_size=20), st.integers(0, 2**64 - 1))
-def test_fast_path_equals_general_fuzzed(lines: list[str], observed: int) -> None:
+def test_fast_path_equals_general_fuzzed(use_compiled: bool, lines: list[str], observed: int) -> None:
+    if use_compiled and _records.COMPILED is None:
+        prereq.missing("the cni-log receiver's compiled line parser", "scripts/setup.sh builds tapio/receivers/cni_log/_fast.c (gcc, python3-dev)")
     parser = LineParser()
     truncated = frozenset(range(0, len(lines), 3))
-    written = RecordWriter(parser, RESOURCE).write("/var/log/cni.log", lines, observed, truncated)
+    written = RecordWriter(parser, RESOURCE, compiled=use_compiled).write("/var/log/cni.log", lines, observed, truncated)
     assert written.request == general(parser, "/var/log/cni.log", lines, observed, truncated)

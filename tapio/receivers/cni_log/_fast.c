@@ -15,9 +15,8 @@
  * - JSON strings with no escapes but \" \\ \/ (nested values: any valid one);
  * - quoted values without backslashes, numbers of at most 18 digits;
  * - timestamps without a zone only when the naive zone is UTC.
- * The message-derived attributes (`_read_message`) come from the parser's
- * cache `_MESSAGE_ATTRS` (Python fills it on a miss), the addresses in a
- * text from `_IPS_IN` likewise.
+ * The addresses in a text come from the parser's cache `_IPS_IN` (Python
+ * fills it on a miss: its _IP_TOKEN pattern is not ported).
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
@@ -55,7 +54,7 @@ static int cmp(Str a, Str b) {
 static Str cstr(const char *c) { return (Str){c, (Py_ssize_t)strlen(c)}; }
 static Str sub(Str s, Py_ssize_t a, Py_ssize_t b) { return (Str){s.p + a, b - a}; }
 static int starts(Str s, const char *c) { size_t n = strlen(c); return (size_t)s.n >= n && memcmp(s.p, c, n) == 0; }
-static int contains(Str h, const char *c) { return h.n && memmem(h.p, (size_t)h.n, c, strlen(c)) != NULL; }
+static int contains(Str h, const char *c) { return h.n > 0 && memmem(h.p, (size_t)h.n, c, strlen(c)) != NULL; }
 
 static int is_digit(int c) { return c >= '0' && c <= '9'; }
 static int is_alpha(int c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
@@ -95,6 +94,12 @@ static int digits_value(Str s, uint64_t *out) {
     return OK;
 }
 
+#define COUNT(a) ((int)(sizeof(a) / sizeof((a)[0])))
+static int in_list(Str s, const char **list, int n) {
+    for (int i = 0; i < n; i++) if (eqc(s, list[i])) return 1;
+    return 0;
+}
+
 /* ------------------------------------------------------------ line state */
 
 enum { V_STR, V_INT, V_IPS };
@@ -104,6 +109,9 @@ typedef struct {
     int na;
     Str ips[MAX_IPS];
     int nips;
+} Attrs;
+typedef struct {
+    Attrs *cur, main;
     PyObject *held[MAX_HELD];
     int nheld;
     char *arena;
@@ -114,7 +122,7 @@ typedef struct {
 } Line;
 
 typedef struct {
-    PyObject *message_cache, *message_attrs, *ips_cache, *ips_in;
+    PyObject *ips_cache, *ips_in;
 } Context;
 static Context ctx;
 
@@ -137,19 +145,19 @@ static Str lower(Line *l, Str s) {
 }
 
 static int attr_find(Line *l, Str key) {
-    for (int i = 0; i < l->na; i++) if (eq(l->attrs[i].key, key)) return i;
+    for (int i = 0; i < l->cur->na; i++) if (eq(l->cur->attrs[i].key, key)) return i;
     return -1;
 }
 static Attr *attr_add(Line *l, Str key) {
-    if (l->na >= MAX_ATTRS) return NULL;
-    Attr *a = &l->attrs[l->na++];
+    if (l->cur->na >= MAX_ATTRS) return NULL;
+    Attr *a = &l->cur->attrs[l->cur->na++];
     a->key = key;
     return a;
 }
 /* attrs[key] = value (in place when present) */
 static int set_str(Line *l, Str key, Str v) {
     int i = attr_find(l, key);
-    Attr *a = i >= 0 ? &l->attrs[i] : attr_add(l, key);
+    Attr *a = i >= 0 ? &l->cur->attrs[i] : attr_add(l, key);
     if (a == NULL) return FALLBACK;
     a->type = V_STR;
     a->s = v;
@@ -166,7 +174,7 @@ static int setdefault_int(Line *l, Str key, uint64_t v) {
 }
 static int add_int(Line *l, Str key, uint64_t v) {
     int i = attr_find(l, key);
-    Attr *a = i >= 0 ? &l->attrs[i] : attr_add(l, key);
+    Attr *a = i >= 0 ? &l->cur->attrs[i] : attr_add(l, key);
     if (a == NULL) return FALLBACK;
     a->type = V_INT;
     a->i = v;
@@ -176,10 +184,10 @@ static int add_int(Line *l, Str key, uint64_t v) {
 static int pop_str(Line *l, Str key, Str *out) {
     int i = attr_find(l, key);
     if (i < 0) return 0;
-    int found = l->attrs[i].type == V_STR;
-    if (found) *out = l->attrs[i].s;
-    memmove(&l->attrs[i], &l->attrs[i + 1], sizeof(Attr) * (size_t)(l->na - i - 1));
-    l->na--;
+    int found = l->cur->attrs[i].type == V_STR;
+    if (found) *out = l->cur->attrs[i].s;
+    memmove(&l->cur->attrs[i], &l->cur->attrs[i + 1], sizeof(Attr) * (size_t)(l->cur->na - i - 1));
+    l->cur->na--;
     return found ? 1 : -1;
 }
 
@@ -192,14 +200,14 @@ static int add_ip(Line *l, Str ip, int dedupe) {
         Attr *a = attr_add(l, K_IPS_ATTR);
         if (a == NULL) return FALLBACK;
         a->type = V_IPS;
-        l->nips = 0;
-    } else if (l->attrs[i].type != V_IPS) {
+        l->cur->nips = 0;
+    } else if (l->cur->attrs[i].type != V_IPS) {
         return FALLBACK;
     } else if (dedupe) {
-        for (int k = 0; k < l->nips; k++) if (eq(l->ips[k], ip)) return OK;
+        for (int k = 0; k < l->cur->nips; k++) if (eq(l->cur->ips[k], ip)) return OK;
     }
-    if (l->nips >= MAX_IPS) return FALLBACK;
-    l->ips[l->nips++] = ip;
+    if (l->cur->nips >= MAX_IPS) return FALLBACK;
+    l->cur->ips[l->cur->nips++] = ip;
     return OK;
 }
 
@@ -247,44 +255,205 @@ static int add_ips_of(Line *l, Str value) {
     return OK;
 }
 
-/* `_from_message`: the message's attributes from `_MESSAGE_ATTRS` (Python reads a message it lacks), without overriding */
-static int from_message(Line *l) {
-    PyObject *msg = PyUnicode_FromStringAndSize(l->message.p, l->message.n);
-    PyObject *lvl = msg ? PyUnicode_FromStringAndSize(l->level.p, l->level.n) : NULL;
-    PyObject *key = lvl ? PyTuple_Pack(2, msg, lvl) : NULL;
-    if (key == NULL) { Py_XDECREF(msg); Py_XDECREF(lvl); return py_failed(); }
-    PyObject *found = PyDict_GetItemWithError(ctx.message_cache, key);
-    if (found != NULL) {
-        Py_INCREF(found);
-    } else if (!PyErr_Occurred()) {
-        found = PyObject_CallFunctionObjArgs(ctx.message_attrs, msg, lvl, NULL);
+/* ---------------------------------------------------------------- messages */
+
+static const char *ERROR_LEVELS[] = {"error", "err", "critical", "fatal", "panic", "dpanic"};
+static const char *AWS_PAREN_ATTR[][2] = {
+    {"ContainerID", "container.id"}, {"Netns", "tapio.cni.netns"}, {"IfName", "network.interface.name"},
+    {"PodNamespace", "k8s.namespace.name"}, {"PodName", "k8s.pod.name"},
+};
+static const char *GO_STRUCT_ATTR[][2] = {{"ContainerID", "container.id"}, {"Netns", "tapio.cni.netns"}, {"IfName", "network.interface.name"}};
+static const Str K_OPERATION = {"tapio.cni.operation", 19};
+
+static int lit_at(Str s, Py_ssize_t i, const char *w) {
+    size_t n = strlen(w);
+    return i >= 0 && (size_t)(s.n - i) >= n && memcmp(s.p + i, w, n) == 0;
+}
+
+/* _OPERATION.search: the operation, or NULL */
+static const char *operation_in(Str m) {
+    static const char *cmd[][2] = {{"Add", "ADD"}, {"Del", "DEL"}, {"Check", "CHECK"}, {"Status", "STATUS"}, {"GC", "GC"}};
+    static const char *verbs[][2] = {{"add", "ADD"}, {"del", "DEL"}, {"delete", "DEL"}, {"check", "CHECK"}};
+    static const char *words[] = {"ADD", "DEL", "CHECK", "GC", "STATUS"};
+    for (Py_ssize_t i = 0; i < m.n; i++) {
+        if (i > 0 && is_word((unsigned char)m.p[i - 1])) continue;
+        /* \b[Cc]md_?(Add|Del|Check|Status|GC) */
+        if ((m.p[i] == 'C' || m.p[i] == 'c') && lit_at(m, i + 1, "md")) {
+            Py_ssize_t j = i + 3;
+            if (at(m, j) == '_')
+                for (int k = 0; k < COUNT(cmd); k++) if (lit_at(m, j + 1, cmd[k][0])) return cmd[k][1];
+            for (int k = 0; k < COUNT(cmd); k++) if (lit_at(m, j, cmd[k][0])) return cmd[k][1];
+        }
+        /* \b(?:CNI|process) (add|del|delete|check) request */
+        Py_ssize_t v = lit_at(m, i, "CNI ") ? i + 4 : lit_at(m, i, "process ") ? i + 8 : -1;
+        if (v > 0)
+            for (int k = 0; k < COUNT(verbs); k++)
+                if (lit_at(m, v, verbs[k][0]) && lit_at(m, v + (Py_ssize_t)strlen(verbs[k][0]), " request")) return verbs[k][1];
+        /* \b(ADD|DEL|CHECK|GC|STATUS)\b */
+        for (int k = 0; k < COUNT(words); k++)
+            if (lit_at(m, i, words[k]) && boundary(m, i + (Py_ssize_t)strlen(words[k]))) return words[k];
+        /* ^(Add|Del|Check): */
+        if (i == 0)
+            for (int k = 0; k < 3; k++)
+                if (lit_at(m, 0, cmd[k][0]) && at(m, (Py_ssize_t)strlen(cmd[k][0])) == ':') return cmd[k][1];
     }
-    Py_DECREF(key); Py_DECREF(msg); Py_DECREF(lvl);
-    if (found == NULL) return py_failed();
-    if (hold(l, found) != OK) return FALLBACK;
-    if (!PyTuple_Check(found)) return FALLBACK;
-    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(found); k++) {
-        PyObject *pair = PyTuple_GET_ITEM(found, k);
-        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) return FALLBACK;
-        Str attr;
-        int rc = utf8(PyTuple_GET_ITEM(pair, 0), &attr);
-        if (rc != OK) return rc;
-        PyObject *value = PyTuple_GET_ITEM(pair, 1);
-        int present = attr_find(l, attr) >= 0;
-        if (PyList_CheckExact(value)) {
-            if (!eq(attr, K_IPS_ATTR) || (!present && PyList_GET_SIZE(value) == 0)) return FALLBACK;
-            for (Py_ssize_t j = 0; j < PyList_GET_SIZE(value); j++) {
-                Str ip;
-                if ((rc = utf8(PyList_GET_ITEM(value, j), &ip)) != OK) return rc;
-                if ((rc = add_ip(l, ip, present)) != OK) return rc;
+    return NULL;
+}
+
+/* _AWS_FOR_POD.search: 1 and its groups (cid.p NULL: no third group) */
+static int for_pod(Str m, Str *pod, Str *ns, Str *cid) {
+    for (Py_ssize_t i = find(m, 0, "for pod "); i >= 0; i = find(m, i + 1, "for pod ")) {
+        if (i > 0 && is_word((unsigned char)m.p[i - 1])) continue;
+        Py_ssize_t p = i + 8, q = p;
+        while (q < m.n && m.p[q] != ' ') q++;
+        if (q == p || !lit_at(m, q, " namespace ")) continue;
+        Py_ssize_t g2 = q + 11, run = g2;
+        while (run < m.n && m.p[run] != ' ') run++;
+        for (Py_ssize_t r = g2 + 1; r <= run; r++) {
+            static const char *opts[] = {" container", " sandbox", ""};
+            for (int o = 0; o < 3; o++) {
+                if (!lit_at(m, r, opts[o])) continue;
+                Py_ssize_t r1 = r + (Py_ssize_t)strlen(opts[o]);
+                for (int sp = 1; sp >= 0; sp--) {
+                    if (sp && at(m, r1) != ' ') continue;
+                    Py_ssize_t r2 = r1 + sp, h = r2;
+                    while (is_hex(at(m, h))) h++;
+                    for (int withhex = h - r2 >= 12; withhex >= 0; withhex--) {
+                        Py_ssize_t r3 = withhex ? h : r2;
+                        if (r3 == m.n || m.p[r3] == ':' || m.p[r3] == ' ') {
+                            *pod = sub(m, p, q);
+                            *ns = sub(m, g2, r);
+                            *cid = withhex ? sub(m, r2, h) : (Str){NULL, 0};
+                            return 1;
+                        }
+                    }
+                }
             }
-        } else if (PyUnicode_CheckExact(value)) {
-            if (present) continue;
-            Str v;
-            if ((rc = utf8(value, &v)) != OK) return rc;
-            if ((rc = set_str(l, attr, v)) != OK) return rc;
-        } else {
-            return FALLBACK;
+        }
+    }
+    return 0;
+}
+
+/* `_read_message` into the current attribute set */
+static int read_message(Line *l, Str msg, Str level) {
+    int rc;
+    if (msg.n && (contains(msg, "md") || contains(msg, "ADD") || contains(msg, "DEL") || contains(msg, "CHECK") || contains(msg, "GC")
+                  || contains(msg, "STATUS") || contains(msg, " request") || starts(msg, "Add:") || starts(msg, "Del:") || starts(msg, "Check:"))) {
+        const char *op = operation_in(msg);
+        if (op && (rc = set_str(l, K_OPERATION, cstr(op))) != OK) return rc;
+    }
+    if (memchr(msg.p, '(', (size_t)msg.n)) {
+        static const char *names[] = {"ContainerID", "Netns", "IfName", "Args", "PodNamespace", "PodName"};
+        for (Py_ssize_t i = 0; i < msg.n;) {
+            Py_ssize_t end = -1;
+            if (i == 0 || !is_word((unsigned char)msg.p[i - 1])) {
+                for (int k = 0; k < COUNT(names) && end < 0; k++) {
+                    Py_ssize_t o = i + (Py_ssize_t)strlen(names[k]);
+                    if (!lit_at(msg, i, names[k]) || at(msg, o) != '(') continue;
+                    Py_ssize_t v = o + 1, e = v;
+                    while (e < msg.n && msg.p[e] != '(' && msg.p[e] != ')') e++;
+                    if (at(msg, e) != ')') continue;
+                    end = e + 1;
+                    if (e > v && k != 3) {
+                        const char *attr = k < 3 ? AWS_PAREN_ATTR[k][1] : AWS_PAREN_ATTR[k - 1][1];
+                        if ((rc = setdefault_str(l, cstr(attr), sub(msg, v, e))) != OK) return rc;
+                    }
+                }
+            }
+            i = end > 0 ? end : i + 1;
+        }
+    }
+    if (contains(msg, "ipamd")) {
+        for (Py_ssize_t i = find(msg, 0, "response from ipamd"); i >= 0; i = find(msg, i + 1, "response from ipamd")) {
+            Py_ssize_t e = i + 19;
+            if (!boundary(msg, e)) continue;
+            Py_ssize_t c = find(msg, e, ":");
+            if (c < 0 || at(msg, c + 1) != ' ') continue;
+            if ((rc = setdefault_str(l, LIT("tapio.cni.result"), strip_spaces(sub(msg, c + 2, msg.n)))) != OK) return rc;
+            break;
+        }
+    }
+    if (contains(msg, "for pod ")) {
+        Str pod, ns, cid;
+        if (for_pod(msg, &pod, &ns, &cid)) {
+            if ((rc = setdefault_str(l, LIT("k8s.pod.name"), pod)) != OK) return rc;
+            if ((rc = setdefault_str(l, LIT("k8s.namespace.name"), ns)) != OK) return rc;
+            if (cid.p && (rc = setdefault_str(l, LIT("container.id"), cid)) != OK) return rc;
+        }
+    }
+    if (contains(msg, "IfName:") || contains(msg, "ContainerID:")) {
+        for (Py_ssize_t i = 0; i < msg.n;) {
+            Py_ssize_t end = -1;
+            if (i == 0 || !is_word((unsigned char)msg.p[i - 1])) {
+                for (int k = 0; k < COUNT(GO_STRUCT_ATTR) && end < 0; k++) {
+                    Py_ssize_t o = i + (Py_ssize_t)strlen(GO_STRUCT_ATTR[k][0]);
+                    if (!lit_at(msg, i, GO_STRUCT_ATTR[k][0]) || at(msg, o) != ':') continue;
+                    Py_ssize_t v = o + 1, e;
+                    Str value;
+                    if (at(msg, v) == '"' && (e = find(msg, v + 1, "\"")) > 0) {
+                        value = sub(msg, v + 1, e);
+                        end = e + 1;
+                    } else {
+                        e = v;
+                        while (e < msg.n && msg.p[e] != ' ' && msg.p[e] != '"' && msg.p[e] != '}') e++;
+                        value = sub(msg, v, e);
+                        end = e;
+                    }
+                    if (value.n && (rc = setdefault_str(l, cstr(GO_STRUCT_ATTR[k][1]), value)) != OK) return rc;
+                }
+            }
+            i = end > 0 ? end : i + 1;
+        }
+    }
+    if (contains(msg, "IP")) {
+        for (Py_ssize_t i = find(msg, 0, "IP"); i >= 0;) {
+            Py_ssize_t end = -1;
+            if (i == 0 || !is_word((unsigned char)msg.p[i - 1])) {
+                /* (?:IPv[46]|IPs?)(?:=|: )\[([^\]]*)\] */
+                Py_ssize_t heads[3];
+                int nh = 0;
+                if (at(msg, i + 2) == 'v' && (at(msg, i + 3) == '4' || at(msg, i + 3) == '6')) heads[nh++] = i + 4;
+                if (at(msg, i + 2) == 's') heads[nh++] = i + 3;
+                heads[nh++] = i + 2;
+                for (int k = 0; k < nh && end < 0; k++) {
+                    Py_ssize_t b = at(msg, heads[k]) == '=' ? heads[k] + 1 : lit_at(msg, heads[k], ": ") ? heads[k] + 2 : -1;
+                    if (b < 0 || at(msg, b) != '[') continue;
+                    Py_ssize_t e = find(msg, b + 1, "]");
+                    if (e < 0) continue;
+                    end = e + 1;
+                    if ((rc = add_ips_of(l, sub(msg, b + 1, e))) != OK) return rc;
+                }
+                /* IPv[46]Addr:\"([^\"]+)\" */
+                if (end < 0 && at(msg, i + 2) == 'v' && (at(msg, i + 3) == '4' || at(msg, i + 3) == '6') && lit_at(msg, i + 4, "Addr:\"")) {
+                    Py_ssize_t v = i + 10, e = find(msg, v, "\"");
+                    if (e > v) {
+                        end = e + 1;
+                        if ((rc = add_ips_of(l, sub(msg, v, e))) != OK) return rc;
+                    }
+                }
+            }
+            i = find(msg, end > 0 ? end : i + 1, "IP");
+        }
+    }
+    if (msg.n && in_list(level, ERROR_LEVELS, COUNT(ERROR_LEVELS)) && (rc = set_str(l, LIT("error.message"), msg)) != OK) return rc;
+    return OK;
+}
+
+/* `_from_message`: what the message says, without overriding what the line's fields said */
+static int from_message(Line *l) {
+    Attrs *main = l->cur, found;
+    found.na = found.nips = 0;
+    l->cur = &found;
+    int rc = read_message(l, l->message, l->level);
+    l->cur = main;
+    if (rc != OK) return rc;
+    for (int k = 0; k < found.na; k++) {
+        Attr *a = &found.attrs[k];
+        int present = attr_find(l, a->key) >= 0;
+        if (a->type == V_IPS) {
+            for (int j = 0; j < found.nips; j++) if ((rc = add_ip(l, found.ips[j], present)) != OK) return rc;
+        } else if (!present) {
+            if ((rc = set_str(l, a->key, a->s)) != OK) return rc;
         }
     }
     return OK;
@@ -606,12 +775,6 @@ static const char *OPERATIONS[][2] = {
     {"add", "ADD"}, {"del", "DEL"}, {"delete", "DEL"}, {"check", "CHECK"}, {"gc", "GC"}, {"status", "STATUS"}, {"version", "VERSION"},
 };
 static const char *MULTUS_LEVELS[] = {"panic", "error", "verbose", "debug"};
-#define COUNT(a) ((int)(sizeof(a) / sizeof((a)[0])))
-
-static int in_list(Str s, const char **list, int n) {
-    for (int i = 0; i < n; i++) if (eqc(s, list[i])) return 1;
-    return 0;
-}
 static int is_header(Str key) {
     return in_list(key, LEVEL_KEYS, COUNT(LEVEL_KEYS)) || in_list(key, MESSAGE_KEYS, COUNT(MESSAGE_KEYS)) || in_list(key, TIME_KEYS, COUNT(TIME_KEYS));
 }
@@ -1337,7 +1500,7 @@ static int parse_line(Line *l, Str line) {
         }
     }
     if (!matched) {
-        l->na = 0;
+        l->cur->na = 0;
         l->style = ST_UNPARSED;
         l->has_time = 0;
         l->level = (Str){"", 0};
@@ -1368,7 +1531,7 @@ static Py_ssize_t any_size(Line *l, Attr *a) {
     if (a->type == V_STR) return ld(a->s.n);
     if (a->type == V_INT) return 1 + vlen(a->i);
     Py_ssize_t arr = 0;
-    for (int k = 0; k < l->nips; k++) arr += ld(ld(l->ips[k].n));
+    for (int k = 0; k < l->cur->nips; k++) arr += ld(ld(l->cur->ips[k].n));
     return ld(arr);
 }
 static Py_ssize_t kv_size(Line *l, Attr *a, Py_ssize_t *any) {
@@ -1387,16 +1550,16 @@ static char *write_any(Line *l, Attr *a, char *p) {
         return wv(p, a->i);
     }
     Py_ssize_t arr = 0;
-    for (int k = 0; k < l->nips; k++) arr += ld(ld(l->ips[k].n));
+    for (int k = 0; k < l->cur->nips; k++) arr += ld(ld(l->cur->ips[k].n));
     *p++ = 0x2a;
     p = wv(p, (uint64_t)arr);
-    for (int k = 0; k < l->nips; k++) {
-        Py_ssize_t n = l->ips[k].n;
+    for (int k = 0; k < l->cur->nips; k++) {
+        Py_ssize_t n = l->cur->ips[k].n;
         *p++ = 0x0a;
         p = wv(p, (uint64_t)ld(n));
         *p++ = 0x0a;
         p = wv(p, (uint64_t)n);
-        memcpy(p, l->ips[k].p, (size_t)n);
+        memcpy(p, l->cur->ips[k].p, (size_t)n);
         p += n;
     }
     return p;
@@ -1422,8 +1585,8 @@ static PyObject *encode(Line *l, Str body, Str file_frame, Str cut, Str observed
     char headbuf[32];
     Str head = severity_head(l->level, headbuf);
     Py_ssize_t anys[MAX_ATTRS], kvs[MAX_ATTRS], attrs = 0;
-    for (int i = 0; i < l->na; i++) {
-        kvs[i] = kv_size(l, &l->attrs[i], &anys[i]);
+    for (int i = 0; i < l->cur->na; i++) {
+        kvs[i] = kv_size(l, &l->cur->attrs[i], &anys[i]);
         attrs += ld(kvs[i]);
     }
     Py_ssize_t value = ld(body.n);
@@ -1445,8 +1608,8 @@ static PyObject *encode(Line *l, Str body, Str file_frame, Str cut, Str observed
     p = wv(p, (uint64_t)body.n);
     memcpy(p, body.p, (size_t)body.n);
     p += body.n;
-    for (int i = 0; i < l->na; i++) {
-        Attr *a = &l->attrs[i];
+    for (int i = 0; i < l->cur->na; i++) {
+        Attr *a = &l->cur->attrs[i];
         *p++ = 0x32;
         p = wv(p, (uint64_t)kvs[i]);
         if (a->key.n) {
@@ -1487,7 +1650,7 @@ static PyObject *fast_write(PyObject *self, PyObject *args) {
     int naive_utc;
     if (!PyArg_ParseTuple(args, "O!s#y#y#y#Op", &PyList_Type, &lines, &hint, &hint_n, &ff, &ff_n, &cf, &cf_n, &ob, &ob_n, &truncated, &naive_utc))
         return NULL;
-    if (ctx.message_cache == NULL) {
+    if (ctx.ips_cache == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "_fast.configure was not called");
         return NULL;
     }
@@ -1507,7 +1670,8 @@ static PyObject *fast_write(PyObject *self, PyObject *args) {
         int rc = FALLBACK;
         if (PyUnicode_CheckExact(text) && PyUnicode_IS_ASCII(text)) {
             Str line = {(const char *)PyUnicode_DATA(text), PyUnicode_GET_LENGTH(text)};
-            l->na = l->nips = l->nheld = 0;
+            l->cur = &l->main;
+            l->main.na = l->main.nips = l->nheld = 0;
             l->arena = buf;
             l->used = 0;
             l->cap = 4 * MAX_LINE + 8192;
@@ -1561,14 +1725,13 @@ fail:
     return NULL;
 }
 
-/* configure(message_cache, message_attrs, ips_cache, ips_in): the parser's caches and their fillers */
+/* configure(ips_cache, ips_in): the parser's cache of the addresses in a text, and its filler */
 static PyObject *fast_configure(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *mc, *ma, *ic, *ii;
-    if (!PyArg_ParseTuple(args, "O!OO!O", &PyDict_Type, &mc, &ma, &PyDict_Type, &ic, &ii)) return NULL;
-    Py_INCREF(mc); Py_INCREF(ma); Py_INCREF(ic); Py_INCREF(ii);
-    Py_XSETREF(ctx.message_cache, mc);
-    Py_XSETREF(ctx.message_attrs, ma);
+    PyObject *ic, *ii;
+    if (!PyArg_ParseTuple(args, "O!O", &PyDict_Type, &ic, &ii)) return NULL;
+    Py_INCREF(ic);
+    Py_INCREF(ii);
     Py_XSETREF(ctx.ips_cache, ic);
     Py_XSETREF(ctx.ips_in, ii);
     Py_RETURN_NONE;
@@ -1576,7 +1739,7 @@ static PyObject *fast_configure(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"write", fast_write, METH_VARARGS, "write(lines, hint, file_frame, cut_frame, observed, truncated, naive_utc) -> (items, fallback indexes, style counts)"},
-    {"configure", fast_configure, METH_VARARGS, "configure(message_cache, message_attrs, ips_cache, ips_in)"},
+    {"configure", fast_configure, METH_VARARGS, "configure(ips_cache, ips_in)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1595,6 +1758,12 @@ static const char *PATTERNS[][2] = {
     {"_LOOSE_PAIR", "(?<!\\S)([A-Za-z_][\\w.\\-]*)=(\"(?:[^\"\\\\]|\\\\.)*\"|[^\\s\"]+)"},
     {"_AWS_MARKERS", "\\b(?:ContainerID|Netns|IfName)\\(|\\bipamd\\b|\\bCNI Plugin\\b|aws-cni|\\bENI\\b"},
     {"_CNI_ARG", "K8S_POD_(NAMESPACE|NAME|UID|INFRA_CONTAINER_ID)=([^;\\s,)\\\"'\\]}&\\\\]+)"},
+    {"_OPERATION", "\\b[Cc]md_?(Add|Del|Check|Status|GC)|\\b(?:CNI|process) (add|del|delete|check) request|\\b(ADD|DEL|CHECK|GC|STATUS)\\b|^(Add|Del|Check):"},
+    {"_AWS_PAREN", "\\b(ContainerID|Netns|IfName|Args|PodNamespace|PodName)\\(([^()]*)\\)"},
+    {"_AWS_RESPONSE", "response from ipamd\\b[^:]*: (.*)"},
+    {"_AWS_FOR_POD", "\\bfor pod (\\S+) namespace (\\S+?)(?: container| sandbox)? ?([0-9a-f]{12,})?(?::|$|\\s)"},
+    {"_GO_STRUCT_FIELD", "\\b(ContainerID|Netns|IfName):(?:\\\"([^\\\"]*)\\\"|([^\\s\\\"}]*))"},
+    {"_MESSAGE_IPS", "\\b(?:IPv[46]|IPs?)(?:=|: )\\[([^\\]]*)\\]|\\bIPv[46]Addr:\\\"([^\\\"]+)\\\""},
     {"_MULTUS_POD", "\\[([a-z0-9][a-z0-9.\\-]*)/([a-z0-9][a-z0-9.\\-]*)(?:/([0-9a-f\\-]{8,}))?(?::([^\\]\\s]+))?\\]"},
 };
 
@@ -1643,6 +1812,9 @@ PyMODINIT_FUNC PyInit__fast(void) {
         || put(a, "_MESSAGE_KEYS", str_tuple(MESSAGE_KEYS, COUNT(MESSAGE_KEYS))) < 0
         || put(a, "_TIME_KEYS", str_tuple(TIME_KEYS, COUNT(TIME_KEYS))) < 0
         || put(a, "_MULTUS_LEVELS", str_tuple(MULTUS_LEVELS, COUNT(MULTUS_LEVELS))) < 0
+        || put(a, "_ERROR_LEVELS", str_tuple(ERROR_LEVELS, COUNT(ERROR_LEVELS))) < 0
+        || put(a, "_AWS_PAREN_ATTR", pair_dict(AWS_PAREN_ATTR, COUNT(AWS_PAREN_ATTR))) < 0
+        || put(a, "_GO_STRUCT_ATTR", pair_dict(GO_STRUCT_ATTR, COUNT(GO_STRUCT_ATTR))) < 0
         || put(a, "EXTRA_PREFIX", PyUnicode_FromString(EXTRA_PREFIX)) < 0
         || put(a, "MAX_EXTRA_FIELDS", PyLong_FromLong(MAX_EXTRA_FIELDS)) < 0
         || put(a, "MAX_EXTRA_VALUE", PyLong_FromLong(MAX_EXTRA_VALUE)) < 0)

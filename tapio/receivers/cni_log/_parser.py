@@ -678,7 +678,13 @@ MESSAGE_CACHE_SIZE = 4096
 
 def _from_message(event: CniEvent) -> None:
     """What any style's message text says (the operation, AWS-style Name(value) pairs, IPs, errors), without overriding fields."""
-    found = _MESSAGE_ATTRS.get((event.message, event.level)) or message_attrs(event.message, event.level)
+    key = (event.message, event.level)
+    found = _MESSAGE_ATTRS.get(key)
+    if found is None:
+        found = tuple(_read_message(event.message, event.level).items())
+        if len(_MESSAGE_ATTRS) >= MESSAGE_CACHE_SIZE:
+            _MESSAGE_ATTRS.clear()
+        _MESSAGE_ATTRS[key] = found
     attrs = event.attributes
     for attr, value in found:
         if attr not in attrs:
@@ -687,18 +693,6 @@ def _from_message(event: CniEvent) -> None:
             for ip in value:
                 if ip not in attrs[attr]:
                     attrs[attr].append(ip)
-
-
-def message_attrs(message: str, level: str) -> tuple[tuple[str, Any], ...]:
-    """What a message says (`_read_message`), through the bounded cache `_MESSAGE_ATTRS` (the compiled path calls this on a miss)."""
-    key = (message, level)
-    found = _MESSAGE_ATTRS.get(key)
-    if found is None:
-        found = tuple(_read_message(message, level).items())
-        if len(_MESSAGE_ATTRS) >= MESSAGE_CACHE_SIZE:
-            _MESSAGE_ATTRS.clear()
-        _MESSAGE_ATTRS[key] = found
-    return found
 
 
 def _read_message(msg: str, level: str) -> dict[str, Any]:

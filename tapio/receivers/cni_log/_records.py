@@ -36,6 +36,14 @@ from ._parser import LineParser, plugin_for_path, severity
 PYTHON_ONLY_ENV = "TAPIO_CNI_LOG_PYTHON"
 
 
+#: the parser's patterns _fast.c emulates (it says which in ASSUMES; these must all be there)
+_PATTERNS = {
+    "_TIME", "_CALICO", "_BRACKETED", "_FIELD_SCAN", "_SIMPLE_TAIL", "_SIMPLE_PAIR", "_KEY_EQ", "_LOGFMT", "_LOOSE_PAIR", "_AWS_MARKERS",
+    "_CNI_ARG", "_MULTUS_POD", "_OPERATION", "_AWS_PAREN", "_AWS_RESPONSE", "_AWS_FOR_POD", "_GO_STRUCT_FIELD", "_MESSAGE_IPS",
+}
+_SETS = ("_CMD_KEYS", "_ARGS_KEYS", "_IP_KEYS", "_CALLER_KEYS", "_MULTUS_LEVELS", "_ERROR_LEVELS")
+
+
 def _load_compiled() -> tuple[Any, str]:
     """The compiled parser and writer (tapio/receivers/cni_log/_fast.c), or None and why it is not used."""
     if os.environ.get(PYTHON_ONLY_ENV, "") not in ("", "0"):
@@ -44,21 +52,24 @@ def _load_compiled() -> tuple[Any, str]:
         from . import _fast  # type: ignore[attr-defined]
     except ImportError as exc:
         return None, f"the compiled line parser is not built ({exc}; scripts/setup.sh builds it)"
-    ours = {
-        "PATTERNS": {name: getattr(_parser, name).pattern for name in _fast.ASSUMES.get("PATTERNS", {})},
-        **{name: getattr(_parser, name) for name in ("SEVERITIES", "_STYLE_PLUGIN", "STYLES", "_FIELD_ATTR", "_OPERATIONS", "EXTRA_PREFIX", "MAX_EXTRA_FIELDS", "MAX_EXTRA_VALUE")},
+    ours = {  # what _fast.c copied from the parser; the differential tests check the code that reads them
+        "PATTERNS": {name: getattr(getattr(_parser, name, None), "pattern", None) for name in _fast.ASSUMES.get("PATTERNS", {})},
+        **{name: getattr(_parser, name) for name in (
+            "SEVERITIES", "_STYLE_PLUGIN", "STYLES", "_FIELD_ATTR", "_OPERATIONS", "_AWS_PAREN_ATTR", "_GO_STRUCT_ATTR",
+            "EXTRA_PREFIX", "MAX_EXTRA_FIELDS", "MAX_EXTRA_VALUE",
+        )},
         **{name: tuple(getattr(_parser, name)) for name in ("_LEVEL_KEYS", "_MESSAGE_KEYS", "_TIME_KEYS")},
-        **{name: frozenset(getattr(_parser, name)) for name in ("_CMD_KEYS", "_ARGS_KEYS", "_IP_KEYS", "_CALLER_KEYS", "_MULTUS_LEVELS")},
+        **{name: frozenset(getattr(_parser, name)) for name in _SETS},
     }
     theirs = dict(_fast.ASSUMES)
-    for name in ("_CMD_KEYS", "_ARGS_KEYS", "_IP_KEYS", "_CALLER_KEYS", "_MULTUS_LEVELS"):
+    for name in _SETS:
         theirs[name] = frozenset(theirs.get(name, ()))
     differ = sorted(k for k in ours if ours[k] != theirs.get(k))
-    if ours["PATTERNS"].keys() != {"_TIME", "_CALICO", "_BRACKETED", "_FIELD_SCAN", "_SIMPLE_TAIL", "_SIMPLE_PAIR", "_KEY_EQ", "_LOGFMT", "_LOOSE_PAIR", "_AWS_MARKERS", "_CNI_ARG", "_MULTUS_POD"}:
+    if ours["PATTERNS"].keys() != _PATTERNS:
         differ.append("PATTERNS")
     if differ:
         return None, f"the compiled line parser was written for another version of the parser ({', '.join(differ)} differ; update _fast.c)"
-    _fast.configure(_parser._MESSAGE_ATTRS, _parser.message_attrs, _parser._IPS_IN, _parser.ips_in)
+    _fast.configure(_parser._IPS_IN, _parser.ips_in)
     return _fast, ""
 
 
