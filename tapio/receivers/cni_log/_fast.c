@@ -45,7 +45,12 @@ typedef struct { const char *p; Py_ssize_t n; } Str;
 #define LIT(s) ((Str){(s), (Py_ssize_t)sizeof(s) - 1})
 
 static int eq(Str a, Str b) { return a.n == b.n && memcmp(a.p, b.p, (size_t)a.n) == 0; }
-static int eqc(Str a, const char *c) { size_t n = strlen(c); return (size_t)a.n == n && memcmp(a.p, c, n) == 0; }
+static int eqc(Str a, const char *c) {
+    if (a.n == 0) return c[0] == 0;
+    if (a.p[0] != c[0]) return 0;
+    size_t n = strlen(c);
+    return (size_t)a.n == n && memcmp(a.p, c, n) == 0;
+}
 static int cmp(Str a, Str b) {
     Py_ssize_t m = a.n < b.n ? a.n : b.n;
     int c = m ? memcmp(a.p, b.p, (size_t)m) : 0;
@@ -54,7 +59,20 @@ static int cmp(Str a, Str b) {
 static Str cstr(const char *c) { return (Str){c, (Py_ssize_t)strlen(c)}; }
 static Str sub(Str s, Py_ssize_t a, Py_ssize_t b) { return (Str){s.p + a, b - a}; }
 static int starts(Str s, const char *c) { size_t n = strlen(c); return (size_t)s.n >= n && memcmp(s.p, c, n) == 0; }
-static int contains(Str h, const char *c) { return h.n > 0 && memmem(h.p, (size_t)h.n, c, strlen(c)) != NULL; }
+/* where needle c first occurs in h at or after from, or -1 (memchr on its first byte: needles here are short words) */
+static Py_ssize_t find(Str h, Py_ssize_t from, const char *c) {
+    size_t n = strlen(c);
+    if (from < 0 || from > h.n || n == 0) return n == 0 && from >= 0 && from <= h.n ? from : -1;
+    const char *p = h.p + from, *end = h.p + h.n;
+    while ((size_t)(end - p) >= n) {
+        p = memchr(p, c[0], (size_t)(end - p) - n + 1);
+        if (p == NULL) return -1;
+        if (memcmp(p + 1, c + 1, n - 1) == 0) return p - h.p;
+        p++;
+    }
+    return -1;
+}
+static int contains(Str h, const char *c) { return find(h, 0, c) >= 0; }
 
 static int is_digit(int c) { return c >= '0' && c <= '9'; }
 static int is_alpha(int c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
@@ -74,12 +92,6 @@ static Str strip_spaces(Str s) {
     return s;
 }
 static Str rstrip_spaces(Str s) { while (s.n && s.p[s.n - 1] == ' ') s.n--; return s; }
-static Py_ssize_t find(Str h, Py_ssize_t from, const char *c) {
-    size_t n = strlen(c);
-    if (from > h.n) return -1;
-    const char *f = memmem(h.p + from, (size_t)(h.n - from), c, n);
-    return f ? f - h.p : -1;
-}
 static int all_digits(Str s) {
     if (!s.n) return 0;
     for (Py_ssize_t i = 0; i < s.n; i++) if (!is_digit((unsigned char)s.p[i])) return 0;
@@ -266,6 +278,7 @@ static const char *GO_STRUCT_ATTR[][2] = {{"ContainerID", "container.id"}, {"Net
 static const Str K_OPERATION = {"tapio.cni.operation", 19};
 
 static int lit_at(Str s, Py_ssize_t i, const char *w) {
+    if (w[0] && (i < 0 || i >= s.n || s.p[i] != w[0])) return 0;
     size_t n = strlen(w);
     return i >= 0 && (size_t)(s.n - i) >= n && memcmp(s.p + i, w, n) == 0;
 }
@@ -277,6 +290,7 @@ static const char *operation_in(Str m) {
     static const char *words[] = {"ADD", "DEL", "CHECK", "GC", "STATUS"};
     for (Py_ssize_t i = 0; i < m.n; i++) {
         if (i > 0 && is_word((unsigned char)m.p[i - 1])) continue;
+        if (!strchr("CcpADGS", m.p[i])) continue;
         /* \b[Cc]md_?(Add|Del|Check|Status|GC) */
         if ((m.p[i] == 'C' || m.p[i] == 'c') && lit_at(m, i + 1, "md")) {
             Py_ssize_t j = i + 3;
@@ -337,8 +351,8 @@ static int for_pod(Str m, Str *pod, Str *ns, Str *cid) {
 /* `_read_message` into the current attribute set */
 static int read_message(Line *l, Str msg, Str level) {
     int rc;
-    if (msg.n && (contains(msg, "md") || contains(msg, "ADD") || contains(msg, "DEL") || contains(msg, "CHECK") || contains(msg, "GC")
-                  || contains(msg, "STATUS") || contains(msg, " request") || starts(msg, "Add:") || starts(msg, "Del:") || starts(msg, "Check:"))) {
+    {
+        /* Python looks for a few words first; any match of _OPERATION holds one of them, so the search alone says the same */
         const char *op = operation_in(msg);
         if (op && (rc = set_str(l, K_OPERATION, cstr(op))) != OK) return rc;
     }
