@@ -39,7 +39,7 @@ def compiled_helper() -> None:
     if _records.COMPILED is None:
         prereq.missing(
             f"the cni-log receiver's compiled line parser ({_records.COMPILED_MISSING})",
-            "scripts/setup.sh builds tapio/receivers/cni_log/_fast.c (gcc, python3-dev)",
+            _records.COMPILED_HOW,
         )
 
 

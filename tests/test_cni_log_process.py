@@ -178,7 +178,7 @@ def test_start_banner_says_what_it_watches(tmp_path):
         line = next(l for l in t.stderr.splitlines() if "receiver  cni-log" in l)
         assert f"tailing 1 files ({tmp_path}/logs/cni.log)" in line and "inotify" in line
         if _records.COMPILED is None:
-            prereq.missing("the cni-log receiver's compiled line parser", "scripts/setup.sh builds tapio/receivers/cni_log/_fast.c (gcc, python3-dev)")
+            prereq.missing("the cni-log receiver's compiled line parser", _records.COMPILED_HOW)
         assert "lines parsed and written by the compiled helper" in line, line
         t.signal(signal.SIGTERM)
         assert t.wait_exit(20) == 0

@@ -50,7 +50,7 @@ def general(parser: LineParser, path: str, lines: list[str], observed_ns: int, t
 def compiled(request: pytest.FixtureRequest) -> bool:
     """Each writer test runs with the compiled helper (the default when built) and with Python alone."""
     if request.param and _records.COMPILED is None:
-        prereq.missing("the cni-log receiver's compiled line parser", "scripts/setup.sh builds tapio/receivers/cni_log/_fast.c (gcc, python3-dev)")
+        prereq.missing("the cni-log receiver's compiled line parser", _records.COMPILED_HOW)
     return request.param
 
 
@@ -82,7 +82,7 @@ def test_fast_path_equals_general(path: str, compiled: bool) -> None:
 @given(st.lists(st.one_of(st.sampled_from(LINES), st.text(max_size=300)), max_size=20), st.integers(0, 2**64 - 1))
 def test_fast_path_equals_general_fuzzed(use_compiled: bool, lines: list[str], observed: int) -> None:
     if use_compiled and _records.COMPILED is None:
-        prereq.missing("the cni-log receiver's compiled line parser", "scripts/setup.sh builds tapio/receivers/cni_log/_fast.c (gcc, python3-dev)")
+        prereq.missing("the cni-log receiver's compiled line parser", _records.COMPILED_HOW)
     parser = LineParser()
     truncated = frozenset(range(0, len(lines), 3))
     written = RecordWriter(parser, RESOURCE, compiled=use_compiled).write("/var/log/cni.log", lines, observed, truncated)

@@ -166,32 +166,28 @@ static Attr *attr_add(Line *l, Str key) {
     a->key = key;
     return a;
 }
+/* the attribute under key, added at the end when absent (NULL: too many) */
+static Attr *slot(Line *l, Str key) {
+    int i = attr_find(l, key);
+    return i >= 0 ? &l->cur->attrs[i] : attr_add(l, key);
+}
 /* attrs[key] = value (in place when present) */
 static int set_str(Line *l, Str key, Str v) {
-    int i = attr_find(l, key);
-    Attr *a = i >= 0 ? &l->cur->attrs[i] : attr_add(l, key);
+    Attr *a = slot(l, key);
     if (a == NULL) return FALLBACK;
     a->type = V_STR;
     a->s = v;
     return OK;
 }
-static int setdefault_str(Line *l, Str key, Str v) { return attr_find(l, key) >= 0 ? OK : set_str(l, key, v); }
-static int setdefault_int(Line *l, Str key, uint64_t v) {
-    if (attr_find(l, key) >= 0) return OK;
-    Attr *a = attr_add(l, key);
-    if (a == NULL) return FALLBACK;
-    a->type = V_INT;
-    a->i = v;
-    return OK;
-}
 static int add_int(Line *l, Str key, uint64_t v) {
-    int i = attr_find(l, key);
-    Attr *a = i >= 0 ? &l->cur->attrs[i] : attr_add(l, key);
+    Attr *a = slot(l, key);
     if (a == NULL) return FALLBACK;
     a->type = V_INT;
     a->i = v;
     return OK;
 }
+static int setdefault_str(Line *l, Str key, Str v) { return attr_find(l, key) >= 0 ? OK : set_str(l, key, v); }
+static int setdefault_int(Line *l, Str key, uint64_t v) { return attr_find(l, key) >= 0 ? OK : add_int(l, key, v); }
 /* attrs.pop(key, None): 1 and the value when it was a str */
 static int pop_str(Line *l, Str key, Str *out) {
     int i = attr_find(l, key);
@@ -1051,22 +1047,30 @@ static int split_sorted_fields(Line *l, Str rest, Str *message, Field *fields, i
 
 /* ---------------------------------------------------------------- styles */
 
+/* `\d{4}-\d\d-\d\d<sep>\d\d:\d\d:\d\d(?:\.\d{1,9})?` at the start of s, as _CALICO and _BRACKETED begin (where
+ * more than 9 digits of fraction fail both): its end, or -1 */
+static Py_ssize_t stamp_end(Str s, char sep) {
+    static const char shape[] = "dddd-dd-dd?dd:dd:dd";
+    if (s.n < 19) return -1;
+    for (int i = 0; i < 19; i++) {
+        int c = (unsigned char)s.p[i];
+        if (shape[i] == 'd' ? !is_digit(c) : shape[i] == '?' ? c != sep : c != shape[i]) return -1;
+    }
+    Py_ssize_t p = 19;
+    if (at(s, p) == '.' && is_digit(at(s, p + 1))) {
+        Py_ssize_t q = p + 1;
+        while (is_digit(at(s, q))) q++;
+        if (q - p - 1 > 9) return -1;
+        p = q;
+    }
+    return p;
+}
+
 /* _CALICO.match */
 static int parse_calico(Line *l, Str s, int *matched) {
     *matched = 0;
-    static const char shape[] = "dddd-dd-dd dd:dd:dd";
-    if (s.n < 19) return OK;
-    for (int i = 0; i < 19; i++) {
-        int c = (unsigned char)s.p[i];
-        if (shape[i] == 'd' ? !is_digit(c) : c != shape[i]) return OK;
-    }
-    Py_ssize_t p = 19;
-    if (at(s, p) == '.') {
-        Py_ssize_t q = p + 1;
-        while (is_digit(at(s, q))) q++;
-        if (q - p - 1 < 1 || q - p - 1 > 9) return OK;
-        p = q;
-    }
+    Py_ssize_t p = stamp_end(s, ' ');
+    if (p < 0) return OK;
     Str stamp = sub(s, 0, p);
     if (at(s, p) != ' ' || at(s, p + 1) != '[') return OK;
     p += 2;
@@ -1273,19 +1277,8 @@ static int multus_payload_ips(Line *l, Str payload) {
 /* _BRACKETED.match */
 static int parse_bracketed(Line *l, Str s, int *matched) {
     *matched = 0;
-    static const char shape[] = "dddd-dd-ddTdd:dd:dd";
-    if (s.n < 19) return OK;
-    for (int i = 0; i < 19; i++) {
-        int c = (unsigned char)s.p[i];
-        if (shape[i] == 'd' ? !is_digit(c) : c != shape[i]) return OK;
-    }
-    Py_ssize_t p = 19;
-    if (at(s, p) == '.' && is_digit(at(s, p + 1))) {
-        Py_ssize_t q = p + 1;
-        while (is_digit(at(s, q))) q++;
-        if (q - p - 1 > 9) return OK;
-        p = q;
-    }
+    Py_ssize_t p = stamp_end(s, 'T');
+    if (p < 0) return OK;
     if (at(s, p) == 'Z') {
         p++;
     } else if ((at(s, p) == '+' || at(s, p) == '-') && is_digit(at(s, p + 1)) && is_digit(at(s, p + 2))) {
@@ -1818,21 +1811,20 @@ PyMODINIT_FUNC PyInit__fast(void) {
         || put(a, "STYLES", str_tuple(STYLE_NAMES, N_STYLES)) < 0
         || put(a, "_FIELD_ATTR", pair_dict(FIELD_ATTR, COUNT(FIELD_ATTR))) < 0
         || put(a, "_OPERATIONS", pair_dict(OPERATIONS, COUNT(OPERATIONS))) < 0
-        || put(a, "_CMD_KEYS", str_tuple(CMD_KEYS, COUNT(CMD_KEYS))) < 0
-        || put(a, "_ARGS_KEYS", str_tuple(ARGS_KEYS, COUNT(ARGS_KEYS))) < 0
-        || put(a, "_IP_KEYS", str_tuple(IP_KEYS, COUNT(IP_KEYS))) < 0
-        || put(a, "_CALLER_KEYS", str_tuple(CALLER_KEYS, COUNT(CALLER_KEYS))) < 0
-        || put(a, "_LEVEL_KEYS", str_tuple(LEVEL_KEYS, COUNT(LEVEL_KEYS))) < 0
-        || put(a, "_MESSAGE_KEYS", str_tuple(MESSAGE_KEYS, COUNT(MESSAGE_KEYS))) < 0
-        || put(a, "_TIME_KEYS", str_tuple(TIME_KEYS, COUNT(TIME_KEYS))) < 0
-        || put(a, "_MULTUS_LEVELS", str_tuple(MULTUS_LEVELS, COUNT(MULTUS_LEVELS))) < 0
-        || put(a, "_ERROR_LEVELS", str_tuple(ERROR_LEVELS, COUNT(ERROR_LEVELS))) < 0
         || put(a, "_AWS_PAREN_ATTR", pair_dict(AWS_PAREN_ATTR, COUNT(AWS_PAREN_ATTR))) < 0
         || put(a, "_GO_STRUCT_ATTR", pair_dict(GO_STRUCT_ATTR, COUNT(GO_STRUCT_ATTR))) < 0
         || put(a, "EXTRA_PREFIX", PyUnicode_FromString(EXTRA_PREFIX)) < 0
         || put(a, "MAX_EXTRA_FIELDS", PyLong_FromLong(MAX_EXTRA_FIELDS)) < 0
         || put(a, "MAX_EXTRA_VALUE", PyLong_FromLong(MAX_EXTRA_VALUE)) < 0)
         goto fail;
+    static const struct { const char *name; const char **items; int n; } lists[] = {
+        {"_CMD_KEYS", CMD_KEYS, COUNT(CMD_KEYS)}, {"_ARGS_KEYS", ARGS_KEYS, COUNT(ARGS_KEYS)}, {"_IP_KEYS", IP_KEYS, COUNT(IP_KEYS)},
+        {"_CALLER_KEYS", CALLER_KEYS, COUNT(CALLER_KEYS)}, {"_LEVEL_KEYS", LEVEL_KEYS, COUNT(LEVEL_KEYS)},
+        {"_MESSAGE_KEYS", MESSAGE_KEYS, COUNT(MESSAGE_KEYS)}, {"_TIME_KEYS", TIME_KEYS, COUNT(TIME_KEYS)},
+        {"_MULTUS_LEVELS", MULTUS_LEVELS, COUNT(MULTUS_LEVELS)}, {"_ERROR_LEVELS", ERROR_LEVELS, COUNT(ERROR_LEVELS)},
+    };
+    for (int k = 0; k < COUNT(lists); k++)
+        if (put(a, lists[k].name, str_tuple(lists[k].items, lists[k].n)) < 0) goto fail;
     if (PyModule_AddObject(m, "ASSUMES", a) < 0) goto fail;
     return m;
 fail:

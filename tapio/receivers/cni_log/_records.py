@@ -34,6 +34,8 @@ from ._parser import LineParser, plugin_for_path, severity
 
 #: set (to anything but "" or "0") to write every line in Python, the compiled helper built or not
 PYTHON_ONLY_ENV = "TAPIO_CNI_LOG_PYTHON"
+#: how the compiled helper gets built (for messages and tests)
+COMPILED_HOW = "scripts/setup.sh builds tapio/receivers/cni_log/_fast.c (gcc, python3-dev)"
 
 
 #: the parser's patterns _fast.c emulates (it says which in ASSUMES; these must all be there)
@@ -51,7 +53,7 @@ def _load_compiled() -> tuple[Any, str]:
     try:
         from . import _fast  # type: ignore[attr-defined]
     except ImportError as exc:
-        return None, f"the compiled line parser is not built ({exc}; scripts/setup.sh builds it)"
+        return None, f"the compiled line parser is not built ({exc}; {COMPILED_HOW})"
     ours = {  # what _fast.c copied from the parser; the differential tests check the code that reads them
         "PATTERNS": {name: getattr(getattr(_parser, name, None), "pattern", None) for name in _fast.ASSUMES.get("PATTERNS", {})},
         **{name: getattr(_parser, name) for name in (
