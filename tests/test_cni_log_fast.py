@@ -201,3 +201,47 @@ def test_fuzzed_lines_are_written_alike(lines: list[str], path: str, observed: i
 def test_fuzzed_lines_are_written_alike_in_any_naive_zone(lines: list[str], zone: dt.tzinfo | None) -> None:
     fast, slow = writers(LineParser(naive_timezone=zone))
     assert_same(fast, slow, PATHS[0], lines)
+
+
+KEYS = st.sampled_from([
+    "level", "lvl", "severity", "msg", "message", "time", "ts", "timestamp", "@timestamp", "caller", "source", "subsys", "component",
+    "eventUUID", "containerID", "netns", "ifName", "pid", "ip", "ipAddr", "ips", "cmd", "command", "args", "error", "plugin", "Pod",
+    "Namespace", "ContainerID", "HandleID", "Workload", "a", "Z", "_x", "x.y-z",
+])
+TEXTS = st.one_of(
+    st.sampled_from([
+        "info", "ERROR", "debug", "cilium-cni", "cni", "routed-eni-cni-plugin/cni.go:128", "a/b.go:x", "ADD", "del", "10.0.0.1/24",
+        "2024-05-14T09:20:11.834512903Z", "2024-05-14 09:12:01", "2024-05-14T09:40:31.5+02:00", "1970-01-01T00:00:00Z", "9999-12-31T23:59:59-23:59",
+        "2024-02-29T00:00:00+0530", "2023-02-29T00:00:00Z", "[cni-net] Processing ADD command", "Received CNI add request: ContainerID(abc) IfName(eth0)",
+        "K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p", "IPv4=[10.1.1.1/32] IPs: [fe80::1/64]", "for pod p-1 namespace ns sandbox 0123456789abcdef:",
+        "", " ", "12345", "x" * 300,
+    ]),
+    st.text(alphabet=SPECIAL, max_size=20),
+)
+NUMBERS = st.one_of(
+    st.integers(-(10**19), 10**19), st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([1715683323.5, 1715683323123, 1e17, 1e20, -0.0]),
+)
+VALUES = st.one_of(TEXTS, NUMBERS, st.booleans(), st.none(), st.lists(st.sampled_from(["10.0.0.1", 5]), max_size=2), st.dictionaries(st.just("address"), TEXTS, max_size=1))
+
+
+def kv_value(v: object) -> str:
+    text = str(v)
+    return text if text and not any(c in text for c in ' "') else '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(KEYS, VALUES), max_size=12), st.sampled_from(["json", "kv", "calico", "bracketed"]), TEXTS, st.sampled_from(PATHS))
+def test_structured_lines_are_written_alike(pairs: list[tuple[str, object]], shape: str, message: str, path: str) -> None:
+    import json
+
+    if shape == "json":
+        line = json.dumps(dict(pairs))
+    elif shape == "kv":
+        line = " ".join(f"{k}={kv_value(v)}" for k, v in pairs if k[0] != "@")
+    elif shape == "calico":
+        fields = " ".join(f"{k}={kv_value(v)}" for k, v in sorted(pairs, key=lambda kv: kv[0]) if k[0] != "@")
+        line = f"2024-05-14 09:12:01.402 [INFO][27311] k8s.go 73: {message} {fields}"
+    else:
+        line = f"2024-05-14T09:30:00Z [verbose] {message} " + " ".join(f"{k}={kv_value(v)}" for k, v in pairs)
+    fast, slow = writers()
+    assert_same(fast, slow, path, [line])
