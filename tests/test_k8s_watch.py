@@ -17,6 +17,7 @@ from tapio.telemetry import Telemetry
 from tapio.testing import fake_kube as fk
 from tapio.testing import prereq
 from tapio.testing.process import free_port
+from tapio.testing.wait import until
 
 LOG = logging.getLogger("test.k8s")
 
@@ -67,13 +68,6 @@ async def follow(connection, spec, state: State, telemetry: Telemetry, *, task_s
         task_status.started(sub)
         async for delivery in sub:
             state.apply(delivery)
-
-
-async def until(condition, timeout: float = 10) -> None:
-    """Wait for a condition on something outside trio (the fake server's state), checking every 20 ms, with a deadline."""
-    with trio.fail_after(timeout):
-        while not condition():
-            await trio.sleep(0.02)
 
 
 def names(kube: fk.FakeKube) -> set[str]:

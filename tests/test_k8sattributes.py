@@ -24,6 +24,7 @@ from tapio.processors.k8sattributes import _wire
 from tapio.receivers.otlp import factory as otlp_factory
 from tapio.testing import fake_kube as fk
 from tapio.testing.sink import RecordingConsumer
+from tapio.testing.wait import until
 
 from .k8s_helpers import attrs, kv, logs_request, records_by_resource, running_processor, settings
 
@@ -70,12 +71,6 @@ POD = {
 
 def has_pod(resource: dict) -> bool:
     return all(resource.get(k) == v for k, v in POD.items())
-
-
-async def until(condition, timeout: float = 10) -> None:
-    with trio.fail_after(timeout):
-        while not condition():
-            await trio.sleep(0.02)
 
 
 @pytest.mark.parametrize(

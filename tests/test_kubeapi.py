@@ -15,6 +15,7 @@ from tapio.receivers.kubeapi._records import Translator, parse_time
 from tapio.testing import fake_kube as fk
 from tapio.testing.process import TapioProcess, free_port, metric_sum
 from tapio.testing.sink import RecordingConsumer
+from tapio.testing.wait import until
 
 from .k8s_helpers import attrs, settings
 
@@ -60,12 +61,6 @@ async def start(nursery, kube, tmp_path, **extra) -> Running:
     component = factory.create(st, cfg, Ports(output=sink))
     await nursery.start(component.run)
     return Running(sink, component, st)
-
-
-async def until(condition, timeout: float = 10) -> None:
-    with trio.fail_after(timeout):
-        while not condition():
-            await trio.sleep(0.02)
 
 
 async def test_pod_and_container_lifecycle_records(kube, tmp_path):

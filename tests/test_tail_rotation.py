@@ -11,6 +11,7 @@ events, as it would if it had been starved for that long.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import threading
@@ -20,6 +21,7 @@ import trio
 
 from tapio.receivers._tail import _tailer
 from tapio.storage import Storage
+from tapio.testing import wait
 from tapio.testing.sink import RecordingConsumer
 
 from .test_cni_log_receiver import DEADLINE, Harness, ScriptedAck, calico_line, seqs, storage, write_lines  # noqa: F401 (storage: a fixture)
@@ -29,10 +31,8 @@ def size_of(*paths: Path) -> int:
     return sum(p.stat().st_size for p in paths)
 
 
-async def until(predicate, what: str) -> None:
-    with trio.fail_after(DEADLINE):
-        while not predicate():
-            await trio.sleep(0.01)
+#: every wait of these tests has the cni-log tests' deadline
+until = functools.partial(wait.until, timeout=DEADLINE, every=0.01)
 
 
 async def read_everything(h: Harness, sink: RecordingConsumer, count: int, nbytes: int) -> None:
